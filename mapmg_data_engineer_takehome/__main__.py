@@ -1,0 +1,35 @@
+"""``python -m mapmg_data_engineer_takehome``: flags → Settings → logging → serve."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Optional, Sequence
+
+import structlog
+
+from .app import serve
+from .errors import StartupError
+from .logs import configure_logging
+from .settings import SettingsError, load_settings
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the server; the exit status is 0 after a clean shutdown."""
+    try:
+        settings = load_settings(argv)
+    except SettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as error:
+        structlog.get_logger("kv").error("startup_failed", reason=str(error))
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The application factory and the server loop around it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from typing import AsyncIterator, List
+
+import structlog
+from aiohttp import web
+
+from .errors import StartupError, error_middleware
+from .logs import make_request_context_middleware
+from .routes import setup_routes
+from .seed import find_input_db, seed_store
+from .settings import Settings
+from .state import INPUT_DB_KEY, SETTINGS_KEY, STORE_KEY
+from .store import StoreError, open_store
+
+log = structlog.get_logger("kv.app")
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the application; the store opens (and seeds) when the app starts."""
+    app = web.Application(
+        # The body limit is the one defence against a client that streams without end:
+        # aiohttp stops reading past it and we answer 413.
+        client_max_size=settings.max_body_bytes,
+        middlewares=[make_request_context_middleware(settings.access_log), error_middleware],
+    )
+    app[SETTINGS_KEY] = settings
+    app.cleanup_ctx.append(store_context)
+    setup_routes(app)
+    return app
+
+
+async def store_context(app: web.Application) -> AsyncIterator[None]:
+    """Open the store and seed it before the port opens; close it after the last request."""
+    settings = app[SETTINGS_KEY]
+    input_db = find_input_db(settings.input_db)
+    try:
+        store = open_store(settings)
+    except StoreError as error:
+        raise StartupError(str(error)) from None
+    try:
+        await seed_store(store, input_db)
+        app[INPUT_DB_KEY] = input_db
+        app[STORE_KEY] = store
+        yield
+    finally:
+        await store.close()
+        log.info("store_closed", store=store.name)
+
+
+def listen_hosts(host: str) -> List[str]:
+    """'localhost' means both loopback addresses, ::1 only where this machine can bind it."""
+    if host != "localhost":
+        return [host]
+    hosts = ["127.0.0.1"]
+    if socket.has_ipv6:
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+                probe.bind(("::1", 0))
+            hosts.append("::1")
+        except OSError:
+            pass
+    return hosts
+
+
+async def serve(settings: Settings) -> None:
+    """Start, serve until SIGTERM or SIGINT, then finish in-flight requests and close."""
+    runner = web.AppRunner(
+        create_app(settings),
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    log.info("starting", settings=settings.public_view())
+    await runner.setup()  # opens the store and seeds: nothing is bound yet
+    try:
+        addresses = []
+        for host in listen_hosts(settings.host):
+            site = web.TCPSite(runner, host, settings.port)
+            try:
+                await site.start()
+            except OSError as error:
+                raise StartupError(
+                    f"cannot listen on {host}:{settings.port}: {error.strerror}"
+                ) from None
+            addresses.append(site.name)
+        log.info("listening", addresses=addresses)
+        await stop.wait()
+        log.info("shutting_down")
+    finally:
+        await runner.cleanup()
+    log.info("stopped")

@@ -1,0 +1,100 @@
+"""The error types and the middleware that renders every failure as one JSON shape."""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import structlog
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+
+from .logs import route_name
+from .store.base import StoreError, StoreUnavailable
+
+log = structlog.get_logger("kv.errors")
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is one line naming the file or setting at fault."""
+
+
+class ApiError(Exception):
+    """A failure a client caused or can act on, rendered as ``{"error", "message"}``."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Optional[Mapping[str, str]] = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Optional[Mapping[str, str]] = None
+) -> web.Response:
+    """The one shape every non-2xx answer has."""
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+# aiohttp raises these itself (routing, body size); each gets a code and a sentence to act on.
+_HTTP_ERRORS: Dict[int, tuple] = {
+    400: ("bad_request", "The request could not be understood."),
+    404: ("not_found", "No such endpoint; see the README for the API."),
+    405: ("method_not_allowed", "This endpoint does not accept that method; see Allow."),
+    413: ("body_too_large", "The request body is larger than the server accepts."),
+}
+# Headers of aiohttp's own error responses worth keeping (Allow on 405, for one).
+_KEPT_HEADERS = (hdrs.ALLOW, hdrs.WWW_AUTHENTICATE, hdrs.RETRY_AFTER)
+
+
+def _render_http_exception(request: web.Request, error: web.HTTPException) -> web.Response:
+    code, message = _HTTP_ERRORS.get(
+        error.status, (error.reason.lower().replace(" ", "_"), f"{error.reason}.")
+    )
+    if error.status == 413:
+        message = f"The request body is larger than the limit of {request.client_max_size} bytes."
+    headers = {name: error.headers[name] for name in _KEPT_HEADERS if name in error.headers}
+    return error_response(error.status, code, message, headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn every exception into a JSON answer; 500s hide internals and log the traceback."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error_response(error.status, error.code, error.message, error.headers)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        return _render_http_exception(request, error)
+    except StoreUnavailable as error:
+        log.warning("store_unavailable", route=route_name(request), reason=str(error))
+        return error_response(
+            503,
+            "store_unavailable",
+            "The store cannot complete this request now (for example, the disk is full "
+            "or read-only); retry later.",
+            {hdrs.RETRY_AFTER: "1"},
+        )
+    except StoreError:
+        log.exception("store_error", method=request.method, route=route_name(request))
+        return _internal_error()
+    except Exception:
+        log.exception("unhandled_error", method=request.method, route=route_name(request))
+        return _internal_error()
+
+
+def _internal_error() -> web.Response:
+    return error_response(
+        500,
+        "internal_error",
+        "The server failed to handle this request; the request id in X-Request-ID "
+        "finds it in the logs.",
+    )

@@ -1,0 +1,166 @@
+"""One small function per endpoint: validate, call the store, answer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Tuple
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from .errors import ApiError, error_response
+from .state import INPUT_DB_KEY, SETTINGS_KEY, STORE_KEY
+from .store.base import StoreError
+
+_SET_FIELDS = ("key", "val")
+# Likely names for "val", each answered with a hint instead of a bare "unknown field".
+_VAL_MISSPELLINGS = {"value", "values", "v", "data"}
+
+
+def _json(data: Dict[str, Any], status: int = 200) -> web.Response:
+    # ensure_ascii=False keeps non-ASCII text as UTF-8, half the size of \\u escapes.
+    return web.Response(
+        text=json.dumps(data, ensure_ascii=False),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def _invalid(code: str, message: str) -> ApiError:
+    return ApiError(422, code, message)
+
+
+def parse_set_body(body: bytes) -> Tuple[str, str]:
+    """The key and value of a /set body; ApiError (400 or 422) says what is wrong with it."""
+    try:
+        document = json.loads(body)
+    except json.JSONDecodeError as error:
+        raise ApiError(
+            400,
+            "invalid_json",
+            f"The request body is not valid JSON: {error.msg} at line {error.lineno} "
+            f"column {error.colno} (character {error.pos}).",
+        ) from None
+    except UnicodeDecodeError:
+        raise ApiError(400, "invalid_json", "The request body is not UTF-8 encoded JSON.") from None
+    if not isinstance(document, dict):
+        raise _invalid(
+            "invalid_body",
+            f"The request body must be a JSON object with string fields 'key' and 'val', "
+            f"not {_json_type(document)}.",
+        )
+    for name in document:
+        if name not in _SET_FIELDS:
+            hint = " Did you mean 'val'?" if name.lower() in _VAL_MISSPELLINGS else ""
+            raise _invalid(
+                "unknown_field",
+                f"Unknown field '{name}': the body takes only 'key' and 'val'.{hint}",
+            )
+    for name in _SET_FIELDS:
+        if name not in document:
+            raise _invalid("missing_field", f"Field '{name}' is required.")
+        value = document[name]
+        if not isinstance(value, str):
+            raise _invalid(
+                "invalid_type", f"Field '{name}' must be a string, not {_json_type(value)}."
+            )
+        if not _is_encodable(value):
+            raise _invalid(
+                "invalid_string",
+                f"Field '{name}' contains an unpaired UTF-16 surrogate, which is not text.",
+            )
+    key, val = document["key"], document["val"]
+    if not key:
+        raise _invalid("empty_key", "Field 'key' must not be empty.")
+    return key, val
+
+
+def _is_encodable(text: str) -> bool:
+    # JSON's \\ud800-style escapes can produce lone surrogates, which UTF-8 cannot carry.
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string"
+
+
+def key_from_path(request: web.Request, prefix: str) -> str:
+    """The key: everything in the raw path after ``prefix``, percent-decoded once.
+
+    The raw path is used rather than the router's match so that an encoded "/", "?" or "#"
+    and sequences such as "." or "//" reach the store exactly as the client sent them.
+    """
+    raw = request.raw_path
+    if not raw.startswith(prefix):  # absolute-form request target; trust the router
+        return request.match_info["key"]
+    raw = raw[len(prefix) :].split("?", 1)[0]
+    try:
+        key = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise ApiError(
+            400, "invalid_key", "The key in the path is not percent-encoded UTF-8."
+        ) from None
+    if not key:
+        raise ApiError(404, "not_found", "No key in the path; use /get/<key>.")
+    return key
+
+
+async def set_value(request: web.Request) -> web.Response:
+    """POST /set: store a value, whatever Content-Type the client claims."""
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
+    key, val = parse_set_body(await request.read())
+    await request.app[STORE_KEY].set(key, val)
+    return _json({"key": key, "val": val})
+
+
+async def get_value(request: web.Request) -> web.Response:
+    """GET (and HEAD) /get/<key>."""
+    key = key_from_path(request, "/get/")
+    val = await request.app[STORE_KEY].get(key)
+    if val is None:
+        raise ApiError(404, "key_not_found", "This key has no value; set it with POST /set.")
+    return _json({"key": key, "val": val})
+
+
+async def delete_value(request: web.Request) -> web.Response:
+    """DELETE /delete/<key>."""
+    key = key_from_path(request, "/delete/")
+    if not await request.app[STORE_KEY].delete(key):
+        raise ApiError(404, "key_not_found", "This key has no value; nothing was deleted.")
+    return _json({"key": key, "deleted": True})
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /health: 200 once the store answers, 503 while it does not."""
+    store = request.app[STORE_KEY]
+    try:
+        await store.ping()
+    except StoreError:
+        return error_response(503, "store_unavailable", "The store does not answer.")
+    return _json({"status": "ok", "store": store.name})
+
+
+async def config(request: web.Request) -> web.Response:
+    """GET /config: the effective settings, and the input.db actually used."""
+    view = request.app[SETTINGS_KEY].public_view()
+    used = request.app[INPUT_DB_KEY]
+    view["input_db_used"] = None if used is None else str(used)
+    return _json(view)

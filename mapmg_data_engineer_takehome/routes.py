@@ -1,0 +1,17 @@
+"""The whole URL map, readable in one screen."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import handlers
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register every endpoint; aiohttp answers 405 with Allow for other methods."""
+    app.router.add_post("/set", handlers.set_value)
+    # {key:.+} lets an unencoded "/" belong to the key; GET also serves HEAD.
+    app.router.add_get("/get/{key:.+}", handlers.get_value)
+    app.router.add_delete("/delete/{key:.+}", handlers.delete_value)
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/config", handlers.config)

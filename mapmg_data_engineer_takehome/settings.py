@@ -1,0 +1,198 @@
+"""Settings: the one place a default lives.
+
+Each setting comes, in falling priority, from a command-line flag, an environment variable
+prefixed ``KV_``, an optional env file, and the default written here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence
+
+from dotenv import dotenv_values
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "KV_"
+ENV_FILE_VARIABLE = "KV_ENV_FILE"
+
+StoreKind = Literal["sqlite", "memory"]
+Durability = Literal["normal", "full"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one server process."""
+
+    # Annotations here are evaluated at runtime by pydantic, so they keep Python 3.9 syntax
+    # (Optional, List) even though the module uses postponed evaluation.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        # Unrelated variables in a shared env file are not ours to reject; misspelt KV_
+        # names are caught by check_env_file.
+        extra="ignore",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    host: str = Field(
+        "localhost",
+        description="Interface to listen on. 'localhost' means 127.0.0.1 and ::1 where the "
+        "machine has it; '0.0.0.0' means every IPv4 interface.",
+    )
+    port: int = Field(
+        8000,
+        ge=1,
+        le=65535,
+        validation_alias=AliasChoices("port", "KV_PORT", "PORT"),
+        description="TCP port to listen on. Plain PORT is honoured when KV_PORT is unset.",
+    )
+    input_db: Optional[Path] = Field(
+        None,
+        description="SQLite file to seed from. Unset: ./input.db, else input.db beside the "
+        "package; none found is a warning. A set path that does not exist is an error.",
+    )
+    store: StoreKind = Field(
+        "sqlite",
+        description="Storage backend: 'sqlite' (durable, on disk) or 'memory' (lost on exit).",
+    )
+    data_path: Path = Field(
+        Path("data/kv.sqlite3"),
+        description="Data file of the sqlite store; its directory is created if missing.",
+    )
+    durability: Durability = Field(
+        "normal",
+        description="'normal': every acknowledged write survives a crash or kill of the "
+        "server. 'full': it also survives power loss (fsync per commit, group commit).",
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=64,
+        description="Largest request body accepted; larger bodies get 413.",
+    )
+    access_log: bool = Field(
+        False,
+        description="Log one line per request (method, route, status, duration, request id).",
+    )
+    log_level: LogLevel = Field("info", description="Lowest level logged.")
+    log_format: LogFormat = Field(
+        "auto",
+        description="'json' lines, 'console' for people, or 'auto': console on a terminal, "
+        "JSON otherwise.",
+    )
+    shutdown_timeout: float = Field(
+        5.0,
+        ge=0,
+        description="Seconds SIGTERM waits for in-flight requests before closing the store.",
+    )
+
+    def public_view(self) -> Dict[str, Any]:
+        """Settings as JSON-ready values, for /config and the startup log."""
+        return self.model_dump(mode="json")
+
+
+class SettingsError(Exception):
+    """A setting has an invalid value; the message names the setting."""
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets ``field_name``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag that sets ``field_name``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A parser with one flag per setting, generated so that --help can never drift."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mapmg_data_engineer_takehome",
+        description="A key-value store served as a REST API. Every flag can also be set "
+        "with the environment variable shown; flags win.",
+    )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help=f"Read settings from this env file too [env: {ENV_FILE_VARIABLE}]",
+    )
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        help_text = (
+            f"{field.description} [env: {env_name(name)}; "
+            f"default: {'unset' if default is None else default}]"
+        )
+        if field.annotation is bool:
+            parser.add_argument(
+                flag_name(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                flag_name(name), dest=name, metavar=name.upper(), default=None, help=help_text
+            )
+    return parser
+
+
+def load_settings(
+    argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] = None
+) -> Settings:
+    """Parse flags, then build Settings from flags, environment and env file.
+
+    Raises SettingsError naming the offending setting.
+    """
+    args = vars(build_parser().parse_args(argv))
+    env_file = args.pop("env_file") or (environ or os.environ).get(ENV_FILE_VARIABLE)
+    if env_file is not None and not Path(env_file).is_file():
+        raise SettingsError(f"env file {env_file} does not exist")
+    if env_file is not None:
+        check_env_file(Path(env_file))
+    overrides = {name: value for name, value in args.items() if value is not None}
+    try:
+        return Settings(_env_file=env_file, **overrides)
+    except ValidationError as error:
+        raise SettingsError(describe_validation_error(error, set(overrides))) from None
+
+
+def check_env_file(path: Path) -> None:
+    """Reject KV_ names in an env file that match no setting: a typo must not pass silently."""
+    known = {env_name(name) for name in Settings.model_fields}
+    unknown = sorted(
+        name
+        for name in dotenv_values(path)
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known
+    )
+    if unknown:
+        raise SettingsError(f"env file {path} sets unknown setting(s): {', '.join(unknown)}")
+
+
+def describe_validation_error(error: ValidationError, from_flags: set) -> str:
+    """One line per invalid setting, naming the flag or environment variable it came from."""
+    lines: List[str] = []
+    for problem in error.errors():
+        name = _field_of(str(problem["loc"][0])) if problem["loc"] else "settings"
+        if name in from_flags:
+            source = flag_name(name)
+        elif name == "port":
+            source = "KV_PORT (or PORT)"
+        else:
+            source = env_name(name)
+        lines.append(f"invalid setting {source}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+def _field_of(location: str) -> str:
+    """Map a pydantic error location (field name or alias) back to the field name."""
+    lowered = location.lower()
+    if lowered in Settings.model_fields:
+        return lowered
+    if lowered.startswith(ENV_PREFIX.lower()) and lowered[len(ENV_PREFIX) :] in Settings.model_fields:
+        return lowered[len(ENV_PREFIX) :]
+    return lowered

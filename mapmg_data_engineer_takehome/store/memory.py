@@ -1,0 +1,40 @@
+"""The memory store: a dict. Fast, and everything in it is lost when the process exits."""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+from .base import Row
+
+
+class MemoryStore:
+    """A Store backed by a dict; it remembers no seed fingerprint, so every start reseeds."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self._data: Dict[str, str] = {}
+
+    async def get(self, key: str) -> Optional[str]:
+        return self._data.get(key)
+
+    async def set(self, key: str, val: str) -> None:
+        self._data[key] = val
+
+    async def delete(self, key: str) -> bool:
+        return self._data.pop(key, None) is not None
+
+    async def load(self, rows: Iterable[Row], fingerprint: str) -> None:
+        self._data.update(rows)
+
+    async def seed_fingerprint(self) -> Optional[str]:
+        return None
+
+    async def count(self) -> int:
+        return len(self._data)
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._data.clear()
