@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-from typing import AsyncIterator, List
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
@@ -24,9 +24,9 @@ log = structlog.get_logger("kv.app")
 def create_app(settings: Settings) -> web.Application:
     """Build the application; the store opens (and seeds) when the app starts."""
     app = web.Application(
-        # The body limit is the one defence against a client that streams without end:
-        # aiohttp stops reading past it and we answer 413.
-        client_max_size=settings.max_body_bytes,
+        # aiohttp stops reading a body past this bound, so a client streaming without end
+        # costs at most this much memory; handlers.read_body enforces the exact limit.
+        client_max_size=settings.max_body_bytes + 1,
         middlewares=[make_request_context_middleware(settings.access_log), error_middleware],
     )
     app[SETTINGS_KEY] = settings
@@ -53,7 +53,7 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
         log.info("store_closed", store=store.name)
 
 
-def listen_hosts(host: str) -> List[str]:
+def listen_hosts(host: str) -> list[str]:
     """'localhost' means both loopback addresses, ::1 only where this machine can bind it."""
     if host != "localhost":
         return [host]

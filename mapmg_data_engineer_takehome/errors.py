@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import structlog
 from aiohttp import hdrs, web
@@ -43,7 +44,7 @@ def error_response(
 
 
 # aiohttp raises these itself (routing, body size); each gets a code and a sentence to act on.
-_HTTP_ERRORS: Dict[int, tuple] = {
+_HTTP_ERRORS: dict[int, tuple[str, str]] = {
     400: ("bad_request", "The request could not be understood."),
     404: ("not_found", "No such endpoint; see the README for the API."),
     405: ("method_not_allowed", "This endpoint does not accept that method; see Allow."),
@@ -53,13 +54,11 @@ _HTTP_ERRORS: Dict[int, tuple] = {
 _KEPT_HEADERS = (hdrs.ALLOW, hdrs.WWW_AUTHENTICATE, hdrs.RETRY_AFTER)
 
 
-def _render_http_exception(request: web.Request, error: web.HTTPException) -> web.Response:
+def _render_http_exception(error: web.HTTPException) -> web.Response:
     code, message = _HTTP_ERRORS.get(
         error.status, (error.reason.lower().replace(" ", "_"), f"{error.reason}.")
     )
-    if error.status == 413:
-        message = f"The request body is larger than the limit of {request.client_max_size} bytes."
-    headers = {name: error.headers[name] for name in _KEPT_HEADERS if name in error.headers}
+    headers = {str(name): error.headers[name] for name in _KEPT_HEADERS if name in error.headers}
     return error_response(error.status, code, message, headers)
 
 
@@ -73,7 +72,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        return _render_http_exception(request, error)
+        return _render_http_exception(error)
     except StoreUnavailable as error:
         log.warning("store_unavailable", route=route_name(request), reason=str(error))
         return error_response(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Tuple
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -17,7 +17,7 @@ _SET_FIELDS = ("key", "val")
 _VAL_MISSPELLINGS = {"value", "values", "v", "data"}
 
 
-def _json(data: Dict[str, Any], status: int = 200) -> web.Response:
+def _json(data: dict[str, Any], status: int = 200) -> web.Response:
     # ensure_ascii=False keeps non-ASCII text as UTF-8, half the size of \\u escapes.
     return web.Response(
         text=json.dumps(data, ensure_ascii=False),
@@ -30,7 +30,7 @@ def _invalid(code: str, message: str) -> ApiError:
     return ApiError(422, code, message)
 
 
-def parse_set_body(body: bytes) -> Tuple[str, str]:
+def parse_set_body(body: bytes) -> tuple[str, str]:
     """The key and value of a /set body; ApiError (400 or 422) says what is wrong with it."""
     try:
         document = json.loads(body)
@@ -121,12 +121,27 @@ def key_from_path(request: web.Request, prefix: str) -> str:
     return key
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, or a 413 once it is known to exceed max_body_bytes."""
+    limit = request.app[SETTINGS_KEY].max_body_bytes
+    too_large = ApiError(
+        413, "body_too_large", f"The request body is larger than the limit of {limit} bytes."
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large  # refused before reading a byte of it
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large from None
+    # aiohttp's own bound differs by one between versions (> or >=); this one is exact.
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
 async def set_value(request: web.Request) -> web.Response:
     """POST /set: store a value, whatever Content-Type the client claims."""
-    limit = request.client_max_size
-    if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    key, val = parse_set_body(await request.read())
+    key, val = parse_set_body(await read_body(request))
     await request.app[STORE_KEY].set(key, val)
     return _json({"key": key, "val": val})
 

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, List, Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import structlog
 from aiohttp import web
@@ -33,7 +33,7 @@ def configure_logging(settings: Settings, stream: Optional[TextIO] = None) -> No
     use_console = settings.log_format == "console" or (
         settings.log_format == "auto" and stream.isatty()
     )
-    shared: List[Processor] = [
+    shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -78,7 +78,7 @@ def _new_request_id() -> str:
 
 
 def make_request_context_middleware(with_access_log: bool) -> Any:
-    """The outermost middleware: a request id in the logs and the response, an optional access line."""
+    """The outermost middleware: a request id in logs and response, and maybe an access line."""
 
     @web.middleware
     async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:

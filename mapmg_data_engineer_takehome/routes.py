@@ -10,8 +10,8 @@ from . import handlers
 def setup_routes(app: web.Application) -> None:
     """Register every endpoint; aiohttp answers 405 with Allow for other methods."""
     app.router.add_post("/set", handlers.set_value)
-    # {key:.+} lets an unencoded "/" belong to the key; GET also serves HEAD.
-    app.router.add_get("/get/{key:.+}", handlers.get_value)
-    app.router.add_delete("/delete/{key:.+}", handlers.delete_value)
+    # [\s\S]+ lets "/" and a decoded newline belong to the key; GET also serves HEAD.
+    app.router.add_get(r"/get/{key:[\s\S]+}", handlers.get_value)
+    app.router.add_delete(r"/delete/{key:[\s\S]+}", handlers.delete_value)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/config", handlers.config)

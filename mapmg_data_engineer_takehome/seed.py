@@ -15,14 +15,14 @@ there, so that SQLite can finish or roll back the transaction without touching t
 from __future__ import annotations
 
 import hashlib
-import shutil
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Optional
 from urllib.parse import quote
 
 import structlog
@@ -63,13 +63,9 @@ _ROWS_SQL = f"""
 SELECT k, v FROM (SELECT {_text_of("key")} AS k, {_text_of("val")} AS v FROM keys ORDER BY rowid)
 WHERE k IS NOT NULL AND k <> '' AND v IS NOT NULL
 """
-# The slow path, for a TEXT value that is not valid UTF-8 (which SQLite stores as given):
-# everything arrives as bytes and Python decides row by row.
-_RAW_ROWS_SQL = """
-SELECT CASE WHEN typeof(key) IN ('integer', 'real') THEN CAST(key AS TEXT) ELSE key END,
-       CASE WHEN typeof(val) IN ('integer', 'real') THEN CAST(val AS TEXT) ELSE val END
-FROM keys ORDER BY rowid
-"""
+# The slow path, for a TEXT value that is not valid UTF-8 (which SQLite stores as given), runs
+# _ROWS_SQL with text as bytes and Python decides row by row. Only rows the tally counted as
+# applied arrive, so a row it already counted as skipped is not counted a second time.
 
 
 class SeedError(StartupError):
@@ -88,7 +84,7 @@ class SeedReport:
     applied: bool
     rows_read: int = 0
     rows_applied: int = 0
-    skipped: Dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -111,14 +107,14 @@ def _utf8_or_none(blob: bytes) -> Optional[str]:
         return None
 
 
-def _copy_and_hash(source: Path, target: Path, digest: "hashlib._Hash") -> None:
+def _copy_and_hash(source: Path, target: Path, digest: hashlib._Hash) -> None:
     with source.open("rb") as reader, target.open("wb") as writer:
         for chunk in iter(lambda: reader.read(_CHUNK), b""):
             digest.update(chunk)
             writer.write(chunk)
 
 
-def _hash_into(source: Path, digest: "hashlib._Hash") -> None:
+def _hash_into(source: Path, digest: hashlib._Hash) -> None:
     with source.open("rb") as reader:
         for chunk in iter(lambda: reader.read(_CHUNK), b""):
             digest.update(chunk)
@@ -156,18 +152,16 @@ class SeedFile:
                 raise _UndecodableText() from None
             raise
 
-    def rows_decoded_in_python(self, undecodable: List[int]) -> Iterator[Row]:
+    def rows_decoded_in_python(self, undecodable: list[int]) -> Iterator[Row]:
         """The rows to load, for a file with invalid UTF-8 TEXT; counts such rows in place."""
         self._conn.text_factory = bytes
         try:
-            for raw_key, raw_val in self._conn.execute(_RAW_ROWS_SQL):
-                if raw_key is None or raw_val is None:
-                    continue  # already counted by the tally
+            for raw_key, raw_val in self._conn.execute(_ROWS_SQL):
                 key = _utf8_or_none(raw_key)
                 val = _utf8_or_none(raw_val)
                 if key is None or val is None:
                     undecodable[0] += 1
-                elif key:
+                else:
                     yield key, val
         finally:
             self._conn.text_factory = str
@@ -185,9 +179,7 @@ def open_seed(path: Path) -> Iterator[SeedFile]:
         raise SeedError(f"{path}: not a SQLite database")
     digest = hashlib.sha256(RULES_VERSION)
     sidecars = [
-        Path(f"{path}{suffix}")
-        for suffix in SIDECAR_SUFFIXES
-        if Path(f"{path}{suffix}").is_file()
+        Path(f"{path}{suffix}") for suffix in SIDECAR_SUFFIXES if Path(f"{path}{suffix}").is_file()
     ]
     with ExitStack() as stack:
         if sidecars:
@@ -195,7 +187,7 @@ def open_seed(path: Path) -> Iterator[SeedFile]:
             readable = private / INPUT_DB_NAME
             _copy_and_hash(path, readable, digest)
             for sidecar in sidecars:
-                _copy_and_hash(sidecar, Path(f"{readable}{sidecar.name[len(path.name):]}"), digest)
+                _copy_and_hash(sidecar, Path(f"{readable}{sidecar.name[len(path.name) :]}"), digest)
             uri = f"file:{quote(str(readable))}"
         else:
             _hash_into(path, digest)
@@ -228,7 +220,10 @@ async def seed_store(store: Store, path: Optional[Path]) -> SeedReport:
         if await store.seed_fingerprint() == seed.fingerprint:
             report = SeedReport(path=str(path), applied=False)
         else:
-            report = seed.tally()
+            try:
+                report = seed.tally()  # reads every row: a damaged page shows up here
+            except sqlite3.DatabaseError as error:
+                raise SeedError(f"{path}: not a usable SQLite database ({error})") from None
             try:
                 await store.load(seed.rows(), seed.fingerprint)
             except _UndecodableText:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, ValidationError
@@ -36,6 +37,7 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
         case_sensitive=False,
+        populate_by_name=True,
     )
 
     host: str = Field(
@@ -47,7 +49,7 @@ class Settings(BaseSettings):
         8000,
         ge=1,
         le=65535,
-        validation_alias=AliasChoices("port", "KV_PORT", "PORT"),
+        validation_alias=AliasChoices("KV_PORT", "PORT"),
         description="TCP port to listen on. Plain PORT is honoured when KV_PORT is unset.",
     )
     input_db: Optional[Path] = Field(
@@ -89,7 +91,7 @@ class Settings(BaseSettings):
         description="Seconds SIGTERM waits for in-flight requests before closing the store.",
     )
 
-    def public_view(self) -> Dict[str, Any]:
+    def public_view(self) -> dict[str, Any]:
         """Settings as JSON-ready values, for /config and the startup log."""
         return self.model_dump(mode="json")
 
@@ -142,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_settings(
-    argv: Optional[Sequence[str]] = None, environ: Optional[Dict[str, str]] = None
+    argv: Optional[Sequence[str]] = None, environ: Optional[dict[str, str]] = None
 ) -> Settings:
     """Parse flags, then build Settings from flags, environment and env file.
 
@@ -154,11 +156,19 @@ def load_settings(
         raise SettingsError(f"env file {env_file} does not exist")
     if env_file is not None:
         check_env_file(Path(env_file))
-    overrides = {name: value for name, value in args.items() if value is not None}
+    # A field with aliases is passed by its first alias, which every pydantic-settings
+    # version ranks above the environment.
+    overrides = {_init_name(name): value for name, value in args.items() if value is not None}
+    args_given = {name for name, value in args.items() if value is not None}
     try:
-        return Settings(_env_file=env_file, **overrides)
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as error:
-        raise SettingsError(describe_validation_error(error, set(overrides))) from None
+        raise SettingsError(describe_validation_error(error, set(args_given))) from None
+
+
+def _init_name(field_name: str) -> str:
+    alias = Settings.model_fields[field_name].validation_alias
+    return str(alias.choices[0]) if isinstance(alias, AliasChoices) else field_name
 
 
 def check_env_file(path: Path) -> None:
@@ -173,9 +183,9 @@ def check_env_file(path: Path) -> None:
         raise SettingsError(f"env file {path} sets unknown setting(s): {', '.join(unknown)}")
 
 
-def describe_validation_error(error: ValidationError, from_flags: set) -> str:
+def describe_validation_error(error: ValidationError, from_flags: set[str]) -> str:
     """One line per invalid setting, naming the flag or environment variable it came from."""
-    lines: List[str] = []
+    lines: list[str] = []
     for problem in error.errors():
         name = _field_of(str(problem["loc"][0])) if problem["loc"] else "settings"
         if name in from_flags:
@@ -193,6 +203,9 @@ def _field_of(location: str) -> str:
     lowered = location.lower()
     if lowered in Settings.model_fields:
         return lowered
-    if lowered.startswith(ENV_PREFIX.lower()) and lowered[len(ENV_PREFIX) :] in Settings.model_fields:
+    if (
+        lowered.startswith(ENV_PREFIX.lower())
+        and lowered[len(ENV_PREFIX) :] in Settings.model_fields
+    ):
         return lowered[len(ENV_PREFIX) :]
     return lowered

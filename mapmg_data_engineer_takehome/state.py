@@ -13,4 +13,4 @@ from .store.base import Store
 SETTINGS_KEY = web.AppKey("settings", Settings)
 STORE_KEY = web.AppKey("store", Store)
 # The input.db seeding actually read, or None when there was none.
-INPUT_DB_KEY = web.AppKey("input_db", Optional[Path])  # type: ignore[arg-type]
+INPUT_DB_KEY: web.AppKey[Optional[Path]] = web.AppKey("input_db")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Protocol, Tuple
+from collections.abc import Iterable
+from typing import Optional, Protocol
 
-
-Row = Tuple[str, str]
+Row = tuple[str, str]
 
 
 class StoreError(Exception):

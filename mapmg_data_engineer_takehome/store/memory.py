@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from .base import Row
 
@@ -13,7 +14,7 @@ class MemoryStore:
     name = "memory"
 
     def __init__(self) -> None:
-        self._data: Dict[str, str] = {}
+        self._data: dict[str, str] = {}
 
     async def get(self, key: str) -> Optional[str]:
         return self._data.get(key)

@@ -9,10 +9,12 @@ commits whatever arrived while the previous fsync ran as a single transaction (g
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Optional
 
 from .base import Row, StoreCorrupt, StoreError, StoreUnavailable
 
@@ -48,7 +50,7 @@ _SET = "INSERT OR REPLACE INTO kv (key, val) VALUES (?, ?)"
 _DELETE = "DELETE FROM kv WHERE key = ?"
 _SEED_FINGERPRINT = "seed_fingerprint"
 
-Operation = Tuple[str, str, Optional[str]]  # ("set", key, val) or ("delete", key, None)
+Operation = tuple[str, str, Optional[str]]  # ("set", key, val) or ("delete", key, None)
 
 
 def _translate(error: sqlite3.Error, path: Path) -> StoreError:
@@ -62,9 +64,13 @@ def _connect(path: Path, durability: str) -> sqlite3.Connection:
     # isolation_level=None: autocommit, so a lone statement commits itself and no read ever
     # holds a transaction open (which would hide other workers' writes).
     conn = sqlite3.connect(str(path), isolation_level=None)
-    for pragma in _PRAGMAS:
-        conn.execute(pragma)
-    conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
+    try:
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
+        conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
@@ -104,15 +110,15 @@ class _GroupCommitter:
         self._durability = durability
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
         self._conn: Optional[sqlite3.Connection] = None
-        self._pending: List[Tuple[Operation, asyncio.Future]] = []
-        self._draining: Optional[asyncio.Task] = None
+        self._pending: list[tuple[Operation, asyncio.Future[Optional[bool]]]] = []
+        self._draining: Optional[asyncio.Task[None]] = None
 
-    async def submit(self, operation: Operation) -> Union[bool, None]:
-        future = asyncio.get_running_loop().create_future()
+    async def submit(self, operation: Operation) -> Optional[bool]:
+        future: asyncio.Future[Optional[bool]] = asyncio.get_running_loop().create_future()
         self._pending.append((operation, future))
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
-        return await future  # type: ignore[no-any-return]
+        return await future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -135,12 +141,12 @@ class _GroupCommitter:
         finally:
             self._draining = None
 
-    def _commit(self, operations: List[Operation]) -> List[Optional[bool]]:
+    def _commit(self, operations: list[Operation]) -> list[Optional[bool]]:
         """Runs on the writer thread: the whole batch is one transaction, one fsync."""
         if self._conn is None:
             self._conn = _connect(self._path, self._durability)
         conn = self._conn
-        results: List[Optional[bool]] = []
+        results: list[Optional[bool]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             for kind, key, val in operations:
@@ -176,8 +182,13 @@ class SqliteStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         _check_header(path)
         try:
+            # Inspect before any pragma: switching a foreign file to WAL would modify it.
+            inspector = sqlite3.connect(str(path), isolation_level=None)
+            try:
+                _prepare_schema(inspector, path)
+            finally:
+                inspector.close()
             self._conn = _connect(path, durability)
-            _prepare_schema(self._conn, path)
         except sqlite3.Error as error:
             raise _translate(error, path) from None
         self._committer = _GroupCommitter(path, durability) if durability == "full" else None
@@ -187,7 +198,7 @@ class SqliteStore:
             row = self._conn.execute(_GET, (key,)).fetchone()
         except sqlite3.Error as error:
             raise _translate(error, self.path) from None
-        return None if row is None else row[0]  # type: ignore[no-any-return]
+        return None if row is None else row[0]
 
     async def set(self, key: str, val: str) -> None:
         if self._committer is not None:
@@ -228,7 +239,7 @@ class SqliteStore:
         row = self._conn.execute(
             "SELECT value FROM meta WHERE name = ?", (_SEED_FINGERPRINT,)
         ).fetchone()
-        return None if row is None else row[0]  # type: ignore[no-any-return]
+        return None if row is None else row[0]
 
     async def count(self) -> int:
         return self._conn.execute("SELECT count(*) FROM kv").fetchone()[0]  # type: ignore[no-any-return]
@@ -243,8 +254,6 @@ class SqliteStore:
     async def close(self) -> None:
         if self._committer is not None:
             await self._committer.close()
-        try:
+        with contextlib.suppress(sqlite3.Error):  # advisory only; closing must still happen
             self._conn.execute("PRAGMA optimize")
-        except sqlite3.Error:
-            pass  # advisory only; closing must still happen
         self._conn.close()

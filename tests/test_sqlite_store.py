@@ -1,0 +1,64 @@
+"""What only the durable store promises: persistence, and leaving foreign files alone."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+async def test_data_survives_close_and_reopen(tmp_path: Path, durability: str) -> None:
+    path = tmp_path / "kv.sqlite3"
+    store = SqliteStore(path, durability)
+    await store.set("kept", "1")
+    await store.set("gone", "2")
+    await store.delete("gone")
+    await store.load(iter([("seeded", "3")]), "fp")
+    await store.close()
+
+    reopened = SqliteStore(path, durability)
+    assert await reopened.get("kept") == "1"
+    assert await reopened.get("gone") is None
+    assert await reopened.get("seeded") == "3"
+    assert await reopened.seed_fingerprint() == "fp"
+    await reopened.close()
+
+
+async def test_data_directory_is_created(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "a" / "b" / "kv.sqlite3")
+    await store.set("k", "v")
+    await store.close()
+    assert (tmp_path / "a" / "b" / "kv.sqlite3").is_file()
+
+
+def test_a_file_that_is_not_sqlite_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    path.write_bytes(b"my precious notes" * 100)
+    with pytest.raises(StoreCorrupt, match=str(path)):
+        SqliteStore(path)
+    assert path.read_bytes() == b"my precious notes" * 100
+
+
+def test_a_foreign_sqlite_database_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    conn = sqlite3.connect(str(path))
+    conn.execute("create table invoices(id integer primary key, total real)")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreCorrupt, match="did not create"):
+        SqliteStore(path)
+    assert path.read_bytes() == before
+
+
+async def test_the_data_file_uses_wal_and_the_chosen_synchronous_level(tmp_path: Path) -> None:
+    for durability, level in (("normal", 1), ("full", 2)):
+        store = SqliteStore(tmp_path / f"{durability}.sqlite3", durability)
+        conn = store._conn
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == level
+        await store.close()
