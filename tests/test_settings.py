@@ -92,3 +92,27 @@ def test_every_setting_has_a_flag_and_a_description() -> None:
         assert "--" + name.replace("_", "-") in help_text
         assert f"KV_{name.upper()}" in help_text
         assert field.description
+
+
+def test_example_env_file_documents_every_setting_with_its_default() -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "kv.env"
+    documented = {}
+    for line in example.read_text().splitlines():
+        line = line.lstrip("# ").strip()
+        if line.startswith("KV_") and "=" in line:
+            name, value = line.split("=", 1)
+            documented[name] = value
+    defaults = Settings.model_construct()
+    for name in Settings.model_fields:
+        variable = f"KV_{name.upper()}"
+        assert variable in documented, variable
+        default = getattr(defaults, name)
+        if default is not None:
+            assert documented[variable] == str(default).lower() or documented[variable] == str(
+                default
+            ), variable
+
+
+def test_example_env_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    example = Path(__file__).resolve().parent.parent / "config" / "kv.env"
+    assert load_settings(["--env-file", str(example)]) == Settings()
