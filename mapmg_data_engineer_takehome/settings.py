@@ -41,52 +41,52 @@ class Settings(BaseSettings):
     )
 
     host: str = Field(
-        "localhost",
+        default="localhost",
         description="Interface to listen on. 'localhost' means 127.0.0.1 and ::1 where the "
         "machine has it; '0.0.0.0' means every IPv4 interface.",
     )
     port: int = Field(
-        8000,
+        default=8000,
         ge=1,
         le=65535,
         validation_alias=AliasChoices("KV_PORT", "PORT"),
         description="TCP port to listen on. Plain PORT is honoured when KV_PORT is unset.",
     )
     input_db: Optional[Path] = Field(
-        None,
+        default=None,
         description="SQLite file to seed from. Unset: ./input.db, else input.db beside the "
         "package; none found is a warning. A set path that does not exist is an error.",
     )
     store: StoreKind = Field(
-        "sqlite",
+        default="sqlite",
         description="Storage backend: 'sqlite' (durable, on disk) or 'memory' (lost on exit).",
     )
     data_path: Path = Field(
-        Path("data/kv.sqlite3"),
+        default=Path("data/kv.sqlite3"),
         description="Data file of the sqlite store; its directory is created if missing.",
     )
     durability: Durability = Field(
-        "normal",
+        default="normal",
         description="'normal': every acknowledged write survives a crash or kill of the "
         "server. 'full': it also survives power loss (fsync per commit, group commit).",
     )
     max_body_bytes: int = Field(
-        1024 * 1024,
+        default=1024 * 1024,
         ge=64,
         description="Largest request body accepted; larger bodies get 413.",
     )
     access_log: bool = Field(
-        False,
+        default=False,
         description="Log one line per request (method, route, status, duration, request id).",
     )
-    log_level: LogLevel = Field("info", description="Lowest level logged.")
+    log_level: LogLevel = Field(default="info", description="Lowest level logged.")
     log_format: LogFormat = Field(
-        "auto",
+        default="auto",
         description="'json' lines, 'console' for people, or 'auto': console on a terminal, "
         "JSON otherwise.",
     )
     shutdown_timeout: float = Field(
-        5.0,
+        default=5.0,
         ge=0,
         description="Seconds SIGTERM waits for in-flight requests before closing the store.",
     )
