@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from .errors import StartupError, error_middleware
+from .errors import JsonErrorServer, StartupError, error_middleware
 from .logs import make_request_context_middleware
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
@@ -68,13 +68,29 @@ def listen_hosts(host: str) -> list[str]:
     return hosts
 
 
+# A request line must hold a 4096-byte key percent-encoded (12 KiB); aiohttp's default is 8 KiB.
+MAX_REQUEST_LINE_BYTES = 16 * 1024
+
+
+class ServerRunner(web.AppRunner):
+    """An AppRunner whose protocol errors are JSON like every other error."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp builds the Server itself; JsonErrorServer only swaps the handler class it
+        # creates per connection, so re-classing the instance is all that is needed.
+        server.__class__ = JsonErrorServer
+        return server
+
+
 async def serve(settings: Settings) -> None:
     """Start, serve until SIGTERM or SIGINT, then finish in-flight requests and close."""
-    runner = web.AppRunner(
+    runner = ServerRunner(
         create_app(settings),
         handle_signals=False,
         access_log=None,
         shutdown_timeout=settings.shutdown_timeout,
+        max_line_size=MAX_REQUEST_LINE_BYTES,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

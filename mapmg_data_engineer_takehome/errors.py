@@ -7,6 +7,7 @@ from typing import Optional
 
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.web_protocol import RequestHandler
 from aiohttp.typedefs import Handler
 
 from .logs import route_name
@@ -97,3 +98,42 @@ def _internal_error() -> web.Response:
         "The server failed to handle this request; the request id in X-Request-ID "
         "finds it in the logs.",
     )
+
+
+class JsonErrorRequestHandler(RequestHandler):
+    """Answers requests aiohttp cannot parse (bad request line, oversized header) in JSON.
+
+    Such requests never reach the middleware; aiohttp would answer them in plain text.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: Optional[BaseException] = None,
+        message: Optional[str] = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was already sent; cannot send the error")
+        response: web.StreamResponse
+        if status >= 500:
+            log.error("protocol_error", exc_info=exc)
+            response = _internal_error()
+        else:
+            # aiohttp's message quotes the offending bytes; the log and the answer keep only
+            # the sentence before them, since those bytes may be a client's secret.
+            detail = (message or "").strip().split(":", 1)[0].split("\n", 1)[0]
+            log.info("bad_http_request", status=status, reason=detail)
+            code, sentence = _HTTP_ERRORS.get(status, _HTTP_ERRORS[400])
+            if detail:
+                sentence = f"The request is not valid HTTP: {detail}."
+            response = error_response(status, code, sentence)
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    """A web.Server whose connections use JsonErrorRequestHandler."""
+
+    def __call__(self) -> RequestHandler:
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -440,3 +441,47 @@ def test_plain_port_is_honoured_when_kv_port_is_unset(servers: ServerPool) -> No
     server = servers.start(port=port, env={"KV_PORT": None, "PORT": str(port)})
     assert server.request("GET", "/config").json()["port"] == port
     assert server.stop() == 0
+
+
+# --- malformed HTTP -------------------------------------------------------------------------
+
+
+def raw_exchange(server: Server, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are and parse the one response (the server closes after errors)."""
+    with socket.create_connection((LOOPBACK_V4, server.port), timeout=5) as connection:
+        connection.sendall(data)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /get/k HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",
+        b"POST /set HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+    ],
+    ids=["bad-method", "header-too-long", "bad-content-length"],
+)
+def test_unparseable_http_gets_a_json_400(shared_server: Server, request_bytes: bytes) -> None:
+    status, headers, body = raw_exchange(shared_server, request_bytes)
+    assert status == 400
+    assert headers["content-type"].startswith("application/json")
+    document = json.loads(body)
+    assert set(document) == {"error", "message"}
+    assert document["error"] == "bad_request"
+    assert "aaaa" not in document["message"]  # the offending bytes are not echoed
+
+
+def test_a_long_key_fits_in_the_request_line(shared_server: Server) -> None:
+    key = "ключ/" * 450  # 4,050 bytes of UTF-8, 12,150 characters percent-encoded
+    set_value(shared_server, key, "long")
+    assert get_value(shared_server, key) == "long"
