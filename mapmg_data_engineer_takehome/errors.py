@@ -7,8 +7,8 @@ from typing import Optional
 
 import structlog
 from aiohttp import hdrs, web
-from aiohttp.web_protocol import RequestHandler
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
 
 from .logs import route_name
 from .store.base import StoreError, StoreUnavailable
