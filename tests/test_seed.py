@@ -208,7 +208,7 @@ async def test_utf8_blobs_are_text_and_other_blobs_are_skipped(
 async def test_invalid_utf8_text_is_skipped_and_the_rest_loads(
     store: Store, tmp_path: Path
 ) -> None:
-    """The slow path: SQLite hands back TEXT it cannot decode, so Python decodes row by row."""
+    """SQLite keeps TEXT it never validated; such rows are skipped and the rest loads."""
     path = write_input_sql(
         tmp_path / "input.db",
         [
@@ -226,7 +226,7 @@ async def test_invalid_utf8_text_is_skipped_and_the_rest_loads(
         schema=UNTYPED_SCHEMA,
     )
     with sqlite3.connect(str(path)) as conn:
-        conn.execute("insert into keys values (7, 2.5)")  # numbers on the slow path too
+        conn.execute("insert into keys values (7, 2.5)")  # numbers beside it
     conn.close()
     report = await seeded(store, path, {"first": "v2", "blob": "ok", "last": "v3", "7": "2.5"})
     assert report.skipped == skips(not_utf8=3, empty_key=1, null_key=1, null_val=1)
@@ -805,3 +805,22 @@ def test_surrogate_free_text_round_trips_through_sqlite() -> None:
         assert conn.execute("select ?", (value,)).fetchone() == (value,)
     finally:
         conn.close()
+
+
+async def test_the_fast_seed_path_blind_spot_reads_as_absent(tmp_path: Path) -> None:
+    """TEXT of stray lead bytes passes the sqlite store's fast seed query (see
+    seed.fast_rows_sql); the store then answers as if the row had been skipped."""
+    path = write_input_sql(
+        tmp_path / "input.db",
+        [
+            "insert into keys values ('good', 'one')",
+            "insert into keys values ('stray lead byte', CAST(X'FF61' AS TEXT))",
+        ],
+    )
+    store = SqliteStore(tmp_path / "kv.sqlite3")
+    try:
+        await seed_store(store, path)
+        assert await store.get("good") == "one"
+        assert await store.get("stray lead byte") is None
+    finally:
+        await store.close()

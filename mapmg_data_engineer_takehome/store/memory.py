@@ -25,8 +25,13 @@ class MemoryStore:
     async def delete(self, key: str) -> bool:
         return self._data.pop(key, None) is not None
 
-    async def load(self, rows: Iterable[Row], fingerprint: str) -> None:
-        self._data.update(rows)
+    async def load(self, rows: Iterable[Row], fingerprint: str) -> int:
+        applied = 0
+        data = self._data
+        for key, val in rows:
+            data[key] = val
+            applied += 1
+        return applied
 
     async def seed_fingerprint(self) -> Optional[str]:
         return None

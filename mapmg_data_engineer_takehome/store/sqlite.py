@@ -14,9 +14,21 @@ import sqlite3
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
+from urllib.parse import quote
 
-from .base import Row, StoreCorrupt, StoreError, StoreUnavailable
+import structlog
+
+from .base import (
+    Row,
+    SqlSeed,
+    SqlSeedRejected,
+    StoreCorrupt,
+    StoreError,
+    StoreUnavailable,
+)
+
+log = structlog.get_logger("kv.store")
 
 # Stamped into the file header so that a foreign SQLite file is recognised and left alone.
 APPLICATION_ID = 0x4B565354  # "KVST"
@@ -40,8 +52,9 @@ _PRAGMAS = (
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY NOT NULL, val TEXT NOT NULL)"
-    " WITHOUT ROWID",
+    # The constraints also make load_sql refuse rows its fast seed query got wrong.
+    "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY NOT NULL CHECK (key <> ''),"
+    " val TEXT NOT NULL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)"
     " WITHOUT ROWID",
 )
@@ -49,6 +62,8 @@ _GET = "SELECT val FROM kv WHERE key = ?"
 _SET = "INSERT OR REPLACE INTO kv (key, val) VALUES (?, ?)"
 _DELETE = "DELETE FROM kv WHERE key = ?"
 _SEED_FINGERPRINT = "seed_fingerprint"
+# How Python's sqlite3 reports TEXT that is not UTF-8 (the same words on 3.9 to 3.13).
+_UNDECODABLE = "Could not decode to UTF-8"
 
 Operation = tuple[str, str, Optional[str]]  # ("set", key, val) or ("delete", key, None)
 
@@ -63,7 +78,8 @@ def _translate(error: sqlite3.Error, path: Path) -> StoreError:
 def _connect(path: Path, durability: str) -> sqlite3.Connection:
     # isolation_level=None: autocommit, so a lone statement commits itself and no read ever
     # holds a transaction open (which would hide other workers' writes).
-    conn = sqlite3.connect(str(path), isolation_level=None)
+    # uri=True: load_sql ATTACHes the seed by a URI (read-only, immutable).
+    conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}", uri=True, isolation_level=None)
     try:
         for pragma in _PRAGMAS:
             conn.execute(pragma)
@@ -197,6 +213,11 @@ class SqliteStore:
         try:
             row = self._conn.execute(_GET, (key,)).fetchone()
         except sqlite3.Error as error:
+            if _UNDECODABLE in str(error):
+                # Only a seed can store such bytes (see seed.fast_rows_sql): no client ever
+                # wrote them, so the key is treated as the skipped row it should have been.
+                log.warning("undecodable_value_skipped", path=str(self.path))
+                return None
             raise _translate(error, self.path) from None
         return None if row is None else row[0]
 
@@ -217,12 +238,35 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise _translate(error, self.path) from None
 
-    async def load(self, rows: Iterable[Row], fingerprint: str) -> None:
+    async def load(self, rows: Iterable[Row], fingerprint: str) -> int:
+        return self._load(lambda conn: conn.executemany(_SET, rows).rowcount, fingerprint)
+
+    async def load_sql(self, seed: SqlSeed, fingerprint: str) -> int:
+        """Copy the seed inside SQLite: ATTACH it, then one INSERT ... SELECT."""
+        conn = self._conn
+        for name, function in seed.functions.items():
+            conn.create_function(name, 1, function, deterministic=True)
+        try:
+            conn.execute(f"ATTACH DATABASE ? AS {SqlSeed.SCHEMA}", (seed.uri,))
+        except sqlite3.Error as error:
+            raise _translate(error, self.path) from None
+        try:
+            insert = f"INSERT OR REPLACE INTO kv (key, val) {seed.select}"
+            return self._load(lambda conn: conn.execute(insert).rowcount, fingerprint)
+        except StoreCorrupt as error:
+            if isinstance(error.__cause__, sqlite3.IntegrityError):
+                raise SqlSeedRejected(str(error)) from None
+            raise
+        finally:
+            conn.execute(f"DETACH DATABASE {SqlSeed.SCHEMA}")
+
+    def _load(self, apply: Callable[[sqlite3.Connection], int], fingerprint: str) -> int:
+        """Run ``apply`` and record the fingerprint in one transaction, then checkpoint."""
         conn = self._conn
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_SET, rows)
+                applied = apply(conn)
                 conn.execute(
                     "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
                     (_SEED_FINGERPRINT, fingerprint),
@@ -232,8 +276,12 @@ class SqliteStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            # Move the seed from the WAL into the file now, before the port opens, rather
+            # than in whichever request's commit crosses the auto-checkpoint threshold.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+            raise _translate(error, self.path) from error
+        return applied
 
     async def seed_fingerprint(self) -> Optional[str]:
         row = self._conn.execute(

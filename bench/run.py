@@ -1,0 +1,275 @@
+"""Throughput and latency of the service against the floor and the FastAPI reference.
+
+Method (see the README's Performance section): the server under test is pinned to core 0 and
+wrk (1 thread, 64 connections) to core 1; the servers alternate A B C A B C ... for --rounds
+rounds and the table shows each one's median. Every server is seeded with the same input.db of
+--rows keys; GETs ask for uniformly random seeded keys (bench/get_random.lua), POSTs write JSON
+bodies spread over 100,000 keys (bench/set_random.lua).
+
+    python bench/run.py                      # 3 rounds, 10 s per run, 1,000,000 keys
+    python bench/run.py --rounds 5 --duration 15 --out bench/results.md
+
+It needs wrk and taskset on PATH, two or more cores, and for the references the packages in
+bench/requirements.txt; it says what is missing and installs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from make_input_db import write_input_db  # noqa: E402
+
+SERVER_CORE, LOAD_CORE = "0", "1"
+READY_TIMEOUT = 120.0
+_LATENCY_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+
+
+@dataclass
+class Server:
+    """How to start one contender; ``{port}`` and ``{input_db}`` are filled in."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()
+
+
+def contenders(workers: int) -> dict[str, Server]:
+    python = sys.executable
+    return {
+        "floor": Server(
+            "floor (aiohttp + uvloop + dict)",
+            [python, str(BENCH / "floor_app.py"), "--port", "{port}", "--input-db", "{input_db}"],
+            needs=("uvloop",),
+        ),
+        "kv": Server(
+            "kv (this service, defaults)",
+            [python, "-m", "mapmg_data_engineer_takehome"],
+            env={
+                "KV_PORT": "{port}",
+                "KV_INPUT_DB": "{input_db}",
+                "KV_DATA_PATH": "{data_dir}/kv.sqlite3",
+                "KV_WORKERS": str(workers),
+            },
+        ),
+        "fastapi": Server(
+            "FastAPI + uvicorn + dict",
+            [python, str(BENCH / "fastapi_app.py"), "--port", "{port}", "--input-db", "{input_db}"],
+            needs=("fastapi", "uvicorn", "uvloop", "httptools"),
+        ),
+    }
+
+
+@dataclass
+class WrkResult:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # non-2xx answers plus socket errors
+
+
+def parse_wrk(output: str) -> WrkResult:
+    def latency(percent: str) -> float:
+        match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", output, re.MULTILINE)
+        if not match:
+            raise ValueError(f"no {percent}% latency in wrk output:\n{output}")
+        return float(match.group(1)) * _LATENCY_UNITS[match.group(2)]
+
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not rate:
+        raise ValueError(f"no Requests/sec in wrk output:\n{output}")
+    errors = 0
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if non_2xx:
+        errors += int(non_2xx.group(1))
+    sockets = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    if sockets:
+        errors += sum(int(number) for number in sockets.groups())
+    return WrkResult(float(rate.group(1)), latency("50"), latency("99"), errors)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes]) -> float:
+    """Seconds from now until /health answers 200."""
+    started = time.monotonic()
+    while time.monotonic() - started < READY_TIMEOUT:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as answer:
+                if answer.status == 200:
+                    return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError("server not ready in time")
+
+
+def run_wrk(port: int, script: str, seconds: int, connections: int, keys: int) -> WrkResult:
+    command = [
+        "taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+        "--latency", "-s", str(BENCH / script), f"http://127.0.0.1:{port}",
+    ]  # fmt: skip
+    env = {**os.environ, "KV_BENCH_KEYS": str(keys)}
+    output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    return parse_wrk(output)
+
+
+def measure(server: Server, input_db: Path, args: argparse.Namespace) -> dict[str, WrkResult]:
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="kv-bench-") as data_dir:
+        values = {"port": str(port), "input_db": str(input_db), "data_dir": data_dir}
+        command = [part.format(**values) for part in server.command]
+        env = {key: value for key, value in os.environ.items() if not key.startswith("KV_")}
+        env.update({key: value.format(**values) for key, value in server.env.items()})
+        cores = "0-1" if args.workers > 1 else SERVER_CORE
+        process = subprocess.Popen(
+            ["taskset", "-c", cores, *command],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_ready(port, process)
+            run_wrk(port, "get_random.lua", 2, args.connections, args.rows)  # warm-up
+            results = {
+                "get": run_wrk(port, "get_random.lua", args.duration, args.connections, args.rows),
+                "set": run_wrk(port, "set_random.lua", args.duration, args.connections, args.rows),
+            }
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    return results
+
+
+def missing_prerequisites(servers: list[Server]) -> list[str]:
+    missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
+    if (os.cpu_count() or 1) < 2:
+        missing.append("a second core (the load generator needs its own)")
+    for server in servers:
+        missing += [
+            f"python package {module} (pip install -r bench/requirements.txt)"
+            for module in server.needs
+            if importlib.util.find_spec(module) is None
+        ]
+    return sorted(set(missing))
+
+
+def render(medians: dict[str, dict[str, WrkResult]], servers: dict[str, Server]) -> str:
+    lines = [
+        "| server | GET req/s | GET p50 ms | GET p99 ms | POST req/s | POST p50 ms | "
+        "POST p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, result in medians.items():
+        get, post = result["get"], result["set"]
+        lines.append(
+            f"| {servers[key].name} | {get.requests_per_second:,.0f} | {get.p50_ms:.2f} | "
+            f"{get.p99_ms:.2f} | {post.requests_per_second:,.0f} | {post.p50_ms:.2f} | "
+            f"{post.p99_ms:.2f} | {get.errors + post.errors} |"
+        )
+    if "kv" in medians:
+        for other in ("floor", "fastapi"):
+            if other not in medians:
+                continue
+            ours, theirs = medians["kv"], medians[other]
+            get_rate = ratio(ours["get"].requests_per_second, theirs["get"].requests_per_second)
+            set_rate = ratio(ours["set"].requests_per_second, theirs["set"].requests_per_second)
+            get_p99 = ratio(ours["get"].p99_ms, theirs["get"].p99_ms)
+            set_p99 = ratio(ours["set"].p99_ms, theirs["set"].p99_ms)
+            lines.append(
+                f"| kv ÷ {other} | {get_rate} | | {get_p99} | {set_rate} | | {set_p99} | |"
+            )
+    return "\n".join(lines)
+
+
+def ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}x" if theirs else "n/a"
+
+
+def median_result(results: list[WrkResult]) -> WrkResult:
+    return WrkResult(
+        statistics.median(result.requests_per_second for result in results),
+        statistics.median(result.p50_ms for result in results),
+        statistics.median(result.p99_ms for result in results),
+        sum(result.errors for result in results),
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="keys in input.db")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="KV_WORKERS for the service")
+    parser.add_argument("--servers", default="floor,kv,fastapi")
+    parser.add_argument("--out", type=Path, help="also write the table as markdown here")
+    args = parser.parse_args(argv)
+    catalogue = contenders(args.workers)
+    chosen = {name: catalogue[name] for name in args.servers.split(",")}
+    missing = missing_prerequisites(list(chosen.values()))
+    if missing:
+        print("bench: missing prerequisites:\n  " + "\n  ".join(missing), file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="kv-bench-input-") as directory:
+        input_db = Path(directory) / "input.db"
+        write_input_db(input_db, args.rows)
+        runs: dict[str, list[dict[str, WrkResult]]] = {name: [] for name in chosen}
+        for round_number in range(1, args.rounds + 1):
+            for name, server in chosen.items():
+                result = measure(server, input_db, args)
+                runs[name].append(result)
+                print(
+                    f"round {round_number} {name}: GET {result['get'].requests_per_second:,.0f}/s "
+                    f"POST {result['set'].requests_per_second:,.0f}/s",
+                    flush=True,
+                )
+    medians = {
+        name: {kind: median_result([run[kind] for run in results]) for kind in ("get", "set")}
+        for name, results in runs.items()
+    }
+    table = render(medians, chosen)
+    header = (
+        f"{args.rounds} rounds of {args.duration} s, {args.rows:,} keys, wrk -t1 "
+        f"-c{args.connections}, server on core {SERVER_CORE}, wrk on core {LOAD_CORE}; "
+        f"medians. Python {sys.version.split()[0]}, {os.cpu_count()} cores."
+    )
+    print(f"\n{header}\n\n{table}")
+    if args.out:
+        args.out.write_text(f"{header}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
