@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
-from .errors import JsonErrorServer, StartupError, error_middleware
-from .logs import make_request_context_middleware
+from .errors import JsonErrorServer, StartupError
+from .middleware import make_request_middleware
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
 from .settings import Settings
@@ -27,7 +27,7 @@ def create_app(settings: Settings) -> web.Application:
         # aiohttp stops reading a body past this bound, so a client streaming without end
         # costs at most this much memory; handlers.read_body enforces the exact limit.
         client_max_size=settings.max_body_bytes + 1,
-        middlewares=[make_request_context_middleware(settings.access_log), error_middleware],
+        middlewares=[make_request_middleware(settings.access_log)],
     )
     app[SETTINGS_KEY] = settings
     app.cleanup_ctx.append(store_context)

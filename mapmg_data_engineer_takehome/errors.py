@@ -1,19 +1,21 @@
-"""The error types and the middleware that renders every failure as one JSON shape."""
+"""The error types, and how every failure is rendered as one JSON shape."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Optional
 
+import orjson
 import structlog
 from aiohttp import hdrs, web
-from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler
 
-from .logs import route_name
 from .store.base import StoreError, StoreUnavailable
 
 log = structlog.get_logger("kv.errors")
+
+# Every answer is JSON; a prebuilt header dict is the cheapest way to say so.
+JSON_HEADERS: dict[str, str] = {"Content-Type": "application/json; charset=utf-8"}
 
 
 class StartupError(Exception):
@@ -37,11 +39,19 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def route_name(request: web.Request) -> str:
+    """The route pattern that matched (``/get/{key}``), never the concrete path with its key."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
 def error_response(
     status: int, code: str, message: str, headers: Optional[Mapping[str, str]] = None
 ) -> web.Response:
     """The one shape every non-2xx answer has."""
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+    body = orjson.dumps({"error": code, "message": message})
+    all_headers: dict[str, str] = {**JSON_HEADERS, **(headers or {})}
+    return web.Response(body=body, status=status, headers=all_headers)
 
 
 # aiohttp raises these itself (routing, body size); each gets a code and a sentence to act on.
@@ -63,19 +73,20 @@ def _render_http_exception(error: web.HTTPException) -> web.Response:
     return error_response(error.status, code, message, headers)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every exception into a JSON answer; 500s hide internals and log the traceback."""
-    try:
-        return await handler(request)
-    except ApiError as error:
+def response_for(request: web.Request, error: Exception, request_id: str) -> web.Response:
+    """The JSON answer to an exception a handler raised; 500s hide internals, log the traceback.
+
+    Re-raises what is not a failure: aiohttp's redirects (HTTPException below 400).
+    """
+    if isinstance(error, ApiError):
         return error_response(error.status, error.code, error.message, error.headers)
-    except web.HTTPException as error:
+    if isinstance(error, web.HTTPException):
         if error.status < 400:
-            raise
+            raise error
         return _render_http_exception(error)
-    except StoreUnavailable as error:
-        log.warning("store_unavailable", route=route_name(request), reason=str(error))
+    route = route_name(request)
+    if isinstance(error, StoreUnavailable):
+        log.warning("store_unavailable", route=route, reason=str(error), request_id=request_id)
         return error_response(
             503,
             "store_unavailable",
@@ -83,12 +94,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "or read-only); retry later.",
             {hdrs.RETRY_AFTER: "1"},
         )
-    except StoreError:
-        log.exception("store_error", method=request.method, route=route_name(request))
-        return _internal_error()
-    except Exception:
-        log.exception("unhandled_error", method=request.method, route=route_name(request))
-        return _internal_error()
+    event = "store_error" if isinstance(error, StoreError) else "unhandled_error"
+    log.error(event, method=request.method, route=route, request_id=request_id, exc_info=error)
+    return _internal_error()
 
 
 def _internal_error() -> web.Response:

@@ -1,4 +1,4 @@
-"""structlog set-up and the middleware that gives each request an id (and, if asked, a log line).
+"""structlog set-up: JSON lines (or a console format) on stdout for our logs and aiohttp's.
 
 Logs never carry values, and not keys either: a request is named by its route pattern.
 """
@@ -6,25 +6,13 @@ Logs never carry values, and not keys either: a request is named by its route pa
 from __future__ import annotations
 
 import logging
-import os
-import re
 import sys
-import time
-from typing import Any, Optional, TextIO
+from typing import Optional, TextIO
 
 import structlog
-from aiohttp import web
-from aiohttp.typedefs import Handler
 from structlog.typing import Processor
 
 from .settings import Settings
-
-REQUEST_ID_HEADER = "X-Request-ID"
-# A client-sent id is echoed only when it is short and printable, so that it cannot forge
-# log lines or bloat them; anything else is replaced by a fresh id.
-_ACCEPTABLE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
-
-access_log = structlog.get_logger("kv.access")
 
 
 def configure_logging(settings: Settings, stream: Optional[TextIO] = None) -> None:
@@ -34,7 +22,6 @@ def configure_logging(settings: Settings, stream: Optional[TextIO] = None) -> No
         settings.log_format == "auto" and stream.isatty()
     )
     shared: list[Processor] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -65,41 +52,3 @@ def configure_logging(settings: Settings, stream: Optional[TextIO] = None) -> No
     root.setLevel(level)
     # Our own middleware writes access lines (when enabled); aiohttp's would log paths, i.e. keys.
     logging.getLogger("aiohttp.access").disabled = True
-
-
-def route_name(request: web.Request) -> str:
-    """The route pattern that matched (``/get/{key}``), never the concrete path with its key."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
-def _new_request_id() -> str:
-    return os.urandom(8).hex()
-
-
-def make_request_context_middleware(with_access_log: bool) -> Any:
-    """The outermost middleware: a request id in logs and response, and maybe an access line."""
-
-    @web.middleware
-    async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID_HEADER)
-        if request_id is None or not _ACCEPTABLE_REQUEST_ID.fullmatch(request_id):
-            request_id = _new_request_id()
-        tokens = structlog.contextvars.bind_contextvars(request_id=request_id)
-        started = time.perf_counter()
-        try:
-            response = await handler(request)
-            response.headers[REQUEST_ID_HEADER] = request_id
-            if with_access_log:
-                access_log.info(
-                    "request",
-                    method=request.method,
-                    route=route_name(request),
-                    status=response.status,
-                    duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                )
-            return response
-        finally:
-            structlog.contextvars.reset_contextvars(**tokens)
-
-    return request_context
