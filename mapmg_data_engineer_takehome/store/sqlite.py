@@ -119,15 +119,27 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
 
 
 class _GroupCommitter:
-    """Applies writes on one thread; what arrives during a commit goes into the next one."""
+    """Commits writes in groups: each commit takes every write that arrived before it began.
 
-    def __init__(self, path: Path, durability: str) -> None:
+    durability="normal": the commit runs on the event loop's thread, scheduled behind the
+    handlers already queued, so the writes of one loop iteration share a transaction.
+    durability="full": the commit (and its fsync) runs on a writer thread with its own
+    connection, and the writes arriving meanwhile wait for the next one.
+    A write is answered only when its group has committed.
+    """
+
+    def __init__(self, path: Path, durability: str, loop_conn: sqlite3.Connection) -> None:
         self._path = path
         self._durability = durability
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
         self._conn: Optional[sqlite3.Connection] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
+        if durability == "full":
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
+        else:
+            self._conn = loop_conn
         self._pending: list[tuple[Operation, asyncio.Future[Optional[bool]]]] = []
         self._draining: Optional[asyncio.Task[None]] = None
+        self.commits = 0
 
     async def submit(self, operation: Operation) -> Optional[bool]:
         future: asyncio.Future[Optional[bool]] = asyncio.get_running_loop().create_future()
@@ -141,10 +153,14 @@ class _GroupCommitter:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                operations = [operation for operation, _ in batch]
                 try:
-                    results = await loop.run_in_executor(
-                        self._executor, self._commit, [operation for operation, _ in batch]
-                    )
+                    if self._executor is None:
+                        results = self._commit(operations)
+                    else:
+                        results = await loop.run_in_executor(
+                            self._executor, self._commit, operations
+                        )
                 except sqlite3.Error as error:
                     failure = _translate(error, self._path)
                     for _, future in batch:
@@ -158,8 +174,8 @@ class _GroupCommitter:
             self._draining = None
 
     def _commit(self, operations: list[Operation]) -> list[Optional[bool]]:
-        """Runs on the writer thread: the whole batch is one transaction, one fsync."""
-        if self._conn is None:
+        """One transaction for the whole group: one WAL append, at most one fsync."""
+        if self._conn is None:  # the writer thread's own connection, made on that thread
             self._conn = _connect(self._path, self._durability)
         conn = self._conn
         results: list[Optional[bool]] = []
@@ -176,14 +192,59 @@ class _GroupCommitter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self.commits += 1
         return results
 
     async def close(self) -> None:
         if self._draining is not None:
             await self._draining
-        loop = asyncio.get_running_loop()
+        if self._executor is not None:
+            if self._conn is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+            self._executor.shutdown(wait=True)
+
+
+class _Checkpointer:
+    """Copies the WAL into the data file on a thread of its own, off the request path.
+
+    SQLite would otherwise checkpoint inside whichever commit crosses its threshold, on the
+    event loop's thread, stalling every request for the checkpoint's writes and fsyncs.
+    """
+
+    # Checkpoint after this many commits; a checkpoint of a few MiB takes milliseconds.
+    EVERY_COMMITS = 200
+
+    def __init__(self, path: Path, durability: str) -> None:
+        self._path = path
+        self._durability = durability
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-checkpoint")
+        self._conn: Optional[sqlite3.Connection] = None
+        self._running: Optional[asyncio.Future[None]] = None
+        self._commits_seen = 0
+
+    def after_commits(self, commits: int) -> None:
+        """Called after writes; starts a checkpoint when enough commits have piled up."""
+        if commits - self._commits_seen < self.EVERY_COMMITS:
+            return
+        if self._running is not None and not self._running.done():
+            return
+        self._commits_seen = commits
+        self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        if self._conn is None:
+            self._conn = _connect(self._path, self._durability)
+        try:
+            # PASSIVE: copy what no reader needs, never wait for or block a writer.
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as error:
+            log.warning("checkpoint_failed", path=str(self._path), reason=str(error))
+
+    async def close(self) -> None:
+        if self._running is not None:
+            await self._running
         if self._conn is not None:
-            await loop.run_in_executor(self._executor, self._conn.close)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=True)
 
 
@@ -207,11 +268,16 @@ class SqliteStore:
             self._conn = _connect(path, durability)
         except sqlite3.Error as error:
             raise _translate(error, path) from None
-        self._committer = _GroupCommitter(path, durability) if durability == "full" else None
+        # Checkpoints are the checkpointer's job (see _Checkpointer).
+        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
+        # One cursor for every read: a new one per get costs more than the lookup's parsing.
+        self._reader = self._conn.cursor()
+        self._committer = _GroupCommitter(path, durability, self._conn)
+        self._checkpointer = _Checkpointer(path, durability)
 
     async def get(self, key: str) -> Optional[str]:
         try:
-            row = self._conn.execute(_GET, (key,)).fetchone()
+            row = self._reader.execute(_GET, (key,)).fetchone()
         except sqlite3.Error as error:
             if _UNDECODABLE in str(error):
                 # Only a seed can store such bytes (see seed.fast_rows_sql): no client ever
@@ -222,21 +288,13 @@ class SqliteStore:
         return None if row is None else row[0]
 
     async def set(self, key: str, val: str) -> None:
-        if self._committer is not None:
-            await self._committer.submit(("set", key, val))
-            return
-        try:
-            self._conn.execute(_SET, (key, val))
-        except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+        await self._committer.submit(("set", key, val))
+        self._checkpointer.after_commits(self._committer.commits)
 
     async def delete(self, key: str) -> bool:
-        if self._committer is not None:
-            return bool(await self._committer.submit(("delete", key, None)))
-        try:
-            return self._conn.execute(_DELETE, (key,)).rowcount > 0
-        except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+        existed = bool(await self._committer.submit(("delete", key, None)))
+        self._checkpointer.after_commits(self._committer.commits)
+        return existed
 
     async def load(self, rows: Iterable[Row], fingerprint: str) -> int:
         return self._load(lambda conn: conn.executemany(_SET, rows).rowcount, fingerprint)
@@ -300,8 +358,8 @@ class SqliteStore:
             raise _translate(error, self.path) from None
 
     async def close(self) -> None:
-        if self._committer is not None:
-            await self._committer.close()
+        await self._committer.close()
+        await self._checkpointer.close()
         with contextlib.suppress(sqlite3.Error):  # advisory only; closing must still happen
             self._conn.execute("PRAGMA optimize")
-        self._conn.close()
+        self._conn.close()  # the last connection to close checkpoints and removes the WAL
