@@ -69,6 +69,11 @@ def contenders(workers: int) -> dict[str, Server]:
                 "KV_WORKERS": str(workers),
             },
         ),
+        "kv-memory": Server(
+            "kv (memory store)",
+            [python, "-m", "mapmg_data_engineer_takehome"],
+            env={"KV_PORT": "{port}", "KV_INPUT_DB": "{input_db}", "KV_STORE": "memory"},
+        ),
         "fastapi": Server(
             "FastAPI + uvicorn + dict",
             [python, str(BENCH / "fastapi_app.py"), "--port", "{port}", "--input-db", "{input_db}"],
