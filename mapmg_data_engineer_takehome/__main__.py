@@ -13,6 +13,7 @@ from .app import serve
 from .errors import StartupError
 from .logs import configure_logging
 from .settings import SettingsError, load_settings
+from .workers import supervise
 
 
 def run_event_loop(main_coroutine: Coroutine[Any, Any, None]) -> None:
@@ -34,6 +35,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     configure_logging(settings)
     try:
+        if settings.worker_count > 1:
+            return supervise(settings)
         run_event_loop(serve(settings))
     except StartupError as error:
         structlog.get_logger("kv").error("startup_failed", reason=str(error))

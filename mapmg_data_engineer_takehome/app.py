@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Optional
 
 import structlog
 from aiohttp import web
@@ -15,14 +18,17 @@ from .middleware import make_request_middleware
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
 from .settings import Settings
-from .state import INPUT_DB_KEY, SETTINGS_KEY, STORE_KEY
-from .store import StoreError, open_store
+from .state import INPUT_DB_KEY, SEED_ON_STARTUP_KEY, SETTINGS_KEY, STORE_KEY
+from .store import Store, StoreError, open_store
 
 log = structlog.get_logger("kv.app")
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Build the application; the store opens (and seeds) when the app starts."""
+def create_app(settings: Settings, seed: bool = True) -> web.Application:
+    """Build the application; the store opens (and, unless told not to, seeds) on startup.
+
+    Workers pass ``seed=False``: their supervisor seeded the shared store before they started.
+    """
     app = web.Application(
         # aiohttp stops reading a body past this bound, so a client streaming without end
         # costs at most this much memory; handlers.read_body enforces the exact limit.
@@ -30,6 +36,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[make_request_middleware(settings.access_log)],
     )
     app[SETTINGS_KEY] = settings
+    app[SEED_ON_STARTUP_KEY] = seed
     app.cleanup_ctx.append(store_context)
     setup_routes(app)
     return app
@@ -39,18 +46,33 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
     """Open the store and seed it before the port opens; close it after the last request."""
     settings = app[SETTINGS_KEY]
     input_db = find_input_db(settings.input_db)
+    store = open_store_or_fail(settings)
     try:
-        store = open_store(settings)
-    except StoreError as error:
-        raise StartupError(str(error)) from None
-    try:
-        await seed_store(store, input_db)
+        if app[SEED_ON_STARTUP_KEY]:
+            await seed_store(store, input_db)
         app[INPUT_DB_KEY] = input_db
         app[STORE_KEY] = store
         yield
     finally:
         await store.close()
         log.info("store_closed", store=store.name)
+
+
+def open_store_or_fail(settings: Settings) -> Store:
+    """The configured store, or a StartupError naming its file and the problem."""
+    try:
+        return open_store(settings)
+    except StoreError as error:
+        raise StartupError(str(error)) from None
+
+
+async def prepare_store(settings: Settings) -> None:
+    """Open the store, seed it and close it: what a supervisor does once for all workers."""
+    store = open_store_or_fail(settings)
+    try:
+        await seed_store(store, find_input_db(settings.input_db))
+    finally:
+        await store.close()
 
 
 def listen_hosts(host: str) -> list[str]:
@@ -83,10 +105,22 @@ class ServerRunner(web.AppRunner):
         return server
 
 
-async def serve(settings: Settings) -> None:
-    """Start, serve until SIGTERM or SIGINT, then finish in-flight requests and close."""
+@dataclass(frozen=True)
+class Worker:
+    """Who a worker process is: its number (from 1) and its supervisor's pid."""
+
+    number: int
+    supervisor_pid: int
+
+
+async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
+    """Start, serve until SIGTERM or SIGINT, then finish in-flight requests and close.
+
+    A ``worker`` shares its port with its siblings, does not seed, and stops if its
+    supervisor dies.
+    """
     runner = ServerRunner(
-        create_app(settings),
+        create_app(settings, seed=worker is None),
         handle_signals=False,
         access_log=None,
         shutdown_timeout=settings.shutdown_timeout,
@@ -96,12 +130,14 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    log.info("starting", settings=settings.public_view())
+    if worker is None:
+        log.info("starting", settings=settings.public_view())
     await runner.setup()  # opens the store and seeds: nothing is bound yet
     try:
         addresses = []
         for host in listen_hosts(settings.host):
-            site = web.TCPSite(runner, host, settings.port)
+            # SO_REUSEPORT: the kernel spreads connections over every worker on the port.
+            site = web.TCPSite(runner, host, settings.port, reuse_port=worker is not None)
             try:
                 await site.start()
             except OSError as error:
@@ -110,8 +146,26 @@ async def serve(settings: Settings) -> None:
                 ) from None
             addresses.append(site.name)
         log.info("listening", addresses=addresses)
+        if worker is not None:
+            stop_when_orphaned(stop, worker.supervisor_pid)
         await stop.wait()
         log.info("shutting_down")
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+def stop_when_orphaned(stop: asyncio.Event, supervisor: int, interval: float = 1.0) -> None:
+    """Set ``stop`` once this worker's supervisor is gone (killed with -9, say), so that no
+    worker outlives it holding the port. Its pid is passed in rather than read here: the
+    supervisor may already be gone when a slow worker gets this far."""
+    loop = asyncio.get_running_loop()
+
+    def check() -> None:
+        if os.getppid() != supervisor:
+            log.warning("supervisor_gone", supervisor=supervisor)
+            stop.set()
+        else:
+            loop.call_later(interval, check)
+
+    loop.call_later(interval, check)

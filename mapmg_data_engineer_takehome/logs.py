@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, Processor
 
 from .settings import Settings
 
 
-def configure_logging(settings: Settings, stream: Optional[TextIO] = None) -> None:
-    """Route structlog and the standard library's logging to one renderer on ``stream``."""
+def configure_logging(
+    settings: Settings, stream: Optional[TextIO] = None, worker: Optional[int] = None
+) -> None:
+    """Route structlog and the standard library's logging to one renderer on ``stream``.
+
+    A ``worker`` number is added to every line, telling the processes of one server apart.
+    """
     stream = stream or sys.stdout
     use_console = settings.log_format == "console" or (
         settings.log_format == "auto" and stream.isatty()
@@ -25,6 +30,8 @@ def configure_logging(settings: Settings, stream: Optional[TextIO] = None) -> No
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if worker is not None:
+        shared.append(_add_worker(worker))
     renderer: Processor
     if use_console:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
@@ -35,7 +42,9 @@ def configure_logging(settings: Settings, stream: Optional[TextIO] = None) -> No
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per line (print would make two), so that the lines of several worker
+        # processes sharing stdout never interleave.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         # Tests reconfigure logging; the per-call cost only matters with access logs on.
         cache_logger_on_first_use=False,
     )
@@ -52,3 +61,11 @@ def configure_logging(settings: Settings, stream: Optional[TextIO] = None) -> No
     root.setLevel(level)
     # Our own middleware writes access lines (when enabled); aiohttp's would log paths, i.e. keys.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+def _add_worker(worker: int) -> Processor:
+    def add_worker(logger: Any, method: str, event: EventDict) -> EventDict:
+        event.setdefault("worker", worker)
+        return event
+
+    return add_worker

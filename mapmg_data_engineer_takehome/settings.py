@@ -10,10 +10,10 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "KV_"
@@ -85,11 +85,30 @@ class Settings(BaseSettings):
         description="'json' lines, 'console' for people, or 'auto': console on a terminal, "
         "JSON otherwise.",
     )
+    workers: Union[Literal["auto"], Annotated[int, Field(ge=1, le=256)]] = Field(
+        default=1,
+        description="Server processes sharing the port (SO_REUSEPORT) and the sqlite store; "
+        "'auto' is one per core. The memory store allows only 1.",
+    )
     shutdown_timeout: float = Field(
         default=5.0,
         ge=0,
         description="Seconds SIGTERM waits for in-flight requests before closing the store.",
     )
+
+    @model_validator(mode="after")
+    def _memory_store_has_one_worker(self) -> Settings:
+        if self.store == "memory" and self.worker_count > 1:
+            raise ValueError(
+                "KV_WORKERS: the memory store lives in one process and cannot be shared by "
+                f"{self.worker_count} workers; use KV_STORE=sqlite or one worker"
+            )
+        return self
+
+    @property
+    def worker_count(self) -> int:
+        """How many server processes to run: ``workers`` with 'auto' resolved."""
+        return (os.cpu_count() or 1) if self.workers == "auto" else int(self.workers)
 
     def public_view(self) -> dict[str, Any]:
         """Settings as JSON-ready values, for /config and the startup log."""
@@ -185,17 +204,22 @@ def check_env_file(path: Path) -> None:
 
 def describe_validation_error(error: ValidationError, from_flags: set[str]) -> str:
     """One line per invalid setting, naming the flag or environment variable it came from."""
-    lines: list[str] = []
+    problems: dict[str, list[str]] = {}
     for problem in error.errors():
-        name = _field_of(str(problem["loc"][0])) if problem["loc"] else "settings"
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        if not problem["loc"]:  # a rule across settings; its message names them
+            problems.setdefault("invalid settings", []).append(message)
+            continue
+        name = _field_of(str(problem["loc"][0]))
         if name in from_flags:
             source = flag_name(name)
         elif name == "port":
             source = "KV_PORT (or PORT)"
         else:
             source = env_name(name)
-        lines.append(f"invalid setting {source}: {problem['msg']}")
-    return "; ".join(lines)
+        # A union (KV_WORKERS: 'auto' or a number) reports once per alternative.
+        problems.setdefault(f"invalid setting {source}", []).append(message)
+    return "; ".join(f"{where}: {' or '.join(messages)}" for where, messages in problems.items())
 
 
 def _field_of(location: str) -> str:

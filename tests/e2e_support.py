@@ -223,9 +223,9 @@ class Server:
         return self.wait_exit(timeout)
 
     def kill(self) -> None:
-        """SIGKILL and reap; harmless when the process is already gone."""
-        if self.running:
-            self.process.kill()
+        """SIGKILL the server and any workers (a crash of the whole service), and reap."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=EXIT_TIMEOUT)
 
 
@@ -282,6 +282,8 @@ class ServerPool:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
+                # Its own process group, so that kill() takes its workers down with it.
+                start_new_session=True,
             )
         server = Server(process, port or 0, stdout_path, stderr_path)
         self.servers.append(server)

@@ -443,6 +443,42 @@ def test_plain_port_is_honoured_when_kv_port_is_unset(servers: ServerPool) -> No
     assert server.stop() == 0
 
 
+# --- workers --------------------------------------------------------------------------------
+
+
+def test_workers_share_the_port_and_the_store_and_seed_once(
+    servers: ServerPool, tmp_path: Path
+) -> None:
+    seed = write_input_db(tmp_path / "input.db", [("seeded", "yes")])
+    server = servers.start(input_db=seed, env={"KV_WORKERS": "2", "KV_ACCESS_LOG": "true"})
+    for number in range(40):
+        # Every request is a new connection, which the kernel hands to either worker: a
+        # read right after an acknowledged write often lands on the other one.
+        set_value(server, f"k{number}", f"v{number}")
+        assert get_value(server, f"k{number}") == f"v{number}"
+    assert get_value(server, "seeded") == "yes"
+    events = server.log_events()
+    assert {event["worker"] for event in events if event["event"] == "request"} == {1, 2}
+    assert [event["event"] for event in events].count("seed_applied") == 1
+    assert server.stop() == 0
+
+
+def test_the_memory_store_refuses_more_than_one_worker(servers: ServerPool) -> None:
+    server = servers.spawn(env={"KV_WORKERS": "2", "KV_STORE": "memory"})
+    assert server.wait_exit() == 2
+    assert "KV_WORKERS" in server.stderr()
+
+
+def test_workers_stop_when_their_supervisor_is_killed(servers: ServerPool) -> None:
+    server = servers.start(env={"KV_WORKERS": "2"})
+    server.process.kill()  # the supervisor alone, not its process group
+    server.process.wait()
+    deadline = time.monotonic() + 10
+    while accepts_connections(LOOPBACK_V4, server.port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not accepts_connections(LOOPBACK_V4, server.port)
+
+
 # --- malformed HTTP -------------------------------------------------------------------------
 
 
