@@ -69,6 +69,16 @@ def contenders(workers: int) -> dict[str, Server]:
                 "KV_WORKERS": str(workers),
             },
         ),
+        "kv-access-log": Server(
+            "kv (KV_ACCESS_LOG=true)",
+            [python, "-m", "mapmg_data_engineer_takehome"],
+            env={
+                "KV_PORT": "{port}",
+                "KV_INPUT_DB": "{input_db}",
+                "KV_DATA_PATH": "{data_dir}/kv.sqlite3",
+                "KV_ACCESS_LOG": "true",
+            },
+        ),
         "kv-memory": Server(
             "kv (memory store)",
             [python, "-m", "mapmg_data_engineer_takehome"],
