@@ -13,8 +13,9 @@ from typing import Optional
 import structlog
 from aiohttp import web
 
-from .errors import JsonErrorServer, StartupError
+from .errors import StartupError
 from .middleware import make_request_middleware
+from .protocol import MAX_REQUEST_LINE_BYTES, ServerRunner, close_stalled_connections
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
 from .settings import Settings
@@ -22,6 +23,10 @@ from .state import INPUT_DB_KEY, SEED_ON_STARTUP_KEY, SETTINGS_KEY, STORE_KEY
 from .store import Store, StoreError, open_store
 
 log = structlog.get_logger("kv.app")
+
+
+def _secret(settings: Settings) -> Optional[str]:
+    return None if settings.auth_token is None else settings.auth_token.get_secret_value()
 
 
 def create_app(settings: Settings, seed: bool = True) -> web.Application:
@@ -33,7 +38,7 @@ def create_app(settings: Settings, seed: bool = True) -> web.Application:
         # aiohttp stops reading a body past this bound, so a client streaming without end
         # costs at most this much memory; handlers.read_body enforces the exact limit.
         client_max_size=settings.max_body_bytes + 1,
-        middlewares=[make_request_middleware(settings.access_log)],
+        middlewares=[make_request_middleware(settings.access_log, _secret(settings))],
     )
     app[SETTINGS_KEY] = settings
     app[SEED_ON_STARTUP_KEY] = seed
@@ -90,21 +95,6 @@ def listen_hosts(host: str) -> list[str]:
     return hosts
 
 
-# A request line must hold a 4096-byte key percent-encoded (12 KiB); aiohttp's default is 8 KiB.
-MAX_REQUEST_LINE_BYTES = 16 * 1024
-
-
-class ServerRunner(web.AppRunner):
-    """An AppRunner whose protocol errors are JSON like every other error."""
-
-    async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        # aiohttp builds the Server itself; JsonErrorServer only swaps the handler class it
-        # creates per connection, so re-classing the instance is all that is needed.
-        server.__class__ = JsonErrorServer
-        return server
-
-
 @dataclass(frozen=True)
 class Worker:
     """Who a worker process is: its number (from 1) and its supervisor's pid."""
@@ -125,6 +115,9 @@ async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
         access_log=None,
         shutdown_timeout=settings.shutdown_timeout,
         max_line_size=MAX_REQUEST_LINE_BYTES,
+        # Idle keep-alive connections close after this; close_stalled_connections covers
+        # the time a request takes to arrive.
+        keepalive_timeout=settings.client_timeout,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,6 +126,10 @@ async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
     if worker is None:
         log.info("starting", settings=settings.public_view())
     await runner.setup()  # opens the store and seeds: nothing is bound yet
+    assert runner.server is not None
+    sweeper = asyncio.ensure_future(
+        close_stalled_connections(runner.server, settings.client_timeout)
+    )
     try:
         addresses = []
         for host in listen_hosts(settings.host):
@@ -151,6 +148,7 @@ async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
         await stop.wait()
         log.info("shutting_down")
     finally:
+        sweeper.cancel()
         await runner.cleanup()
     log.info("stopped")
 

@@ -8,7 +8,6 @@ from typing import Optional
 import orjson
 import structlog
 from aiohttp import hdrs, web
-from aiohttp.web_protocol import RequestHandler
 
 from .store.base import StoreError, StoreUnavailable
 
@@ -55,7 +54,7 @@ def error_response(
 
 
 # aiohttp raises these itself (routing, body size); each gets a code and a sentence to act on.
-_HTTP_ERRORS: dict[int, tuple[str, str]] = {
+HTTP_ERRORS: dict[int, tuple[str, str]] = {
     400: ("bad_request", "The request could not be understood."),
     404: ("not_found", "No such endpoint; see the README for the API."),
     405: ("method_not_allowed", "This endpoint does not accept that method; see Allow."),
@@ -66,7 +65,7 @@ _KEPT_HEADERS = (hdrs.ALLOW, hdrs.WWW_AUTHENTICATE, hdrs.RETRY_AFTER)
 
 
 def _render_http_exception(error: web.HTTPException) -> web.Response:
-    code, message = _HTTP_ERRORS.get(
+    code, message = HTTP_ERRORS.get(
         error.status, (error.reason.lower().replace(" ", "_"), f"{error.reason}.")
     )
     headers = {str(name): error.headers[name] for name in _KEPT_HEADERS if name in error.headers}
@@ -96,52 +95,13 @@ def response_for(request: web.Request, error: Exception, request_id: str) -> web
         )
     event = "store_error" if isinstance(error, StoreError) else "unhandled_error"
     log.error(event, method=request.method, route=route, request_id=request_id, exc_info=error)
-    return _internal_error()
+    return internal_error()
 
 
-def _internal_error() -> web.Response:
+def internal_error() -> web.Response:
     return error_response(
         500,
         "internal_error",
         "The server failed to handle this request; the request id in X-Request-ID "
         "finds it in the logs.",
     )
-
-
-class JsonErrorRequestHandler(RequestHandler):
-    """Answers requests aiohttp cannot parse (bad request line, oversized header) in JSON.
-
-    Such requests never reach the middleware; aiohttp would answer them in plain text.
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: Optional[BaseException] = None,
-        message: Optional[str] = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("a response was already sent; cannot send the error")
-        response: web.StreamResponse
-        if status >= 500:
-            log.error("protocol_error", exc_info=exc)
-            response = _internal_error()
-        else:
-            # aiohttp's message quotes the offending bytes; the log and the answer keep only
-            # the sentence before them, since those bytes may be a client's secret.
-            detail = (message or "").strip().split(":", 1)[0].split("\n", 1)[0]
-            log.info("bad_http_request", status=status, reason=detail)
-            code, sentence = _HTTP_ERRORS.get(status, _HTTP_ERRORS[400])
-            if detail:
-                sentence = f"The request is not valid HTTP: {detail}."
-            response = error_response(status, code, sentence)
-        response.force_close()
-        return response
-
-
-class JsonErrorServer(web.Server):
-    """A web.Server whose connections use JsonErrorRequestHandler."""
-
-    def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)

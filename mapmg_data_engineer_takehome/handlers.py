@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import unquote
 
 import orjson
 from aiohttp import web
 
 from .errors import JSON_HEADERS, ApiError, error_response
+from .settings import Settings
 from .state import INPUT_DB_KEY, SETTINGS_KEY, STORE_KEY
 from .store.base import StoreError
 
@@ -107,6 +108,29 @@ def _json_type(value: Any) -> str:
     return "a string"
 
 
+def utf8_length_exceeds(text: str, limit: int) -> bool:
+    """Whether ``text`` takes more than ``limit`` bytes of UTF-8 (encoding only when it may)."""
+    # A character is at most 4 bytes and at least 1: most texts are decided by their length.
+    if len(text) * 4 <= limit:
+        return False
+    return len(text) > limit or len(text.encode("utf-8")) > limit
+
+
+def check_lengths(settings: Settings, key: str, val: Optional[str] = None) -> None:
+    """ApiError when the key or the value is longer than the settings allow."""
+    if utf8_length_exceeds(key, settings.max_key_bytes):
+        raise _invalid(
+            "key_too_long",
+            f"The key is longer than the limit of {settings.max_key_bytes} bytes of UTF-8.",
+        )
+    if val is not None and utf8_length_exceeds(val, settings.max_value_bytes):
+        raise ApiError(
+            413,
+            "value_too_large",
+            f"The value is longer than the limit of {settings.max_value_bytes} bytes of UTF-8.",
+        )
+
+
 def key_from_path(request: web.Request, prefix: str) -> str:
     """The key: everything in the raw path after ``prefix``, percent-decoded once.
 
@@ -125,6 +149,7 @@ def key_from_path(request: web.Request, prefix: str) -> str:
         ) from None
     if not key:
         raise ApiError(404, "not_found", "No key in the path; use /get/<key>.")
+    check_lengths(request.app[SETTINGS_KEY], key)
     return key
 
 
@@ -149,6 +174,7 @@ async def read_body(request: web.Request) -> bytes:
 async def set_value(request: web.Request) -> web.Response:
     """POST /set: store a value, whatever Content-Type the client claims."""
     key, val = parse_set_body(await read_body(request))
+    check_lengths(request.app[SETTINGS_KEY], key, val)
     await request.app[STORE_KEY].set(key, val)
     return _json({"key": key, "val": val})
 

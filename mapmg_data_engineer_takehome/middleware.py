@@ -7,18 +7,20 @@ calls that need it (errors, and access lines when they are on).
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import os
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from .errors import response_for, route_name
+from .errors import ApiError, response_for, route_name
+from .protocol import request_done
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client-sent id is echoed only when it is short and printable, so that it cannot forge
@@ -34,9 +36,14 @@ def request_ids() -> Iterator[str]:
     return (f"{prefix}-{number:x}" for number in itertools.count(1))
 
 
-def make_request_middleware(with_access_log: bool) -> Any:
-    """The middleware for an app; access lines are written only when asked for."""
+UNAUTHENTICATED_PATHS = frozenset({"/health"})  # readiness probes carry no token
+
+
+def make_request_middleware(with_access_log: bool, auth_token: Optional[str] = None) -> Any:
+    """The middleware for an app; access lines are written only when asked for, and with an
+    ``auth_token`` every request but /health must carry it as a bearer token."""
     next_id = request_ids().__next__
+    expected = None if auth_token is None else f"Bearer {auth_token}".encode()
 
     @web.middleware
     async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -45,9 +52,21 @@ def make_request_middleware(with_access_log: bool) -> Any:
             request_id = next_id()
         started = time.perf_counter() if with_access_log else 0.0
         try:
+            if expected is not None and request.path not in UNAUTHENTICATED_PATHS:
+                supplied = request.headers.get(hdrs.AUTHORIZATION, "")
+                # compare_digest takes as long whatever matches: no timing hints.
+                if not hmac.compare_digest(supplied.encode("utf-8", "replace"), expected):
+                    raise ApiError(
+                        401,
+                        "unauthorized",
+                        "This server needs the header 'Authorization: Bearer <token>' with "
+                        "its token.",
+                        {hdrs.WWW_AUTHENTICATE: 'Bearer realm="kv"'},
+                    )
             response = await handler(request)
         except Exception as error:
             response = response_for(request, error, request_id)
+        request_done(request)
         response.headers[REQUEST_ID_HEADER] = request_id
         if with_access_log:
             access_log.info(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "KV_"
@@ -75,6 +75,28 @@ class Settings(BaseSettings):
         ge=64,
         description="Largest request body accepted; larger bodies get 413.",
     )
+    max_key_bytes: int = Field(
+        default=4096,
+        ge=1,
+        description="Longest key, in bytes of UTF-8; longer keys get 422.",
+    )
+    max_value_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        description="Longest value, in bytes of UTF-8; longer values get 413. The body "
+        "limit applies too.",
+    )
+    client_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a client may take to send a whole request (headers and body), "
+        "and may stay idle between requests; then its connection is closed.",
+    )
+    auth_token: Optional[SecretStr] = Field(
+        default=None,
+        description="If set, every route but /health needs 'Authorization: Bearer <token>'. "
+        "Never logged or shown.",
+    )
     access_log: bool = Field(
         default=False,
         description="Log one line per request (method, route, status, duration, request id).",
@@ -97,6 +119,12 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
+    def _auth_token_is_not_empty(self) -> Settings:
+        if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
+            raise ValueError("KV_AUTH_TOKEN: an empty token would let anyone in; unset it instead")
+        return self
+
+    @model_validator(mode="after")
     def _memory_store_has_one_worker(self) -> Settings:
         if self.store == "memory" and self.worker_count > 1:
             raise ValueError(
@@ -112,7 +140,10 @@ class Settings(BaseSettings):
 
     def public_view(self) -> dict[str, Any]:
         """Settings as JSON-ready values, for /config and the startup log."""
-        return self.model_dump(mode="json")
+        # SecretStr dumps as "**********", so the token never leaves the process this way.
+        view = self.model_dump(mode="json")
+        view["auth_token"] = None if self.auth_token is None else "**********"
+        return view
 
 
 class SettingsError(Exception):

@@ -451,6 +451,10 @@ def test_workers_share_the_port_and_the_store_and_seed_once(
 ) -> None:
     seed = write_input_db(tmp_path / "input.db", [("seeded", "yes")])
     server = servers.start(input_db=seed, env={"KV_WORKERS": "2", "KV_ACCESS_LOG": "true"})
+    deadline = time.monotonic() + 15  # /health answered once one worker listened
+    while [event["event"] for event in server.log_events()].count("listening") < 2:
+        assert time.monotonic() < deadline, server.describe()
+        time.sleep(0.05)
     for number in range(40):
         # Every request is a new connection, which the kernel hands to either worker: a
         # read right after an acknowledged write often lands on the other one.
