@@ -81,6 +81,11 @@ def supervise(settings: Settings) -> int:
             if process.exitcode != 0 and not stopping:
                 log.error("worker_died", worker=process.name, exitcode=process.exitcode)
                 stop_all(signal.SIGTERM, None)
-    failed = {process.name: process.exitcode for process in processes if process.exitcode != 0}
+    # A worker still starting when SIGTERM came dies of it before its handler is in place:
+    # that is a clean stop too.
+    clean = {0, -signal.SIGTERM} if stopping else {0}
+    failed = {
+        process.name: process.exitcode for process in processes if process.exitcode not in clean
+    }
     log.info("stopped", failed_workers=failed)
     return 1 if failed else 0
