@@ -6,17 +6,19 @@ killed on teardown whatever the outcome of the test.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
 import random
 import signal
 import socket
+import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
@@ -24,6 +26,7 @@ from urllib.parse import quote
 import pytest
 
 from mapmg_data_engineer_takehome.settings import Settings, env_name
+from mapmg_data_engineer_takehome.store import SqliteStore
 
 from .e2e_support import (
     LOOPBACK_V4,
@@ -532,3 +535,48 @@ def test_a_long_key_fits_in_the_request_line(shared_server: Server) -> None:
     key = "ключ/" * 450  # 4,050 bytes of UTF-8, 12,150 characters percent-encoded
     set_value(shared_server, key, "long")
     assert get_value(shared_server, key) == "long"
+
+
+# --- a damaged or foreign data file ------------------------------------------------------------
+
+
+def _foreign_database(path: Path) -> None:
+    with sqlite3.connect(str(path)) as conn:
+        conn.execute("create table invoices(id integer primary key, total real)")
+    conn.close()
+
+
+def _truncated_store(path: Path) -> None:
+    """One of our own data files, with everything after its first page cut off."""
+
+    async def fill() -> None:
+        store = SqliteStore(path)
+        await store.load(((f"k{number}", "x" * 500) for number in range(200)), "fingerprint")
+        await store.close()
+
+    asyncio.run(fill())
+    path.write_bytes(path.read_bytes()[:4096] + b"\x13" * 8192)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: path.write_bytes(b"these are my notes, not a database\n" * 50),
+        _foreign_database,
+        _truncated_store,
+    ],
+    ids=["not-sqlite", "foreign-sqlite", "truncated"],
+)
+def test_a_damaged_or_foreign_data_file_is_refused_untouched(
+    servers: ServerPool, damage: Callable[[Path], None]
+) -> None:
+    data_path = servers.root / "data" / "kv.sqlite3"
+    data_path.parent.mkdir(parents=True, exist_ok=True)
+    damage(data_path)
+    before = data_path.read_bytes()
+    server = servers.spawn(port=free_port())
+    assert server.wait_exit() == 1
+    lines = server.stderr().strip().splitlines()
+    assert len(lines) == 1 and str(data_path) in lines[0], server.stderr()
+    assert data_path.read_bytes() == before
+    assert sorted(path.name for path in data_path.parent.iterdir()) == ["kv.sqlite3"]
