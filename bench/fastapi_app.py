@@ -6,12 +6,10 @@ original brief hinted at, with the same two endpoints over a dict and pydantic v
 
 from __future__ import annotations
 
-import argparse
-import sqlite3
-
 import uvicorn
 from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel
+from reference import load_input_db, parse_reference_args
 
 app = FastAPI()
 data: dict[str, str] = {}
@@ -42,14 +40,9 @@ async def health() -> dict[str, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, default=8002)
-    parser.add_argument("--input-db")
-    args = parser.parse_args()
+    args = parse_reference_args(__doc__.split("\n\n")[0], default_port=8002)
     if args.input_db:
-        conn = sqlite3.connect(f"file:{args.input_db}?mode=ro&immutable=1", uri=True)
-        data.update(conn.execute("SELECT key, val FROM keys ORDER BY rowid"))
-        conn.close()
+        load_input_db(args.input_db, data)
     uvicorn.run(
         app, host="127.0.0.1", port=args.port, access_log=False, log_level="warning",
         loop="uvloop", http="httptools",

@@ -9,11 +9,9 @@ what its guarantees cost.
 
 from __future__ import annotations
 
-import argparse
-import sqlite3
-
 import uvloop
 from aiohttp import web
+from reference import load_input_db, parse_reference_args
 
 data: dict[str, str] = {}
 
@@ -37,14 +35,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--input-db")
-    args = parser.parse_args()
+    args = parse_reference_args(__doc__.split("\n\n")[0], default_port=8001)
     if args.input_db:
-        conn = sqlite3.connect(f"file:{args.input_db}?mode=ro&immutable=1", uri=True)
-        data.update(conn.execute("SELECT key, val FROM keys ORDER BY rowid"))
-        conn.close()
+        load_input_db(args.input_db, data)
     app = web.Application()
     app.router.add_get("/get/{key}", get_value)
     app.router.add_post("/set", set_value)

@@ -187,6 +187,14 @@ def measure(server: Server, input_db: Path, args: argparse.Namespace) -> dict[st
     return results
 
 
+def report_missing(servers: list[Server]) -> bool:
+    """Print what the bench needs and lacks; True when something is missing."""
+    missing = missing_prerequisites(servers)
+    if missing:
+        print("bench: missing prerequisites:\n  " + "\n  ".join(missing), file=sys.stderr)
+    return bool(missing)
+
+
 def missing_prerequisites(servers: list[Server]) -> list[str]:
     missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
     if (os.cpu_count() or 1) < 2:
@@ -253,9 +261,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     catalogue = contenders(args.workers)
     chosen = {name: catalogue[name] for name in args.servers.split(",")}
-    missing = missing_prerequisites(list(chosen.values()))
-    if missing:
-        print("bench: missing prerequisites:\n  " + "\n  ".join(missing), file=sys.stderr)
+    if report_missing(list(chosen.values())):
         return 2
     with tempfile.TemporaryDirectory(prefix="kv-bench-input-") as directory:
         input_db = Path(directory) / "input.db"

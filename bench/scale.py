@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from make_input_db import write_input_db  # noqa: E402
-from run import SERVER_CORE, free_port, missing_prerequisites, run_wrk  # noqa: E402
+from run import SERVER_CORE, free_port, report_missing, run_wrk  # noqa: E402
 
 
 def resident_mb(pid: int) -> float:
@@ -92,9 +92,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "kv-bench-inputs"
     )
     args = parser.parse_args(argv)
-    missing = missing_prerequisites([])
-    if missing:
-        print("bench: missing prerequisites:\n  " + "\n  ".join(missing), file=sys.stderr)
+    if report_missing([]):
         return 2
     args.cache_dir.mkdir(parents=True, exist_ok=True)
     rows = []

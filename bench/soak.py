@@ -28,7 +28,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from make_input_db import write_input_db  # noqa: E402
-from run import LOAD_CORE, SERVER_CORE, free_port, missing_prerequisites, parse_wrk, wait_ready  # noqa: E402
+from run import LOAD_CORE, SERVER_CORE, free_port, parse_wrk, report_missing, wait_ready  # noqa: E402
 from scale import resident_mb  # noqa: E402
 
 
@@ -40,9 +40,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--interval", type=int, default=30, help="seconds per wrk run")
     parser.add_argument("--warm-up", type=int, default=60, help="seconds before the baseline")
     args = parser.parse_args(argv)
-    missing = missing_prerequisites([])
-    if missing:
-        print("bench: missing prerequisites:\n  " + "\n  ".join(missing), file=sys.stderr)
+    if report_missing([]):
         return 2
     with tempfile.TemporaryDirectory(prefix="kv-soak-") as directory:
         input_db = Path(directory) / "input.db"
