@@ -153,21 +153,24 @@ def key_from_path(request: web.Request, prefix: str) -> str:
     return key
 
 
+def _body_too_large(limit: int) -> ApiError:
+    return ApiError(
+        413, "body_too_large", f"The request body is larger than the limit of {limit} bytes."
+    )
+
+
 async def read_body(request: web.Request) -> bytes:
     """The whole body, or a 413 once it is known to exceed max_body_bytes."""
     limit = request.app[SETTINGS_KEY].max_body_bytes
-    too_large = ApiError(
-        413, "body_too_large", f"The request body is larger than the limit of {limit} bytes."
-    )
     if request.content_length is not None and request.content_length > limit:
-        raise too_large  # refused before reading a byte of it
+        raise _body_too_large(limit)  # refused before reading a byte of it
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
+        raise _body_too_large(limit) from None
     # aiohttp's own bound differs by one between versions (> or >=); this one is exact.
     if len(body) > limit:
-        raise too_large
+        raise _body_too_large(limit)
     return body
 
 

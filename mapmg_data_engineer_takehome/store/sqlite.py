@@ -1,9 +1,11 @@
 """The sqlite store: one SQLite file in WAL mode, the default and durable backend.
 
-Reads and, with ``durability="normal"``, writes run on the event loop's thread: a point query
-or a one-row commit into the WAL takes microseconds, far less than a hop to a thread pool.
-With ``durability="full"`` each commit waits for fsync, so writes go to one writer thread that
-commits whatever arrived while the previous fsync ran as a single transaction (group commit).
+Reads run on the event loop's thread, and those of one loop iteration share one read
+transaction (see _begin_read_snapshot). Writes are committed in groups (_GroupCommitter):
+with ``durability="normal"`` on the loop's thread, since a commit into the WAL takes
+microseconds, less than a hop to a thread; with ``durability="full"`` on a writer thread,
+since each commit waits for an fsync. Checkpoints run on a thread of their own
+(_Checkpointer), never inside a request's commit.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def _translate(error: sqlite3.Error, path: Path) -> StoreError:
 
 
 def _connect(path: Path, durability: str) -> sqlite3.Connection:
-    # isolation_level=None: autocommit, so a lone statement commits itself and no read ever
-    # holds a transaction open (which would hide other workers' writes).
+    # isolation_level=None: no implicit transactions; the store begins and ends every one
+    # itself, so none is left open to hide other workers' writes.
     # uri=True: load_sql ATTACHes the seed by a URI (read-only, immutable).
     conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}", uri=True, isolation_level=None)
     try:
