@@ -4,8 +4,9 @@ Reads run on the event loop's thread, and those of one loop iteration share one 
 transaction (see _begin_read_snapshot). Writes are committed in groups (_GroupCommitter):
 with ``durability="normal"`` on the loop's thread, since a commit into the WAL takes
 microseconds, less than a hop to a thread; with ``durability="full"`` on a writer thread,
-since each commit waits for an fsync. Checkpoints run on a thread of their own
-(_Checkpointer), never inside a request's commit.
+since each commit waits for an fsync. SQLite checkpoints by itself, in the commit that takes
+the WAL past 1000 pages; that commit's thread then waits for the copy, and the next commit
+rewinds the WAL, so the file stays a few MiB however long the writes go on.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ _PRAGMAS = (
     # 16 MiB of page cache: the upper levels of the b-tree stay hot with millions of keys.
     "PRAGMA cache_size = -16384",
     "PRAGMA temp_store = MEMORY",
+    # When the WAL rewinds, its file is cut back to 64 MiB rather than kept at its peak.
+    "PRAGMA journal_size_limit = 67108864",
 )
 # NORMAL: a commit is in the WAL (the OS has it) before we answer, so it survives a crash or
 # kill of this process; FULL: the WAL is fsynced at every commit, so it survives power loss.
@@ -141,7 +144,6 @@ class _GroupCommitter:
             self._conn = loop_conn
         self._pending: list[tuple[Operation, asyncio.Future[Optional[bool]]]] = []
         self._draining: Optional[asyncio.Task[None]] = None
-        self.commits = 0
 
     async def submit(self, operation: Operation) -> Optional[bool]:
         future: asyncio.Future[Optional[bool]] = asyncio.get_running_loop().create_future()
@@ -196,7 +198,6 @@ class _GroupCommitter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        self.commits += 1
         return results
 
     async def close(self) -> None:
@@ -206,50 +207,6 @@ class _GroupCommitter:
             if self._conn is not None:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
             self._executor.shutdown(wait=True)
-
-
-class _Checkpointer:
-    """Copies the WAL into the data file on a thread of its own, off the request path.
-
-    SQLite would otherwise checkpoint inside whichever commit crosses its threshold, on the
-    event loop's thread, stalling every request for the checkpoint's writes and fsyncs.
-    """
-
-    # Checkpoint after this many commits; a checkpoint of a few MiB takes milliseconds.
-    EVERY_COMMITS = 200
-
-    def __init__(self, path: Path, durability: str) -> None:
-        self._path = path
-        self._durability = durability
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-checkpoint")
-        self._conn: Optional[sqlite3.Connection] = None
-        self._running: Optional[asyncio.Future[None]] = None
-        self._commits_seen = 0
-
-    def after_commits(self, commits: int) -> None:
-        """Called after writes; starts a checkpoint when enough commits have piled up."""
-        if commits - self._commits_seen < self.EVERY_COMMITS:
-            return
-        if self._running is not None and not self._running.done():
-            return
-        self._commits_seen = commits
-        self._running = asyncio.get_running_loop().run_in_executor(self._executor, self._checkpoint)
-
-    def _checkpoint(self) -> None:
-        if self._conn is None:
-            self._conn = _connect(self._path, self._durability)
-        try:
-            # PASSIVE: copy what no reader needs, never wait for or block a writer.
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error as error:
-            log.warning("checkpoint_failed", path=str(self._path), reason=str(error))
-
-    async def close(self) -> None:
-        if self._running is not None:
-            await self._running
-        if self._conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-        self._executor.shutdown(wait=True)
 
 
 class SqliteStore:
@@ -272,19 +229,19 @@ class SqliteStore:
             self._conn = _connect(path, durability)
         except sqlite3.Error as error:
             raise _translate(error, path) from None
-        # Checkpoints are the checkpointer's job (see _Checkpointer).
-        self._conn.execute("PRAGMA wal_autocheckpoint = 0")
         # One cursor for every read: a new one per get costs more than the lookup's parsing.
         self._reader = self._conn.cursor()
         self._committer = _GroupCommitter(path, durability, self._conn)
         self._closed = False
-        self._checkpointer = _Checkpointer(path, durability)
 
     async def get(self, key: str) -> Optional[str]:
         try:
             if not self._conn.in_transaction:
                 self._begin_read_snapshot()
-            row = self._reader.execute(_GET, (key,)).fetchone()
+            # fetchall, not fetchone: it steps the statement to its end, and a statement
+            # left open would keep its read lock past COMMIT, which stops SQLite from ever
+            # rewinding the WAL (the file then grows without bound under writes).
+            rows = self._reader.execute(_GET, (key,)).fetchall()
         except sqlite3.Error as error:
             if _UNDECODABLE in str(error):
                 # Only a seed can store such bytes (see seed.fast_rows_sql): no client ever
@@ -292,7 +249,7 @@ class SqliteStore:
                 log.warning("undecodable_value_skipped", path=str(self.path))
                 return None
             raise _translate(error, self.path) from None
-        return None if row is None else row[0]
+        return rows[0][0] if rows else None
 
     def _begin_read_snapshot(self) -> None:
         """Open a read transaction that the reads of this event-loop iteration share.
@@ -313,12 +270,9 @@ class SqliteStore:
 
     async def set(self, key: str, val: str) -> None:
         await self._committer.submit(("set", key, val))
-        self._checkpointer.after_commits(self._committer.commits)
 
     async def delete(self, key: str) -> bool:
-        existed = bool(await self._committer.submit(("delete", key, None)))
-        self._checkpointer.after_commits(self._committer.commits)
-        return existed
+        return bool(await self._committer.submit(("delete", key, None)))
 
     async def load(self, rows: Iterable[Row], fingerprint: str) -> int:
         return self._load(lambda conn: conn.executemany(_SET, rows).rowcount, fingerprint)
@@ -383,7 +337,6 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self._committer.close()
-        await self._checkpointer.close()
         self._end_read_snapshot()
         self._closed = True
         with contextlib.suppress(sqlite3.Error):  # advisory only; closing must still happen
