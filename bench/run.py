@@ -51,6 +51,17 @@ class Server:
     needs: tuple[str, ...] = ()
 
 
+def kv_server(name: str, **settings: str) -> Server:
+    """This service, seeded from the bench's input.db into a fresh data file, plus ``settings``."""
+    env = {
+        "KV_PORT": "{port}",
+        "KV_INPUT_DB": "{input_db}",
+        "KV_DATA_PATH": "{data_dir}/kv.sqlite3",
+        **settings,
+    }
+    return Server(name, [sys.executable, "-m", "mapmg_data_engineer_takehome"], env=env)
+
+
 def contenders(workers: int) -> dict[str, Server]:
     python = sys.executable
     return {
@@ -59,31 +70,9 @@ def contenders(workers: int) -> dict[str, Server]:
             [python, str(BENCH / "floor_app.py"), "--port", "{port}", "--input-db", "{input_db}"],
             needs=("uvloop",),
         ),
-        "kv": Server(
-            "kv (this service, defaults)",
-            [python, "-m", "mapmg_data_engineer_takehome"],
-            env={
-                "KV_PORT": "{port}",
-                "KV_INPUT_DB": "{input_db}",
-                "KV_DATA_PATH": "{data_dir}/kv.sqlite3",
-                "KV_WORKERS": str(workers),
-            },
-        ),
-        "kv-access-log": Server(
-            "kv (KV_ACCESS_LOG=true)",
-            [python, "-m", "mapmg_data_engineer_takehome"],
-            env={
-                "KV_PORT": "{port}",
-                "KV_INPUT_DB": "{input_db}",
-                "KV_DATA_PATH": "{data_dir}/kv.sqlite3",
-                "KV_ACCESS_LOG": "true",
-            },
-        ),
-        "kv-memory": Server(
-            "kv (memory store)",
-            [python, "-m", "mapmg_data_engineer_takehome"],
-            env={"KV_PORT": "{port}", "KV_INPUT_DB": "{input_db}", "KV_STORE": "memory"},
-        ),
+        "kv": kv_server("kv (this service, defaults)", KV_WORKERS=str(workers)),
+        "kv-access-log": kv_server("kv (KV_ACCESS_LOG=true)", KV_ACCESS_LOG="true"),
+        "kv-memory": kv_server("kv (memory store)", KV_STORE="memory"),
         "fastapi": Server(
             "FastAPI + uvicorn + dict",
             [python, str(BENCH / "fastapi_app.py"), "--port", "{port}", "--input-db", "{input_db}"],
