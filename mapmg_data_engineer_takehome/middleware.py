@@ -1,4 +1,5 @@
-"""The one middleware around every handler: a request id, errors as JSON, an access line.
+"""The one middleware around every handler: a request id, the bearer token (when one is set),
+errors as JSON, an access line (when asked for).
 
 One layer rather than three, because each layer is a coroutine call on every request. It
 binds no logging context: the request id travels as a local and is passed to the few log
