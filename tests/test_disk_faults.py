@@ -6,6 +6,7 @@ Needs root to mount a small tmpfs; skips elsewhere (CI runs as root and fails on
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -17,9 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Client, MakeClient
-from .e2e_support import MODULE, free_port, write_input_db
-from .test_api import assert_error, put
+from .e2e_support import MODULE, Response, Server, ServerPool, free_port, write_input_db
 
 
 def _mount(directory: Path, *options: str) -> bool:
@@ -52,35 +51,42 @@ def fill(directory: Path, leave_bytes: int) -> Path:
     return filler
 
 
-async def write_until_refused(client: Client) -> int:
+def post(server: Server, key: str, val: str) -> Response:
+    return server.request("POST", "/set", json.dumps({"key": key, "val": val}).encode())
+
+
+def write_until_refused(server: Server) -> int:
     """POST ever more values until the store refuses one; how many were acknowledged."""
     for number in range(10_000):
-        response = await client.post("/set", json={"key": f"fill-{number}", "val": "x" * 4000})
-        if response.status != 200:
-            await assert_error(response, 503, "store_unavailable")
+        answer = post(server, f"fill-{number}", "x" * 4000)
+        if answer.status != 200:
+            assert answer.status == 503, answer.body
+            assert answer.json()["error"] == "store_unavailable"
             return number
     raise AssertionError("the disk never filled up")
 
 
-async def test_a_full_disk_refuses_writes_and_recovers(
-    small_disk: Path, make_client: MakeClient
-) -> None:
+def test_a_full_disk_refuses_writes_and_recovers(small_disk: Path, tmp_path: Path) -> None:
     data_path = small_disk / "kv.sqlite3"
-    client = await make_client(data_path=data_path)
-    await put(client, "before", "kept")
-    filler = fill(small_disk, leave_bytes=256 * 1024)
+    pool = ServerPool(tmp_path / "e2e")
+    try:
+        server = pool.start(env={"KV_DATA_PATH": str(data_path)})
+        assert post(server, "before", "kept").status == 200
+        filler = fill(small_disk, leave_bytes=256 * 1024)
 
-    acknowledged = await write_until_refused(client)
-    assert (await client.get("/get/before")).status == 200
-    assert (await client.get("/health")).status == 200
-    if acknowledged:
-        assert (await client.get(f"/get/fill-{acknowledged - 1}")).status == 200
+        acknowledged = write_until_refused(server)
+        assert server.request("GET", "/get/before").status == 200
+        assert server.request("GET", "/health").status == 200
+        if acknowledged:
+            assert server.request("GET", f"/get/fill-{acknowledged - 1}").status == 200
 
-    filler.unlink()
-    await put(client, "after", "written once space was back")
-    for number in range(acknowledged):
-        assert (await client.get(f"/get/fill-{number}")).status == 200
-    await client.close()
+        filler.unlink()
+        assert post(server, "after", "written once space was back").status == 200
+        for number in range(acknowledged):
+            assert server.request("GET", f"/get/fill-{number}").status == 200
+        assert server.stop() == 0
+    finally:
+        pool.close()
     check = sqlite3.connect(str(data_path))
     assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert check.execute("SELECT val FROM kv WHERE key = 'after'").fetchone() is not None
