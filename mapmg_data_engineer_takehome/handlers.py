@@ -159,9 +159,8 @@ def _body_too_large(limit: int) -> ApiError:
     )
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The whole body, or a 413 once it is known to exceed max_body_bytes."""
-    limit = request.app[SETTINGS_KEY].max_body_bytes
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, or a 413 once it is known to exceed ``limit`` bytes."""
     if request.content_length is not None and request.content_length > limit:
         raise _body_too_large(limit)  # refused before reading a byte of it
     try:
@@ -176,8 +175,9 @@ async def read_body(request: web.Request) -> bytes:
 
 async def set_value(request: web.Request) -> web.Response:
     """POST /set: store a value, whatever Content-Type the client claims."""
-    key, val = parse_set_body(await read_body(request))
-    check_lengths(request.app[SETTINGS_KEY], key, val)
+    settings = request.app[SETTINGS_KEY]
+    key, val = parse_set_body(await read_body(request, settings.max_body_bytes))
+    check_lengths(settings, key, val)
     await request.app[STORE_KEY].set(key, val)
     return _json({"key": key, "val": val})
 
