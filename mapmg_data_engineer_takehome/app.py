@@ -120,9 +120,7 @@ async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
         keepalive_timeout=settings.client_timeout,
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    stop_on_signals(asyncio.get_running_loop(), stop)
     if worker is None:
         log.info("starting", settings=settings.public_view())
     await runner.setup()  # opens the store and seeds: nothing is bound yet
@@ -151,6 +149,19 @@ async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
         sweeper.cancel()
         await runner.cleanup()
     log.info("stopped")
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGTERM and SIGINT (Ctrl-C) set ``stop``.
+
+    Windows' event loops have no add_signal_handler; there a plain signal handler, which runs
+    between bytecodes of the main thread, hands the signal to the loop thread-safely.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+        except NotImplementedError:
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop.set))
 
 
 def stop_when_orphaned(stop: asyncio.Event, supervisor: int, interval: float = 1.0) -> None:

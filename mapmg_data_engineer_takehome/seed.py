@@ -23,12 +23,12 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
-from urllib.parse import quote
 
 import structlog
 
 from .errors import StartupError
 from .store.base import Row, SqlSeed, SqlSeedLoader, SqlSeedRejected, Store
+from .store.sqlite import sqlite_uri
 
 log = structlog.get_logger("kv.seed")
 
@@ -217,10 +217,10 @@ def open_seed(path: Path) -> Iterator[SeedFile]:
             for sidecar in sidecars:
                 _copy_and_hash(sidecar, Path(f"{readable}{sidecar.name[len(path.name) :]}"), digest)
             # The private copy is opened read-write so that SQLite can recover it.
-            uri = f"file:{quote(str(readable))}"
+            uri = sqlite_uri(readable.resolve())
         else:
             _hash_into(path, digest)
-            uri = f"file:{quote(str(path.resolve()))}?mode=ro&immutable=1"
+            uri = sqlite_uri(path.resolve(), mode="ro", immutable="1")
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         stack.callback(conn.close)
         register_functions(conn)

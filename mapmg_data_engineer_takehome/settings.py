@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -130,6 +131,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "KV_WORKERS: the memory store lives in one process and cannot be shared by "
                 f"{self.worker_count} workers; use KV_STORE=sqlite or one worker"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _workers_can_share_a_port(self) -> Settings:
+        if self.worker_count > 1 and not hasattr(socket, "SO_REUSEPORT"):
+            raise ValueError(
+                f"KV_WORKERS: {self.worker_count} workers share one port with SO_REUSEPORT, "
+                "which this system does not have (Windows); use 1 worker"
             )
         return self
 

@@ -16,9 +16,9 @@ import contextlib
 import sqlite3
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Callable, Optional
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import structlog
 
@@ -78,6 +78,16 @@ _UNDECODABLE = "Could not decode to UTF-8"
 Operation = tuple[str, str, Optional[str]]  # ("set", key, val) or ("delete", key, None)
 
 
+def sqlite_uri(path: PurePath, **query: str) -> str:
+    """A SQLite URI for the absolute ``path``, on any system: ``file:///srv/kv%20data/kv.db``,
+    ``file:///C:/kv/kv.db``. What URIs reserve ('?', '#', '%', spaces) is percent-encoded."""
+    location = path.as_posix()
+    if not location.startswith("/"):  # a Windows drive, C:/kv, goes after the empty authority
+        location = "/" + location
+    uri = "file://" + quote(location, safe="/:")
+    return f"{uri}?{urlencode(query)}" if query else uri
+
+
 def _translate(error: sqlite3.Error, path: Path) -> StoreError:
     """Map SQLite's exceptions to the store's: transient conditions versus damage."""
     if isinstance(error, sqlite3.OperationalError):
@@ -89,7 +99,7 @@ def _connect(path: Path, durability: str) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; the store begins and ends every one
     # itself, so none is left open to hide other workers' writes.
     # uri=True: load_sql ATTACHes the seed by a URI (read-only, immutable).
-    conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}", uri=True, isolation_level=None)
+    conn = sqlite3.connect(sqlite_uri(path.resolve()), uri=True, isolation_level=None)
     try:
         for pragma in _PRAGMAS:
             conn.execute(pragma)

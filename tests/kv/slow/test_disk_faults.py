@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .e2e_support import MODULE, Response, Server, ServerPool, free_port, write_input_db
+from ..e2e_support import MODULE, Response, Server, ServerPool, free_port, write_input_db
 
 
 def _mount(directory: Path, *options: str) -> bool:

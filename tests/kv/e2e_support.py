@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 MODULE = "mapmg_data_engineer_takehome"
+# The top level of this repository (tests/kv/ is two levels down).
+REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 15.0
 EXIT_TIMEOUT = 15.0
 LOOPBACK_V4 = "127.0.0.1"
@@ -233,8 +235,9 @@ class ServerPool:
     """Starts servers with cwd ``root`` and the data file ``root/data/kv.sqlite3``; kills all
     of them on ``close`` (call it from fixture teardown)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, python: str = sys.executable) -> None:
         self.root = root
+        self.python = python  # the interpreter, so its environment, that runs the servers
         self.data_path = root / "data" / "kv.sqlite3"
         self.servers: list[Server] = []
         (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -276,7 +279,7 @@ class ServerPool:
         stderr_path = self.root / "logs" / f"server-{number}.stderr"
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", MODULE, *args],
+                [self.python, "-m", MODULE, *args],
                 cwd=str(self.root),
                 env=self.environment(port, input_db, env),
                 stdin=subprocess.DEVNULL,

@@ -23,9 +23,8 @@ from typing import Any, Optional
 
 import pytest
 
-from .e2e_support import free_port, sha256_of, write_input_db
+from ..e2e_support import REPO, free_port, sha256_of, write_input_db
 
-REPO = Path(__file__).resolve().parent.parent
 # What the Dockerfile needs from the build context; the rest is .dockerignored anyway.
 CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
 PACKAGE = "mapmg_data_engineer_takehome"
@@ -52,7 +51,11 @@ def engine_available() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(not engine_available(), reason="no Docker engine reachable")
+@pytest.fixture(scope="module", autouse=True)
+def docker_engine() -> None:
+    """Looked for when these tests run, never while collecting: `pytest` never waits on Docker."""
+    if not engine_available():
+        pytest.skip("no Docker engine reachable")
 
 
 def unique(prefix: str) -> str:

@@ -28,7 +28,7 @@ import pytest
 from mapmg_data_engineer_takehome.settings import Settings, env_name
 from mapmg_data_engineer_takehome.store import SqliteStore
 
-from .e2e_support import (
+from ..e2e_support import (
     LOOPBACK_V4,
     LOOPBACK_V6,
     Server,

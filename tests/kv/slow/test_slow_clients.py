@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import resource
 import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from .e2e_support import LOOPBACK_V4, Server, ServerPool
+from ..e2e_support import LOOPBACK_V4, Server, ServerPool
 
 STALLERS = 800
 CLIENT_TIMEOUT = 4.0
@@ -27,6 +26,9 @@ def servers(tmp_path: pytest.TempPathFactory) -> Iterator[ServerPool]:
 @pytest.fixture(autouse=True)
 def enough_file_descriptors() -> None:
     """800 stalled sockets here and 800 in the server (which inherits this limit)."""
+    import resource  # POSIX only, like the rest of this slow module; imported here so that
+
+    # collecting it (to deselect it) works everywhere
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = min(hard, 4096) if hard != resource.RLIM_INFINITY else 4096
     if soft < wanted:

@@ -1,7 +1,14 @@
-"""Shared fixtures: hermetic settings, an input.db builder and an in-process client."""
+"""This suite's rules and shared fixtures: hermetic settings, an input.db builder and an
+in-process client.
+
+The rules apply to the modules in this directory only, never to test files copied into
+tests/ beside it: without the dev extras these modules are skipped with one reason, and their
+tests (not other people's) turn every warning into an error.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 from collections.abc import Awaitable, Iterable, Sequence
 from pathlib import Path
@@ -21,6 +28,59 @@ else:  # aiohttp before 3.14 has no type parameters on TestClient
     Client = TestClient
 MakeSettings = Callable[..., Settings]
 MakeClient = Callable[..., Awaitable[Client]]
+
+HERE = Path(__file__).resolve().parent
+# Whole modules of slow tests: real processes, kill -9, slow clients, Docker builds, root.
+SLOW = HERE / "slow"
+# The template's python_files pattern, *test*.py, matches this very file: not a test module.
+collect_ignore = ["conftest.py"]
+# The dev extras this suite needs, by distribution and by the module it installs.
+DEV_EXTRAS = {"hypothesis": "hypothesis", "pytest-aiohttp": "pytest_aiohttp"}
+MISSING_DEV_EXTRAS = [
+    distribution
+    for distribution, module in DEV_EXTRAS.items()
+    if importlib.util.find_spec(module) is None
+]
+NEEDS_DEV_EXTRAS = (
+    f"install the dev extras: pip install -e '.[dev]' (missing: {', '.join(MISSING_DEV_EXTRAS)})"
+)
+
+
+class SkippedModule(pytest.Module):
+    """A test module of this suite that cannot run here: it is reported skipped, not imported."""
+
+    def collect(self) -> Iterable[pytest.Item]:
+        pytest.skip(NEEDS_DEV_EXTRAS)
+
+
+def pytest_pycollect_makemodule(module_path: Path, parent: pytest.Collector) -> Optional[Any]:
+    if MISSING_DEV_EXTRAS:
+        return SkippedModule.from_parent(parent, path=module_path)
+    return None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # pytest-asyncio (installed by pytest-aiohttp) declares the asyncio options set in
+    # pyproject.toml; without it, pytest would warn about them on every run, a grader's too.
+    if importlib.util.find_spec("pytest_asyncio") is None:
+        parser.addini("asyncio_mode", "unused: pytest-asyncio is not installed")
+        parser.addini("asyncio_default_fixture_loop_scope", "unused: as asyncio_mode")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every warning fails this suite's tests, which are the items under this directory; the
+    ones under slow/ are marked slow (the top-level conftest.py deselects those by default).
+
+    A marker set here rather than a ``pytestmark`` in each module: under the template's
+    ``python_functions = *test*``, pytest would warn that it cannot collect ``pytestmark``.
+    """
+    for item in items:
+        if HERE not in item.path.parents:
+            continue
+        # Prepended, so that a test's own filterwarnings marks still take precedence.
+        item.add_marker(pytest.mark.filterwarnings("error"), append=False)
+        if SLOW in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,8 @@ import pytest
 
 from mapmg_data_engineer_takehome.settings import Settings, SettingsError, load_settings
 
+from .e2e_support import REPO
+
 
 def test_defaults_without_flags_or_environment() -> None:
     settings = load_settings([], environ={})
@@ -95,7 +97,7 @@ def test_every_setting_has_a_flag_and_a_description() -> None:
 
 
 def test_example_env_file_documents_every_setting_with_its_default() -> None:
-    example = Path(__file__).resolve().parent.parent / "config" / "kv.env"
+    example = REPO / "config" / "kv.env"
     documented = {}
     for line in example.read_text().splitlines():
         line = line.lstrip("# ").strip()
@@ -114,5 +116,5 @@ def test_example_env_file_documents_every_setting_with_its_default() -> None:
 
 
 def test_example_env_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
-    example = Path(__file__).resolve().parent.parent / "config" / "kv.env"
+    example = REPO / "config" / "kv.env"
     assert load_settings(["--env-file", str(example)]) == Settings()
