@@ -8,7 +8,8 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import structlog
 from aiohttp import web
@@ -54,7 +55,7 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
     store = open_store_or_fail(settings)
     try:
         if app[SEED_ON_STARTUP_KEY]:
-            await seed_store(store, input_db)
+            await seed_or_fail(store, input_db)
         app[INPUT_DB_KEY] = input_db
         app[STORE_KEY] = store
         yield
@@ -75,9 +76,17 @@ async def prepare_store(settings: Settings) -> None:
     """Open the store, seed it and close it: what a supervisor does once for all workers."""
     store = open_store_or_fail(settings)
     try:
-        await seed_store(store, find_input_db(settings.input_db))
+        await seed_or_fail(store, find_input_db(settings.input_db))
     finally:
         await store.close()
+
+
+async def seed_or_fail(store: Store, input_db: Optional[Path]) -> None:
+    """Seed, or a StartupError naming the data file and the problem (a full disk, say)."""
+    try:
+        await seed_store(store, input_db)
+    except StoreError as error:  # its message names the data file
+        raise StartupError(f"cannot apply the seed {input_db}: {error}") from None
 
 
 def listen_hosts(host: str) -> list[str]:
@@ -120,7 +129,9 @@ async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
         keepalive_timeout=settings.client_timeout,
     )
     stop = asyncio.Event()
-    stop_on_signals(asyncio.get_running_loop(), stop)
+    loop = asyncio.get_running_loop()
+    stop_on_signals(loop, stop)
+    loop.set_exception_handler(log_loop_error)
     if worker is None:
         log.info("starting", settings=settings.public_view())
     await runner.setup()  # opens the store and seeds: nothing is bound yet
@@ -149,6 +160,13 @@ async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
         sweeper.cancel()
         await runner.cleanup()
     log.info("stopped")
+
+
+def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's default handler logs the repr of the failing callback, arguments (a key, a
+    value) included; this one logs asyncio's sentence up to that repr, and the exception."""
+    message = str(context.get("message", "")).split("<", 1)[0].split("(", 1)[0].strip()
+    log.error("event_loop_error", message=message, exc_info=context.get("exception"))
 
 
 def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:

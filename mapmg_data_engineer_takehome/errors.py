@@ -21,6 +21,27 @@ class StartupError(Exception):
     """The server cannot start; the message is one line naming the file or setting at fault."""
 
 
+# Exceptions whose messages are built from paths, settings and the OS's or the store's own
+# words, never from a request's data. Any other message (a KeyError's is the key itself, and
+# a driver error escaping a store may quote a value) is withheld.
+_SAFE_MESSAGE_TYPES = (StoreError, StartupError, OSError)
+WITHHELD = "[message withheld: it may hold request data]"
+
+
+def safe_message(error: BaseException) -> str:
+    """The exception's message where it cannot hold request data, else WITHHELD.
+
+    Even the messages kept are cut at their first quote, since a library quotes what it could
+    not handle (SQLite's ``Could not decode to UTF-8 column 'val' with text '...'``).
+    """
+    if not isinstance(error, _SAFE_MESSAGE_TYPES):
+        return WITHHELD
+    message = str(error)
+    for quote in ("'", '"'):
+        message = message.split(quote, 1)[0]
+    return message.rstrip()
+
+
 class ApiError(Exception):
     """A failure a client caused or can act on, rendered as ``{"error", "message"}``."""
 
@@ -85,7 +106,9 @@ def response_for(request: web.Request, error: Exception, request_id: str) -> web
         return _render_http_exception(error)
     route = route_name(request)
     if isinstance(error, StoreUnavailable):
-        log.warning("store_unavailable", route=route, reason=str(error), request_id=request_id)
+        log.warning(
+            "store_unavailable", route=route, reason=safe_message(error), request_id=request_id
+        )
         return error_response(
             503,
             "store_unavailable",

@@ -1,18 +1,26 @@
 """structlog set-up: JSON lines (or a console format) on stdout for our logs and aiohttp's.
 
-Logs never carry values, and not keys either: a request is named by its route pattern.
+Logs never carry values, keys or secrets: a request is named by its route pattern, and an
+exception is logged by its type, its frames (file, line, function) and a message only where
+the message cannot hold request data (see safe_message). Frame locals, which hold the key,
+the value and the Authorization header of the request at hand, are never rendered.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from typing import Any, Optional, TextIO
 
 import structlog
-from structlog.typing import EventDict, Processor
+from structlog.typing import EventDict, ExcInfo, Processor
 
+from .errors import safe_message
 from .settings import Settings
+
+# How deep a chain of causes (raise ... from ...) is followed.
+_MAX_CHAIN = 8
 
 
 def configure_logging(
@@ -32,11 +40,11 @@ def configure_logging(
     ]
     if worker is not None:
         shared.append(_add_worker(worker))
+    shared.append(safe_exceptions(as_text=use_console))
     renderer: Processor
     if use_console:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
-        shared.append(structlog.processors.dict_tracebacks)
         renderer = structlog.processors.JSONRenderer()
     level = logging.getLevelName(settings.log_level.upper())
     structlog.configure(
@@ -69,3 +77,64 @@ def _add_worker(worker: int) -> Processor:
         return event
 
     return add_worker
+
+
+def describe_exception(error: BaseException) -> list[dict[str, Any]]:
+    """The exception and its causes, outermost last as in a traceback: for each, its type,
+    its safe message and its frames (file, line, function), with no locals and no source."""
+    chain: list[BaseException] = []
+    current: Optional[BaseException] = error
+    while current is not None and current not in chain and len(chain) < _MAX_CHAIN:
+        chain.append(current)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
+    return [
+        {
+            "exc_type": type(link).__qualname__,
+            "exc_value": safe_message(link),
+            "frames": [
+                {"filename": frame.filename, "lineno": frame.lineno, "name": frame.name}
+                for frame in traceback.extract_tb(link.__traceback__, limit=None)
+            ],
+        }
+        for link in reversed(chain)
+    ]
+
+
+def format_exception(described: list[dict[str, Any]]) -> str:
+    """describe_exception's result as a traceback for people (the console format)."""
+    parts = []
+    for link in described:
+        parts.append("Traceback (most recent call last):")
+        for frame in link["frames"]:
+            parts.append(
+                f'  File "{frame["filename"]}", line {frame["lineno"]}, in {frame["name"]}'
+            )
+        parts.append(f"{link['exc_type']}: {link['exc_value']}")
+    return "\n".join(parts)
+
+
+def _exception_of(exc_info: Any) -> Optional[BaseException]:
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if exc_info is True:
+        return sys.exc_info()[1]
+    if isinstance(exc_info, tuple):
+        return exc_info[1]  # type: ignore[no-any-return]
+    return None
+
+
+def safe_exceptions(as_text: bool) -> Processor:
+    """A processor that turns ``exc_info`` into an ``exception`` field with no data in it,
+    before any renderer (ours or the standard library's) could render frame locals."""
+
+    def render(logger: Any, method: str, event: EventDict) -> EventDict:
+        exc_info: Optional[ExcInfo] = event.pop("exc_info", None)
+        error = _exception_of(exc_info)
+        if error is not None:
+            described = describe_exception(error)
+            event["exception"] = format_exception(described) if as_text else described
+        return event
+
+    return render

@@ -210,17 +210,22 @@ def open_seed(path: Path) -> Iterator[SeedFile]:
         Path(f"{path}{suffix}") for suffix in SIDECAR_SUFFIXES if Path(f"{path}{suffix}").is_file()
     ]
     with ExitStack() as stack:
-        if sidecars:
-            private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kv-seed-")))
-            readable = private / INPUT_DB_NAME
-            _copy_and_hash(path, readable, digest)
-            for sidecar in sidecars:
-                _copy_and_hash(sidecar, Path(f"{readable}{sidecar.name[len(path.name) :]}"), digest)
-            # The private copy is opened read-write so that SQLite can recover it.
-            uri = sqlite_uri(readable.resolve())
-        else:
-            _hash_into(path, digest)
-            uri = sqlite_uri(path.resolve(), mode="ro", immutable="1")
+        try:
+            if sidecars:
+                private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kv-seed-")))
+                readable = private / INPUT_DB_NAME
+                _copy_and_hash(path, readable, digest)
+                for sidecar in sidecars:
+                    copy = Path(f"{readable}{sidecar.name[len(path.name) :]}")
+                    _copy_and_hash(sidecar, copy, digest)
+                # The private copy is opened read-write so that SQLite can recover it.
+                uri = sqlite_uri(readable.resolve())
+            else:
+                _hash_into(path, digest)
+                uri = sqlite_uri(path.resolve(), mode="ro", immutable="1")
+        except OSError as error:  # a full temporary directory, say
+            where = "" if error.filename is None else f" {error.filename}:"
+            raise SeedError(f"{path}: cannot be read safely ({where} {error.strerror})") from None
         conn = sqlite3.connect(uri, uri=True, isolation_level=None)
         stack.callback(conn.close)
         register_functions(conn)

@@ -272,14 +272,16 @@ class ServerPool:
         port: Optional[int] = None,
         input_db: Optional[Path] = None,
         env: Optional[Mapping[str, Optional[str]]] = None,
+        module: str = MODULE,
     ) -> Server:
-        """Start a process without waiting for it; ``env`` overrides (None removes a name)."""
+        """Start ``python -m module`` without waiting for it; ``env`` overrides (None removes
+        a name)."""
         number = len(self.servers)
         stdout_path = self.root / "logs" / f"server-{number}.stdout"
         stderr_path = self.root / "logs" / f"server-{number}.stderr"
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
             process = subprocess.Popen(
-                [self.python, "-m", MODULE, *args],
+                [self.python, "-m", module, *args],
                 cwd=str(self.root),
                 env=self.environment(port, input_db, env),
                 stdin=subprocess.DEVNULL,
@@ -298,9 +300,12 @@ class ServerPool:
         port: Optional[int] = None,
         input_db: Optional[Path] = None,
         env: Optional[Mapping[str, Optional[str]]] = None,
+        module: str = MODULE,
     ) -> Server:
         """Start a server on ``port`` (a free one by default) and wait until it is ready."""
-        server = self.spawn(*args, port=port or free_port(), input_db=input_db, env=env)
+        server = self.spawn(
+            *args, port=port or free_port(), input_db=input_db, env=env, module=module
+        )
         server.wait_ready()
         return server
 

@@ -1,15 +1,20 @@
-"""Logs: JSON lines with request ids, 5xx with tracebacks, and never a value (nor a key)."""
+"""Logs: JSON lines with request ids, 5xx with tracebacks, and never a value, a key or the
+token, even when a bug raises with all three in its frames and in its message."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from typing import Any
 
 import pytest
 
+from mapmg_data_engineer_takehome.app import log_loop_error
+from mapmg_data_engineer_takehome.errors import WITHHELD
 from mapmg_data_engineer_takehome.logs import configure_logging
 from mapmg_data_engineer_takehome.state import STORE_KEY
+from mapmg_data_engineer_takehome.store import StoreUnavailable
 
 from .conftest import MakeClient, MakeSettings
 
@@ -82,3 +87,80 @@ async def test_startup_logs_the_seed_summary(
     assert summary["rows_applied"] == 2
     assert summary["skipped"]["null_val"] == 1
     assert "seconds" in summary
+
+
+TOKEN = "SuperSecretTok3n"
+KEY = "patient:42-distinctive"
+VAL = "value-of-a-distinctive-kind"
+
+
+def fail_with_the_data(key: str) -> None:
+    raise RuntimeError(f"a bug that names {key}")
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+async def test_a_bug_logs_no_token_key_or_value(
+    make_client: MakeClient,
+    make_settings: MakeSettings,
+    monkeypatch: pytest.MonkeyPatch,
+    log_format: str,
+) -> None:
+    """Every frame of these tracebacks holds the token, the key or the value as a local, and
+    their messages quote them too; the logs must still hold none of them."""
+    stream = io.StringIO()
+    configure_logging(make_settings(log_format=log_format), stream)
+    client = await make_client(auth_token=TOKEN)
+    store = client.app[STORE_KEY]
+
+    async def broken_get(key: str) -> None:
+        fail_with_the_data(key)
+
+    async def broken_set(key: str, val: str) -> None:
+        raise KeyError(val)
+
+    monkeypatch.setattr(store, "get", broken_get)
+    monkeypatch.setattr(store, "set", broken_set)
+    authorized = {"Authorization": f"Bearer {TOKEN}"}
+    assert (await client.get(f"/get/{KEY}", headers=authorized)).status == 500
+    response = await client.post("/set", json={"key": KEY, "val": VAL}, headers=authorized)
+    assert response.status == 500
+    # A callback failing on the event loop, with the key among its arguments.
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(log_loop_error)
+    try:
+        loop.call_soon(fail_with_the_data, KEY)
+        await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(None)
+
+    output = stream.getvalue()
+    for secret in (TOKEN, KEY, VAL):
+        assert secret not in output
+    # What an operator needs is kept: types, where they were raised, and the sentence.
+    for needed in ("RuntimeError", "KeyError", "test_logs.py", "fail_with_the_data", WITHHELD):
+        assert needed in output
+    assert "event_loop_error" in output and "Exception in callback" in output
+
+
+async def test_safe_messages_are_kept_in_tracebacks(
+    make_client: MakeClient, log_stream: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client()
+
+    async def broken(key: str) -> None:
+        try:
+            raise OSError(28, "No space left on device", "/data/kv.sqlite3")
+        except OSError as error:
+            raise StoreUnavailable("/data/kv.sqlite3: database or disk is full") from error
+
+    monkeypatch.setattr(client.app[STORE_KEY], "get", broken)
+    assert (await client.get("/get/k")).status == 503
+    monkeypatch.setattr(client.app[STORE_KEY], "get", lambda key: 1 / 0)
+    assert (await client.get("/get/k")).status == 500
+    [unavailable] = [line for line in lines(log_stream) if line["event"] == "store_unavailable"]
+    assert unavailable["reason"] == "/data/kv.sqlite3: database or disk is full"
+    [bug] = [line for line in lines(log_stream) if line["event"] == "unhandled_error"]
+    [link] = bug["exception"]
+    assert link["exc_type"] == "ZeroDivisionError" and link["exc_value"] == WITHHELD
+    assert {"filename", "lineno", "name"} == set(link["frames"][-1])
+    assert link["frames"][-1]["name"] == "<lambda>"

@@ -136,3 +136,32 @@ def _wait_for_file(path: Path, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_seed_larger_than_the_disk_stops_the_server_with_one_line(
+    small_disk: Path, tmp_path: Path
+) -> None:
+    """input.db holds more than the 4 MiB disk: one line naming the data file and the problem,
+    exit status 1, no traceback."""
+    data_path = small_disk / "kv.sqlite3"
+    rows = ((f"key-{number}", "v" * 1000) for number in range(8000))  # about 8 MB
+    environment = {
+        **{name: value for name, value in os.environ.items() if not name.startswith("KV_")},
+        "KV_DATA_PATH": str(data_path),
+        "KV_PORT": str(free_port()),
+        "KV_INPUT_DB": str(write_input_db(tmp_path / "input.db", rows)),
+        "KV_LOG_FORMAT": "json",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", MODULE],
+        env=environment,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: ") and str(data_path) in result.stderr
+    assert "full" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout

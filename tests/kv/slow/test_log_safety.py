@@ -1,0 +1,83 @@
+"""No log line of a real server process holds the token, a key or a value, whatever fails:
+bugs in handlers (JSON and console logs, one worker or two), unparseable requests carrying
+the token, and a startup that fails."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from ..e2e_support import LOOPBACK_V4, REPO, Server, ServerPool
+
+TOKEN = "SuperSecretTok3n"
+KEY = "patient:42-distinctive"
+VAL = "value-of-a-distinctive-kind"
+SECRETS = (TOKEN, KEY, VAL)
+AUTHORIZED = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[ServerPool]:
+    pool = ServerPool(tmp_path / "e2e")
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def output_of(server: Server) -> str:
+    return server.stdout() + server.stderr()
+
+
+def send_raw(server: Server, data: bytes) -> bytes:
+    with socket.create_connection((LOOPBACK_V4, server.port), timeout=5) as connection:
+        connection.sendall(data)
+        return connection.recv(65536)
+
+
+@pytest.mark.parametrize(
+    ("log_format", "workers"), [("json", "1"), ("console", "1"), ("json", "2")]
+)
+def test_bugs_in_a_real_process_log_no_token_key_or_value(
+    servers: ServerPool, log_format: str, workers: str
+) -> None:
+    server = servers.start(
+        module="tests.kv.slow.buggy_server",
+        env={
+            "PYTHONPATH": str(REPO),
+            "KV_AUTH_TOKEN": TOKEN,
+            "KV_LOG_FORMAT": log_format,
+            "KV_WORKERS": workers,
+        },
+    )
+    for _ in range(int(workers) * 2):  # requests spread over the workers
+        assert server.request("GET", "/get/" + quote(KEY), headers=AUTHORIZED).status == 500
+        body = json.dumps({"key": KEY, "val": VAL}).encode()
+        assert server.request("POST", "/set", body, headers=AUTHORIZED).status == 500
+    # Unparseable HTTP whose request line and headers carry all three.
+    answer = send_raw(
+        server,
+        f"GET /get/{KEY}?{VAL} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n{VAL}\r\n\r\n".encode(),
+    )
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    assert server.stop() == 0
+    output = output_of(server)
+    for secret in SECRETS:
+        assert secret not in output
+    assert output.count("RuntimeError") >= 2 and "KeyError" in output
+    assert "bad_http_request" in output
+
+
+def test_a_failed_start_logs_no_token(servers: ServerPool, tmp_path: Path) -> None:
+    not_a_database = tmp_path / "input.db"
+    not_a_database.write_text(f"{KEY} {VAL}")
+    server = servers.spawn(input_db=not_a_database, env={"KV_AUTH_TOKEN": TOKEN})
+    assert server.wait_exit() == 1
+    output = output_of(server)
+    assert str(not_a_database) in output
+    assert TOKEN not in output
