@@ -3,37 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
 import structlog
 from aiohttp import web
 
-from .errors import StartupError
+from .errors import StartupError, safe_message
 from .middleware import make_request_middleware
 from .protocol import MAX_REQUEST_LINE_BYTES, ServerRunner, close_stalled_connections
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
 from .settings import Settings
-from .state import INPUT_DB_KEY, SEED_ON_STARTUP_KEY, SETTINGS_KEY, STORE_KEY
+from .state import INPUT_DB_KEY, SETTINGS_KEY, STORE_KEY
 from .store import Store, StoreError, open_store
+from .store.base import Clock
 
 log = structlog.get_logger("kv.app")
+
+# Expired rows deleted per transaction, and the pause between two such transactions.
+PURGE_BATCH = 200
+PURGE_PAUSE = 0.005
 
 
 def _secret(settings: Settings) -> Optional[str]:
     return None if settings.auth_token is None else settings.auth_token.get_secret_value()
 
 
-def create_app(settings: Settings, seed: bool = True) -> web.Application:
-    """Build the application; the store opens (and, unless told not to, seeds) on startup.
+def create_app(
+    settings: Settings, seed: bool = True, purge: bool = True, clock: Clock = time.time
+) -> web.Application:
+    """Build the application; the store opens (and, unless told not to, seeds) on startup,
+    and expired keys are purged in the background (unless told not to).
 
-    Workers pass ``seed=False``: their supervisor seeded the shared store before they started.
+    Workers pass ``seed=False``: their supervisor seeded the shared store before they started;
+    and all but one pass ``purge=False``. ``clock`` is the store's time, for expiry.
     """
     app = web.Application(
         # aiohttp stops reading a body past this bound, so a client streaming without end
@@ -42,19 +54,21 @@ def create_app(settings: Settings, seed: bool = True) -> web.Application:
         middlewares=[make_request_middleware(settings.access_log, _secret(settings))],
     )
     app[SETTINGS_KEY] = settings
-    app[SEED_ON_STARTUP_KEY] = seed
-    app.cleanup_ctx.append(store_context)
+    app.cleanup_ctx.append(partial(store_context, seed=seed, clock=clock))
+    if purge:
+        # After the store's context, so that it stops before the store closes.
+        app.cleanup_ctx.append(partial(purge_context, interval=settings.purge_interval))
     setup_routes(app)
     return app
 
 
-async def store_context(app: web.Application) -> AsyncIterator[None]:
+async def store_context(app: web.Application, seed: bool, clock: Clock) -> AsyncIterator[None]:
     """Open the store and seed it before the port opens; close it after the last request."""
     settings = app[SETTINGS_KEY]
     input_db = find_input_db(settings.input_db)
-    store = open_store_or_fail(settings)
+    store = open_store_or_fail(settings, clock)
     try:
-        if app[SEED_ON_STARTUP_KEY]:
+        if seed:
             await seed_or_fail(store, input_db)
         app[INPUT_DB_KEY] = input_db
         app[STORE_KEY] = store
@@ -64,10 +78,39 @@ async def store_context(app: web.Application) -> AsyncIterator[None]:
         log.info("store_closed", store=store.name)
 
 
-def open_store_or_fail(settings: Settings) -> Store:
+async def purge_context(app: web.Application, interval: float) -> AsyncIterator[None]:
+    """Purge expired keys' rows in the background while the server runs."""
+    task = asyncio.ensure_future(purge_expired_keys(app[STORE_KEY], interval))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def purge_expired_keys(store: Store, interval: float) -> None:
+    """Every ``interval`` seconds, delete expired rows in small batches, with a pause after
+    each: one write transaction of PURGE_BATCH rows holds the event loop (and the write
+    lock) for about a millisecond, so requests never wait behind a long purge."""
+    while True:
+        await asyncio.sleep(interval)
+        purged = 0
+        try:
+            while True:
+                removed = await store.purge_expired(PURGE_BATCH)
+                purged += removed
+                if removed < PURGE_BATCH:
+                    break
+                await asyncio.sleep(PURGE_PAUSE)
+        except StoreError as error:  # a full disk, say: the next sweep tries again
+            log.warning("purge_failed", reason=safe_message(error))
+        if purged:
+            log.info("expired_keys_purged", count=purged)
+
+
+def open_store_or_fail(settings: Settings, clock: Clock = time.time) -> Store:
     """The configured store, or a StartupError naming its file and the problem."""
     try:
-        return open_store(settings)
+        return open_store(settings, clock)
     except StoreError as error:
         raise StartupError(str(error)) from None
 
@@ -119,7 +162,8 @@ async def serve(settings: Settings, worker: Optional[Worker] = None) -> None:
     supervisor dies.
     """
     runner = ServerRunner(
-        create_app(settings, seed=worker is None),
+        # Workers share a store seeded by their supervisor, and one of them purges it.
+        create_app(settings, seed=worker is None, purge=worker is None or worker.number == 1),
         handle_signals=False,
         access_log=None,
         shutdown_timeout=settings.shutdown_timeout,

@@ -2,110 +2,126 @@
 
 from __future__ import annotations
 
-import json
+import base64
+import re
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 from urllib.parse import unquote
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .errors import JSON_HEADERS, ApiError, error_response
+from .models import (
+    MdeleteRequest,
+    MgetRequest,
+    Model,
+    MsetRequest,
+    SetRequest,
+    parse_body,
+    parse_query,
+)
 from .settings import Settings
 from .state import INPUT_DB_KEY, SETTINGS_KEY, STORE_KEY
-from .store.base import StoreError
+from .store.base import (
+    Condition,
+    Entry,
+    IfAbsent,
+    IfExists,
+    IfVersion,
+    PreconditionFailed,
+    SetItem,
+    StoreError,
+)
 
-_SET_FIELDS = ("key", "val")
-# Likely names for "val", each answered with a hint instead of a bare "unknown field".
-_VAL_MISSPELLINGS = {"value", "values", "v", "data"}
+EXPIRES_AT = "KV-Expires-At"
+# When a key expires, as the KV-Expires-At header and listings give it.
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_VERSION_TAG = re.compile(r'"([0-9]{1,18})"')
 
 
-def _json(data: dict[str, Any]) -> web.Response:
+def _json(data: Any, headers: Mapping[str, str] = JSON_HEADERS, status: int = 200) -> web.Response:
     # orjson writes UTF-8 bytes directly, ten times faster than json.dumps; with prebuilt
     # headers this answer costs a third of web.json_response.
-    return web.Response(body=orjson.dumps(data), headers=JSON_HEADERS)
+    return web.Response(body=orjson.dumps(data), headers=headers, status=status)
 
 
-def _invalid(code: str, message: str) -> ApiError:
-    return ApiError(422, code, message)
+def rfc3339(milliseconds: int) -> str:
+    """An expiry as RFC 3339 UTC with milliseconds: 2026-11-27T07:00:00.000Z."""
+    moment = _EPOCH + timedelta(milliseconds=milliseconds)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{milliseconds % 1000:03d}Z"
 
 
-def _loads(body: bytes) -> Any:
-    """JSON by orjson, which refuses escaped lone surrogates; json then parses those too, so
-    that a body that is valid JSON is judged by the field rules, not called malformed."""
+def entry_headers(entry: Entry) -> dict[str, str]:
+    """The JSON headers plus the key's ETag (its version) and, if it expires, KV-Expires-At."""
+    headers = {**JSON_HEADERS, hdrs.ETAG: f'"{entry.version}"'}
+    if entry.expires_at is not None:
+        headers[EXPIRES_AT] = rfc3339(entry.expires_at)
+    return headers
+
+
+def parse_condition(request: web.Request, if_none_match: bool = True) -> Optional[Condition]:
+    """The write's precondition from If-Match or If-None-Match; 400 invalid_header if malformed."""
+    if_match = request.headers.get(hdrs.IF_MATCH)
+    unless = request.headers.get(hdrs.IF_NONE_MATCH)
+    if if_match is None and unless is None:
+        return None
+    if if_match is not None and unless is not None:
+        raise _invalid_header("Send If-Match or If-None-Match, not both.")
+    if if_match is not None:
+        tag = if_match.strip()
+        if tag == "*":
+            return IfExists()
+        match = _VERSION_TAG.fullmatch(tag)
+        if match is None:
+            raise _invalid_header(
+                'If-Match must be * or a version in double quotes, as ETag gives it ("12").'
+            )
+        return IfVersion(int(match.group(1)))
+    if not if_none_match:
+        raise _invalid_header("This endpoint takes If-Match only.")
+    assert unless is not None
+    if unless.strip() != "*":
+        raise _invalid_header("If-None-Match on a write must be *: create the key only if absent.")
+    return IfAbsent()
+
+
+def _invalid_header(message: str) -> ApiError:
+    return ApiError(400, "invalid_header", message)
+
+
+def _precondition_failed(failed: PreconditionFailed) -> ApiError:
+    if failed.current is None:
+        return ApiError(412, "precondition_failed", "The key does not exist; nothing was written.")
+    return ApiError(
+        412,
+        "precondition_failed",
+        f"The key is at version {failed.current}, which does not meet the precondition; "
+        "nothing was written. Read it again, then retry.",
+        {hdrs.ETAG: f'"{failed.current}"'},
+    )
+
+
+def encode_cursor(key: str) -> str:
+    """An opaque cursor that resumes a listing after ``key``."""
+    return base64.urlsafe_b64encode(key.encode("utf-8")).rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(cursor: str, settings: Settings) -> str:
+    """The key a cursor resumes after; 422 invalid_parameter when it is not one of ours."""
     try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return json.loads(body)
-
-
-def parse_set_body(body: bytes) -> tuple[str, str]:
-    """The key and value of a /set body; ApiError (400 or 422) says what is wrong with it."""
-    try:
-        document = _loads(body)
-    except json.JSONDecodeError as error:
+        key = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
+        after = key.decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        after = ""
+    if not after or utf8_length_exceeds(after, settings.max_key_bytes):
         raise ApiError(
-            400,
-            "invalid_json",
-            f"The request body is not valid JSON: {error.msg} at line {error.lineno} "
-            f"column {error.colno} (character {error.pos}).",
-        ) from None
-    except UnicodeDecodeError:
-        raise ApiError(400, "invalid_json", "The request body is not UTF-8 encoded JSON.") from None
-    if not isinstance(document, dict):
-        raise _invalid(
-            "invalid_body",
-            f"The request body must be a JSON object with string fields 'key' and 'val', "
-            f"not {_json_type(document)}.",
+            422,
+            "invalid_parameter",
+            "Query parameter 'cursor' must be the cursor of a previous page, as given.",
         )
-    for name in document:
-        if name not in _SET_FIELDS:
-            hint = " Did you mean 'val'?" if name.lower() in _VAL_MISSPELLINGS else ""
-            raise _invalid(
-                "unknown_field",
-                f"Unknown field '{name}': the body takes only 'key' and 'val'.{hint}",
-            )
-    for name in _SET_FIELDS:
-        if name not in document:
-            raise _invalid("missing_field", f"Field '{name}' is required.")
-        value = document[name]
-        if not isinstance(value, str):
-            raise _invalid(
-                "invalid_type", f"Field '{name}' must be a string, not {_json_type(value)}."
-            )
-        if not _is_encodable(value):
-            raise _invalid(
-                "invalid_string",
-                f"Field '{name}' contains an unpaired UTF-16 surrogate, which is not text.",
-            )
-    key, val = document["key"], document["val"]
-    if not key:
-        raise _invalid("empty_key", "Field 'key' must not be empty.")
-    return key, val
-
-
-def _is_encodable(text: str) -> bool:
-    # JSON's \\ud800-style escapes can produce lone surrogates, which UTF-8 cannot carry.
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return "a string"
+    return after
 
 
 def utf8_length_exceeds(text: str, limit: int) -> bool:
@@ -116,18 +132,22 @@ def utf8_length_exceeds(text: str, limit: int) -> bool:
     return len(text) > limit or len(text.encode("utf-8")) > limit
 
 
-def check_lengths(settings: Settings, key: str, val: Optional[str] = None) -> None:
-    """ApiError when the key or the value is longer than the settings allow."""
+def check_lengths(settings: Settings, key: str, val: Optional[str] = None, where: str = "") -> None:
+    """ApiError when the key or the value is longer than the settings allow; ``where`` names
+    the item of a batch (``items[3].``)."""
     if utf8_length_exceeds(key, settings.max_key_bytes):
-        raise _invalid(
+        subject = f"{where}key:" if where else "The key"
+        raise ApiError(
+            422,
             "key_too_long",
-            f"The key is longer than the limit of {settings.max_key_bytes} bytes of UTF-8.",
+            f"{subject} is longer than the limit of {settings.max_key_bytes} bytes of UTF-8.",
         )
     if val is not None and utf8_length_exceeds(val, settings.max_value_bytes):
+        subject = f"{where}val:" if where else "The value"
         raise ApiError(
             413,
             "value_too_large",
-            f"The value is longer than the limit of {settings.max_value_bytes} bytes of UTF-8.",
+            f"{subject} is longer than the limit of {settings.max_value_bytes} bytes of UTF-8.",
         )
 
 
@@ -176,27 +196,92 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 async def set_value(request: web.Request) -> web.Response:
     """POST /set: store a value, whatever Content-Type the client claims."""
     settings = request.app[SETTINGS_KEY]
-    key, val = parse_set_body(await read_body(request, settings.max_body_bytes))
-    check_lengths(settings, key, val)
-    await request.app[STORE_KEY].set(key, val)
-    return _json({"key": key, "val": val})
+    condition = parse_condition(request)
+    body = parse_body(SetRequest, await read_body(request, settings.max_body_bytes))
+    check_lengths(settings, body.key, body.val)
+    try:
+        entry = await request.app[STORE_KEY].set(body.key, body.val, body.ttl, condition)
+    except PreconditionFailed as failed:
+        raise _precondition_failed(failed) from None
+    return _json({"key": body.key, "val": body.val}, entry_headers(entry))
 
 
 async def get_value(request: web.Request) -> web.Response:
-    """GET (and HEAD) /get/<key>."""
+    """GET (and HEAD) /get/<key>: the body is exactly key and val; metadata is in headers."""
     key = key_from_path(request, "/get/")
-    val = await request.app[STORE_KEY].get(key)
-    if val is None:
+    entry = await request.app[STORE_KEY].get(key)
+    if entry is None:
         raise ApiError(404, "key_not_found", "This key has no value; set it with POST /set.")
-    return _json({"key": key, "val": val})
+    return _json({"key": key, "val": entry.val}, entry_headers(entry))
 
 
 async def delete_value(request: web.Request) -> web.Response:
-    """DELETE /delete/<key>."""
+    """DELETE /delete/<key>, with If-Match if the client wants it conditional."""
     key = key_from_path(request, "/delete/")
-    if not await request.app[STORE_KEY].delete(key):
+    condition = parse_condition(request, if_none_match=False)
+    try:
+        deleted = await request.app[STORE_KEY].delete(key, condition)
+    except PreconditionFailed as failed:
+        raise _precondition_failed(failed) from None
+    if not deleted:
         raise ApiError(404, "key_not_found", "This key has no value; nothing was deleted.")
     return _json({"key": key, "deleted": True})
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    """GET /keys: a page of the keys under a prefix, in UTF-8 byte order, with a cursor."""
+    settings = request.app[SETTINGS_KEY]
+    query = parse_query(request.query)
+    after = None if query.cursor is None else decode_cursor(query.cursor, settings)
+    page = await request.app[STORE_KEY].list_keys(query.prefix, after, query.limit, query.values)
+    items = []
+    for listed in page.keys:
+        item: dict[str, Any] = {
+            "key": listed.key,
+            "version": listed.version,
+            "expires_at": None if listed.expires_at is None else rfc3339(listed.expires_at),
+        }
+        if query.values:
+            item["val"] = listed.val
+        items.append(item)
+    cursor = encode_cursor(page.keys[-1].key) if page.more else None
+    return _json({"items": items, "cursor": cursor})
+
+
+async def read_model(request: web.Request, model: type[Model]) -> Model:
+    """The request body validated as ``model``, within the body limit."""
+    settings = request.app[SETTINGS_KEY]
+    return parse_body(model, await read_body(request, settings.max_body_bytes))
+
+
+async def get_many(request: web.Request) -> web.Response:
+    """POST /mget: values in request order; null for a key without one."""
+    body = await read_model(request, MgetRequest)
+    settings = request.app[SETTINGS_KEY]
+    for index, key in enumerate(body.keys):
+        check_lengths(settings, key, where=f"keys[{index}].")
+    found = await request.app[STORE_KEY].get_many(body.keys)
+    return _json({"items": [{"key": key, "val": found.get(key)} for key in body.keys]})
+
+
+async def set_many(request: web.Request) -> web.Response:
+    """POST /mset: every item in one transaction, or none of them."""
+    body = await read_model(request, MsetRequest)
+    settings = request.app[SETTINGS_KEY]
+    for index, item in enumerate(body.items):
+        check_lengths(settings, item.key, item.val, where=f"items[{index}].")
+    items = [SetItem(item.key, item.val, item.ttl) for item in body.items]
+    revision = await request.app[STORE_KEY].set_many(items)
+    return _json({"count": len(items), "version": revision})
+
+
+async def delete_many(request: web.Request) -> web.Response:
+    """POST /mdelete: every key in one transaction; how many had a value."""
+    body = await read_model(request, MdeleteRequest)
+    settings = request.app[SETTINGS_KEY]
+    for index, key in enumerate(body.keys):
+        check_lengths(settings, key, where=f"keys[{index}].")
+    return _json({"deleted": await request.app[STORE_KEY].delete_many(body.keys)})
 
 
 async def health(request: web.Request) -> web.Response:

@@ -13,5 +13,9 @@ def setup_routes(app: web.Application) -> None:
     # [\s\S]+ lets "/" and a decoded newline belong to the key; GET also serves HEAD.
     app.router.add_get(r"/get/{key:[\s\S]+}", handlers.get_value)
     app.router.add_delete(r"/delete/{key:[\s\S]+}", handlers.delete_value)
+    app.router.add_get("/keys", handlers.list_keys)
+    app.router.add_post("/mget", handlers.get_many)
+    app.router.add_post("/mset", handlers.set_many)
+    app.router.add_post("/mdelete", handlers.delete_many)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/config", handlers.config)

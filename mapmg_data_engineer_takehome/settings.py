@@ -113,6 +113,12 @@ class Settings(BaseSettings):
         description="Server processes sharing the port (SO_REUSEPORT) and the sqlite store; "
         "'auto' is one per core. The memory store allows only 1.",
     )
+    purge_interval: float = Field(
+        default=1.0,
+        gt=0,
+        description="Seconds between sweeps that delete the rows of expired keys. An expired "
+        "key reads as absent at once either way; this bounds how long its row stays.",
+    )
     shutdown_timeout: float = Field(
         default=5.0,
         ge=0,

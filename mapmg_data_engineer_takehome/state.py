@@ -12,7 +12,5 @@ from .store.base import Store
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 STORE_KEY = web.AppKey("store", Store)
-# Whether this app seeds the store when it starts (workers do not: their supervisor did).
-SEED_ON_STARTUP_KEY = web.AppKey("seed_on_startup", bool)
 # The input.db seeding actually read, or None when there was none.
 INPUT_DB_KEY: web.AppKey[Optional[Path]] = web.AppKey("input_db")

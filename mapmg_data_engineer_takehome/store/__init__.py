@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 from ..settings import Settings
-from .base import Row, Store, StoreCorrupt, StoreError, StoreUnavailable
+from .base import Clock, Row, Store, StoreCorrupt, StoreError, StoreUnavailable
 from .memory import MemoryStore
 from .sqlite import SqliteStore
 
@@ -19,8 +21,8 @@ __all__ = [
 ]
 
 
-def open_store(settings: Settings) -> Store:
-    """The backend the settings name, opened and ready."""
+def open_store(settings: Settings, clock: Clock = time.time) -> Store:
+    """The backend the settings name, opened and ready; ``clock`` tells expiry's time."""
     if settings.store == "memory":
-        return MemoryStore()
-    return SqliteStore(settings.data_path, settings.durability)
+        return MemoryStore(clock)
+    return SqliteStore(settings.data_path, settings.durability, clock)

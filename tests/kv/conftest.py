@@ -21,6 +21,7 @@ from aiohttp.test_utils import TestClient
 from mapmg_data_engineer_takehome import seed
 from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.settings import Settings
+from mapmg_data_engineer_takehome.store import Store
 
 if TYPE_CHECKING:
     Client = TestClient[web.Request, web.Application]
@@ -94,6 +95,25 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         *(f"KV_{field.upper()}" for field in Settings.model_fields),
     ):
         monkeypatch.delenv(name, raising=False)
+
+
+class FakeClock:
+    """A store's clock that moves only when told: expiry without waiting."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def value_of(store: Store, key: str) -> Optional[str]:
+    """The key's live value, or None."""
+    entry = await store.get(key)
+    return None if entry is None else entry.val
 
 
 def write_input_db(path: Path, rows: Iterable[Sequence[Any]], wal: bool = False) -> Path:

@@ -178,7 +178,7 @@ async def test_non_utf8_body_is_400(client: Client) -> None:
         (42, "invalid_body", "object"),
         ({"val": "v"}, "missing_field", "'key'"),
         ({"key": "k"}, "missing_field", "'val'"),
-        ({"key": "k", "val": "v", "ttl": 5}, "unknown_field", "'ttl'"),
+        ({"key": "k", "val": "v", "expires": 5}, "unknown_field", "'expires'"),
         ({"key": "k", "val": None}, "invalid_type", "'val'"),
         ({"key": None, "val": "v"}, "invalid_type", "'key'"),
         ({"key": 1, "val": "v"}, "invalid_type", "'key'"),
@@ -338,7 +338,7 @@ async def test_store_failure_on_write_is_503(
     from mapmg_data_engineer_takehome.state import STORE_KEY
     from mapmg_data_engineer_takehome.store import StoreUnavailable
 
-    async def full(key: str, val: str) -> None:
+    async def full(*args: object) -> None:
         raise StoreUnavailable("database or disk is full")
 
     monkeypatch.setattr(client.app[STORE_KEY], "set", full)

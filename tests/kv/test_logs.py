@@ -115,7 +115,7 @@ async def test_a_bug_logs_no_token_key_or_value(
     async def broken_get(key: str) -> None:
         fail_with_the_data(key)
 
-    async def broken_set(key: str, val: str) -> None:
+    async def broken_set(key: str, val: str, *conditions: object) -> None:
         raise KeyError(val)
 
     monkeypatch.setattr(store, "get", broken_get)

@@ -18,7 +18,7 @@ from mapmg_data_engineer_takehome.settings import SettingsError, load_settings
 from mapmg_data_engineer_takehome.store import SqliteStore
 from mapmg_data_engineer_takehome.store.sqlite import sqlite_uri
 
-from .conftest import write_input_db
+from .conftest import value_of, write_input_db
 
 
 @pytest.mark.parametrize(
@@ -56,7 +56,7 @@ async def test_files_whose_paths_need_escaping_open_and_seed(tmp_path: Path) -> 
         report = await seed_store(store, input_db)
         await store.set("written", "too")
         assert report.rows_applied == 1
-        assert (await store.get("seeded"), await store.get("written")) == ("yes", "too")
+        assert (await value_of(store, "seeded"), await value_of(store, "written")) == ("yes", "too")
     finally:
         await store.close()
     assert sorted(path.name for path in directory.iterdir()) == ["input.db", "kv.sqlite3"]

@@ -24,7 +24,7 @@ from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.seed import SeedError, SeedReport, find_input_db, seed_store
 from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
 
-from .conftest import MakeClient, MakeSettings, write_input_db
+from .conftest import MakeClient, MakeSettings, value_of, write_input_db
 
 BRIEF_SCHEMA = "create table keys(key text, val text)"
 # No declared type: no affinity, so integers and reals stay integers and reals.
@@ -69,7 +69,7 @@ async def store(store_kind: str, tmp_path: Path) -> AsyncIterator[Store]:
 
 async def assert_contents(store: Store, expected: Mapping[str, str]) -> None:
     """The store holds exactly ``expected``: the same count, and each key's value."""
-    assert {key: await store.get(key) for key in expected} == dict(expected)
+    assert {key: await value_of(store, key) for key in expected} == dict(expected)
     assert await store.count() == len(expected)
 
 
@@ -202,7 +202,7 @@ async def test_utf8_blobs_are_text_and_other_blobs_are_skipped(
     )
     assert report.skipped == skips(not_utf8=3)
     assert (report.rows_read, report.rows_applied) == (8, 5)
-    assert await store.get("bad blob val") is None
+    assert await value_of(store, "bad blob val") is None
 
 
 async def test_invalid_utf8_text_is_skipped_and_the_rest_loads(
@@ -300,7 +300,7 @@ async def test_empty_key_is_skipped_and_counted(store: Store, tmp_path: Path) ->
     report = await seeded(store, path, {" ": "space is a key"})
     assert report.skipped == skips(empty_key=2, null_val=1)
     assert (report.rows_read, report.rows_applied) == (4, 1)
-    assert await store.get("") is None
+    assert await value_of(store, "") is None
 
 
 async def test_report_counts_every_rule_at_once(store: Store, tmp_path: Path) -> None:
@@ -820,7 +820,7 @@ async def test_the_fast_seed_path_blind_spot_reads_as_absent(tmp_path: Path) -> 
     store = SqliteStore(tmp_path / "kv.sqlite3")
     try:
         await seed_store(store, path)
-        assert await store.get("good") == "one"
-        assert await store.get("stray lead byte") is None
+        assert await value_of(store, "good") == "one"
+        assert await value_of(store, "stray lead byte") is None
     finally:
         await store.close()

@@ -11,6 +11,8 @@ import pytest
 
 from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt
 
+from .conftest import value_of
+
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
 async def test_data_survives_close_and_reopen(tmp_path: Path, durability: str) -> None:
@@ -23,9 +25,9 @@ async def test_data_survives_close_and_reopen(tmp_path: Path, durability: str) -
     await store.close()
 
     reopened = SqliteStore(path, durability)
-    assert await reopened.get("kept") == "1"
-    assert await reopened.get("gone") is None
-    assert await reopened.get("seeded") == "3"
+    assert await value_of(reopened, "kept") == "1"
+    assert await value_of(reopened, "gone") is None
+    assert await value_of(reopened, "seeded") == "3"
     assert await reopened.seed_fingerprint() == "fp"
     await reopened.close()
 
@@ -85,7 +87,7 @@ async def test_the_wal_stays_small_under_endless_writes_and_reads(
                   for n in range(64))
             )  # fmt: skip
             for n in range(20):
-                await store.get(f"w:{n * 37}")
+                await value_of(store, f"w:{n * 37}")
             await asyncio.sleep(0)  # a turn of the loop ends the reads' snapshot
         wal = wal_size(path)
         # 19,200 writes over 50,000 keys touch far more than 16 MiB of pages in all.

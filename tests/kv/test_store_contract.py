@@ -1,28 +1,66 @@
-"""One contract, run unchanged against every Store implementation."""
+"""One contract, run unchanged against every Store implementation: values, versions,
+preconditions, expiry on a controllable clock, batches, ordered listing, seeding."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 
 from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
+from mapmg_data_engineer_takehome.store.base import (
+    PAGE_VALUE_CHARS,
+    Clock,
+    Entry,
+    IfAbsent,
+    IfExists,
+    IfVersion,
+    PreconditionFailed,
+    SetItem,
+    prefix_upper_bound,
+)
 
-BACKENDS: dict[str, Callable[[Path], Store]] = {
-    "memory": lambda directory: MemoryStore(),
-    "sqlite-normal": lambda directory: SqliteStore(directory / "kv.sqlite3", "normal"),
-    "sqlite-full": lambda directory: SqliteStore(directory / "kv.sqlite3", "full"),
+from .conftest import FakeClock, value_of
+
+BACKENDS: dict[str, Callable[[Path, Clock], Store]] = {
+    "memory": lambda directory, clock: MemoryStore(clock),
+    "sqlite-normal": lambda directory, clock: SqliteStore(
+        directory / "kv.sqlite3", "normal", clock
+    ),
+    "sqlite-full": lambda directory, clock: SqliteStore(directory / "kv.sqlite3", "full", clock),
 }
 
 
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
 @pytest.fixture(params=sorted(BACKENDS))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    opened = BACKENDS[request.param](tmp_path)
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> AsyncIterator[Store]:
+    opened = BACKENDS[request.param](tmp_path, clock)
     yield opened
     await opened.close()
+
+
+async def listed(store: Store, prefix: str = "", limit: int = 1000) -> list[str]:
+    """Every live key under ``prefix``, paging ``limit`` at a time."""
+    keys: list[str] = []
+    after: Optional[str] = None
+    while True:
+        page = await store.list_keys(prefix, after, limit, values=False)
+        keys += [item.key for item in page.keys]
+        if not page.more:
+            return keys
+        after = keys[-1]
+
+
+# --- values ---------------------------------------------------------------------------------
 
 
 async def test_get_of_a_missing_key_is_none(store: Store) -> None:
@@ -30,20 +68,20 @@ async def test_get_of_a_missing_key_is_none(store: Store) -> None:
 
 
 async def test_set_then_get(store: Store) -> None:
-    await store.set("k", "v")
-    assert await store.get("k") == "v"
+    written = await store.set("k", "v")
+    assert await store.get("k") == written == Entry("v", written.version, None)
 
 
 async def test_set_overwrites(store: Store) -> None:
     await store.set("k", "one")
     await store.set("k", "two")
-    assert await store.get("k") == "two"
+    assert await value_of(store, "k") == "two"
     assert await store.count() == 1
 
 
 async def test_empty_value_is_a_value(store: Store) -> None:
     await store.set("k", "")
-    assert await store.get("k") == ""
+    assert await value_of(store, "k") == ""
 
 
 async def test_delete_reports_whether_the_key_had_a_value(store: Store) -> None:
@@ -66,33 +104,290 @@ async def test_keys_are_exact_strings(store: Store) -> None:
     for index, key in enumerate(keys):
         await store.set(key, str(index))
     for index, key in enumerate(keys):
-        assert await store.get(key) == str(index)
-
-
-async def test_load_applies_rows_in_order_last_wins(store: Store) -> None:
-    await store.set("kept", "mine")
-    await store.load(iter([("a", "1"), ("b", "2"), ("a", "3")]), "fingerprint-1")
-    assert await store.get("a") == "3"
-    assert await store.get("b") == "2"
-    assert await store.get("kept") == "mine"
-
-
-async def test_load_accepts_a_generator_of_many_rows(store: Store) -> None:
-    await store.load(((f"k{i}", f"v{i}") for i in range(10_000)), "many")
-    assert await store.count() == 10_000
-    assert await store.get("k9999") == "v9999"
+        assert await value_of(store, key) == str(index)
 
 
 async def test_concurrent_writes_all_land(store: Store) -> None:
     await asyncio.gather(*(store.set(f"k{i}", f"v{i}") for i in range(200)))
     await asyncio.gather(*(store.delete(f"k{i}") for i in range(0, 200, 2)))
     assert await store.count() == 100
-    assert await store.get("k1") == "v1"
+    assert await value_of(store, "k1") == "v1"
     assert await store.get("k2") is None
 
 
 async def test_ping_answers(store: Store) -> None:
     await store.ping()
+
+
+# --- versions -------------------------------------------------------------------------------
+
+
+async def test_every_write_takes_the_next_revision_on_any_key(store: Store) -> None:
+    first = (await store.set("a", "1")).version
+    assert (await store.set("b", "1")).version == first + 1
+    assert (await store.set("a", "2")).version == first + 2
+    assert await store.delete("b") is True  # a delete takes one too
+    assert (await store.set("c", "1")).version == first + 4
+    entry = await store.get("a")
+    assert entry is not None and entry.version == first + 2
+
+
+async def test_writes_that_change_nothing_take_no_revision(store: Store) -> None:
+    first = (await store.set("a", "1")).version
+    assert await store.delete("missing") is False
+    assert await store.delete_many(["missing", "absent"]) == 0
+    with pytest.raises(PreconditionFailed):
+        await store.set("a", "x", condition=IfVersion(first + 100))
+    assert (await store.set("b", "1")).version == first + 1
+
+
+async def test_concurrent_writes_get_distinct_versions(store: Store) -> None:
+    entries = await asyncio.gather(*(store.set(f"k{i % 7}", str(i)) for i in range(50)))
+    versions = [entry.version for entry in entries]
+    assert len(set(versions)) == 50
+    assert sorted(versions) == versions  # applied in the order they were submitted
+
+
+# --- preconditions --------------------------------------------------------------------------
+
+
+async def test_if_version_writes_only_at_that_version(store: Store) -> None:
+    version = (await store.set("k", "1")).version
+    with pytest.raises(PreconditionFailed) as failed:
+        await store.set("k", "2", condition=IfVersion(version - 1))
+    assert failed.value.current == version
+    assert await value_of(store, "k") == "1"
+    updated = await store.set("k", "2", condition=IfVersion(version))
+    assert updated.version > version and await value_of(store, "k") == "2"
+    with pytest.raises(PreconditionFailed) as failed:
+        await store.set("missing", "x", condition=IfVersion(version))
+    assert failed.value.current is None
+    assert await store.get("missing") is None
+
+
+async def test_if_exists_and_if_absent(store: Store) -> None:
+    with pytest.raises(PreconditionFailed):
+        await store.set("k", "1", condition=IfExists())
+    created = await store.set("k", "1", condition=IfAbsent())
+    with pytest.raises(PreconditionFailed) as failed:
+        await store.set("k", "2", condition=IfAbsent())
+    assert failed.value.current == created.version
+    await store.set("k", "3", condition=IfExists())
+    assert await value_of(store, "k") == "3"
+
+
+async def test_conditional_delete(store: Store) -> None:
+    version = (await store.set("k", "1")).version
+    with pytest.raises(PreconditionFailed) as failed:
+        await store.delete("k", condition=IfVersion(version + 1))
+    assert failed.value.current == version
+    assert await value_of(store, "k") == "1"
+    assert await store.delete("k", condition=IfVersion(version)) is True
+    with pytest.raises(PreconditionFailed) as failed:
+        await store.delete("k", condition=IfExists())
+    assert failed.value.current is None
+
+
+async def test_a_failed_precondition_does_not_fail_its_neighbours(store: Store) -> None:
+    await store.set("taken", "1")
+    results = await asyncio.gather(
+        store.set("a", "1"),
+        store.set("taken", "2", condition=IfAbsent()),
+        store.set("b", "1"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], PreconditionFailed)
+    assert isinstance(results[0], Entry) and isinstance(results[2], Entry)
+    assert [await value_of(store, key) for key in ("a", "taken", "b")] == ["1", "1", "1"]
+
+
+# --- expiry ---------------------------------------------------------------------------------
+
+
+async def test_a_key_expires_at_once_everywhere(store: Store, clock: FakeClock) -> None:
+    written = await store.set("k", "v", ttl=10)
+    assert written.expires_at == round((clock.now + 10) * 1000)
+    assert await store.get("k") == written
+    clock.advance(9.999)
+    assert await value_of(store, "k") == "v"
+    clock.advance(0.001)
+    assert await store.get("k") is None
+    assert await store.get_many(["k"]) == {}
+    assert await listed(store) == []
+    with pytest.raises(PreconditionFailed) as failed:
+        await store.set("k", "again", condition=IfExists())
+    assert failed.value.current is None
+    assert await store.delete("k") is False
+    await store.set("k", "fresh", condition=IfAbsent())
+    assert await value_of(store, "k") == "fresh"
+
+
+async def test_a_set_without_ttl_removes_the_expiry(store: Store, clock: FakeClock) -> None:
+    await store.set("k", "v", ttl=5)
+    assert (await store.set("k", "w")).expires_at is None
+    clock.advance(60)
+    assert await value_of(store, "k") == "w"
+
+
+async def test_purge_removes_expired_rows_in_batches(store: Store, clock: FakeClock) -> None:
+    await store.set_many([SetItem(f"short{i}", "v", ttl=1) for i in range(25)])
+    await store.set("long", "v", ttl=100)
+    await store.set("forever", "v")
+    assert await store.purge_expired(10) == 0
+    clock.advance(2)
+    assert await store.purge_expired(10) == 10
+    assert await store.purge_expired(100) == 15
+    assert await store.purge_expired(100) == 0
+    assert await store.count() == 2
+    assert await listed(store) == ["forever", "long"]
+
+
+async def test_a_seed_clears_expiry(store: Store, clock: FakeClock) -> None:
+    await store.set("k", "v", ttl=1)
+    await store.load(iter([("k", "seeded")]), "fp")
+    clock.advance(10)
+    entry = await store.get("k")
+    assert entry is not None and (entry.val, entry.expires_at) == ("seeded", None)
+
+
+# --- batches --------------------------------------------------------------------------------
+
+
+async def test_get_many_gives_only_live_values(store: Store, clock: FakeClock) -> None:
+    await store.set("a", "1")
+    await store.set("b", "2", ttl=1)
+    await store.set("c", "")
+    clock.advance(1)
+    many = await store.get_many(["c", "missing", "a", "b", "a"])
+    assert dict(many) == {"a": "1", "c": ""}
+
+
+async def test_set_many_shares_one_revision_and_the_last_item_wins(
+    store: Store, clock: FakeClock
+) -> None:
+    before = (await store.set("x", "0")).version
+    revision = await store.set_many(
+        [SetItem("a", "1"), SetItem("b", "2", ttl=5), SetItem("a", "3")]
+    )
+    assert revision == before + 1
+    assert await store.get("a") == Entry("3", revision, None)
+    assert await store.get("b") == Entry("2", revision, round((clock.now + 5) * 1000))
+
+
+async def test_delete_many_counts_the_live_keys_it_removed(store: Store, clock: FakeClock) -> None:
+    await store.set_many([SetItem("a", "1"), SetItem("b", "2"), SetItem("c", "3", ttl=1)])
+    clock.advance(1)
+    before = (await store.set("x", "0")).version
+    assert await store.delete_many(["a", "a", "c", "missing", "b"]) == 2
+    assert await listed(store) == ["x"]
+    assert (await store.set("y", "0")).version == before + 2  # one revision for the batch
+
+
+# --- listing --------------------------------------------------------------------------------
+
+KEYS_IN_UTF8_ORDER = ["A", "B", "Z", "a", "a/b", "a:b", "ab", "ß", "ключ", "\ue000", "😀"]
+
+
+async def test_keys_list_in_utf8_byte_order(store: Store) -> None:
+    assert sorted(KEYS_IN_UTF8_ORDER, key=lambda key: key.encode()) == KEYS_IN_UTF8_ORDER
+    for key in reversed(KEYS_IN_UTF8_ORDER):
+        await store.set(key, key.upper())
+    assert await listed(store) == KEYS_IN_UTF8_ORDER
+    assert await listed(store, limit=1) == KEYS_IN_UTF8_ORDER
+    assert await listed(store, limit=3) == KEYS_IN_UTF8_ORDER
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ("a", ["a", "a/b", "a:b", "ab"]),
+        ("a/", ["a/b"]),
+        ("ab", ["ab"]),
+        ("abc", []),
+        ("", KEYS_IN_UTF8_ORDER),
+        ("😀", ["😀"]),
+        ("\ud7ff", []),
+    ],
+)
+async def test_a_prefix_selects_exactly_its_keys(
+    store: Store, prefix: str, expected: list[str]
+) -> None:
+    for key in KEYS_IN_UTF8_ORDER:
+        await store.set(key, "v")
+    assert await listed(store, prefix) == expected
+    assert await listed(store, prefix, limit=1) == expected
+
+
+async def test_a_page_carries_versions_expiry_and_values_when_asked(
+    store: Store, clock: FakeClock
+) -> None:
+    a = await store.set("a", "1")
+    b = await store.set("b", "2", ttl=30)
+    page = await store.list_keys("", None, 10, values=False)
+    assert [(item.key, item.version, item.expires_at, item.val) for item in page.keys] == [
+        ("a", a.version, None, None),
+        ("b", b.version, b.expires_at, None),
+    ]
+    assert page.more is False
+    with_values = await store.list_keys("", None, 1, values=True)
+    assert [(item.key, item.val) for item in with_values.keys] == [("a", "1")]
+    assert with_values.more is True
+    after = await store.list_keys("", "a", 1, values=True)
+    assert [(item.key, item.val) for item in after.keys] == [("b", "2")]
+    assert after.more is False
+
+
+async def test_a_cursor_before_the_prefix_starts_at_the_prefix(store: Store) -> None:
+    for key in ("a1", "b1", "b2", "c1"):
+        await store.set(key, "v")
+    page = await store.list_keys("b", "a9", 10, values=False)
+    assert [item.key for item in page.keys] == ["b1", "b2"]
+    page = await store.list_keys("b", "b1", 10, values=False)
+    assert [item.key for item in page.keys] == ["b2"]
+    page = await store.list_keys("b", "z", 10, values=False)
+    assert list(page.keys) == [] and page.more is False
+
+
+async def test_a_page_of_large_values_stops_early(store: Store) -> None:
+    big = "x" * (PAGE_VALUE_CHARS // 4)
+    await store.set_many([SetItem(f"k{i}", big) for i in range(8)])
+    page = await store.list_keys("", None, 1000, values=True)
+    assert page.more is True and 4 <= len(page.keys) < 8
+    assert len(await listed(store)) == 8  # without values, one page
+
+
+def test_prefix_upper_bounds() -> None:
+    assert prefix_upper_bound("") is None
+    assert prefix_upper_bound("ab") == "ac"
+    assert prefix_upper_bound("a\U0010ffff") == "b"
+    assert prefix_upper_bound("\U0010ffff") is None
+    assert prefix_upper_bound("\ud7ff") == "\ue000"
+
+
+# --- seeding --------------------------------------------------------------------------------
+
+
+async def test_load_applies_rows_in_order_last_wins(store: Store) -> None:
+    await store.set("kept", "mine")
+    await store.load(iter([("a", "1"), ("b", "2"), ("a", "3")]), "fingerprint-1")
+    assert await value_of(store, "a") == "3"
+    assert await value_of(store, "b") == "2"
+    assert await value_of(store, "kept") == "mine"
+
+
+async def test_seeded_keys_share_one_version(store: Store) -> None:
+    before = (await store.set("x", "0")).version
+    await store.load(iter([("a", "1"), ("b", "2")]), "fp")
+    a, b = await store.get("a"), await store.get("b")
+    assert a is not None and b is not None
+    assert a.version == b.version == before + 1
+    assert (await store.set("c", "3")).version == before + 2
+
+
+async def test_load_accepts_a_generator_of_many_rows(store: Store) -> None:
+    await store.load(((f"k{i}", f"v{i}") for i in range(10_000)), "many")
+    assert await store.count() == 10_000
+    assert await value_of(store, "k9999") == "v9999"
 
 
 async def test_fingerprint_is_remembered_only_by_durable_stores(store: Store) -> None:

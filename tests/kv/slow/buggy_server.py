@@ -16,7 +16,7 @@ async def broken_get(self: SqliteStore, key: str) -> None:
     raise RuntimeError(f"a bug that names {key}")
 
 
-async def broken_set(self: SqliteStore, key: str, val: str) -> None:
+async def broken_set(self: SqliteStore, key: str, val: str, *conditions: object) -> None:
     raise KeyError(val)
 
 
