@@ -221,13 +221,14 @@ def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
     if kind == "extra_forbidden":
         owner = _model_at(model, location[:-1])
         hint = " Did you mean 'val'?" if str(name).lower() in _VAL_MISSPELLINGS else ""
-        where = "the body" if len(location) == 1 else field_path(location[:-1])
-        return ApiError(
-            422,
-            "unknown_field",
-            f"Unknown field '{field_path(location)}': {where} takes only "
-            f"{_field_names(owner)}.{hint}",
-        )
+        if len(location) == 1:
+            sentence = f"Unknown field '{name}': the body takes only {_field_names(owner)}."
+        else:
+            sentence = (
+                f"{field_path(location)}: unknown field; an item takes only "
+                f"{_field_names(owner)}."
+            )
+        return ApiError(422, "unknown_field", sentence + hint)
     if kind == "missing":
         return ApiError(422, "missing_field", f"{subject} is required.")
     if name == "ttl" and kind != "missing":
@@ -264,9 +265,8 @@ def _shown(value: Any) -> str:
 
 def parse_query(query: Any) -> ListQuery:
     """The listing's parameters from the query string; 422 invalid_parameter naming one."""
-    names = list(query.keys())
-    for name in names:
-        if names.count(name) > 1:
+    for name in query:
+        if len(query.getall(name)) > 1:
             raise ApiError(422, "invalid_parameter", f"Query parameter '{name}' is given twice.")
     try:
         return ListQuery.model_validate(dict(query))

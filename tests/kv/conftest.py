@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import sqlite3
+import time
 from collections.abc import Awaitable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -153,8 +154,12 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 def make_client(aiohttp_client: Any, make_settings: MakeSettings) -> MakeClient:
     """Start the real app in-process from settings overrides and return a test client."""
 
-    async def make(settings: Optional[Settings] = None, **overrides: Any) -> Client:
-        app: web.Application = create_app(settings or make_settings(**overrides))
+    async def make(
+        settings: Optional[Settings] = None, clock: Optional[FakeClock] = None, **overrides: Any
+    ) -> Client:
+        app: web.Application = create_app(
+            settings or make_settings(**overrides), clock=clock or time.time
+        )
         client: Client = await aiohttp_client(app)
         return client
 

@@ -25,6 +25,7 @@ async def locked(make_client: MakeClient, store_kind: str) -> Client:
 @pytest.mark.parametrize(
     ("method", "path"),
     [("GET", "/get/k"), ("POST", "/set"), ("DELETE", "/delete/k"), ("GET", "/config"),
+     ("GET", "/keys"), ("POST", "/mget"), ("POST", "/mset"), ("POST", "/mdelete"),
      ("GET", "/nowhere")],
 )  # fmt: skip
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -94,3 +95,56 @@ async def test_the_wal_stays_small_under_endless_writes_and_reads(
         assert wal < 16 * 1024 * 1024, f"WAL is {wal / 2**20:.0f} MiB"
     finally:
         await store.close()
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+RELEASE_1_CONTENTS = {
+    "seeded:1": "one",
+    "seeded:2": "two",
+    "overwritten": "by a client",
+    "a/b?c#d %20 ключ 🔑": "välue\nwith newline",
+    "empty value": "",
+}
+
+
+async def test_a_file_of_release_1_is_upgraded_in_place_losing_nothing(tmp_path: Path) -> None:
+    """tests/kv/fixtures/kv-schema-1.sqlite3 was written by release 1.0.0 (schema 1)."""
+    path = tmp_path / "kv.sqlite3"
+    shutil.copyfile(FIXTURES / "kv-schema-1.sqlite3", path)
+    store = SqliteStore(path)
+    try:
+        page = await store.list_keys("", None, 100, values=True)
+        assert {item.key: item.val for item in page.keys} == RELEASE_1_CONTENTS
+        assert {(item.version, item.expires_at) for item in page.keys} == {(1, None)}
+        assert await store.get("deleted") is None
+        assert await store.seed_fingerprint() == (
+            "550a18265d3d11a31c58eec88a4183a6cf5ac74c3b36bd628a9c83d6b73df423"
+        )
+        written = await store.set("new", "after the upgrade", ttl=60)
+        assert written.version == 2 and written.expires_at is not None
+    finally:
+        await store.close()
+    conn = sqlite3.connect(str(path))
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
+    reopened = SqliteStore(path)  # already upgraded: opens as it is
+    try:
+        assert await value_of(reopened, "new") == "after the upgrade"
+        assert await reopened.count() == len(RELEASE_1_CONTENTS) + 1
+    finally:
+        await reopened.close()
+
+
+def test_a_file_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "kv.sqlite3"
+    shutil.copyfile(FIXTURES / "kv-schema-1.sqlite3", path)
+    conn = sqlite3.connect(str(path))
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreCorrupt, match="newer version"):
+        SqliteStore(path)
+    assert path.read_bytes() == before
