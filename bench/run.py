@@ -8,6 +8,10 @@ bodies spread over 100,000 keys (bench/set_random.lua).
 
     python bench/run.py                      # 3 rounds, 10 s per run, 1,000,000 keys
     python bench/run.py --rounds 5 --duration 15 --out bench/results.md
+    python bench/run.py --servers kv-baseline,kv --baseline v1.0.0   # before and after
+
+``--baseline REF`` adds the contender kv-baseline: this service as it was at git REF, checked
+out into a temporary worktree, so that a change is measured against its parent in one run.
 
 It needs wrk and taskset on PATH, two or more cores, and for the references the packages in
 bench/requirements.txt; it says what is missing and installs nothing.
@@ -16,6 +20,7 @@ bench/requirements.txt; it says what is missing and installs nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import re
@@ -27,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -49,6 +55,7 @@ class Server:
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
+    cwd: Optional[str] = None  # python -m imports the package from here first
 
 
 def kv_server(name: str, **settings: str) -> Server:
@@ -62,9 +69,16 @@ def kv_server(name: str, **settings: str) -> Server:
     return Server(name, [sys.executable, "-m", "mapmg_data_engineer_takehome"], env=env)
 
 
-def contenders(workers: int) -> dict[str, Server]:
+def contenders(workers: int, baseline: Optional[tuple[str, Path]] = None) -> dict[str, Server]:
     python = sys.executable
+    extra = {}
+    if baseline is not None:
+        ref, worktree = baseline
+        extra["kv-baseline"] = Server(
+            f"kv at {ref} (baseline)", kv_server("").command, kv_server("").env, cwd=str(worktree)
+        )
     return {
+        **extra,
         "floor": Server(
             "floor (aiohttp + uvloop + dict)",
             [python, str(BENCH / "floor_app.py"), "--port", "{port}", "--input-db", "{input_db}"],
@@ -87,6 +101,11 @@ class WrkResult:
     p50_ms: float
     p99_ms: float
     errors: int  # non-2xx answers plus socket errors
+    requests: int = 0
+    # CPU time the server's processes spent per request, in microseconds. Unlike the rate, it
+    # does not move with what a shared machine's neighbours take: the steadier figure for
+    # comparing two versions of the server.
+    cpu_us: float = 0.0
 
 
 def parse_wrk(output: str) -> WrkResult:
@@ -108,7 +127,29 @@ def parse_wrk(output: str) -> WrkResult:
     )
     if sockets:
         errors += sum(int(number) for number in sockets.groups())
-    return WrkResult(float(rate.group(1)), latency("50"), latency("99"), errors)
+    total = re.search(r"^\s*(\d+) requests in", output, re.MULTILINE)
+    return WrkResult(
+        float(rate.group(1)),
+        latency("50"),
+        latency("99"),
+        errors,
+        requests=int(total.group(1)) if total else 0,
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its reaped children (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its live child processes (the workers of KV_WORKERS)."""
+    total = cpu_seconds(pid)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        total += children_cpu_seconds(int(child))
+    return total
 
 
 def free_port() -> int:
@@ -135,14 +176,22 @@ def wait_ready(port: int, process: subprocess.Popen[bytes]) -> float:
     raise RuntimeError("server not ready in time")
 
 
-def run_wrk(port: int, script: str, seconds: int, connections: int, keys: int) -> WrkResult:
+def run_wrk(
+    port: int, script: str, seconds: int, connections: int, keys: int, pid: Optional[int] = None
+) -> WrkResult:
+    """One wrk run; with the server's ``pid``, also its CPU time per request."""
     command = [
         "taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
         "--latency", "-s", str(BENCH / script), f"http://127.0.0.1:{port}",
     ]  # fmt: skip
     env = {**os.environ, "KV_BENCH_KEYS": str(keys)}
+    cpu_before = 0.0 if pid is None else children_cpu_seconds(pid)
     output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-    return parse_wrk(output)
+    result = parse_wrk(output)
+    if pid is not None and result.requests:
+        spent = children_cpu_seconds(pid) - cpu_before
+        result.cpu_us = spent / result.requests * 1e6
+    return result
 
 
 def measure(server: Server, input_db: Path, args: argparse.Namespace) -> dict[str, WrkResult]:
@@ -155,6 +204,7 @@ def measure(server: Server, input_db: Path, args: argparse.Namespace) -> dict[st
         cores = "0-1" if args.workers > 1 else SERVER_CORE
         process = subprocess.Popen(
             ["taskset", "-c", cores, *command],
+            cwd=server.cwd,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -163,8 +213,8 @@ def measure(server: Server, input_db: Path, args: argparse.Namespace) -> dict[st
             wait_ready(port, process)
             run_wrk(port, "get_random.lua", 2, args.connections, args.rows)  # warm-up
             results = {
-                "get": run_wrk(port, "get_random.lua", args.duration, args.connections, args.rows),
-                "set": run_wrk(port, "set_random.lua", args.duration, args.connections, args.rows),
+                kind: run_wrk(port, script, args.duration, args.connections, args.rows, process.pid)
+                for kind, script in (("get", "get_random.lua"), ("set", "set_random.lua"))
             }
         finally:
             process.send_signal(signal.SIGTERM)
@@ -199,19 +249,20 @@ def missing_prerequisites(servers: list[Server]) -> list[str]:
 
 def render(medians: dict[str, dict[str, WrkResult]], servers: dict[str, Server]) -> str:
     lines = [
-        "| server | GET req/s | GET p50 ms | GET p99 ms | POST req/s | POST p50 ms | "
-        "POST p99 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | GET req/s | GET p50 ms | GET p99 ms | GET CPU µs | POST req/s | POST p50 ms "
+        "| POST p99 ms | POST CPU µs | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for key, result in medians.items():
         get, post = result["get"], result["set"]
         lines.append(
             f"| {servers[key].name} | {get.requests_per_second:,.0f} | {get.p50_ms:.2f} | "
-            f"{get.p99_ms:.2f} | {post.requests_per_second:,.0f} | {post.p50_ms:.2f} | "
-            f"{post.p99_ms:.2f} | {get.errors + post.errors} |"
+            f"{get.p99_ms:.2f} | {get.cpu_us:.1f} | {post.requests_per_second:,.0f} | "
+            f"{post.p50_ms:.2f} | {post.p99_ms:.2f} | {post.cpu_us:.1f} | "
+            f"{get.errors + post.errors} |"
         )
     if "kv" in medians:
-        for other in ("floor", "fastapi"):
+        for other in ("floor", "fastapi", "kv-baseline"):
             if other not in medians:
                 continue
             ours, theirs = medians["kv"], medians[other]
@@ -219,8 +270,11 @@ def render(medians: dict[str, dict[str, WrkResult]], servers: dict[str, Server])
             set_rate = ratio(ours["set"].requests_per_second, theirs["set"].requests_per_second)
             get_p99 = ratio(ours["get"].p99_ms, theirs["get"].p99_ms)
             set_p99 = ratio(ours["set"].p99_ms, theirs["set"].p99_ms)
+            get_cpu = ratio(ours["get"].cpu_us, theirs["get"].cpu_us)
+            set_cpu = ratio(ours["set"].cpu_us, theirs["set"].cpu_us)
             lines.append(
-                f"| kv ÷ {other} | {get_rate} | | {get_p99} | {set_rate} | | {set_p99} | |"
+                f"| kv ÷ {other} | {get_rate} | | {get_p99} | {get_cpu} | {set_rate} | | "
+                f"{set_p99} | {set_cpu} | |"
             )
     return "\n".join(lines)
 
@@ -235,6 +289,8 @@ def median_result(results: list[WrkResult]) -> WrkResult:
         statistics.median(result.p50_ms for result in results),
         statistics.median(result.p99_ms for result in results),
         sum(result.errors for result in results),
+        sum(result.requests for result in results),
+        statistics.median(result.cpu_us for result in results),
     )
 
 
@@ -247,11 +303,40 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="KV_WORKERS for the service")
     parser.add_argument("--servers", default="floor,kv,fastapi")
     parser.add_argument("--out", type=Path, help="also write the table as markdown here")
+    parser.add_argument("--baseline", metavar="REF", help="git ref for the kv-baseline server")
     args = parser.parse_args(argv)
-    catalogue = contenders(args.workers)
-    chosen = {name: catalogue[name] for name in args.servers.split(",")}
-    if report_missing(list(chosen.values())):
-        return 2
+    with contextlib.ExitStack() as stack:
+        baseline = None
+        if args.baseline:
+            baseline = (args.baseline, stack.enter_context(git_worktree(args.baseline)))
+        catalogue = contenders(args.workers, baseline)
+        chosen = {name: catalogue[name] for name in args.servers.split(",")}
+        if report_missing(list(chosen.values())):
+            return 2
+        return run_rounds(chosen, args)
+
+
+@contextlib.contextmanager
+def git_worktree(ref: str) -> Iterator[Path]:
+    """The repository at ``ref``, checked out in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="kv-bench-baseline-") as directory:
+        worktree = Path(directory) / "repo"
+        subprocess.run(
+            ["git", "-C", str(BENCH.parent), "worktree", "add", "--detach", str(worktree), ref],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield worktree
+        finally:
+            subprocess.run(
+                ["git", "-C", str(BENCH.parent), "worktree", "remove", "--force", str(worktree)],
+                check=False,
+                capture_output=True,
+            )
+
+
+def run_rounds(chosen: dict[str, Server], args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="kv-bench-input-") as directory:
         input_db = Path(directory) / "input.db"
         write_input_db(input_db, args.rows)
@@ -260,9 +345,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             for name, server in chosen.items():
                 result = measure(server, input_db, args)
                 runs[name].append(result)
+                get, post = result["get"], result["set"]
                 print(
-                    f"round {round_number} {name}: GET {result['get'].requests_per_second:,.0f}/s "
-                    f"POST {result['set'].requests_per_second:,.0f}/s",
+                    f"round {round_number} {name}: GET {get.requests_per_second:,.0f}/s "
+                    f"({get.cpu_us:.1f} µs CPU) POST {post.requests_per_second:,.0f}/s "
+                    f"({post.cpu_us:.1f} µs CPU)",
                     flush=True,
                 )
     medians = {

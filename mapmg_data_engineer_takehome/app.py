@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from .errors import StartupError, safe_message
-from .middleware import make_request_middleware
+from .middleware import make_request_wrapper
 from .protocol import MAX_REQUEST_LINE_BYTES, ServerRunner, close_stalled_connections
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
@@ -51,14 +51,13 @@ def create_app(
         # aiohttp stops reading a body past this bound, so a client streaming without end
         # costs at most this much memory; handlers.read_body enforces the exact limit.
         client_max_size=settings.max_body_bytes + 1,
-        middlewares=[make_request_middleware(settings.access_log, _secret(settings))],
     )
     app[SETTINGS_KEY] = settings
     app.cleanup_ctx.append(partial(store_context, seed=seed, clock=clock))
     if purge:
         # After the store's context, so that it stops before the store closes.
         app.cleanup_ctx.append(partial(purge_context, interval=settings.purge_interval))
-    setup_routes(app)
+    setup_routes(app, make_request_wrapper(settings.access_log, _secret(settings)))
     return app
 
 

@@ -14,7 +14,8 @@ from .store.base import StoreError, StoreUnavailable
 log = structlog.get_logger("kv.errors")
 
 # Every answer is JSON; a prebuilt header dict is the cheapest way to say so.
-JSON_HEADERS: dict[str, str] = {"Content-Type": "application/json; charset=utf-8"}
+JSON_CONTENT_TYPE = "application/json; charset=utf-8"
+JSON_HEADERS: dict[str, str] = {hdrs.CONTENT_TYPE: JSON_CONTENT_TYPE}
 
 
 class StartupError(Exception):
@@ -59,12 +60,6 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def route_name(request: web.Request) -> str:
-    """The route pattern that matched (``/get/{key}``), never the concrete path with its key."""
-    resource = request.match_info.route.resource
-    return resource.canonical if resource is not None else "unmatched"
-
-
 def error_response(
     status: int, code: str, message: str, headers: Optional[Mapping[str, str]] = None
 ) -> web.Response:
@@ -93,8 +88,11 @@ def _render_http_exception(error: web.HTTPException) -> web.Response:
     return error_response(error.status, code, message, headers)
 
 
-def response_for(request: web.Request, error: Exception, request_id: str) -> web.Response:
+def response_for(
+    request: web.Request, error: Exception, request_id: str, route: str
+) -> web.Response:
     """The JSON answer to an exception a handler raised; 500s hide internals, log the traceback.
+    ``route`` is the handler's route pattern, which the log gives instead of the path (a key).
 
     Re-raises what is not a failure: aiohttp's redirects (HTTPException below 400).
     """
@@ -104,7 +102,6 @@ def response_for(request: web.Request, error: Exception, request_id: str) -> web
         if error.status < 400:
             raise error
         return _render_http_exception(error)
-    route = route_name(request)
     if isinstance(error, StoreUnavailable):
         log.warning(
             "store_unavailable", route=route, reason=safe_message(error), request_id=request_id

@@ -225,8 +225,7 @@ def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
             sentence = f"Unknown field '{name}': the body takes only {_field_names(owner)}."
         else:
             sentence = (
-                f"{field_path(location)}: unknown field; an item takes only "
-                f"{_field_names(owner)}."
+                f"{field_path(location)}: unknown field; an item takes only {_field_names(owner)}."
             )
         return ApiError(422, "unknown_field", sentence + hint)
     if kind == "missing":

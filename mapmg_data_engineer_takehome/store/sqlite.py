@@ -17,7 +17,6 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any, Callable, Optional, Protocol, TypeVar
 from urllib.parse import quote, urlencode
@@ -217,17 +216,14 @@ def _upgrade(conn: sqlite3.Connection, path: Path) -> None:
 
 class _Transaction:
     """One group's write transaction: its connection, its clock reading, and the revision,
-    read once under the write lock and written back once, if any write took one."""
+    read once under the write lock and written back once, if any write took one (each write
+    that changes something adds one to ``revision``)."""
 
     def __init__(self, conn: sqlite3.Connection, now_ms: float) -> None:
         self.conn = conn
         self.now_ms = now_ms
         self.first = int(conn.execute(_READ_META, (_REVISION,)).fetchone()[0])
         self.revision = self.first
-
-    def next_revision(self) -> int:
-        self.revision += 1
-        return self.revision
 
     def live_version(self, key: str) -> Optional[int]:
         row = self.conn.execute(_GET_LIVE_VERSION, (key,)).fetchone()
@@ -247,50 +243,62 @@ class _Transaction:
             self.conn.execute(_WRITE_META, (_REVISION, self.revision))
 
 
-@dataclass(frozen=True)
+# The operations below are plain classes with __slots__: one is made per write, and a frozen
+# dataclass costs three times as much to make.
+
+
 class _SetOne:
-    key: str
-    val: str
-    expires_at: Optional[int]
-    condition: Optional[Condition]
+    __slots__ = ("condition", "expires_at", "key", "val")
+
+    def __init__(
+        self, key: str, val: str, expires_at: Optional[int], condition: Optional[Condition]
+    ) -> None:
+        self.key, self.val, self.expires_at, self.condition = key, val, expires_at, condition
 
     def apply(self, tx: _Transaction) -> Entry:
         if self.condition is not None:
             tx.check(self.key, self.condition)
-        version = tx.next_revision()
+        tx.revision += 1
+        version = tx.revision
         tx.conn.execute(_SET, (self.key, self.val, version, self.expires_at))
         return Entry(self.val, version, self.expires_at)
 
 
-@dataclass(frozen=True)
 class _DeleteOne:
-    key: str
-    condition: Optional[Condition]
+    __slots__ = ("condition", "key")
+
+    def __init__(self, key: str, condition: Optional[Condition]) -> None:
+        self.key, self.condition = key, condition
 
     def apply(self, tx: _Transaction) -> bool:
         current = tx.check(self.key, self.condition)
         tx.conn.execute(_DELETE, (self.key,))  # an expired row goes too
         if current is None:
             return False
-        tx.next_revision()
+        tx.revision += 1
         return True
 
 
-@dataclass(frozen=True)
 class _SetMany:
-    rows: Sequence[tuple[str, str, Optional[int]]]  # key, val, expires_at
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: Sequence[tuple[str, str, Optional[int]]]) -> None:
+        self.rows = rows  # key, val, expires_at
 
     def apply(self, tx: _Transaction) -> int:
-        version = tx.next_revision()
+        tx.revision += 1
+        version = tx.revision
         tx.conn.executemany(
             _SET, ((key, val, version, expires_at) for key, val, expires_at in self.rows)
         )
         return version
 
 
-@dataclass(frozen=True)
 class _DeleteMany:
-    keys: Sequence[str]
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = keys
 
     def apply(self, tx: _Transaction) -> int:
         deleted = 0
@@ -304,13 +312,15 @@ class _DeleteMany:
             ).fetchone()[0]
             tx.conn.execute(f"DELETE FROM kv WHERE key IN ({marks})", chunk)
         if deleted:
-            tx.next_revision()
+            tx.revision += 1
         return deleted
 
 
-@dataclass(frozen=True)
 class _Purge:
-    limit: int
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
 
     def apply(self, tx: _Transaction) -> int:
         return int(tx.conn.execute(_PURGE, (tx.now_ms, self.limit)).rowcount)
@@ -538,8 +548,8 @@ class SqliteStore:
         ttl: Optional[float] = None,
         condition: Optional[Condition] = None,
     ) -> Entry:
-        operation = _SetOne(key, val, expiry_of(ttl, self._clock()), condition)
-        return await self._committer.submit(operation)
+        expires_at = None if ttl is None else expiry_of(ttl, self._clock())
+        return await self._committer.submit(_SetOne(key, val, expires_at, condition))
 
     async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
         return await self._committer.submit(_DeleteOne(key, condition))
@@ -595,7 +605,7 @@ class SqliteStore:
                 tx = _Transaction(conn, self._clock() * 1000)
                 applied = apply(conn, tx.revision + 1)
                 if applied:
-                    tx.next_revision()
+                    tx.revision += 1
                 tx.finish()
                 conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
             # Move the seed from the WAL into the file now, before the port opens, rather
