@@ -30,7 +30,7 @@ from .store.base import Clock
 log = structlog.get_logger("kv.app")
 
 # Expired rows deleted per transaction, and the pause between two such transactions.
-PURGE_BATCH = 200
+PURGE_BATCH = 50
 PURGE_PAUSE = 0.005
 
 

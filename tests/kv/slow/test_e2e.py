@@ -232,13 +232,15 @@ def test_restart_keeps_data_including_overwrite_and_delete(servers: ServerPool) 
 
 
 class Writer(threading.Thread):
-    """Sequential POSTs of increasing integers to its own keys until the server dies."""
+    """Sequential POSTs of increasing integers to its own keys until the server dies: one
+    /set per key, or with ``batch`` one /mset of all its keys."""
 
-    def __init__(self, port: int, keys: list[str], deadline: float) -> None:
+    def __init__(self, port: int, keys: list[str], deadline: float, batch: bool = False) -> None:
         super().__init__(daemon=True)
         self.port = port
         self.keys = keys
         self.deadline = deadline
+        self.batch = batch
         self.attempted: dict[str, int] = {}
         self.acked: dict[str, int] = {}
         self.connection_error: Optional[BaseException] = None
@@ -249,16 +251,28 @@ class Writer(threading.Thread):
         number = 0
         try:
             while time.monotonic() < self.deadline:
-                for key in self.keys:
-                    self.attempted[key] = number
-                    body = json.dumps({"key": key, "val": str(number)}).encode()
-                    conn.request("POST", "/set", body=body)
+                requests: list[tuple[str, object, list[str]]] = (
+                    [
+                        (
+                            "/mset",
+                            {"items": [{"key": k, "val": str(number)} for k in self.keys]},
+                            self.keys,
+                        )
+                    ]
+                    if self.batch
+                    else [("/set", {"key": k, "val": str(number)}, [k]) for k in self.keys]
+                )
+                for path, document, written in requests:
+                    for key in written:
+                        self.attempted[key] = number
+                    conn.request("POST", path, body=json.dumps(document).encode())
                     answer = conn.getresponse()
                     payload = answer.read()
                     if answer.status != 200:
                         self.unexpected = f"status {answer.status}: {payload!r}"
                         return
-                    self.acked[key] = number
+                    for key in written:
+                        self.acked[key] = number
                 number += 1
             self.unexpected = "the server was never killed"
         except (OSError, http.client.HTTPException) as error:
@@ -275,12 +289,18 @@ class Writer(threading.Thread):
 def test_kill_9_loses_no_acknowledged_write(
     servers: ServerPool, durability: str, workers: str, attempt: int
 ) -> None:
-    """Concurrent writers, a kill -9 of the whole service at a random moment, a restart:
-    every key holds its last acknowledged value or a later one that was in flight."""
+    """Concurrent writers (half of them batches), a kill -9 of the whole service at a random
+    moment, a restart: every key holds its last acknowledged value or a later one that was in
+    flight."""
     env = {"KV_DURABILITY": durability, "KV_WORKERS": workers}
     server = servers.start(env=env)
     writers = [
-        Writer(server.port, [f"w{thread}-k{index}" for index in range(3)], time.monotonic() + 20)
+        Writer(
+            server.port,
+            [f"w{thread}-k{index}" for index in range(3)],
+            time.monotonic() + 20,
+            batch=thread % 2 == 1,
+        )
         for thread in range(8)
     ]
     for writer in writers:
