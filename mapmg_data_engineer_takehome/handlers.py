@@ -138,9 +138,9 @@ def utf8_length_exceeds(text: str, limit: int) -> bool:
     return len(text) > limit or len(text.encode("utf-8")) > limit
 
 
-def check_lengths(settings: Settings, key: str, val: Optional[str] = None, where: str = "") -> None:
-    """ApiError when the key or the value is longer than the settings allow; ``where`` names
-    the item of a batch (``items[3].``)."""
+def check_text(settings: Settings, key: str, val: Optional[str] = None, where: str = "") -> None:
+    """ApiError when the key or the value is longer than the settings allow, or holds a NUL
+    character; ``where`` names the item of a batch (``items[3].``)."""
     if utf8_length_exceeds(key, settings.max_key_bytes):
         subject = f"{where}key:" if where else "The key"
         raise ApiError(
@@ -154,6 +154,15 @@ def check_lengths(settings: Settings, key: str, val: Optional[str] = None, where
             413,
             "value_too_large",
             f"{subject} is longer than the limit of {settings.max_value_bytes} bytes of UTF-8.",
+        )
+    # PostgreSQL's text cannot hold U+0000; every store refuses it, so that they answer alike.
+    if "\x00" in key or (val is not None and "\x00" in val):
+        field = "key" if "\x00" in key else "val"
+        subject = f"{where}{field}:" if where else f"Field '{field}'"
+        raise ApiError(
+            422,
+            "invalid_string",
+            f"{subject} contains a NUL character (U+0000), which no store holds.",
         )
 
 
@@ -175,7 +184,7 @@ def key_from_path(request: web.Request, prefix: str) -> str:
         ) from None
     if not key:
         raise ApiError(404, "not_found", "No key in the path; use /get/<key>.")
-    check_lengths(request.app[SETTINGS_KEY], key)
+    check_text(request.app[SETTINGS_KEY], key)
     return key
 
 
@@ -204,7 +213,7 @@ async def set_value(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     condition = parse_condition(request)
     body = parse_body(SetRequest, await read_body(request, settings.max_body_bytes))
-    check_lengths(settings, body.key, body.val)
+    check_text(settings, body.key, body.val)
     try:
         entry = await request.app[STORE_KEY].set(body.key, body.val, body.ttl, condition)
     except PreconditionFailed as failed:
@@ -265,7 +274,7 @@ async def get_many(request: web.Request) -> web.Response:
     body = await read_model(request, MgetRequest)
     settings = request.app[SETTINGS_KEY]
     for index, key in enumerate(body.keys):
-        check_lengths(settings, key, where=f"keys[{index}].")
+        check_text(settings, key, where=f"keys[{index}].")
     found = await request.app[STORE_KEY].get_many(body.keys)
     return _json({"items": [{"key": key, "val": found.get(key)} for key in body.keys]})
 
@@ -275,7 +284,7 @@ async def set_many(request: web.Request) -> web.Response:
     body = await read_model(request, MsetRequest)
     settings = request.app[SETTINGS_KEY]
     for index, item in enumerate(body.items):
-        check_lengths(settings, item.key, item.val, where=f"items[{index}].")
+        check_text(settings, item.key, item.val, where=f"items[{index}].")
     items = [SetItem(item.key, item.val, item.ttl) for item in body.items]
     revision = await request.app[STORE_KEY].set_many(items)
     return _json({"count": len(items), "version": revision})
@@ -286,7 +295,7 @@ async def delete_many(request: web.Request) -> web.Response:
     body = await read_model(request, MdeleteRequest)
     settings = request.app[SETTINGS_KEY]
     for index, key in enumerate(body.keys):
-        check_lengths(settings, key, where=f"keys[{index}].")
+        check_text(settings, key, where=f"keys[{index}].")
     return _json({"deleted": await request.app[STORE_KEY].delete_many(body.keys)})
 
 

@@ -2,6 +2,8 @@
 
 The rules, applied in rowid order with the last row for a key winning:
 - NULL key or val: skipped ("null_key", "null_val");
+- a key or val holding a NUL character (U+0000), which PostgreSQL's text cannot hold, and
+  which requests are refused too: skipped ("nul_character");
 - BLOB: used as text when it is valid UTF-8, skipped otherwise ("not_utf8");
 - INTEGER or REAL: SQLite's own text form (``CAST(x AS TEXT)``);
 - empty key: skipped ("empty_key"), since no request can name it.
@@ -27,7 +29,7 @@ from typing import Callable, Optional
 import structlog
 
 from .errors import StartupError
-from .store.base import Row, SqlSeed, SqlSeedLoader, SqlSeedRejected, Store
+from .store.base import Row, SqlSeed, Store
 from .store.sqlite import sqlite_uri
 
 log = structlog.get_logger("kv.seed")
@@ -42,7 +44,12 @@ RULES_VERSION = b"seed-rules-1\x00"
 _CHUNK = 1 << 20
 
 
-def _text_of(column: str) -> str:
+def _has_nul(column: str) -> str:
+    """SQL: whether a column's bytes hold a NUL (U+0000), which PostgreSQL's text refuses."""
+    return f"instr(CAST({column} AS BLOB), X'00')"
+
+
+def _text_of(column: str, exact: bool = True) -> str:
     """SQL for the text a column contributes under the rules; NULL when the row is skipped.
 
     SQLite stores TEXT without checking its UTF-8, so text is validated too, but cheaply:
@@ -50,11 +57,16 @@ def _text_of(column: str) -> str:
     The test has two halves because SQLite's own UTF-8 reading is lenient: a value holding
     a continuation byte has fewer characters than bytes, and one holding a lone lead byte
     reads as a control character, outside the GLOB's printable range.
+
+    Not ``exact``, the GLOB is left out: a third of the cost, and right for every value but
+    TEXT that is not UTF-8 yet has as many characters as bytes by SQLite's count (its stray
+    bytes are lone lead or continuation bytes, as in X'FF61'). See SqlSeed.misses.
     """
+    printable = f"AND NOT {column} GLOB '*[^ -~]*' " if exact else ""
     return (
         f"CASE typeof({column}) "
-        f"WHEN 'text' THEN CASE WHEN length({column}) = length(CAST({column} AS BLOB)) "
-        f"AND NOT {column} GLOB '*[^ -~]*' "
+        f"WHEN 'text' THEN CASE WHEN {_has_nul(column)} THEN NULL "
+        f"WHEN length({column}) = length(CAST({column} AS BLOB)) {printable}"
         f"THEN {column} ELSE kv_utf8(CAST({column} AS BLOB)) END "
         f"WHEN 'blob' THEN kv_utf8({column}) "
         f"WHEN 'null' THEN NULL "
@@ -71,51 +83,48 @@ SELECT k, v FROM (
 """
 
 
-def _fast_text_of(column: str) -> str:
-    """Like _text_of for clean data, at a third of the cost; NULL where a row needs _text_of."""
+def table_sql(schema: str, exact: bool) -> str:
+    """One (key, val) per row of ``{schema}.keys`` in rowid order, NULL (or an empty key)
+    where the row is skipped: each value is evaluated once, with no subquery."""
     return (
-        f"CASE typeof({column}) "
-        f"WHEN 'text' THEN CASE WHEN length({column}) = length(CAST({column} AS BLOB)) "
-        f"THEN {column} ELSE kv_utf8(CAST({column} AS BLOB)) END "
-        f"WHEN 'blob' THEN kv_utf8({column}) "
-        f"ELSE CAST({column} AS TEXT) END"
+        f"SELECT {_text_of('key', exact)}, {_text_of('val', exact)} FROM {schema}.keys "
+        "ORDER BY rowid"
     )
 
 
-def fast_rows_sql(schema: str) -> str:
-    """The rows to apply, for a store whose NOT NULL and non-empty key constraints reject the
-    rows this cheaper query gets wrong: it evaluates each value once, with no subquery, and
-    yields NULL (or an empty key) where a value is not valid UTF-8, instead of leaving the
-    row out. A store that rejects a row falls back to rows_sql.
+def misses_sql(schema: str) -> str:
+    """How many rows table_sql without ``exact`` would get wrong: its one blind spot."""
 
-    Its one blind spot is TEXT that is not UTF-8 yet has as many characters as bytes by
-    SQLite's count (its stray bytes are all lead bytes, as in X'FF61'). Catching that too
-    takes a GLOB per value, which costs more than the rest of the query together; such a
-    value reaches the store as it is, counted as applied, and reads as absent (the sqlite
-    store's get says why)."""
-    return f"""
-SELECT {_fast_text_of("key")}, {_fast_text_of("val")} FROM {schema}.keys
-WHERE key IS NOT NULL AND val IS NOT NULL AND key <> '' ORDER BY rowid
-"""
+    def missed(column: str) -> str:
+        return (
+            f"(typeof({column}) = 'text' AND length({column}) = length(CAST({column} AS BLOB)) "
+            f"AND {column} GLOB '*[^ -~]*' AND kv_utf8(CAST({column} AS BLOB)) IS NULL)"
+        )
+
+    return f"SELECT count(*) FROM {schema}.keys WHERE {missed('key')} OR {missed('val')}"
 
 
 # Why rows were skipped: only asked when some were, since it reads the whole file again.
 _SKIPS_SQL = f"""
 SELECT total(key IS NULL),
        total(key IS NOT NULL AND val IS NULL),
-       total(key IS NOT NULL AND val IS NOT NULL AND coalesce(k <> '', 1)
-             AND (k IS NULL OR v IS NULL)),
-       total(key IS NOT NULL AND val IS NOT NULL AND k = '')
-FROM (SELECT key, val, {_text_of("key")} AS k, {_text_of("val")} AS v FROM keys)
+       total(key IS NOT NULL AND val IS NOT NULL AND (nul_key OR nul_val)),
+       total(key IS NOT NULL AND val IS NOT NULL AND NOT (nul_key OR nul_val)
+             AND coalesce(k <> '', 1) AND (k IS NULL OR v IS NULL)),
+       total(key IS NOT NULL AND val IS NOT NULL AND NOT (nul_key OR nul_val) AND k = '')
+FROM (SELECT key, val, {_text_of("key")} AS k, {_text_of("val")} AS v,
+             coalesce({_has_nul("key")}, 0) > 0 AS nul_key,
+             coalesce({_has_nul("val")}, 0) > 0 AS nul_val FROM keys)
 """
-SKIP_REASONS = ("null_key", "null_val", "not_utf8", "empty_key")
+SKIP_REASONS = ("null_key", "null_val", "nul_character", "not_utf8", "empty_key")
 
 
 def _utf8_or_none(blob: bytes) -> Optional[str]:
     try:
-        return blob.decode("utf-8")
+        text = blob.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    return None if "\x00" in text else text
 
 
 # The SQL functions the queries above call, registered on whichever connection runs them.
@@ -170,7 +179,7 @@ def _hash_into(source: Path, digest: hashlib._Hash) -> None:
 
 
 class SeedFile:
-    """An open, validated input.db: its fingerprint, its rows, and how SQLite can read it."""
+    """An open, validated input.db: the Seed a store applies, and what the report needs."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection, uri: str, fingerprint: str) -> None:
         self.path = path
@@ -187,12 +196,19 @@ class SeedFile:
         return {reason: int(count) for reason, count in zip(SKIP_REASONS, counts)}
 
     def rows(self) -> Iterator[Row]:
-        """The rows to apply, decoded; for stores that cannot read SQLite themselves."""
+        """The rows to apply, in order, each key and value valid text without NUL."""
         return self._conn.execute(rows_sql("main"))
 
-    def as_sql_seed(self) -> SqlSeed:
-        """The same rows, for a SQLite store to copy in one statement."""
-        return SqlSeed(uri=self.uri, select=fast_rows_sql(SqlSeed.SCHEMA), functions=SQL_FUNCTIONS)
+    def as_sql(self) -> SqlSeed:
+        """The same rows, for a store that can attach a SQLite file and copy them itself."""
+        schema = SqlSeed.SCHEMA
+        return SqlSeed(
+            uri=self.uri,
+            select=table_sql(schema, exact=False),
+            exact_select=table_sql(schema, exact=True),
+            misses=misses_sql(schema),
+            functions=SQL_FUNCTIONS,
+        )
 
 
 @contextmanager
@@ -240,15 +256,6 @@ def open_seed(path: Path) -> Iterator[SeedFile]:
         yield SeedFile(path, conn, uri, digest.hexdigest())
 
 
-async def _load(store: Store, seed: SeedFile) -> int:
-    if isinstance(store, SqlSeedLoader):
-        try:
-            return await store.load_sql(seed.as_sql_seed(), seed.fingerprint)
-        except SqlSeedRejected:
-            pass  # a row the fast query gets wrong: apply the exact rules row by row
-    return await store.load(seed.rows(), seed.fingerprint)
-
-
 async def seed_store(store: Store, path: Optional[Path]) -> SeedReport:
     """Apply input.db to ``store`` unless the store already holds this exact seed."""
     started = time.perf_counter()
@@ -260,18 +267,22 @@ async def seed_store(store: Store, path: Optional[Path]) -> SeedReport:
         )
         return SeedReport(path=None, applied=False)
     with open_seed(path) as seed:
-        if await store.seed_fingerprint() == seed.fingerprint:
+        rows_applied = None
+        if await store.seed_fingerprint() != seed.fingerprint:  # the store checks it again
+            try:
+                # Counting reads every page of the table: a damaged input.db is named here,
+                # before the store could take its error for one of its own file.
+                rows_read = seed.row_count()
+                rows_applied = await store.load(seed)
+                if rows_applied is not None and rows_applied != rows_read:
+                    skipped = seed.skips()
+                else:
+                    skipped = dict.fromkeys(SKIP_REASONS, 0)
+            except sqlite3.DatabaseError as error:
+                raise SeedError(f"{path}: not a usable SQLite database ({error})") from None
+        if rows_applied is None:
             report = SeedReport(path=str(path), applied=False)
         else:
-            try:
-                rows_read = seed.row_count()
-                rows_applied = await _load(store, seed)
-                if rows_applied == rows_read:
-                    skipped = dict.fromkeys(SKIP_REASONS, 0)
-                else:
-                    skipped = seed.skips()
-            except sqlite3.DatabaseError as error:  # a damaged page shows up on reading
-                raise SeedError(f"{path}: not a usable SQLite database ({error})") from None
             report = SeedReport(str(path), True, rows_read, rows_applied, skipped)
     report.seconds = round(time.perf_counter() - started, 3)
     if report.applied:

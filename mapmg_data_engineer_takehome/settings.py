@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "KV_"
 ENV_FILE_VARIABLE = "KV_ENV_FILE"
 
-StoreKind = Literal["sqlite", "memory"]
+StoreKind = Literal["sqlite", "memory", "postgres"]
 Durability = Literal["normal", "full"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -60,7 +60,31 @@ class Settings(BaseSettings):
     )
     store: StoreKind = Field(
         default="sqlite",
-        description="Storage backend: 'sqlite' (durable, on disk) or 'memory' (lost on exit).",
+        description="Storage backend: 'sqlite' (durable, one file), 'memory' (lost on exit) or "
+        "'postgres' (KV_POSTGRES_URL; any number of servers can share it).",
+    )
+    postgres_url: Optional[SecretStr] = Field(
+        default=None,
+        description="The PostgreSQL store's database, as a libpq URL "
+        "(postgresql://user:password@host:5432/db). A secret: never logged or shown.",
+    )
+    postgres_pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="Connections each server process keeps to PostgreSQL, at most.",
+    )
+    postgres_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="Seconds a request waits for PostgreSQL (a connection, then a query) "
+        "before it is answered 503.",
+    )
+    postgres_startup_wait: float = Field(
+        default=30.0,
+        ge=0,
+        description="Seconds a starting server retries an unreachable PostgreSQL (with "
+        "backoff, logging each attempt) before it exits with status 1.",
     )
     data_path: Path = Field(
         default=Path("data/kv.sqlite3"),
@@ -132,6 +156,12 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _postgres_store_has_a_url(self) -> Settings:
+        if self.store == "postgres" and self.postgres_url is None:
+            raise ValueError("KV_STORE=postgres needs KV_POSTGRES_URL, the database's URL")
+        return self
+
+    @model_validator(mode="after")
     def _memory_store_has_one_worker(self) -> Settings:
         if self.store == "memory" and self.worker_count > 1:
             raise ValueError(
@@ -159,6 +189,7 @@ class Settings(BaseSettings):
         # SecretStr dumps as "**********", so the token never leaves the process this way.
         view = self.model_dump(mode="json")
         view["auth_token"] = None if self.auth_token is None else "**********"
+        view["postgres_url"] = None if self.postgres_url is None else "**********"
         return view
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol, Union, runtime_checkable
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol, Union
 
 Row = tuple[str, str]
 
@@ -185,12 +185,14 @@ class Store(Protocol):
     async def purge_expired(self, limit: int) -> int:
         """Remove up to ``limit`` expired rows; how many were removed. Takes no revision."""
 
-    async def load(self, rows: Iterable[Row], fingerprint: str) -> int:
-        """Apply ``rows`` in order (last wins, no expiry, one revision for all) and remember
-        ``fingerprint``, atomically. Returns how many rows were applied."""
+    async def load(self, seed: Seed) -> Optional[int]:
+        """Apply the seed's rows in order (last wins, no expiry, one revision for all) and
+        remember its fingerprint, atomically; how many rows were applied. None, applying
+        nothing, when the store already holds a seed of that fingerprint: checked inside the
+        same transaction, so that of several servers starting at once, one applies it."""
 
     async def seed_fingerprint(self) -> Optional[str]:
-        """The fingerprint passed to the last completed ``load``, if the store remembers one."""
+        """The fingerprint of the last seed applied, if the store remembers one."""
 
     async def count(self) -> int:
         """How many keys have a value (expired ones not yet purged included)."""
@@ -220,25 +222,31 @@ def prefix_upper_bound(prefix: str) -> Optional[str]:
 
 @dataclass(frozen=True)
 class SqlSeed:
-    """A seed that a SQLite-backed store can copy in one statement instead of row by row."""
+    """A seed's rows as SQL over its SQLite file, for a store that can ATTACH it and copy the
+    rows without one passing through Python."""
 
-    # The schema name the seed database is attached under; ``select`` reads from it.
+    # The schema name the seed database is attached under; the queries read from it.
     SCHEMA: ClassVar[str] = "seed"
     uri: str  # a URI of the seed database that SQLite can ATTACH
-    select: str  # SELECT of (key, val) rows in the order to apply them
-    functions: Mapping[str, Callable[..., Any]]  # SQL functions ``select`` calls
+    # SELECT (key, val) of every row in the order to apply them, NULL (or an empty key) where
+    # a row is skipped: a store applies it with constraints that ignore those rows.
+    select: str
+    # The same, exact where ``select`` has a blind spot (see seed._text_of), at a cost.
+    exact_select: str
+    # SELECT count(*) of the rows ``select`` gets wrong; when it is not 0, use exact_select.
+    misses: str
+    functions: Mapping[str, Callable[..., Any]]  # SQL functions the queries call
 
 
-class SqlSeedRejected(StoreError):
-    """The store's constraints refused a row of a SqlSeed; nothing of it was applied."""
+class Seed(Protocol):
+    """An input.db to apply: what every store can take (``rows``), what a SQLite store can
+    take faster (``as_sql``), and its fingerprint. Either way, every key and value is valid
+    text without NUL: a store cannot take invalid text from a seed."""
 
+    fingerprint: str
 
-@runtime_checkable
-class SqlSeedLoader(Protocol):
-    """A store that can take a whole SqlSeed inside SQLite, without a row passing through Python."""
+    def rows(self) -> Iterable[Row]:
+        """The rows to apply, in order; the last one for a key wins."""
 
-    async def load_sql(self, seed: SqlSeed, fingerprint: str) -> int:
-        """Like Store.load, for every row ``seed.select`` yields.
-
-        Raises SqlSeedRejected, having applied nothing, when a row has a NULL or an empty key.
-        """
+    def as_sql(self) -> Optional[SqlSeed]:
+        """The same rows as SQL over a SQLite file, or None when there is no such file."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 from .base import (
@@ -15,7 +15,7 @@ from .base import (
     ListedKey,
     Page,
     PreconditionFailed,
-    Row,
+    Seed,
     SetItem,
     condition_holds,
     expiry_of,
@@ -144,10 +144,10 @@ class MemoryStore:
             self._remove(key)
         return len(expired)
 
-    async def load(self, rows: Iterable[Row], fingerprint: str) -> int:
+    async def load(self, seed: Seed) -> Optional[int]:
         revision = self._revision + 1
         applied = 0
-        for key, val in rows:
+        for key, val in seed.rows():
             self._put(key, Entry(val, revision, None))
             applied += 1
         if applied:

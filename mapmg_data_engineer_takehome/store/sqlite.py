@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path, PurePath
 from typing import Any, Callable, Optional, Protocol, TypeVar
 from urllib.parse import quote, urlencode
@@ -32,9 +33,9 @@ from .base import (
     Page,
     PreconditionFailed,
     Row,
+    Seed,
     SetItem,
     SqlSeed,
-    SqlSeedRejected,
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
@@ -74,7 +75,7 @@ _PRAGMAS = (
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 _CREATE_KV = (
-    # The constraints also make load_sql refuse rows its fast seed query got wrong.
+    # The constraints also make the seed skip the rows its rules skip (see _SEED_INSERT).
     "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY NOT NULL CHECK (key <> ''),"
     " val TEXT NOT NULL, version INTEGER NOT NULL, expires_at INTEGER) WITHOUT ROWID"
 )
@@ -118,8 +119,6 @@ _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 # Keys per statement in the batch reads and deletes: well under SQLite's 999 parameters,
 # the smallest limit of the versions Python ships.
 _CHUNK = 500
-# How Python's sqlite3 reports TEXT that is not UTF-8 (the same words on 3.9 to 3.13).
-_UNDECODABLE = "Could not decode to UTF-8"
 
 
 def sqlite_uri(path: PurePath, **query: str) -> str:
@@ -142,7 +141,7 @@ def _translate(error: sqlite3.Error, path: Path) -> StoreError:
 def _connect(path: Path, durability: str) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; the store begins and ends every one
     # itself, so none is left open to hide other workers' writes.
-    # uri=True: load_sql ATTACHes the seed by a URI (read-only, immutable).
+    # uri=True: load ATTACHes the seed by a URI (read-only, immutable).
     conn = sqlite3.connect(sqlite_uri(path.resolve()), uri=True, isolation_level=None)
     try:
         for pragma in _PRAGMAS:
@@ -421,6 +420,41 @@ class _GroupCommitter:
             self._executor.shutdown(wait=True)
 
 
+class _FastSeedMissed(Exception):
+    """The fast seed query got a row wrong: roll back, and use the exact one."""
+
+
+# Rows whose key or val is NULL, or whose key is empty, are the ones the seed skips: the
+# table's constraints refuse them, and OR IGNORE makes a refused row a skipped one. A key
+# seen again takes the later row (the upsert), as a key already in the store does.
+_SEED_INSERT = (
+    "INSERT OR IGNORE INTO kv (key, val, version, expires_at) SELECT *, ?, NULL FROM ({select})"
+    " WHERE true ON CONFLICT (key) DO UPDATE SET"
+    " val = excluded.val, version = excluded.version, expires_at = NULL"
+)
+
+
+def _insert_select(select: str, conn: sqlite3.Connection, version: int) -> int:
+    return int(conn.execute(_SEED_INSERT.format(select=select), (version,)).rowcount)
+
+
+def _insert_rows(rows: Iterable[Row], conn: sqlite3.Connection, version: int) -> int:
+    versioned = ((key, val, version, None) for key, val in rows)
+    return int(conn.executemany(_SET, versioned).rowcount)
+
+
+def _count_misses(sql: SqlSeed) -> int:
+    """The rows the fast seed query gets wrong, counted on a connection of this thread."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for name, function in sql.functions.items():
+            conn.create_function(name, 1, function, deterministic=True)
+        conn.execute(f"ATTACH DATABASE ? AS {SqlSeed.SCHEMA}", (sql.uri,))
+        return int(conn.execute(sql.misses).fetchone()[0])
+    finally:
+        conn.close()
+
+
 class SqliteStore:
     """A Store in one SQLite file; see the module docstring for the threading and durability."""
 
@@ -458,11 +492,6 @@ class SqliteStore:
             # rewinding the WAL (the file then grows without bound under writes).
             return self._reader.execute(sql, parameters).fetchall()
         except sqlite3.Error as error:
-            if _UNDECODABLE in str(error):
-                # Only a seed can store such bytes (see seed.fast_rows_sql): no client ever
-                # wrote them, so the key is treated as the skipped row it should have been.
-                log.warning("undecodable_value_skipped", path=str(self.path))
-                return []
             raise _translate(error, self.path) from None
 
     async def get(self, key: str) -> Optional[Entry]:
@@ -565,54 +594,65 @@ class SqliteStore:
     async def purge_expired(self, limit: int) -> int:
         return await self._committer.submit(_Purge(limit))
 
-    async def load(self, rows: Iterable[Row], fingerprint: str) -> int:
-        def apply(conn: sqlite3.Connection, version: int) -> int:
-            versioned = ((key, val, version, None) for key, val in rows)
-            return int(conn.executemany(_SET, versioned).rowcount)
-
-        return self._load(apply, fingerprint)
-
-    async def load_sql(self, seed: SqlSeed, fingerprint: str) -> int:
-        """Copy the seed inside SQLite: ATTACH it, then one INSERT ... SELECT."""
-        conn = self._conn
-        for name, function in seed.functions.items():
-            conn.create_function(name, 1, function, deterministic=True)
+    async def load(self, seed: Seed) -> Optional[int]:
+        """Copy the seed inside SQLite when it is a SQLite file (ATTACH, then one INSERT ...
+        SELECT), else row by row; in one transaction with its fingerprint, then checkpoint."""
+        sql = seed.as_sql()
         try:
-            conn.execute(f"ATTACH DATABASE ? AS {SqlSeed.SCHEMA}", (seed.uri,))
+            if sql is None:
+                applied = self._apply_seed(seed.fingerprint, partial(_insert_rows, seed.rows()))
+            else:
+                applied = self._load_attached(seed.fingerprint, sql)
+            if applied is not None:
+                # Move the seed from the WAL into the file now, before the port opens, rather
+                # than in whichever request's commit crosses the auto-checkpoint threshold.
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
-        # The seed's ORDER BY rowid carries through the outer SELECT: the last row wins.
-        insert = (
-            "INSERT OR REPLACE INTO kv (key, val, version, expires_at)"
-            f" SELECT *, ?, NULL FROM ({seed.select})"
-        )
+            raise _translate(error, self.path) from error
+        return applied
+
+    def _load_attached(self, fingerprint: str, sql: SqlSeed) -> Optional[int]:
+        """The fast query and, on a second thread meanwhile, the count of rows it gets
+        wrong; when that is not 0 (input.db holds such text), the insert is rolled back and
+        done again with the exact query. Exact either way, and about as fast as the fast
+        query alone on two cores."""
+        conn = self._conn
+        for name, function in sql.functions.items():
+            conn.create_function(name, 1, function, deterministic=True)
+        conn.execute(f"ATTACH DATABASE ? AS {SqlSeed.SCHEMA}", (sql.uri,))
         try:
-            return self._load(
-                lambda conn, version: int(conn.execute(insert, (version,)).rowcount), fingerprint
-            )
-        except StoreCorrupt as error:
-            if isinstance(error.__cause__, sqlite3.IntegrityError):
-                raise SqlSeedRejected(str(error)) from None
-            raise
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-seed-check") as pool:
+                misses = pool.submit(_count_misses, sql)
+                try:
+                    return self._apply_seed(
+                        fingerprint, partial(_insert_select, sql.select), misses.result
+                    )
+                except _FastSeedMissed:
+                    log.info("seed_exact_rules", reason="text the fast query gets wrong")
+            return self._apply_seed(fingerprint, partial(_insert_select, sql.exact_select))
         finally:
             conn.execute(f"DETACH DATABASE {SqlSeed.SCHEMA}")
 
-    def _load(self, apply: Callable[[sqlite3.Connection, int], int], fingerprint: str) -> int:
-        """Run ``apply`` with the seed's revision and record the fingerprint in one
-        transaction, then checkpoint."""
-        try:
-            with _transaction(self._conn) as conn:
-                tx = _Transaction(conn, self._clock() * 1000)
-                applied = apply(conn, tx.revision + 1)
-                if applied:
-                    tx.revision += 1
-                tx.finish()
-                conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
-            # Move the seed from the WAL into the file now, before the port opens, rather
-            # than in whichever request's commit crosses the auto-checkpoint threshold.
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as error:
-            raise _translate(error, self.path) from error
+    def _apply_seed(
+        self,
+        fingerprint: str,
+        insert: Callable[[sqlite3.Connection, int], int],
+        misses: Optional[Callable[[], int]] = None,
+    ) -> Optional[int]:
+        """One transaction: the fingerprint check, ``insert`` with the seed's revision, and
+        the fingerprint; None when the store already held this seed."""
+        with _transaction(self._conn) as conn:
+            row = conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()
+            if row is not None and row[0] == fingerprint:
+                return None
+            tx = _Transaction(conn, self._clock() * 1000)
+            applied = insert(conn, tx.revision + 1)
+            if misses is not None and misses():
+                raise _FastSeedMissed  # rolls the insert back
+            if applied:
+                tx.revision += 1
+            tx.finish()
+            conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
         return applied
 
     async def seed_fingerprint(self) -> Optional[str]:

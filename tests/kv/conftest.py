@@ -111,6 +111,20 @@ class FakeClock:
         self.now += seconds
 
 
+class RowsSeed:
+    """A seed of given rows, with no SQLite file behind it."""
+
+    def __init__(self, rows: Iterable[tuple[str, str]], fingerprint: str = "fingerprint") -> None:
+        self._rows = rows
+        self.fingerprint = fingerprint
+
+    def rows(self) -> Iterable[tuple[str, str]]:
+        return self._rows
+
+    def as_sql(self) -> None:
+        return None
+
+
 async def value_of(store: Store, key: str) -> Optional[str]:
     """The key's live value, or None."""
     entry = await store.get(key)

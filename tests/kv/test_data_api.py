@@ -372,3 +372,16 @@ async def test_expired_rows_are_purged_in_the_background(
         assert asyncio.get_running_loop().time() < deadline
         await asyncio.sleep(0.05)
     assert await stored(client, "kept") == "v"
+
+
+@pytest.mark.parametrize(
+    "body", [{"key": "a\u0000b", "val": "v"}, {"key": "k", "val": "nul\u0000inside"}]
+)
+async def test_a_nul_character_is_refused_by_every_store(client: Client, body: Any) -> None:
+    """PostgreSQL's text cannot hold U+0000: every store refuses it, so that all answer alike."""
+    message = await assert_error(await client.post("/set", json=body), 422, "invalid_string")
+    assert "NUL" in message
+    assert (await list_page(client))["items"] == []
+    await assert_error(await client.get("/get/a%00b"), 422, "invalid_string")
+    response = await client.post("/mset", json={"items": [{"key": "ok", "val": "v"}, body]})
+    assert (await assert_error(response, 422, "invalid_string")).startswith("items[1].")

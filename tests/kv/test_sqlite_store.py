@@ -12,7 +12,7 @@ import pytest
 
 from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt
 
-from .conftest import value_of
+from .conftest import RowsSeed, value_of
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -22,7 +22,7 @@ async def test_data_survives_close_and_reopen(tmp_path: Path, durability: str) -
     await store.set("kept", "1")
     await store.set("gone", "2")
     await store.delete("gone")
-    await store.load(iter([("seeded", "3")]), "fp")
+    await store.load(RowsSeed(iter([("seeded", "3")]), "fp"))
     await store.close()
 
     reopened = SqliteStore(path, durability)

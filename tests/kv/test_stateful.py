@@ -29,7 +29,9 @@ from .conftest import FakeClock
 # A small key space, so that rules collide on keys; dots and slashes test the path handling.
 KEYS = st.sampled_from(["a", "b", "a/b", "ab", "..", "ключ", "with space", "%41", "\n"])
 PREFIXES = st.sampled_from(["", "a", "a/", "k", "z"])
-VALUES = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=20)
+VALUES = st.text(
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"), max_size=20
+)
 TTLS = st.sampled_from([None, None, 1, 2.5])
 # What a conditional write asks for: none, If-Match on a version near the current ones, or *.
 CONDITIONS = st.one_of(

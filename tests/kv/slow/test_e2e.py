@@ -28,6 +28,7 @@ import pytest
 from mapmg_data_engineer_takehome.settings import Settings, env_name
 from mapmg_data_engineer_takehome.store import SqliteStore
 
+from ..conftest import RowsSeed
 from ..e2e_support import (
     LOOPBACK_V4,
     LOOPBACK_V6,
@@ -571,7 +572,9 @@ def _truncated_store(path: Path) -> None:
 
     async def fill() -> None:
         store = SqliteStore(path)
-        await store.load(((f"k{number}", "x" * 500) for number in range(200)), "fingerprint")
+        await store.load(
+            RowsSeed(((f"k{number}", "x" * 500) for number in range(200)), "fingerprint")
+        )
         await store.close()
 
     # A private loop rather than asyncio.run, which leaves the thread without a current
