@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import partial
@@ -39,13 +38,14 @@ def _secret(settings: Settings) -> Optional[str]:
 
 
 def create_app(
-    settings: Settings, seed: bool = True, purge: bool = True, clock: Clock = time.time
+    settings: Settings, seed: bool = True, purge: bool = True, clock: Optional[Clock] = None
 ) -> web.Application:
     """Build the application; the store opens (and, unless told not to, seeds) on startup,
     and expired keys are purged in the background (unless told not to).
 
     Workers pass ``seed=False``: their supervisor seeded the shared store before they started;
-    and all but one pass ``purge=False``. ``clock`` is the store's time, for expiry.
+    and all but one pass ``purge=False``. ``clock`` replaces the store's own time, for
+    expiry (tests move it).
     """
     app = web.Application(
         # aiohttp stops reading a body past this bound, so a client streaming without end
@@ -61,11 +61,13 @@ def create_app(
     return app
 
 
-async def store_context(app: web.Application, seed: bool, clock: Clock) -> AsyncIterator[None]:
+async def store_context(
+    app: web.Application, seed: bool, clock: Optional[Clock]
+) -> AsyncIterator[None]:
     """Open the store and seed it before the port opens; close it after the last request."""
     settings = app[SETTINGS_KEY]
     input_db = find_input_db(settings.input_db)
-    store = open_store_or_fail(settings, clock)
+    store = await open_store_or_fail(settings, clock)
     try:
         if seed:
             await seed_or_fail(store, input_db)
@@ -106,17 +108,17 @@ async def purge_expired_keys(store: Store, interval: float) -> None:
             log.info("expired_keys_purged", count=purged)
 
 
-def open_store_or_fail(settings: Settings, clock: Clock = time.time) -> Store:
-    """The configured store, or a StartupError naming its file and the problem."""
+async def open_store_or_fail(settings: Settings, clock: Optional[Clock] = None) -> Store:
+    """The configured store, or a StartupError naming its file (or database) and the problem."""
     try:
-        return open_store(settings, clock)
+        return await open_store(settings, clock)
     except StoreError as error:
         raise StartupError(str(error)) from None
 
 
 async def prepare_store(settings: Settings) -> None:
     """Open the store, seed it and close it: what a supervisor does once for all workers."""
-    store = open_store_or_fail(settings)
+    store = await open_store_or_fail(settings)
     try:
         await seed_or_fail(store, find_input_db(settings.input_db))
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from ..settings import Settings
 from .base import Clock, Row, Store, StoreCorrupt, StoreError, StoreUnavailable
@@ -21,8 +22,21 @@ __all__ = [
 ]
 
 
-def open_store(settings: Settings, clock: Clock = time.time) -> Store:
-    """The backend the settings name, opened and ready; ``clock`` tells expiry's time."""
+async def open_store(settings: Settings, clock: Optional[Clock] = None) -> Store:
+    """The backend the settings name, opened and ready. ``clock`` tells expiry's time, by
+    default the machine's (PostgreSQL's own, for the postgres store)."""
     if settings.store == "memory":
-        return MemoryStore(clock)
-    return SqliteStore(settings.data_path, settings.durability, clock)
+        return MemoryStore(clock or time.time)
+    if settings.store == "postgres":
+        # Imported here: asyncpg's import is a cost that the other stores' start need not pay.
+        from .postgres import PostgresStore
+
+        assert settings.postgres_url is not None  # the settings make sure of it
+        return await PostgresStore.open(
+            settings.postgres_url.get_secret_value(),
+            pool_size=settings.postgres_pool_size,
+            timeout=settings.postgres_timeout,
+            startup_wait=settings.postgres_startup_wait,
+            clock=clock,
+        )
+    return SqliteStore(settings.data_path, settings.durability, clock or time.time)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sqlite3
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -22,7 +22,11 @@ from aiohttp.test_utils import TestClient
 from mapmg_data_engineer_takehome import seed
 from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.settings import Settings
-from mapmg_data_engineer_takehome.store import Store
+from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
+from mapmg_data_engineer_takehome.store.base import Clock
+from mapmg_data_engineer_takehome.store.postgres import PostgresStore
+
+from .postgres_support import PostgresCluster, server_binaries
 
 if TYPE_CHECKING:
     Client = TestClient[web.Request, web.Application]
@@ -144,8 +148,9 @@ def write_input_db(path: Path, rows: Iterable[Sequence[Any]], wal: bool = False)
 
 
 @pytest.fixture
-def make_settings(tmp_path: Path) -> MakeSettings:
-    """Settings with the data file in this test's directory; keyword arguments override."""
+def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> MakeSettings:
+    """Settings with the data file in this test's directory; keyword arguments override.
+    With ``store="postgres"`` and no URL, a fresh schema of the test cluster is used."""
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -153,15 +158,62 @@ def make_settings(tmp_path: Path) -> MakeSettings:
             "log_format": "json",
         }
         values.update(overrides)
+        if values.get("store") == "postgres" and "postgres_url" not in values:
+            values["postgres_url"] = request.getfixturevalue("postgres_url")
         return Settings(**values)
 
     return make
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+# PostgreSQL's runs are slow (a cluster to start) and need its server: --run-slow, as CI does.
+STORE_KINDS = ["sqlite", "memory", pytest.param("postgres", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(params=STORE_KINDS)
 def store_kind(request: pytest.FixtureRequest) -> str:
     """Run the test once per backend."""
     return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """One throwaway PostgreSQL cluster for the whole run (see postgres_support.py)."""
+    bindir = server_binaries()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    cluster = PostgresCluster(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """The URL of a fresh, empty schema of the test cluster: a store of its own."""
+    return postgres_cluster.url(search_path=postgres_cluster.create_schema())
+
+
+OpenStore = Callable[..., Awaitable[Store]]
+
+
+@pytest.fixture
+def open_test_store(request: pytest.FixtureRequest) -> OpenStore:
+    """Open a store of a kind ("memory", "sqlite", "sqlite-full", "postgres") in a directory,
+    on a clock; each call to it for postgres gets a fresh schema."""
+
+    async def open_store(kind: str, directory: Path, clock: Optional[Clock] = None) -> Store:
+        if kind == "memory":
+            return MemoryStore(clock or time.time)
+        if kind == "postgres":
+            cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+            url = cluster.url(search_path=cluster.create_schema())
+            return await PostgresStore.open(url, clock=clock)
+        durability = "full" if kind == "sqlite-full" else "normal"
+        return SqliteStore(directory / "kv.sqlite3", durability, clock or time.time)
+
+    return open_store
 
 
 @pytest.fixture
@@ -171,9 +223,7 @@ def make_client(aiohttp_client: Any, make_settings: MakeSettings) -> MakeClient:
     async def make(
         settings: Optional[Settings] = None, clock: Optional[FakeClock] = None, **overrides: Any
     ) -> Client:
-        app: web.Application = create_app(
-            settings or make_settings(**overrides), clock=clock or time.time
-        )
+        app: web.Application = create_app(settings or make_settings(**overrides), clock=clock)
         client: Client = await aiohttp_client(app)
         return client
 

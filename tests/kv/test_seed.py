@@ -24,7 +24,7 @@ from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.seed import SeedError, SeedReport, find_input_db, seed_store
 from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
 
-from .conftest import MakeClient, MakeSettings, value_of, write_input_db
+from .conftest import MakeClient, MakeSettings, OpenStore, value_of, write_input_db
 
 BRIEF_SCHEMA = "create table keys(key text, val text)"
 # No declared type: no affinity, so integers and reals stay integers and reals.
@@ -53,16 +53,12 @@ def skips(**counts: int) -> dict[str, int]:
     return {**NO_SKIPS, **counts}
 
 
-def new_store(kind: str, directory: Path) -> Store:
-    if kind == "memory":
-        return MemoryStore()
-    return SqliteStore(directory / "kv.sqlite3")
-
-
 @pytest.fixture
-async def store(store_kind: str, tmp_path: Path) -> AsyncIterator[Store]:
+async def store(
+    store_kind: str, tmp_path: Path, open_test_store: OpenStore
+) -> AsyncIterator[Store]:
     """An empty store of each backend, closed after the test."""
-    opened = new_store(store_kind, tmp_path / "data")
+    opened = await open_test_store(store_kind, tmp_path / "data")
     yield opened
     await opened.close()
 
@@ -782,14 +778,14 @@ ROWS = st.lists(st.tuples(KEYS, TEXT), max_size=40)
 )
 @given(rows=ROWS)
 async def test_seeded_store_equals_rows_applied_in_order(
-    store_kind: str, rows: list[tuple[str, str]]
+    store_kind: str, open_test_store: OpenStore, rows: list[tuple[str, str]]
 ) -> None:
     expected: dict[str, str] = {}
     for key, val in rows:
         expected[key] = val
     with tempfile.TemporaryDirectory() as directory:
         path = write_input_db(Path(directory) / "input.db", rows)
-        store = new_store(store_kind, Path(directory) / "data")
+        store = await open_test_store(store_kind, Path(directory) / "data")
         try:
             report = await seeded(store, path, expected)
             assert (report.rows_read, report.rows_applied) == (len(rows), len(rows))

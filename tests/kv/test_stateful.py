@@ -12,19 +12,22 @@ import asyncio
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import quote
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from hypothesis import settings
+from hypothesis import settings, stateful
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from pydantic import SecretStr
 from yarl import URL
 
 from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.settings import Settings, StoreKind
 
-from .conftest import FakeClock
+from .conftest import STORE_KINDS, FakeClock
+from .postgres_support import PostgresCluster
 
 # A small key space, so that rules collide on keys; dots and slashes test the path handling.
 KEYS = st.sampled_from(["a", "b", "a/b", "ab", "..", "ключ", "with space", "%41", "\n"])
@@ -52,15 +55,18 @@ class Held:
 
 
 class KeyValueMachine(RuleBasedStateMachine):
-    STORE: StoreKind = "sqlite"
+    """The machine for one store; ``postgres_url`` is a fresh database for each example."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: StoreKind, postgres_url: Callable[[], Optional[str]]) -> None:
         super().__init__()
+        self.store = store
         self.directory = tempfile.TemporaryDirectory(prefix="kv-stateful-")
         self.loop = asyncio.new_event_loop()
         self.clock = FakeClock()
+        url = postgres_url()
         self.settings = Settings(
-            store=self.STORE,
+            store=store,
+            postgres_url=None if url is None else SecretStr(url),
             data_path=Path(self.directory.name) / "kv.sqlite3",
             input_db=None,
             log_level="warning",
@@ -228,7 +234,7 @@ class KeyValueMachine(RuleBasedStateMachine):
     def restart(self) -> None:
         assert self.client is not None
         self.run(self.client.close())
-        if self.STORE == "memory":  # the memory store keeps nothing, not even its revision
+        if self.store == "memory":  # the memory store keeps nothing, not even its revision
             self.model.clear()
             self.revision = 0
         self.run(self.start())
@@ -246,12 +252,17 @@ class KeyValueMachine(RuleBasedStateMachine):
         self.directory.cleanup()
 
 
-class MemoryMachine(KeyValueMachine):
-    STORE = "memory"
+@pytest.mark.parametrize("store", STORE_KINDS)
+def test_the_api_behaves_like_its_model(store: StoreKind, request: pytest.FixtureRequest) -> None:
+    def postgres_url() -> Optional[str]:
+        if store != "postgres":
+            return None
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        return cluster.url(search_path=cluster.create_schema())
 
-
-MACHINE_SETTINGS = settings(max_examples=25, stateful_step_count=30, deadline=None)
-KeyValueMachine.TestCase.settings = MACHINE_SETTINGS
-MemoryMachine.TestCase.settings = MACHINE_SETTINGS
-TestKeyValueModelOnSqlite = KeyValueMachine.TestCase
-TestKeyValueModelOnMemory = MemoryMachine.TestCase
+    # A factory, not the class: each example's machine gets its own database. (Hypothesis
+    # takes any callable; its annotation says a class.)
+    stateful.run_state_machine_as_test(
+        lambda: KeyValueMachine(store, postgres_url),  # type: ignore[arg-type]
+        settings=settings(max_examples=25, stateful_step_count=30, deadline=None),
+    )

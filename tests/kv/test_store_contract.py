@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 
-from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
+from mapmg_data_engineer_takehome.store import MemoryStore, Store
 from mapmg_data_engineer_takehome.store.base import (
     PAGE_VALUE_CHARS,
-    Clock,
     Entry,
     IfAbsent,
     IfExists,
@@ -23,15 +22,9 @@ from mapmg_data_engineer_takehome.store.base import (
     prefix_upper_bound,
 )
 
-from .conftest import FakeClock, RowsSeed, value_of
+from .conftest import FakeClock, OpenStore, RowsSeed, value_of
 
-BACKENDS: dict[str, Callable[[Path, Clock], Store]] = {
-    "memory": lambda directory, clock: MemoryStore(clock),
-    "sqlite-normal": lambda directory, clock: SqliteStore(
-        directory / "kv.sqlite3", "normal", clock
-    ),
-    "sqlite-full": lambda directory, clock: SqliteStore(directory / "kv.sqlite3", "full", clock),
-}
+BACKENDS = ["memory", "sqlite", "sqlite-full", pytest.param("postgres", marks=pytest.mark.slow)]
 
 
 @pytest.fixture
@@ -39,11 +32,11 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=BACKENDS)
 async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock, open_test_store: OpenStore
 ) -> AsyncIterator[Store]:
-    opened = BACKENDS[request.param](tmp_path, clock)
+    opened = await open_test_store(request.param, tmp_path, clock)
     yield opened
     await opened.close()
 
@@ -391,6 +384,9 @@ async def test_load_accepts_a_generator_of_many_rows(store: Store) -> None:
 
 
 async def test_fingerprint_is_remembered_only_by_durable_stores(store: Store) -> None:
-    await store.load(RowsSeed(iter([("a", "1")]), "fp"))
+    assert await store.load(RowsSeed(iter([("a", "1")]), "fp")) == 1
     remembered = await store.seed_fingerprint()
-    assert remembered == ("fp" if isinstance(store, SqliteStore) else None)
+    assert remembered == (None if isinstance(store, MemoryStore) else "fp")
+    # A durable store takes the same seed once; the memory store, which forgets, every time.
+    again = await store.load(RowsSeed(iter([("a", "2")]), "fp"))
+    assert again == (1 if isinstance(store, MemoryStore) else None)

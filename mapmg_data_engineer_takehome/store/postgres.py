@@ -1,0 +1,597 @@
+"""The PostgreSQL store: any number of servers (stateless replicas) share one database.
+
+The same contract as the sqlite store, kept by the database:
+- One revision for the whole database, in ``kv_meta``, read and advanced under a row lock by
+  every write transaction: versions order writes across keys and replicas, and a condition
+  is checked in the same transaction as the write it guards.
+- Expiry uses one clock, the database's (``clock_timestamp()``), so that replicas whose
+  clocks disagree agree on what has expired.
+- Every write is committed (``synchronous_commit`` is left as the database has it, on by
+  default) before it is answered.
+
+Round trips are the cost of a networked store, so requests are grouped as the sqlite store
+groups its commits: the writes that arrive while a group is in flight go together into one
+call of the ``kv_write`` function (one round trip, one transaction), and the GETs of one
+event-loop turn into one ``WHERE key = ANY($1)`` query.
+
+Every call waits at most ``timeout`` seconds for a connection and as long for its answer;
+then, or when PostgreSQL is gone, the request is answered 503 (StoreUnavailable) and the
+pool reconnects by itself once the database answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import structlog
+
+from .base import (
+    PAGE_VALUE_CHARS,
+    Clock,
+    Condition,
+    Entry,
+    IfAbsent,
+    IfExists,
+    IfVersion,
+    ListedKey,
+    Page,
+    PreconditionFailed,
+    Seed,
+    SetItem,
+    StoreCorrupt,
+    StoreError,
+    StoreUnavailable,
+    prefix_upper_bound,
+)
+
+log = structlog.get_logger("kv.store")
+
+SCHEMA_VERSION = 1
+# pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
+# schema, and one applies a seed while the others wait for it.
+_SCHEMA_LOCK = 0x4B565343
+_SEED_LOCK = 0x4B565345
+# Milliseconds since the epoch by the database's clock, unless the caller passes its own
+# (the tests' clock): every statement below takes it as a parameter that may be NULL.
+_NOW = "coalesce({}::bigint, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)"
+
+_WRITE_FUNCTION = """
+CREATE OR REPLACE FUNCTION kv_write(
+    p_kinds text[], p_keys text[], p_vals text[], p_ttls bigint[],
+    p_conditions text[], p_versions bigint[], p_now bigint)
+RETURNS TABLE (outcome text, new_version bigint, new_expires_at bigint)
+LANGUAGE plpgsql AS $$
+-- A group of single-key writes, in order, in the caller's transaction: each 'set' or
+-- 'delete' whose condition holds takes the next revision.
+DECLARE
+    now_ms bigint := coalesce(p_now, (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
+    revision bigint;
+    first_revision bigint;
+    live bigint;
+    expiry bigint;
+BEGIN
+    SELECT m.value::bigint INTO revision FROM kv_meta m WHERE m.name = 'revision' FOR UPDATE;
+    first_revision := revision;
+    FOR i IN 1 .. coalesce(array_length(p_keys, 1), 0) LOOP
+        live := NULL;
+        IF p_conditions[i] IS NOT NULL OR p_kinds[i] = 'delete' THEN
+            SELECT k.version INTO live FROM kv k
+             WHERE k.key = p_keys[i] AND (k.expires_at IS NULL OR k.expires_at > now_ms);
+        END IF;
+        IF (p_conditions[i] = 'version' AND live IS DISTINCT FROM p_versions[i])
+           OR (p_conditions[i] = 'exists' AND live IS NULL)
+           OR (p_conditions[i] = 'absent' AND live IS NOT NULL) THEN
+            outcome := 'failed'; new_version := live; new_expires_at := NULL;
+        ELSIF p_kinds[i] = 'set' THEN
+            revision := revision + 1;
+            expiry := CASE WHEN p_ttls[i] IS NULL THEN NULL ELSE now_ms + p_ttls[i] END;
+            INSERT INTO kv (key, val, version, expires_at)
+                 VALUES (p_keys[i], p_vals[i], revision, expiry)
+            ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
+                                            expires_at = excluded.expires_at;
+            outcome := 'written'; new_version := revision; new_expires_at := expiry;
+        ELSE
+            DELETE FROM kv k WHERE k.key = p_keys[i];
+            IF live IS NULL THEN
+                outcome := 'absent'; new_version := NULL;
+            ELSE
+                revision := revision + 1; outcome := 'deleted'; new_version := revision;
+            END IF;
+            new_expires_at := NULL;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    IF revision <> first_revision THEN
+        UPDATE kv_meta m SET value = revision::text WHERE m.name = 'revision';
+    END IF;
+END
+$$
+"""
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS kv_meta (name text PRIMARY KEY, value text NOT NULL)",
+    # COLLATE "C": keys compare by their UTF-8 bytes, the order listings promise (and the
+    # sqlite store's), whatever the database's own collation is.
+    "CREATE TABLE IF NOT EXISTS kv (key text COLLATE \"C\" PRIMARY KEY CHECK (key <> ''),"
+    " val text NOT NULL, version bigint NOT NULL, expires_at bigint)",
+    "CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL",
+    _WRITE_FUNCTION,
+    "INSERT INTO kv_meta (name, value) VALUES ('revision', '0') ON CONFLICT (name) DO NOTHING",
+)
+# From each schema version to the next, in place (none yet: this is the first).
+_UPGRADES: dict[int, tuple[str, ...]] = {}
+
+_LIVE = f"(expires_at IS NULL OR expires_at > {_NOW.format('$2')})"
+_GET_MANY = f"SELECT key, val, version, expires_at FROM kv WHERE key = ANY($1::text[]) AND {_LIVE}"
+_WRITE = "SELECT outcome, new_version, new_expires_at FROM kv_write($1, $2, $3, $4, $5, $6, $7)"
+_TAKE_REVISION = (
+    "UPDATE kv_meta SET value = (value::bigint + 1)::text WHERE name = 'revision'"
+    " RETURNING value::bigint"
+)
+_SET_MANY = f"""
+INSERT INTO kv (key, val, version, expires_at)
+SELECT k, v, $4, CASE WHEN t IS NULL THEN NULL ELSE {_NOW.format("$5")} + t END
+  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS item(k, v, t)
+ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
+                                expires_at = excluded.expires_at
+"""
+_DELETE_MANY = f"""
+WITH gone AS (DELETE FROM kv WHERE key = ANY($1::text[]) RETURNING expires_at)
+SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > {_NOW.format("$2")}) FROM gone
+"""
+_PURGE = f"""
+DELETE FROM kv WHERE key IN (
+    SELECT key FROM kv WHERE expires_at <= {_NOW.format("$2")}
+     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+"""
+_LOCK_REVISION = "SELECT value FROM kv_meta WHERE name = 'revision' FOR UPDATE"
+_READ_META = "SELECT value FROM kv_meta WHERE name = $1"
+_WRITE_META = (
+    "INSERT INTO kv_meta (name, value) VALUES ($1, $2)"
+    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
+)
+_SEED_FINGERPRINT = "seed_fingerprint"
+_SEED_TABLE = "kv_seed"
+_APPLY_SEED = f"""
+INSERT INTO kv (key, val, version, expires_at)
+SELECT DISTINCT ON (key) key, val, $1, NULL FROM {_SEED_TABLE} ORDER BY key, ordinal DESC
+ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version, expires_at = NULL
+"""
+_CONDITION_NAMES = {IfExists: "exists", IfAbsent: "absent", IfVersion: "version"}
+# SQLSTATE classes that mean "not now" rather than "a bug": connection exceptions,
+# insufficient resources, operator intervention (a shutdown, a restart), system errors.
+_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password replaced, for messages: postgresql://kv:***@db:5432/kv."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def describe(error: BaseException) -> str:
+    """What went wrong, in words that never hold the URL's password (asyncpg's messages
+    name the host and port, and the server's quote the SQL, which holds no data)."""
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    name = type(error).__name__
+    return f"{name}: {detail}" if detail else name
+
+
+def _translate(error: BaseException) -> StoreError:
+    if isinstance(error, asyncpg.PostgresError):
+        state = getattr(error, "sqlstate", "") or ""
+        if state[:2] not in _UNAVAILABLE_CLASSES:
+            return StoreError(f"PostgreSQL: {describe(error)}")
+    return StoreUnavailable(f"PostgreSQL: {describe(error)}")
+
+
+# What a failed call to PostgreSQL can raise besides its own errors.
+_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+class _Write:
+    """One single-key write waiting for its group: a row of kv_write's arguments."""
+
+    __slots__ = ("condition", "future", "key", "kind", "ttl_ms", "val")
+
+    def __init__(
+        self,
+        kind: str,
+        key: str,
+        val: Optional[str],
+        ttl_ms: Optional[int],
+        condition: Optional[Condition],
+        future: asyncio.Future[Any],
+    ) -> None:
+        self.kind, self.key, self.val, self.ttl_ms = kind, key, val, ttl_ms
+        self.condition, self.future = condition, future
+
+
+class PostgresStore:
+    """A Store in a PostgreSQL database; open it with ``await PostgresStore.open(...)``."""
+
+    name = "postgres"
+
+    def __init__(
+        self, pool: asyncpg.Pool, url: str, timeout: float, clock: Optional[Clock] = None
+    ) -> None:
+        self._pool = pool
+        self._url = url
+        self._timeout = timeout
+        self._clock = clock
+        self._reads: dict[str, list[asyncio.Future[Optional[Entry]]]] = {}
+        self._reads_scheduled = False
+        self._writes: list[_Write] = []
+        self._draining: Optional[asyncio.Task[None]] = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- opening ------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        pool_size: int = 10,
+        timeout: float = 2.0,
+        startup_wait: float = 30.0,
+        clock: Optional[Clock] = None,
+    ) -> PostgresStore:
+        """Connect (retrying with backoff for up to ``startup_wait`` seconds, logging each
+        failed attempt), create or upgrade the schema, and return the store.
+
+        ``clock`` replaces the database's for expiry: for tests only, since replicas would
+        then disagree on what has expired.
+        """
+        deadline = time.monotonic() + startup_wait
+        delay, attempt = 0.25, 0
+        while True:
+            attempt += 1
+            try:
+                pool = await asyncpg.create_pool(
+                    url,
+                    min_size=1,
+                    max_size=pool_size,
+                    timeout=timeout,  # to connect
+                    command_timeout=timeout,
+                )
+                break
+            except (*_FAILURES, ValueError) as error:
+                if isinstance(error, ValueError):  # a malformed URL: no retry will mend it
+                    raise StoreUnavailable(f"{redacted_url(url)}: {describe(error)}") from None
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(
+                        f"PostgreSQL at {redacted_url(url)} did not answer within "
+                        f"{startup_wait:g} s ({attempt} attempts); last: {describe(error)}"
+                    ) from None
+                log.warning(
+                    "postgres_unreachable",
+                    attempt=attempt,
+                    retry_in=round(delay, 2),
+                    reason=describe(error),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        store = cls(pool, url, timeout, clock)
+        try:
+            await store._prepare_schema()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def _prepare_schema(self) -> None:
+        """Create the schema, or upgrade it, once: replicas that start together wait for the
+        one holding the lock, then find it done."""
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+                    exists = await conn.fetchval("SELECT to_regclass('kv_meta') IS NOT NULL")
+                    version = (
+                        int(await conn.fetchval(_READ_META, "schema_version") or 0) if exists else 0
+                    )
+                    if version > SCHEMA_VERSION:
+                        raise StoreCorrupt(
+                            f"{redacted_url(self._url)}: written by a newer version "
+                            f"(schema {version})"
+                        )
+                    if version == 0:
+                        for statement in _SCHEMA:
+                            await conn.execute(statement)
+                    for step in range(max(version, 1), SCHEMA_VERSION):
+                        for statement in _UPGRADES[step]:
+                            await conn.execute(statement)
+                    if version != SCHEMA_VERSION:
+                        await conn.execute(_WRITE_META, "schema_version", str(SCHEMA_VERSION))
+                        log.info("store_schema", schema_from=version, schema_to=SCHEMA_VERSION)
+            except _FAILURES as error:
+                raise _translate(error) from None
+
+    # --- calls ----------------------------------------------------------------------------
+
+    def _now(self) -> Optional[int]:
+        return None if self._clock is None else round(self._clock() * 1000)
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """Rows of one statement, within the timeout for a connection and for the answer."""
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                return await conn.fetch(query, *args, timeout=self._timeout)  # type: ignore[no-any-return]
+        except _FAILURES as error:
+            failure = _translate(error)
+            if isinstance(failure, StoreUnavailable):
+                # The database went away: drop every idle connection now, rather than
+                # failing one request on each of them once it is back.
+                self._pool.expire_connections()
+            raise failure from None
+
+    # --- reads ----------------------------------------------------------------------------
+
+    async def get(self, key: str) -> Optional[Entry]:
+        """Joins the GETs of this event-loop turn in one query."""
+        future: asyncio.Future[Optional[Entry]] = asyncio.get_running_loop().create_future()
+        waiting = self._reads.get(key)
+        if waiting is None:
+            self._reads[key] = [future]
+        else:
+            waiting.append(future)
+        if not self._reads_scheduled:
+            self._reads_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_reads)
+        return await future
+
+    def _start_reads(self) -> None:
+        reads, self._reads = self._reads, {}
+        self._reads_scheduled = False
+        self._spawn(self._read(reads))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, reads: Mapping[str, list[asyncio.Future[Optional[Entry]]]]) -> None:
+        try:
+            rows = await self._fetch(_GET_MANY, list(reads), self._now())
+        except StoreError as error:
+            for futures in reads.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(error)
+            return
+        found = {row[0]: Entry(row[1], row[2], row[3]) for row in rows}
+        for key, futures in reads.items():
+            entry = found.get(key)
+            for future in futures:
+                if not future.done():
+                    future.set_result(entry)
+
+    async def get_many(self, keys: Sequence[str]) -> Mapping[str, str]:
+        rows = await self._fetch(_GET_MANY, list(dict.fromkeys(keys)), self._now())
+        return {row[0]: row[1] for row in rows}
+
+    async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:
+        """One range scan of the primary key's index: O(log n) to the start, then the page."""
+        parameters: list[Any] = [limit + 1, self._now()]
+        conditions = [_LIVE]
+        if after is not None and after >= prefix:
+            parameters.append(after)
+            conditions.append(f"key > ${len(parameters)}")
+        else:
+            parameters.append(prefix)
+            conditions.append(f"key >= ${len(parameters)}")
+        bound = prefix_upper_bound(prefix)
+        if bound is not None:
+            parameters.append(bound)
+            conditions.append(f"key < ${len(parameters)}")
+        where = " AND ".join(conditions)
+        if not values:
+            rows = await self._fetch(
+                f"SELECT key, version, expires_at FROM kv WHERE {where} ORDER BY key LIMIT $1",
+                *parameters,
+            )
+            keys = [ListedKey(row[0], row[1], row[2]) for row in rows[:limit]]
+            return Page(keys, more=len(rows) > limit)
+        # A page stops once its values pass PAGE_VALUE_CHARS: the values beyond are never
+        # sent, however many the limit allows.
+        parameters.append(PAGE_VALUE_CHARS)
+        rows = await self._fetch(
+            f"""SELECT key, version, expires_at, CASE WHEN before <= ${len(parameters)}
+                       THEN val END, before <= ${len(parameters)} FROM (
+                    SELECT key, version, expires_at, val, coalesce(sum(length(val)) OVER
+                           (ORDER BY key ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                           AS before
+                      FROM kv WHERE {where} ORDER BY key LIMIT $1) page ORDER BY key""",
+            *parameters,
+        )
+        page: list[ListedKey] = []
+        for row in rows:
+            if len(page) == limit or not row[4]:
+                return Page(page, more=True)
+            page.append(ListedKey(row[0], row[1], row[2], row[3]))
+        return Page(page, more=False)
+
+    # --- writes ---------------------------------------------------------------------------
+
+    async def set(
+        self,
+        key: str,
+        val: str,
+        ttl: Optional[float] = None,
+        condition: Optional[Condition] = None,
+    ) -> Entry:
+        ttl_ms = None if ttl is None else round(ttl * 1000)
+        outcome, version, expires_at = await self._submit("set", key, val, ttl_ms, condition)
+        if outcome == "failed":
+            raise PreconditionFailed(version)
+        return Entry(val, version, expires_at)
+
+    async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
+        outcome, version, _ = await self._submit("delete", key, None, None, condition)
+        if outcome == "failed":
+            raise PreconditionFailed(version)
+        return outcome == "deleted"
+
+    async def _submit(
+        self,
+        kind: str,
+        key: str,
+        val: Optional[str],
+        ttl_ms: Optional[int],
+        condition: Optional[Condition],
+    ) -> tuple[str, Any, Any]:
+        future: asyncio.Future[tuple[str, Any, Any]] = asyncio.get_running_loop().create_future()
+        self._writes.append(_Write(kind, key, val, ttl_ms, condition, future))
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        """Send the waiting writes as one group; those arriving meanwhile go in the next."""
+        try:
+            while self._writes:
+                group, self._writes = self._writes, []
+                try:
+                    rows = await self._fetch(
+                        _WRITE,
+                        [write.kind for write in group],
+                        [write.key for write in group],
+                        [write.val for write in group],
+                        [write.ttl_ms for write in group],
+                        [_condition_name(write.condition) for write in group],
+                        [_condition_version(write.condition) for write in group],
+                        self._now(),
+                    )
+                except StoreError as error:
+                    for write in group:
+                        if not write.future.done():
+                            write.future.set_exception(error)
+                    continue
+                for write, row in zip(group, rows):
+                    if not write.future.done():
+                        write.future.set_result((row[0], row[1], row[2]))
+        finally:
+            self._draining = None
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection in a transaction, within the timeout; failures translated."""
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
+                yield conn
+        except _FAILURES as error:
+            raise _translate(error) from None
+
+    async def set_many(self, items: Sequence[SetItem]) -> int:
+        # One row per key, the last item's: a statement may not touch a row twice.
+        last = list({item.key: item for item in items}.values())
+        ttls = [None if item.ttl is None else round(item.ttl * 1000) for item in last]
+        async with self._transaction() as conn:
+            # Taking the revision first takes its lock, as every write does.
+            revision = int(await conn.fetchval(_TAKE_REVISION, timeout=self._timeout))
+            await conn.execute(
+                _SET_MANY,
+                [item.key for item in last],
+                [item.val for item in last],
+                ttls,
+                revision,
+                self._now(),
+                timeout=self._timeout,
+            )
+        return revision
+
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        async with self._transaction() as conn:
+            await conn.execute(_LOCK_REVISION, timeout=self._timeout)
+            deleted = int(
+                await conn.fetchval(
+                    _DELETE_MANY, list(dict.fromkeys(keys)), self._now(), timeout=self._timeout
+                )
+            )
+            if deleted:
+                await conn.execute(_TAKE_REVISION, timeout=self._timeout)
+        return deleted
+
+    async def purge_expired(self, limit: int) -> int:
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                status = await conn.execute(_PURGE, limit, self._now(), timeout=self._timeout)
+        except _FAILURES as error:
+            raise _translate(error) from None
+        return int(status.split()[-1])
+
+    # --- seeding ------------------------------------------------------------------------
+
+    async def load(self, seed: Seed) -> Optional[int]:
+        """Stream the seed's rows into a temporary table (COPY, never the whole seed in
+        memory), then apply them in one statement, last row for a key winning; all in one
+        transaction, under a lock that servers starting together wait on."""
+        try:
+            # Its own connection, without the requests' timeout: a seed takes its time.
+            conn = await asyncpg.connect(self._url, timeout=self._timeout)
+        except _FAILURES as error:
+            raise _translate(error) from None
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SEED_LOCK)
+                if await conn.fetchval(_READ_META, _SEED_FINGERPRINT) == seed.fingerprint:
+                    return None
+                await conn.execute(
+                    f"CREATE TEMP TABLE {_SEED_TABLE} (ordinal bigint, key text, val text)"
+                    " ON COMMIT DROP"
+                )
+                status = await conn.copy_records_to_table(
+                    _SEED_TABLE, records=_numbered(seed.rows()), columns=["ordinal", "key", "val"]
+                )
+                applied = int(status.split()[-1])
+                if applied:
+                    revision = await conn.fetchval(_TAKE_REVISION)
+                    await conn.execute(_APPLY_SEED, revision)
+                await conn.execute(_WRITE_META, _SEED_FINGERPRINT, seed.fingerprint)
+            return applied
+        except _FAILURES as error:
+            raise _translate(error) from None
+        finally:
+            await conn.close()
+
+    async def seed_fingerprint(self) -> Optional[str]:
+        rows = await self._fetch(_READ_META, _SEED_FINGERPRINT)
+        return None if not rows else str(rows[0][0])
+
+    # --- the rest -----------------------------------------------------------------------
+
+    async def count(self) -> int:
+        return int((await self._fetch("SELECT count(*) FROM kv"))[0][0])
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
+    async def close(self) -> None:
+        if self._draining is not None:
+            await self._draining
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._pool.close()
+
+
+def _numbered(rows: Any) -> Iterator[tuple[int, str, str]]:
+    for ordinal, (key, val) in enumerate(rows):
+        yield ordinal, key, val
+
+
+def _condition_name(condition: Optional[Condition]) -> Optional[str]:
+    return None if condition is None else _CONDITION_NAMES[type(condition)]
+
+
+def _condition_version(condition: Optional[Condition]) -> Optional[int]:
+    return condition.version if isinstance(condition, IfVersion) else None
