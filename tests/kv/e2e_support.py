@@ -235,9 +235,12 @@ class ServerPool:
     """Starts servers with cwd ``root`` and the data file ``root/data/kv.sqlite3``; kills all
     of them on ``close`` (call it from fixture teardown)."""
 
-    def __init__(self, root: Path, python: str = sys.executable) -> None:
+    def __init__(
+        self, root: Path, python: str = sys.executable, launcher: Sequence[str] = ()
+    ) -> None:
         self.root = root
         self.python = python  # the interpreter, so its environment, that runs the servers
+        self.launcher = list(launcher)  # what runs it, such as ["ip", "netns", "exec", "ns"]
         self.data_path = root / "data" / "kv.sqlite3"
         self.servers: list[Server] = []
         (root / "logs").mkdir(parents=True, exist_ok=True)
@@ -281,7 +284,7 @@ class ServerPool:
         stderr_path = self.root / "logs" / f"server-{number}.stderr"
         with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
             process = subprocess.Popen(
-                [self.python, "-m", module, *args],
+                [*self.launcher, self.python, "-m", module, *args],
                 cwd=str(self.root),
                 env=self.environment(port, input_db, env),
                 stdin=subprocess.DEVNULL,
@@ -301,12 +304,14 @@ class ServerPool:
         input_db: Optional[Path] = None,
         env: Optional[Mapping[str, Optional[str]]] = None,
         module: str = MODULE,
+        host: str = LOOPBACK_V4,
     ) -> Server:
-        """Start a server on ``port`` (a free one by default) and wait until it is ready."""
+        """Start a server on ``port`` (a free one by default) and wait until it answers on
+        ``host``."""
         server = self.spawn(
             *args, port=port or free_port(), input_db=input_db, env=env, module=module
         )
-        server.wait_ready()
+        server.wait_ready(host=host)
         return server
 
     def close(self) -> None:
