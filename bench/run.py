@@ -42,6 +42,9 @@ sys.path.insert(0, str(BENCH))
 
 from make_input_db import write_input_db  # noqa: E402
 
+sys.path.insert(0, str(BENCH.parent))
+from tests.kv.postgres_support import PostgresCluster, server_binaries  # noqa: E402
+
 SERVER_CORE, LOAD_CORE = "0", "1"
 READY_TIMEOUT = 120.0
 _LATENCY_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -87,6 +90,18 @@ def contenders(workers: int, baseline: Optional[tuple[str, Path]] = None) -> dic
         "kv": kv_server("kv (this service, defaults)", KV_WORKERS=str(workers)),
         "kv-access-log": kv_server("kv (KV_ACCESS_LOG=true)", KV_ACCESS_LOG="true"),
         "kv-memory": kv_server("kv (memory store)", KV_STORE="memory"),
+        # PostgreSQL runs on this machine too, unpinned: it competes for the same two cores.
+        "kv-postgres": kv_server(
+            "kv on PostgreSQL, 1 replica",
+            KV_STORE="postgres",
+            KV_POSTGRES_URL="{postgres_url}",
+        ),
+        "kv-postgres-2": kv_server(
+            "kv on PostgreSQL, 2 replicas",
+            KV_STORE="postgres",
+            KV_POSTGRES_URL="{postgres_url}",
+            KV_WORKERS="2",
+        ),
         "fastapi": Server(
             "FastAPI + uvicorn + dict",
             [python, str(BENCH / "fastapi_app.py"), "--port", "{port}", "--input-db", "{input_db}"],
@@ -194,14 +209,22 @@ def run_wrk(
     return result
 
 
-def measure(server: Server, input_db: Path, args: argparse.Namespace) -> dict[str, WrkResult]:
+def measure(
+    server: Server,
+    input_db: Path,
+    args: argparse.Namespace,
+    postgres: Optional[PostgresCluster] = None,
+) -> dict[str, WrkResult]:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="kv-bench-") as data_dir:
         values = {"port": str(port), "input_db": str(input_db), "data_dir": data_dir}
+        if postgres is not None:  # a fresh database for each run, as a data file is
+            values["postgres_url"] = postgres.url(postgres.create_database())
         command = [part.format(**values) for part in server.command]
         env = {key: value for key, value in os.environ.items() if not key.startswith("KV_")}
         env.update({key: value.format(**values) for key, value in server.env.items()})
-        cores = "0-1" if args.workers > 1 else SERVER_CORE
+        several = args.workers > 1 or server.env.get("KV_WORKERS", "1") != "1"
+        cores = "0-1" if several else SERVER_CORE
         process = subprocess.Popen(
             ["taskset", "-c", cores, *command],
             cwd=server.cwd,
@@ -337,13 +360,33 @@ def git_worktree(ref: str) -> Iterator[Path]:
 
 
 def run_rounds(chosen: dict[str, Server], args: argparse.Namespace) -> int:
+    postgres: Optional[PostgresCluster] = None
+    if any("KV_POSTGRES_URL" in server.env for server in chosen.values()):
+        bindir = server_binaries()
+        if bindir is None:
+            print("bench: missing prerequisite: PostgreSQL (apt-get install postgresql)")
+            return 2
+        # The tests' throwaway cluster, with fsync on: a commit here is a commit.
+        postgres = PostgresCluster(bindir, durable=True)
+        postgres.start()
+    try:
+        return _run_rounds(chosen, args, postgres)
+    finally:
+        if postgres is not None:
+            postgres.remove()
+
+
+def _run_rounds(
+    chosen: dict[str, Server], args: argparse.Namespace, postgres: Optional[PostgresCluster]
+) -> int:
     with tempfile.TemporaryDirectory(prefix="kv-bench-input-") as directory:
         input_db = Path(directory) / "input.db"
         write_input_db(input_db, args.rows)
         runs: dict[str, list[dict[str, WrkResult]]] = {name: [] for name in chosen}
         for round_number in range(1, args.rounds + 1):
             for name, server in chosen.items():
-                result = measure(server, input_db, args)
+                needs_postgres = "KV_POSTGRES_URL" in server.env
+                result = measure(server, input_db, args, postgres if needs_postgres else None)
                 runs[name].append(result)
                 get, post = result["get"], result["set"]
                 print(

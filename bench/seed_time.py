@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,16 +37,20 @@ from make_input_db import DEFAULT_ROWS, write_input_db
 
 from mapmg_data_engineer_takehome.seed import seed_store
 from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
+from mapmg_data_engineer_takehome.store.postgres import PostgresStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.kv.postgres_support import PostgresCluster, server_binaries
 
 POLL_SECONDS = 0.01
 START_TIMEOUT_SECONDS = 300.0
 
 
-def _seed_seconds(make_store: Callable[[Path], Store], input_db: Path) -> float:
+def _seed_seconds(make_store: Callable[[Path], Awaitable[Store]], input_db: Path) -> float:
     """Seconds ``seed_store`` takes to apply ``input_db`` to a store made in a fresh dir."""
 
     async def run(directory: Path) -> float:
-        store = make_store(directory)
+        store = await make_store(directory)
         try:
             started = time.perf_counter()
             report = await seed_store(store, input_db)
@@ -150,20 +154,44 @@ def measure(input_db: Path, repeat: int) -> list[tuple[str, float]]:
     memory_seeds: list[float] = []
     fresh_starts: list[float] = []
     unchanged_starts: list[float] = []
-    for _ in range(repeat):
-        sqlite_seeds.append(
-            _seed_seconds(lambda directory: SqliteStore(directory / "kv.sqlite3"), input_db)
-        )
-        memory_seeds.append(_seed_seconds(lambda _: MemoryStore(), input_db))
-        fresh, unchanged = _server_seconds(input_db)
-        fresh_starts.append(fresh)
-        unchanged_starts.append(unchanged)
-    return [
+    postgres_seeds: list[float] = []
+
+    async def sqlite_store(directory: Path) -> Store:
+        return SqliteStore(directory / "kv.sqlite3")
+
+    async def memory_store(directory: Path) -> Store:
+        return MemoryStore()
+
+    bindir = server_binaries()
+    cluster = None if bindir is None else PostgresCluster(bindir, durable=True)
+    try:
+        if cluster is not None:
+            cluster.start()
+
+        async def postgres_store(directory: Path) -> Store:
+            assert cluster is not None
+            return await PostgresStore.open(cluster.url(cluster.create_database()))
+
+        for _ in range(repeat):
+            sqlite_seeds.append(_seed_seconds(sqlite_store, input_db))
+            memory_seeds.append(_seed_seconds(memory_store, input_db))
+            if cluster is not None:
+                postgres_seeds.append(_seed_seconds(postgres_store, input_db))
+            fresh, unchanged = _server_seconds(input_db)
+            fresh_starts.append(fresh)
+            unchanged_starts.append(unchanged)
+    finally:
+        if cluster is not None:
+            cluster.remove()
+    results = [
         ("seed_store -> SqliteStore (durability=normal)", min(sqlite_seeds)),
         ("seed_store -> MemoryStore", min(memory_seeds)),
         ("server start -> port open (new data file)", min(fresh_starts)),
         ("server restart -> port open (seed unchanged)", min(unchanged_starts)),
     ]
+    if postgres_seeds:  # PostgreSQL's server binaries were found
+        results.insert(2, ("seed_store -> PostgresStore (COPY, local server)", min(postgres_seeds)))
+    return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -46,10 +46,17 @@ def free_port() -> int:
 class PostgresCluster:
     """One cluster: ``start``, ``stop``, ``restart``, ``url``, ``create_schema``."""
 
-    def __init__(self, bindir: Path, host: str = "127.0.0.1", port: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        bindir: Path,
+        host: str = "127.0.0.1",
+        port: Optional[int] = None,
+        durable: bool = False,
+    ) -> None:
         self.bindir = bindir
         self.host = host
         self.port = port or free_port()
+        self.durable = durable  # fsync on, as a real server's: for benchmarks
         self.root = Path(tempfile.mkdtemp(prefix="kv-postgres-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
@@ -93,10 +100,11 @@ class PostgresCluster:
             conf.write(
                 f"listen_addresses = '{self.host}'\nport = {self.port}\n"
                 f"unix_socket_directories = '{self.root}'\nmax_connections = 300\n"
-                # The tests' own writes need not survive this machine's power loss; the
-                # server's commits are still synchronous as far as the server knows.
-                "fsync = off\nfull_page_writes = off\n"
             )
+            if not self.durable:
+                # The tests' writes need not survive this machine's power loss; the server's
+                # commits are still synchronous as far as the server knows.
+                conf.write("fsync = off\nfull_page_writes = off\n")
         with (self.data / "pg_hba.conf").open("a") as hba:
             hba.write("host all all 0.0.0.0/0 scram-sha-256\n")
 

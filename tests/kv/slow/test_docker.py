@@ -24,6 +24,7 @@ from typing import Any, Optional
 import pytest
 
 from ..e2e_support import REPO, free_port, sha256_of, write_input_db
+from ..postgres_support import PASSWORD, PostgresCluster
 
 # What the Dockerfile needs from the build context; the rest is .dockerignored anyway.
 CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
@@ -261,3 +262,23 @@ def test_the_image_builds_and_starts_without_an_input_db(
         for started in containers:
             started.remove()
         docker("rmi", "-f", tag, check=False)
+
+
+def test_the_image_serves_from_postgres(
+    image: str, containers: list[Container], postgres_cluster: PostgresCluster
+) -> None:
+    """`docker run` of the image against a database: the driver is in the image."""
+    if NETWORK != "host":
+        pytest.skip("the test database is on this host's loopback: KV_TEST_DOCKER_NETWORK=host")
+    url = postgres_cluster.url(postgres_cluster.create_database())
+    container = start(containers, image, "-e", "KV_STORE=postgres", "-e", f"KV_POSTGRES_URL={url}")
+    assert container.request("GET", "/health") == (200, {"status": "ok", "store": "postgres"})
+    written = {"key": "in postgres", "val": "from a container"}
+    assert container.request("POST", "/set", written) == (200, written)
+    assert container.request("GET", "/get/in%20postgres") == (200, written)
+    configured = json.loads(
+        docker("inspect", "--format", "{{json .Config.Healthcheck.Test}}", image).stdout
+    )
+    assert docker("exec", container.name, *configured[1:], check=False).returncode == 0
+    assert container.stop() < 5
+    assert PASSWORD not in container.logs()
