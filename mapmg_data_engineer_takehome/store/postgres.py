@@ -22,10 +22,9 @@ pool reconnects by itself once the database answers again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from typing import Any, Optional
+from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Optional, TypeVar
 
 import asyncpg
 import structlog
@@ -50,6 +49,7 @@ from .base import (
 )
 
 log = structlog.get_logger("kv.store")
+Result = TypeVar("Result")
 
 SCHEMA_VERSION = 1
 # pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
@@ -74,6 +74,9 @@ DECLARE
     first_revision bigint;
     live bigint;
     expiry bigint;
+    inserted boolean;
+    removed bigint;
+    added bigint := 0;  -- keys inserted less keys deleted, for the count in kv_meta
 BEGIN
     SELECT m.value::bigint INTO revision FROM kv_meta m WHERE m.name = 'revision' FOR UPDATE;
     first_revision := revision;
@@ -90,13 +93,18 @@ BEGIN
         ELSIF p_kinds[i] = 'set' THEN
             revision := revision + 1;
             expiry := CASE WHEN p_ttls[i] IS NULL THEN NULL ELSE now_ms + p_ttls[i] END;
+            -- xmax is 0 on a row this statement inserted, not on one it updated.
             INSERT INTO kv (key, val, version, expires_at)
                  VALUES (p_keys[i], p_vals[i], revision, expiry)
             ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
-                                            expires_at = excluded.expires_at;
+                                            expires_at = excluded.expires_at
+            RETURNING (kv.xmax = 0) INTO inserted;
+            IF inserted THEN added := added + 1; END IF;
             outcome := 'written'; new_version := revision; new_expires_at := expiry;
         ELSE
             DELETE FROM kv k WHERE k.key = p_keys[i];
+            GET DIAGNOSTICS removed = ROW_COUNT;
+            added := added - removed;
             IF live IS NULL THEN
                 outcome := 'absent'; new_version := NULL;
             ELSE
@@ -108,6 +116,9 @@ BEGIN
     END LOOP;
     IF revision <> first_revision THEN
         UPDATE kv_meta m SET value = revision::text WHERE m.name = 'revision';
+    END IF;
+    IF added <> 0 THEN
+        UPDATE kv_meta m SET value = (m.value::bigint + added)::text WHERE m.name = 'keys';
     END IF;
 END
 $$
@@ -121,7 +132,8 @@ _SCHEMA = (
     " val text NOT NULL, version bigint NOT NULL, expires_at bigint)",
     "CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL",
     _WRITE_FUNCTION,
-    "INSERT INTO kv_meta (name, value) VALUES ('revision', '0') ON CONFLICT (name) DO NOTHING",
+    "INSERT INTO kv_meta (name, value) VALUES ('revision', '0'), ('keys', '0')"
+    " ON CONFLICT (name) DO NOTHING",
 )
 # From each schema version to the next, in place (none yet: this is the first).
 _UPGRADES: dict[int, tuple[str, ...]] = {}
@@ -133,21 +145,31 @@ _TAKE_REVISION = (
     "UPDATE kv_meta SET value = (value::bigint + 1)::text WHERE name = 'revision'"
     " RETURNING value::bigint"
 )
+# Each statement that adds or removes rows moves the key count in kv_meta by as many.
+_COUNT_KEYS = "UPDATE kv_meta SET value = (value::bigint + ({}))::text WHERE name = 'keys'"
 _SET_MANY = f"""
-INSERT INTO kv (key, val, version, expires_at)
-SELECT k, v, $4, CASE WHEN t IS NULL THEN NULL ELSE {_NOW.format("$5")} + t END
-  FROM unnest($1::text[], $2::text[], $3::bigint[]) AS item(k, v, t)
-ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
-                                expires_at = excluded.expires_at
+WITH written AS (
+    INSERT INTO kv (key, val, version, expires_at)
+    SELECT k, v, $4, CASE WHEN t IS NULL THEN NULL ELSE {_NOW.format("$5")} + t END
+      FROM unnest($1::text[], $2::text[], $3::bigint[]) AS item(k, v, t)
+    ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
+                                    expires_at = excluded.expires_at
+    RETURNING (kv.xmax = 0) AS inserted)
+{_COUNT_KEYS.format("SELECT count(*) FILTER (WHERE inserted) FROM written")}
 """
 _DELETE_MANY = f"""
-WITH gone AS (DELETE FROM kv WHERE key = ANY($1::text[]) RETURNING expires_at)
+WITH gone AS (DELETE FROM kv WHERE key = ANY($1::text[]) RETURNING expires_at),
+counted AS ({_COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
 SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > {_NOW.format("$2")}) FROM gone
 """
 _PURGE = f"""
-DELETE FROM kv WHERE key IN (
-    SELECT key FROM kv WHERE expires_at <= {_NOW.format("$2")}
-     ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+WITH gone AS (
+    DELETE FROM kv WHERE key IN (
+        SELECT key FROM kv WHERE expires_at <= {_NOW.format("$2")}
+         ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+    RETURNING 1),
+counted AS ({_COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
+SELECT count(*) FROM gone
 """
 _LOCK_REVISION = "SELECT value FROM kv_meta WHERE name = 'revision' FOR UPDATE"
 _READ_META = "SELECT value FROM kv_meta WHERE name = $1"
@@ -244,6 +266,7 @@ class PostgresStore:
         self._writes: list[_Write] = []
         self._draining: Optional[asyncio.Task[None]] = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.on_commit: Optional[Callable[[int], None]] = None
 
     # --- opening ------------------------------------------------------------------------
 
@@ -333,10 +356,14 @@ class PostgresStore:
         return None if self._clock is None else round(self._clock() * 1000)
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        """Rows of one statement, within the timeout for a connection and for the answer."""
+        """Rows of one statement, within the timeout, a connection and the answer together."""
+
+        async def fetch() -> list[asyncpg.Record]:
+            async with self._pool.acquire() as conn:
+                return await conn.fetch(query, *args)  # type: ignore[no-any-return]
+
         try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                return await conn.fetch(query, *args, timeout=self._timeout)  # type: ignore[no-any-return]
+            return await asyncio.wait_for(fetch(), self._timeout)
         except _FAILURES as error:
             failure = _translate(error)
             if isinstance(failure, StoreUnavailable):
@@ -358,7 +385,17 @@ class PostgresStore:
         if not self._reads_scheduled:
             self._reads_scheduled = True
             asyncio.get_running_loop().call_soon(self._start_reads)
-        return await future
+        return await self._within(future)
+
+    async def _within(self, future: asyncio.Future[Result]) -> Result:
+        """The answer of a grouped call, or StoreUnavailable after the timeout: a request
+        waiting behind a group in flight must not wait for two timeouts."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._timeout)
+        except asyncio.TimeoutError:
+            raise StoreUnavailable(
+                f"PostgreSQL did not answer within {self._timeout:g} s"
+            ) from None
 
     def _start_reads(self) -> None:
         reads, self._reads = self._reads, {}
@@ -464,7 +501,8 @@ class PostgresStore:
         self._writes.append(_Write(kind, key, val, ttl_ms, condition, future))
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
-        return await future
+        # A 503 for a write that then commits is a "maybe"; a 200 is only ever a commit.
+        return await self._within(future)
 
     async def _drain(self) -> None:
         """Send the waiting writes as one group; those arriving meanwhile go in the next."""
@@ -487,18 +525,23 @@ class PostgresStore:
                         if not write.future.done():
                             write.future.set_exception(error)
                     continue
+                if self.on_commit is not None:
+                    self.on_commit(len(group))
                 for write, row in zip(group, rows):
                     if not write.future.done():
                         write.future.set_result((row[0], row[1], row[2]))
         finally:
             self._draining = None
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection in a transaction, within the timeout; failures translated."""
+    async def _in_transaction(self, work: Callable[[Any], Awaitable[Result]]) -> Result:
+        """``work`` on a pooled connection in a transaction, all within the timeout."""
+
+        async def run() -> Result:
+            async with self._pool.acquire() as conn, conn.transaction():
+                return await work(conn)
+
         try:
-            async with self._pool.acquire(timeout=self._timeout) as conn, conn.transaction():
-                yield conn
+            return await asyncio.wait_for(run(), self._timeout)
         except _FAILURES as error:
             raise _translate(error) from None
 
@@ -506,9 +549,10 @@ class PostgresStore:
         # One row per key, the last item's: a statement may not touch a row twice.
         last = list({item.key: item for item in items}.values())
         ttls = [None if item.ttl is None else round(item.ttl * 1000) for item in last]
-        async with self._transaction() as conn:
+
+        async def write(conn: Any) -> int:
             # Taking the revision first takes its lock, as every write does.
-            revision = int(await conn.fetchval(_TAKE_REVISION, timeout=self._timeout))
+            revision = int(await conn.fetchval(_TAKE_REVISION))
             await conn.execute(
                 _SET_MANY,
                 [item.key for item in last],
@@ -516,29 +560,29 @@ class PostgresStore:
                 ttls,
                 revision,
                 self._now(),
-                timeout=self._timeout,
             )
+            return revision
+
+        revision = await self._in_transaction(write)
+        if self.on_commit is not None:
+            self.on_commit(1)
         return revision
 
     async def delete_many(self, keys: Sequence[str]) -> int:
-        async with self._transaction() as conn:
-            await conn.execute(_LOCK_REVISION, timeout=self._timeout)
-            deleted = int(
-                await conn.fetchval(
-                    _DELETE_MANY, list(dict.fromkeys(keys)), self._now(), timeout=self._timeout
-                )
-            )
+        async def delete(conn: Any) -> int:
+            await conn.execute(_LOCK_REVISION)
+            deleted = int(await conn.fetchval(_DELETE_MANY, list(dict.fromkeys(keys)), self._now()))
             if deleted:
-                await conn.execute(_TAKE_REVISION, timeout=self._timeout)
+                await conn.execute(_TAKE_REVISION)
+            return deleted
+
+        deleted = await self._in_transaction(delete)
+        if deleted and self.on_commit is not None:
+            self.on_commit(1)
         return deleted
 
     async def purge_expired(self, limit: int) -> int:
-        try:
-            async with self._pool.acquire(timeout=self._timeout) as conn:
-                status = await conn.execute(_PURGE, limit, self._now(), timeout=self._timeout)
-        except _FAILURES as error:
-            raise _translate(error) from None
-        return int(status.split()[-1])
+        return int((await self._fetch(_PURGE, limit, self._now()))[0][0])
 
     # --- seeding ------------------------------------------------------------------------
 
@@ -568,7 +612,8 @@ class PostgresStore:
                 applied = int(status.split()[-1])
                 if applied:
                     revision = await conn.fetchval(_TAKE_REVISION)
-                    await conn.execute(_APPLY_SEED, revision)
+                    inserted = await conn.execute(_APPLY_SEED, revision)
+                    await conn.execute(_COUNT_KEYS.format(int(inserted.split()[-1])))
                 await conn.execute(_WRITE_META, _SEED_FINGERPRINT, seed.fingerprint)
             return applied
         except _FAILURES as error:
@@ -583,7 +628,7 @@ class PostgresStore:
     # --- the rest -----------------------------------------------------------------------
 
     async def count(self) -> int:
-        return int((await self._fetch("SELECT count(*) FROM kv"))[0][0])
+        return int((await self._fetch(_READ_META, "keys"))[0][0])
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")

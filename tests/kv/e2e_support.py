@@ -225,9 +225,14 @@ class Server:
         return self.wait_exit(timeout)
 
     def kill(self) -> None:
-        """SIGKILL the server and any workers (a crash of the whole service), and reap."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
+        """SIGKILL the server and any workers (a crash of the whole service), and reap.
+
+        Only while it has not been reaped: once it has, its pid, which names its process
+        group, may already belong to another test's server (pids wrap at 32768 here).
+        """
+        if self.process.poll() is None:  # not reaped, so the pid is still its own
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=EXIT_TIMEOUT)
 
 
