@@ -108,7 +108,12 @@ def wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 def measure(
-    cwd: Optional[Path], input_db: Path, rows: int, count: int, keep: Optional[Path] = None
+    cwd: Optional[Path],
+    input_db: Path,
+    rows: int,
+    count: int,
+    keep: Optional[Path] = None,
+    settings: Optional[dict[str, str]] = None,
 ) -> dict[str, float]:
     """Instructions per GET and per POST of the server run from ``cwd`` (None: this tree);
     the dumps are copied into ``keep`` (for callgrind_annotate) when given."""
@@ -122,6 +127,7 @@ def measure(
             KV_DATA_PATH=str(out / "data" / "kv.sqlite3"),
             KV_LOG_LEVEL="warning",
         )
+        env.update(settings or {})
         process = subprocess.Popen(
             [
                 "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.out.%p",
@@ -167,6 +173,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rows", type=int, default=100_000, help="keys in input.db")
     parser.add_argument("--out", type=Path, help="also write the table as markdown here")
     parser.add_argument("--keep", type=Path, help="keep the dumps here, for callgrind_annotate")
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KV_NAME=VALUE",
+        help="a setting for this tree's server (repeatable); the baseline runs with defaults",
+    )
     args = parser.parse_args(argv)
     if shutil.which("callgrind_control") is None:
         print("bench: missing prerequisite: valgrind (apt-get install valgrind)", file=sys.stderr)
@@ -184,12 +197,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                     args.requests,
                     None if args.keep is None else args.keep / "baseline",
                 )
-        results["kv (this tree)"] = measure(
+        settings = dict(setting.split("=", 1) for setting in args.setting)
+        label = " ".join(args.setting)
+        results[f"kv (this tree{', ' + label if label else ''})"] = measure(
             None,
             input_db,
             args.rows,
             args.requests,
             None if args.keep is None else args.keep / "tree",
+            settings,
         )
     lines = ["| server | instructions per GET | instructions per POST |", "| --- | ---: | ---: |"]
     for name, figures in results.items():

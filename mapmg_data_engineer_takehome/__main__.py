@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any, Optional
+from collections.abc import Sequence
+from typing import Optional
 
 import structlog
 
-from .app import serve
+from .app import run_event_loop, serve
 from .errors import StartupError
 from .logs import configure_logging
 from .settings import SettingsError, load_settings
 from .workers import supervise
-
-
-def run_event_loop(main_coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop where it is installed (it halves the event loop's cost), else asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main_coroutine)
-    else:
-        uvloop.run(main_coroutine)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

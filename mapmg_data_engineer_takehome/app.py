@@ -7,22 +7,25 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
+import orjson
 import structlog
 from aiohttp import web
 
 from .errors import StartupError, safe_message
+from .metrics import Metrics
 from .middleware import make_request_wrapper
+from .openapi import build_document
 from .protocol import MAX_REQUEST_LINE_BYTES, ServerRunner, close_stalled_connections
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
 from .settings import Settings
-from .state import INPUT_DB_KEY, SETTINGS_KEY, STORE_KEY
+from .state import INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
 from .store import Store, StoreError, open_store
 from .store.base import Clock
 
@@ -31,6 +34,8 @@ log = structlog.get_logger("kv.app")
 # Expired rows deleted per transaction, and the pause between two such transactions.
 PURGE_BATCH = 50
 PURGE_PAUSE = 0.005
+# With KV_WORKERS, how stale another worker's request counts may be in a scrape, in seconds.
+METRICS_FLUSH_INTERVAL = 1.0
 
 
 def _secret(settings: Settings) -> Optional[str]:
@@ -52,13 +57,34 @@ def create_app(
         # costs at most this much memory; handlers.read_body enforces the exact limit.
         client_max_size=settings.max_body_bytes + 1,
     )
+    metrics = Metrics() if settings.metrics else None
     app[SETTINGS_KEY] = settings
+    app[METRICS_KEY] = metrics
+    app[OPENAPI_KEY] = orjson.dumps(build_document())
     app.cleanup_ctx.append(partial(store_context, seed=seed, clock=clock))
     if purge:
         # After the store's context, so that it stops before the store closes.
         app.cleanup_ctx.append(partial(purge_context, interval=settings.purge_interval))
-    setup_routes(app, make_request_wrapper(settings.access_log, _secret(settings)))
+    if metrics is not None and metrics.multiprocess:
+        app.cleanup_ctx.append(partial(flush_context, metrics=metrics))
+    setup_routes(app, make_request_wrapper(settings.access_log, _secret(settings), metrics))
     return app
+
+
+async def flush_context(app: web.Application, metrics: Metrics) -> AsyncIterator[None]:
+    """With workers, a scrape reads every worker's files: write this one's every second."""
+
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(METRICS_FLUSH_INTERVAL)
+            metrics.flush()
+
+    task = asyncio.ensure_future(flush_forever())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    metrics.flush()
 
 
 async def store_context(
@@ -66,11 +92,14 @@ async def store_context(
 ) -> AsyncIterator[None]:
     """Open the store and seed it before the port opens; close it after the last request."""
     settings = app[SETTINGS_KEY]
+    metrics = app[METRICS_KEY]
     input_db = find_input_db(settings.input_db)
     store = await open_store_or_fail(settings, clock)
     try:
         if seed:
-            await seed_or_fail(store, input_db)
+            await seed_or_fail(store, input_db, metrics)
+        if metrics is not None:
+            store.on_commit = metrics.observe_commit
         app[INPUT_DB_KEY] = input_db
         app[STORE_KEY] = store
         yield
@@ -81,14 +110,16 @@ async def store_context(
 
 async def purge_context(app: web.Application, interval: float) -> AsyncIterator[None]:
     """Purge expired keys' rows in the background while the server runs."""
-    task = asyncio.ensure_future(purge_expired_keys(app[STORE_KEY], interval))
+    task = asyncio.ensure_future(purge_expired_keys(app[STORE_KEY], interval, app[METRICS_KEY]))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
 
-async def purge_expired_keys(store: Store, interval: float) -> None:
+async def purge_expired_keys(
+    store: Store, interval: float, metrics: Optional[Metrics] = None
+) -> None:
     """Every ``interval`` seconds, delete expired rows in small batches, with a pause after
     each: one write transaction of PURGE_BATCH rows holds the event loop (and the write
     lock) for about a millisecond, so requests never wait behind a long purge."""
@@ -106,6 +137,8 @@ async def purge_expired_keys(store: Store, interval: float) -> None:
             log.warning("purge_failed", reason=safe_message(error))
         if purged:
             log.info("expired_keys_purged", count=purged)
+            if metrics is not None:
+                metrics.purged.inc(purged)
 
 
 async def open_store_or_fail(settings: Settings, clock: Optional[Clock] = None) -> Store:
@@ -120,17 +153,32 @@ async def prepare_store(settings: Settings) -> None:
     """Open the store, seed it and close it: what a supervisor does once for all workers."""
     store = await open_store_or_fail(settings)
     try:
-        await seed_or_fail(store, find_input_db(settings.input_db))
+        metrics = Metrics() if settings.metrics else None  # the workers' scrapes add it in
+        await seed_or_fail(store, find_input_db(settings.input_db), metrics)
     finally:
         await store.close()
 
 
-async def seed_or_fail(store: Store, input_db: Optional[Path]) -> None:
+async def seed_or_fail(
+    store: Store, input_db: Optional[Path], metrics: Optional[Metrics] = None
+) -> None:
     """Seed, or a StartupError naming the data file and the problem (a full disk, say)."""
     try:
-        await seed_store(store, input_db)
+        report = await seed_store(store, input_db)
     except StoreError as error:  # its message names the data file
         raise StartupError(f"cannot apply the seed {input_db}: {error}") from None
+    if metrics is not None and report.applied:
+        metrics.observe_seed(report.rows_read, report.rows_applied, sum(report.skipped.values()))
+
+
+def run_event_loop(main_coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (it halves the event loop's cost), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main_coroutine)
+    else:
+        uvloop.run(main_coroutine)
 
 
 def listen_hosts(host: str) -> list[str]:

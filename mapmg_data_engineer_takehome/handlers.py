@@ -6,6 +6,7 @@ import base64
 import re
 from collections.abc import Awaitable, Mapping
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import unquote
 
@@ -13,6 +14,7 @@ import orjson
 from aiohttp import hdrs, web
 
 from .errors import JSON_CONTENT_TYPE, JSON_HEADERS, ApiError, error_response
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .models import (
     MdeleteRequest,
     MgetRequest,
@@ -23,7 +25,7 @@ from .models import (
     parse_query,
 )
 from .settings import Settings
-from .state import INPUT_DB_KEY, SETTINGS_KEY, STORE_KEY
+from .state import INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
 from .store.base import (
     Condition,
     Entry,
@@ -36,6 +38,14 @@ from .store.base import (
 )
 
 EXPIRES_AT = "KV-Expires-At"
+# The docs page's files: Swagger UI 5 (see static/swagger-ui/VERSION) and its start script.
+STATIC = Path(__file__).resolve().parent / "static"
+DOCS_ASSETS = {
+    "swagger-ui-bundle.js": STATIC / "swagger-ui" / "swagger-ui-bundle.js",
+    "swagger-ui.css": STATIC / "swagger-ui" / "swagger-ui.css",
+    "docs.js": STATIC / "docs.js",
+    "LICENSE": STATIC / "swagger-ui" / "LICENSE",
+}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # When a key expires, as the KV-Expires-At header and listings give it.
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -43,8 +53,8 @@ _VERSION_TAG = re.compile(r'"([0-9]{1,18})"')
 
 
 def _json(data: Any, headers: Mapping[str, str] = JSON_HEADERS, status: int = 200) -> web.Response:
-    # orjson writes UTF-8 bytes directly, ten times faster than json.dumps; with prebuilt
-    # headers this answer costs a third of web.json_response.
+    # orjson writes UTF-8 bytes directly, and prebuilt headers skip web.json_response's
+    # per-call content-type handling (bench/results.md has the figures).
     return web.Response(body=orjson.dumps(data), headers=headers, status=status)
 
 
@@ -315,6 +325,56 @@ async def config(request: web.Request) -> web.Response:
     used = request.app[INPUT_DB_KEY]
     view["input_db_used"] = None if used is None else str(used)
     return _json(view)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus' text format."""
+    recorded = request.app[METRICS_KEY]
+    if recorded is None:
+        raise ApiError(404, "not_found", "Metrics are off on this server (KV_METRICS=false).")
+    body = recorded.render(await request.app[STORE_KEY].count())
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: METRICS_CONTENT_TYPE})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /openapi.json: the API document."""
+    return web.Response(body=request.app[OPENAPI_KEY], headers=JSON_HEADERS)
+
+
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Key-value store API</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/docs/assets/docs.js"></script>
+</body>
+</html>
+"""
+# Everything the page loads comes from this server: no CDN, no font or validator service.
+DOCS_HEADERS = {
+    hdrs.CONTENT_TYPE: "text/html; charset=utf-8",
+    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+}
+
+
+async def docs(request: web.Request) -> web.Response:
+    """GET /docs: Swagger UI on this server's document, working offline."""
+    return web.Response(text=DOCS_PAGE, headers=DOCS_HEADERS)
+
+
+async def docs_asset(request: web.Request) -> web.StreamResponse:
+    """GET /docs/assets/{name}: one of the docs page's files."""
+    path = DOCS_ASSETS.get(request.match_info["name"])
+    if path is None:
+        raise ApiError(404, "not_found", "No such file of the docs page.")
+    return web.FileResponse(path, headers={hdrs.CACHE_CONTROL: "public, max-age=86400"})
 
 
 async def no_route(request: web.Request) -> web.Response:

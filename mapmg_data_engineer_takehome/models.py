@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, Optional, TypeVar, Union
+from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
@@ -86,6 +86,92 @@ class ListQuery(BaseModel):
         default=None, description="The previous page's cursor; absent for the first page."
     )
     values: bool = Field(default=False, description="Whether each item carries its value.")
+
+
+# --- answers -------------------------------------------------------------------------------
+# What the endpoints answer, for the API document: handlers write these shapes with orjson
+# directly (a model per response would cost more than the rest of a GET), and schemathesis
+# checks in CI that every answer conforms to them.
+
+
+class KeyValue(BaseModel):
+    """A key and its value: the answer of GET /get/{key} and POST /set."""
+
+    key: str
+    val: str
+
+
+class Deleted(BaseModel):
+    """The answer of DELETE /delete/{key}."""
+
+    key: str
+    deleted: Literal[True]
+
+
+class ListedItem(BaseModel):
+    """One key of a listing; ``val`` only with values=true."""
+
+    key: str
+    version: int = Field(description="The revision of the write that last changed the key.")
+    expires_at: Optional[str] = Field(
+        description="When the key expires (RFC 3339, UTC, milliseconds), or null."
+    )
+    val: Optional[str] = Field(default=None, description="Present with values=true.")
+
+
+class ListPage(BaseModel):
+    """A page of GET /keys."""
+
+    items: list[ListedItem]
+    cursor: Optional[str] = Field(
+        description="Pass it as ?cursor= for the next page; null on the last."
+    )
+
+
+class MgetItem(BaseModel):
+    key: str
+    val: Optional[str] = Field(description="null when the key has no value (absent or expired).")
+
+
+class MgetAnswer(BaseModel):
+    """The answer of POST /mget, in request order."""
+
+    items: list[MgetItem]
+
+
+class MsetAnswer(BaseModel):
+    """The answer of POST /mset."""
+
+    count: int = Field(description="How many items were written.")
+    version: int = Field(description="The revision all the items now have.")
+
+
+class MdeleteAnswer(BaseModel):
+    """The answer of POST /mdelete."""
+
+    deleted: int = Field(description="How many of the keys had a value.")
+
+
+class Health(BaseModel):
+    """The answer of GET /health."""
+
+    status: Literal["ok"]
+    store: Literal["sqlite", "memory", "postgres"]
+
+
+class ConfigView(BaseModel):
+    """The answer of GET /config: the effective settings (secrets as "**********")."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input_db_used: Optional[str] = Field(description="The input.db seeding read, or null.")
+
+
+class ErrorBody(BaseModel):
+    """Every non-2xx answer."""
+
+    error: str = Field(description="A code, one of those listed with the status.")
+    message: str = Field(description="What went wrong, in a sentence.")
 
 
 Model = TypeVar("Model", bound=BaseModel)

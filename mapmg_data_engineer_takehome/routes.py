@@ -1,32 +1,262 @@
-"""The whole URL map, readable in one screen."""
+"""The whole URL map, readable in one screen, and what the API document says of each route.
+
+ENDPOINTS is the one table both the server (setup_routes) and the API document (openapi.py)
+are built from, so that neither can have a route the other lacks.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+from dataclasses import dataclass
+from typing import Any, Optional
 
-from . import handlers
+from aiohttp import web
+from pydantic import BaseModel
+
+from . import handlers, models
 from .middleware import Wrap
+
+
+@dataclass(frozen=True)
+class HeaderDoc:
+    """A request or response header, as the API document describes it."""
+
+    name: str
+    description: str
+    pattern: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One route: how the server serves it and how the document describes it."""
+
+    name: str  # the operation's id
+    methods: tuple[str, ...]
+    path: str  # aiohttp's pattern
+    route: str  # the pattern the document and the logs name
+    handler: handlers.Handler
+    summary: str
+    description: str = ""
+    body: Optional[type[BaseModel]] = None
+    query: Optional[type[BaseModel]] = None
+    response: Optional[type[BaseModel]] = None
+    content_type: Optional[str] = None  # of a 200 that is not JSON
+    request_headers: tuple[HeaderDoc, ...] = ()
+    response_headers: tuple[HeaderDoc, ...] = ()
+    errors: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (status, error codes)
+    public: bool = False  # needs no bearer token
+    example: Optional[dict[str, Any]] = None
+
+
+IF_MATCH = HeaderDoc(
+    "If-Match",
+    'Write only if the key exists at this version ("12", as ETag gives it), or exists at all (*).',
+    r'^\*$|^"[0-9]{1,18}"$',
+)
+IF_NONE_MATCH = HeaderDoc(
+    "If-None-Match", "*: write only if the key does not exist (create).", r"^\*$"
+)
+ETAG = HeaderDoc("ETag", 'The key\'s version, in double quotes: "12".')
+EXPIRES_AT = HeaderDoc(
+    "KV-Expires-At", "When the key expires, RFC 3339 UTC with milliseconds; absent if never."
+)
+AUTHORIZATION = HeaderDoc(
+    "Authorization", "Bearer <token>, when the server has KV_AUTH_TOKEN (see bearerAuth)."
+)
+BODY_ERRORS = (
+    (400, ("invalid_json",)),
+    (413, ("body_too_large",)),
+    (422, ("invalid_body", "missing_field", "unknown_field", "invalid_type", "empty_key")),
+)
+KEY_ERRORS = ((422, ("key_too_long", "invalid_string")),)
+UNAVAILABLE = ((503, ("store_unavailable",)),)
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "set",
+        ("POST",),
+        "/set",
+        "/set",
+        handlers.set_value,
+        "Store a value under a key",
+        "Overwrites any earlier value; without ttl, removes any earlier expiry. The body is "
+        "read as JSON whatever Content-Type says.",
+        body=models.SetRequest,
+        response=models.KeyValue,
+        request_headers=(IF_MATCH, IF_NONE_MATCH),
+        response_headers=(ETAG, EXPIRES_AT),
+        errors=(
+            *BODY_ERRORS,
+            *KEY_ERRORS,
+            *UNAVAILABLE,
+            (400, ("invalid_header",)),
+            (412, ("precondition_failed",)),
+            (413, ("value_too_large",)),
+            (422, ("invalid_ttl",)),
+        ),
+        example={"key": "user:1", "val": "Ada", "ttl": 3600},
+    ),
+    Endpoint(
+        "get",
+        ("GET", "HEAD"),
+        r"/get/{key:[\s\S]+}",
+        "/get/{key}",
+        handlers.get_value,
+        "Read a key's value",
+        "The body is exactly key and val; the version and expiry are in headers.",
+        response=models.KeyValue,
+        response_headers=(ETAG, EXPIRES_AT),
+        errors=(
+            *KEY_ERRORS,
+            *UNAVAILABLE,
+            (400, ("invalid_key",)),
+            (404, ("key_not_found",)),
+        ),
+    ),
+    Endpoint(
+        "delete",
+        ("DELETE",),
+        r"/delete/{key:[\s\S]+}",
+        "/delete/{key}",
+        handlers.delete_value,
+        "Delete a key",
+        request_headers=(IF_MATCH,),
+        response=models.Deleted,
+        errors=(
+            *KEY_ERRORS,
+            *UNAVAILABLE,
+            (400, ("invalid_key", "invalid_header")),
+            (404, ("key_not_found",)),
+            (412, ("precondition_failed",)),
+        ),
+    ),
+    Endpoint(
+        "list",
+        ("GET",),
+        "/keys",
+        "/keys",
+        handlers.list_keys,
+        "List keys by prefix, a page at a time",
+        "Keys in ascending order of their UTF-8 bytes; pass the answer's cursor for the next "
+        "page. A page with values stops early once its values pass 4 Mi characters.",
+        query=models.ListQuery,
+        response=models.ListPage,
+        errors=(*UNAVAILABLE, (422, ("invalid_parameter",))),
+    ),
+    Endpoint(
+        "mget",
+        ("POST",),
+        "/mget",
+        "/mget",
+        handlers.get_many,
+        "Read up to 1000 keys",
+        "Answers in request order; null for a key without a value.",
+        body=models.MgetRequest,
+        response=models.MgetAnswer,
+        errors=(*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",))),
+        example={"keys": ["user:1", "user:2"]},
+    ),
+    Endpoint(
+        "mset",
+        ("POST",),
+        "/mset",
+        "/mset",
+        handlers.set_many,
+        "Write up to 10,000 items, all or none",
+        "One transaction; the last item for a key wins, and all take one version.",
+        body=models.MsetRequest,
+        response=models.MsetAnswer,
+        errors=(
+            *BODY_ERRORS,
+            *KEY_ERRORS,
+            *UNAVAILABLE,
+            (413, ("value_too_large",)),
+            (422, ("invalid_ttl", "invalid_batch")),
+        ),
+        example={"items": [{"key": "a", "val": "1"}, {"key": "b", "val": "2", "ttl": 60}]},
+    ),
+    Endpoint(
+        "mdelete",
+        ("POST",),
+        "/mdelete",
+        "/mdelete",
+        handlers.delete_many,
+        "Delete up to 10,000 keys",
+        "One transaction; counts the keys that had a value.",
+        body=models.MdeleteRequest,
+        response=models.MdeleteAnswer,
+        errors=(*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",))),
+        example={"keys": ["a", "b"]},
+    ),
+    Endpoint(
+        "health",
+        ("GET",),
+        "/health",
+        "/health",
+        handlers.health,
+        "Readiness: 200 while the store answers",
+        response=models.Health,
+        errors=UNAVAILABLE,
+        public=True,
+    ),
+    Endpoint(
+        "config",
+        ("GET",),
+        "/config",
+        "/config",
+        handlers.config,
+        "The effective settings",
+        'Secrets (the token, the PostgreSQL URL) as "**********".',
+        response=models.ConfigView,
+    ),
+    Endpoint(
+        "metrics",
+        ("GET",),
+        "/metrics",
+        "/metrics",
+        handlers.metrics,
+        "Prometheus metrics",
+        "The text exposition format; totals over every worker.",
+        content_type="text/plain",
+    ),
+    Endpoint(
+        "openapi",
+        ("GET",),
+        "/openapi.json",
+        "/openapi.json",
+        handlers.openapi,
+        "This document",
+        content_type="application/json",
+    ),
+    Endpoint(
+        "docs",
+        ("GET",),
+        "/docs",
+        "/docs",
+        handlers.docs,
+        "Interactive documentation (Swagger UI), offline",
+        content_type="text/html",
+    ),
+    Endpoint(
+        "docs_asset",
+        ("GET",),
+        "/docs/assets/{name}",
+        "/docs/assets/{name}",
+        handlers.docs_asset,
+        "The docs page's scripts and styles",
+        content_type="application/octet-stream",
+        errors=((404, ("not_found",)),),
+    ),
+)
 
 
 def setup_routes(app: web.Application, wrap: Wrap) -> None:
     """Register every endpoint, each handler wrapped (see middleware.py)."""
-
-    def add(method: str, path: str, handler: handlers.Handler, route: str = "") -> None:
-        wrapped = wrap(handler, route or path, public=path == "/health")
-        if method == "GET":
-            app.router.add_get(path, wrapped)  # and HEAD
-        else:
-            app.router.add_route(method, path, wrapped)
-
-    add("POST", "/set", handlers.set_value)
-    # [\s\S]+ lets "/" and a decoded newline belong to the key.
-    add("GET", r"/get/{key:[\s\S]+}", handlers.get_value, "/get/{key}")
-    add("DELETE", r"/delete/{key:[\s\S]+}", handlers.delete_value, "/delete/{key}")
-    add("GET", "/keys", handlers.list_keys)
-    add("POST", "/mget", handlers.get_many)
-    add("POST", "/mset", handlers.set_many)
-    add("POST", "/mdelete", handlers.delete_many)
-    add("GET", "/health", handlers.health)  # public: readiness probes carry no token
-    add("GET", "/config", handlers.config)
+    for endpoint in ENDPOINTS:
+        wrapped = wrap(endpoint.handler, endpoint.route, public=endpoint.public)
+        for method in endpoint.methods:
+            if method == "GET":
+                app.router.add_get(endpoint.path, wrapped, allow_head="HEAD" in endpoint.methods)
+            elif method != "HEAD":  # add_get serves HEAD
+                app.router.add_route(method, endpoint.path, wrapped)
     # Last: whatever no route above takes gets a JSON 404, or 405 with Allow.
-    add("*", "/{path:.*}", handlers.no_route, "unmatched")
+    app.router.add_route("*", "/{path:.*}", wrap(handlers.no_route, "unmatched"))

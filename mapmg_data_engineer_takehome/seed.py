@@ -58,7 +58,7 @@ def _text_of(column: str, exact: bool = True) -> str:
     a continuation byte has fewer characters than bytes, and one holding a lone lead byte
     reads as a control character, outside the GLOB's printable range.
 
-    Not ``exact``, the GLOB is left out: a third of the cost, and right for every value but
+    Not ``exact``, the GLOB is left out: much cheaper, and right for every value but
     TEXT that is not UTF-8 yet has as many characters as bytes by SQLite's count (its stray
     bytes are lone lead or continuation bytes, as in X'FF61'). See SqlSeed.misses.
     """

@@ -17,7 +17,8 @@ from typing import Optional, cast
 
 import structlog
 
-from .app import Worker, prepare_store, serve
+from . import metrics
+from .app import Worker, prepare_store, run_event_loop, serve
 from .errors import StartupError
 from .logs import configure_logging
 from .settings import Settings
@@ -27,8 +28,6 @@ log = structlog.get_logger("kv.workers")
 
 def _run_worker(settings: Settings, worker: Worker) -> None:
     """A worker process's entry point (runs in a fresh interpreter)."""
-    from .__main__ import run_event_loop
-
     number = worker.number
     configure_logging(settings, worker=number)
     try:
@@ -45,9 +44,17 @@ def supervise(settings: Settings) -> int:
     A worker that dies while the others serve stops them all, so that whatever restarts
     the service starts it whole; the exit status is then 1.
     """
-    from .__main__ import run_event_loop
-
     log.info("starting", settings=settings.public_view(), workers=settings.worker_count)
+    if settings.metrics:
+        # Before anything imports prometheus-client, here and in the workers (who inherit it).
+        metrics.prepare_multiprocess()
+    try:
+        return _supervise(settings)
+    finally:
+        metrics.cleanup_multiprocess()
+
+
+def _supervise(settings: Settings) -> int:
     run_event_loop(prepare_store(settings))  # before any port opens: no half-seeded reads
     # spawn, not fork: a worker starts from a clean interpreter, sharing no SQLite handles
     # or threads with the supervisor.
@@ -78,6 +85,8 @@ def supervise(settings: Settings) -> int:
         for sentinel in wait(list(running)):
             process = running.pop(cast(int, sentinel))
             process.join()  # the sentinel fires as the process ends; join reaps it
+            if process.pid is not None:
+                metrics.mark_dead(process.pid)
             if process.exitcode != 0 and not stopping:
                 log.error("worker_died", worker=process.name, exitcode=process.exitcode)
                 stop_all(signal.SIGTERM, None)

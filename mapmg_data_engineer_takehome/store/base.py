@@ -147,6 +147,8 @@ class Store(Protocol):
     """
 
     name: str
+    # Told how many writes each commit held, once it has committed (for metrics).
+    on_commit: Optional[Callable[[int], None]]
 
     async def get(self, key: str) -> Optional[Entry]:
         """What ``key`` holds, or None when it has no live value."""
@@ -195,7 +197,8 @@ class Store(Protocol):
         """The fingerprint of the last seed applied, if the store remembers one."""
 
     async def count(self) -> int:
-        """How many keys have a value (expired ones not yet purged included)."""
+        """How many keys the store holds (expired ones not yet purged included): kept as
+        keys come and go, never counted row by row, so that a scrape can ask."""
 
     async def ping(self) -> None:
         """Return when the store answers; raise StoreUnavailable when it does not."""

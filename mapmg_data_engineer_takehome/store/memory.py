@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Mapping, Sequence
-from typing import Optional
+from typing import Callable, Optional
 
 from .base import (
     PAGE_VALUE_CHARS,
@@ -36,6 +36,12 @@ class MemoryStore:
         self._data: dict[str, Entry] = {}
         self._revision = 0
         self._sorted: Optional[list[str]] = []
+        self.on_commit: Optional[Callable[[int], None]] = None
+
+    def _committed(self) -> None:
+        """Each write is its own commit here."""
+        if self.on_commit is not None:
+            self.on_commit(1)
 
     def _live(self, key: str) -> Optional[Entry]:
         entry = self._data.get(key)
@@ -84,6 +90,7 @@ class MemoryStore:
         self._revision += 1
         entry = Entry(val, self._revision, expiry_of(ttl, self._clock()))
         self._put(key, entry)
+        self._committed()
         return entry
 
     async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
@@ -91,6 +98,7 @@ class MemoryStore:
         if self._remove(key) is None:
             return False
         self._revision += 1
+        self._committed()
         return True
 
     async def set_many(self, items: Sequence[SetItem]) -> int:
@@ -98,12 +106,14 @@ class MemoryStore:
         now = self._clock()
         for item in items:
             self._put(item.key, Entry(item.val, self._revision, expiry_of(item.ttl, now)))
+        self._committed()
         return self._revision
 
     async def delete_many(self, keys: Sequence[str]) -> int:
         deleted = sum(self._remove(key) is not None for key in keys)
         if deleted:
             self._revision += 1
+            self._committed()
         return deleted
 
     async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:

@@ -180,8 +180,9 @@ _WRITE_META = (
 _SEED_FINGERPRINT = "seed_fingerprint"
 _SEED_TABLE = "kv_seed"
 # The last row for each key: keys already stored are updated, the others inserted. Not one
-# INSERT ... ON CONFLICT: its speculative insertion costs a third more for a large seed, and
-# no other write can come between, since the seed holds the revision's lock (taken first).
+# INSERT ... ON CONFLICT, whose speculative insertion costs more for a large seed (see
+# bench/results.md); no other write can come between, since the seed holds the revision's
+# lock (taken first).
 _APPLY_SEED = f"""
 WITH latest AS (
     SELECT DISTINCT ON (key) key, val FROM {_SEED_TABLE} ORDER BY key, ordinal DESC),

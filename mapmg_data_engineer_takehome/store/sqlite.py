@@ -63,9 +63,8 @@ _PRAGMAS = (
     "PRAGMA cache_size = -16384",
     "PRAGMA temp_store = MEMORY",
     # Checkpoint (copy the WAL into the file, then fsync) every 500 pages, in the commit that
-    # crosses it. It stalls that commit's thread; measured with bench/run.py, 1000 pages
-    # (SQLite's default) gave POST p99 1.54x the floor's, 500 gave 1.26x at 0.91x the rate,
-    # 300 gave 1.19x at 0.87x, 8000 gave 2.86x.
+    # crosses it. It stalls that commit's thread, so the interval trades POST's p99 against
+    # its rate; bench/results.md has the measurements that chose 500.
     "PRAGMA wal_autocheckpoint = 500",
     # When the WAL rewinds, its file is cut back to 64 MiB rather than kept at its peak.
     "PRAGMA journal_size_limit = 67108864",
@@ -88,12 +87,27 @@ _CREATE_META = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value NOT NULL) WITHOUT ROWID"
 )
 _REVISION = "revision"
+_KEYS = "keys"
+# The number of keys, kept in meta as rows come and go, so that it is never counted: on every
+# connection that writes, since TEMP triggers belong to their connection. Writes use an
+# upsert, not INSERT OR REPLACE: an overwrite then fires no trigger (REPLACE's delete fires
+# none either, and its insert would count the key twice).
+_COUNT_KEYS = (
+    f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_added AFTER INSERT ON main.kv BEGIN"
+    f" UPDATE meta SET value = value + 1 WHERE name = '{_KEYS}'; END",
+    f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_removed AFTER DELETE ON main.kv BEGIN"
+    f" UPDATE meta SET value = value - 1 WHERE name = '{_KEYS}'; END",
+)
+_STOP_COUNTING_KEYS = (
+    "DROP TRIGGER IF EXISTS temp.kv_key_added",
+    "DROP TRIGGER IF EXISTS temp.kv_key_removed",
+)
 _SEED_FINGERPRINT = "seed_fingerprint"
 _SCHEMA = (
     _CREATE_KV,
     _CREATE_EXPIRY_INDEX,
     _CREATE_META,
-    f"INSERT INTO meta (name, value) VALUES ('{_REVISION}', 0)",
+    f"INSERT INTO meta (name, value) VALUES ('{_REVISION}', 0), ('{_KEYS}', 0)",
 )
 # From each schema version to the next, in place. Schema 1 (release 1.0.0) had neither
 # versions nor expiry: its keys take revision 1, and never expire.
@@ -103,11 +117,16 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
         "ALTER TABLE kv ADD COLUMN expires_at INTEGER",
         _CREATE_EXPIRY_INDEX,
         f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{_REVISION}', 1)",
+        f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{_KEYS}', (SELECT count(*) FROM kv))",
     ),
 }
 _GET = "SELECT val, version, expires_at FROM kv WHERE key = ?"
 _GET_LIVE_VERSION = "SELECT version, expires_at FROM kv WHERE key = ?"
-_SET = "INSERT OR REPLACE INTO kv (key, val, version, expires_at) VALUES (?, ?, ?, ?)"
+_SET = (
+    "INSERT INTO kv (key, val, version, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT (key)"
+    " DO UPDATE SET val = excluded.val, version = excluded.version,"
+    " expires_at = excluded.expires_at"
+)
 _DELETE = "DELETE FROM kv WHERE key = ?"
 _PURGE = (
     "DELETE FROM kv WHERE key IN"
@@ -147,6 +166,8 @@ def _connect(path: Path, durability: str) -> sqlite3.Connection:
         for pragma in _PRAGMAS:
             conn.execute(pragma)
         conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
+        for statement in _COUNT_KEYS:
+            conn.execute(statement)
     except BaseException:
         conn.close()
         raise
@@ -359,6 +380,7 @@ class _GroupCommitter:
             self._conn = loop_conn
         self._pending: list[tuple[_Operation[Any], asyncio.Future[Any]]] = []
         self._draining: Optional[asyncio.Task[None]] = None
+        self.on_commit: Optional[Callable[[int], None]] = None
 
     async def submit(self, operation: _Operation[Result]) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -386,6 +408,8 @@ class _GroupCommitter:
                         if not future.done():
                             future.set_exception(failure)
                 else:
+                    if self.on_commit is not None:
+                        self.on_commit(sum(not isinstance(op, _Purge) for op in operations))
                     for (_, future), result in zip(batch, results):
                         if future.done():
                             continue
@@ -481,6 +505,14 @@ class SqliteStore:
         self._reader = self._conn.cursor()
         self._committer = _GroupCommitter(path, durability, self._conn, clock)
         self._closed = False
+
+    @property
+    def on_commit(self) -> Optional[Callable[[int], None]]:
+        return self._committer.on_commit
+
+    @on_commit.setter
+    def on_commit(self, callback: Optional[Callable[[int], None]]) -> None:
+        self._committer.on_commit = callback
 
     def _read(self, sql: str, parameters: Sequence[object]) -> list[Any]:
         """All rows of one query, in this loop iteration's read snapshot."""
@@ -641,18 +673,28 @@ class SqliteStore:
     ) -> Optional[int]:
         """One transaction: the fingerprint check, ``insert`` with the seed's revision, and
         the fingerprint; None when the store already held this seed."""
-        with _transaction(self._conn) as conn:
-            row = conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()
-            if row is not None and row[0] == fingerprint:
-                return None
-            tx = _Transaction(conn, self._clock() * 1000)
-            applied = insert(conn, tx.revision + 1)
-            if misses is not None and misses():
-                raise _FastSeedMissed  # rolls the insert back
-            if applied:
-                tx.revision += 1
-            tx.finish()
-            conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
+        try:
+            with _transaction(self._conn) as conn:
+                row = conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()
+                if row is not None and row[0] == fingerprint:
+                    return None
+                # A trigger per seeded row would cost more than the seed: count once instead.
+                for statement in _STOP_COUNTING_KEYS:
+                    conn.execute(statement)
+                tx = _Transaction(conn, self._clock() * 1000)
+                applied = insert(conn, tx.revision + 1)
+                if misses is not None and misses():
+                    raise _FastSeedMissed  # rolls the insert back
+                if applied:
+                    tx.revision += 1
+                tx.finish()
+                conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
+                conn.execute(
+                    _WRITE_META, (_KEYS, conn.execute("SELECT count(*) FROM kv").fetchone()[0])
+                )
+        finally:
+            for statement in _COUNT_KEYS:
+                self._conn.execute(statement)
         return applied
 
     async def seed_fingerprint(self) -> Optional[str]:
@@ -660,7 +702,7 @@ class SqliteStore:
         return None if row is None else str(row[0])
 
     async def count(self) -> int:
-        return int(self._conn.execute("SELECT count(*) FROM kv").fetchone()[0])
+        return int(self._read(_READ_META, (_KEYS,))[0][0])
 
     async def ping(self) -> None:
         try:

@@ -390,3 +390,20 @@ async def test_fingerprint_is_remembered_only_by_durable_stores(store: Store) ->
     # A durable store takes the same seed once; the memory store, which forgets, every time.
     again = await store.load(RowsSeed(iter([("a", "2")]), "fp"))
     assert again == (1 if isinstance(store, MemoryStore) else None)
+
+
+async def test_the_key_count_follows_every_kind_of_write(store: Store, clock: FakeClock) -> None:
+    """count() is kept as keys come and go (the metrics' kv_keys), never counted per call."""
+    await store.load(RowsSeed(iter([("s1", "1"), ("s2", "2"), ("s1", "3")]), "fp"))
+    assert await store.count() == 2
+    await store.set("s1", "overwritten")  # an overwrite adds no key
+    await store.set("a", "1", ttl=1)
+    await store.set_many([SetItem("b", "1"), SetItem("c", "1"), SetItem("a", "2", ttl=1)])
+    assert await store.count() == 5
+    assert await store.delete_many(["b", "missing"]) == 1
+    assert await store.delete("c") is True
+    assert await store.count() == 3
+    clock.advance(2)  # "a" expires: still a row until purged
+    assert await store.count() == 3
+    assert await store.purge_expired(10) == 1
+    assert await store.count() == 2

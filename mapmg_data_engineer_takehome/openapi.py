@@ -1,0 +1,224 @@
+"""The API document (OpenAPI 3.1), built from the route table and the pydantic models.
+
+Nothing here is written twice: the paths, methods and operations come from routes.ENDPOINTS,
+the very table the server registers; the request and response schemas from the models that
+validate requests (models.py); the error codes of each status from the table too. A test
+fails when a route exists that the document lacks, or the other way round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from . import __version__
+from .models import ErrorBody
+from .routes import ENDPOINTS, Endpoint, HeaderDoc
+
+_SCHEMAS = "#/components/schemas/{model}"
+_STATUS_TEXT = {
+    200: "Success.",
+    304: "Not modified.",
+    400: "The request is malformed: bad HTTP, JSON or header.",
+    401: "The bearer token is missing or wrong.",
+    404: "No such key, or no such endpoint.",
+    405: "This path takes other methods; see Allow.",
+    412: "The If-Match or If-None-Match condition does not hold; nothing was written.",
+    413: "The body, or a value, is larger than the server accepts.",
+    422: "The request is well-formed JSON but breaks a rule of the API.",
+    500: "A bug; the request id finds it in the logs.",
+    503: "The store cannot serve the request now (disk full, database gone); retry later.",
+}
+# Every operation can meet these, from the HTTP layer or the server itself.
+_ALWAYS = {
+    400: ("bad_request",),
+    401: ("unauthorized",),
+    500: ("internal_error",),
+}
+
+
+def _models() -> list[type[BaseModel]]:
+    found: dict[str, type[BaseModel]] = {ErrorBody.__name__: ErrorBody}
+    for endpoint in ENDPOINTS:
+        for model in (endpoint.body, endpoint.query, endpoint.response):
+            if isinstance(model, type) and issubclass(model, BaseModel):
+                found[model.__name__] = model
+    return list(found.values())
+
+
+def build_document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document, as JSON-ready data."""
+    models = _models()
+    _, definitions = models_json_schema(
+        [(model, "validation") for model in models], ref_template=_SCHEMAS
+    )
+    schemas = dict(definitions.get("$defs", {}))
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in ENDPOINTS:
+        operations = paths.setdefault(endpoint.route, {})
+        for method in endpoint.methods:
+            operations[method.lower()] = _operation(endpoint, method)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "mapmg_data_engineer_takehome key-value store",
+            "version": __version__,
+            "description": "A durable key-value store of strings over HTTP. Every error is "
+            '`{"error": "<code>", "message": "<sentence>"}`; the codes of each status are '
+            "listed with it.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Needed on every route but /health when the server has "
+                    "KV_AUTH_TOKEN; without it, ignored.",
+                }
+            },
+        },
+        "security": [{"bearerAuth": []}],
+    }
+
+
+def _operation(endpoint: Endpoint, method: str) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": f"{endpoint.name}{'' if method == endpoint.methods[0] else method.title()}",
+        "summary": endpoint.summary,
+        "description": endpoint.description,
+        "parameters": [*_path_parameters(endpoint), *_query_parameters(endpoint)]
+        + [_header_parameter(header) for header in endpoint.request_headers]
+        + [_request_id_parameter()],
+        "responses": _responses(endpoint, method),
+    }
+    if endpoint.public:
+        operation["security"] = []
+    if endpoint.body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": _SCHEMAS.format(model=endpoint.body.__name__)}
+                }
+            },
+        }
+        if endpoint.example is not None:
+            operation["requestBody"]["content"]["application/json"]["example"] = endpoint.example
+    return operation
+
+
+def _path_parameters(endpoint: Endpoint) -> Iterable[dict[str, Any]]:
+    if "{key}" in endpoint.route:
+        yield {
+            "name": "key",
+            "in": "path",
+            "required": True,
+            "description": "The key, percent-encoded: everything after the prefix, decoded "
+            "once. Encode '.' and '..' as %2E and %2E%2E.",
+            "schema": {"type": "string", "minLength": 1},
+        }
+    if "{name}" in endpoint.route:
+        yield {
+            "name": "name",
+            "in": "path",
+            "required": True,
+            "description": "The file's name.",
+            "schema": {"type": "string"},
+        }
+
+
+def _query_parameters(endpoint: Endpoint) -> Iterable[dict[str, Any]]:
+    if endpoint.query is None:
+        return
+    schema = endpoint.query.model_json_schema()
+    for name, field_schema in schema["properties"].items():
+        description = field_schema.pop("description", "")
+        field_schema.pop("title", None)
+        yield {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "description": description,
+            "schema": field_schema,
+        }
+
+
+def _header_parameter(header: HeaderDoc) -> dict[str, Any]:
+    return {
+        "name": header.name,
+        "in": "header",
+        "required": False,
+        "description": header.description,
+        "schema": {"type": "string", **({"pattern": header.pattern} if header.pattern else {})},
+    }
+
+
+def _request_id_parameter() -> dict[str, Any]:
+    return {
+        "name": "X-Request-ID",
+        "in": "header",
+        "required": False,
+        "description": "An id for this request, echoed back if short and printable (1 to 128 "
+        "of the characters ! to ~); otherwise the server makes one.",
+        "schema": {"type": "string"},
+    }
+
+
+_REQUEST_ID_HEADER = {
+    "X-Request-ID": {
+        "description": "The request's id, which the logs carry too.",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _responses(endpoint: Endpoint, method: str) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    success: dict[str, Any] = {
+        "description": _STATUS_TEXT[200],
+        "headers": {
+            **_REQUEST_ID_HEADER,
+            **{
+                header.name: {"description": header.description, "schema": {"type": "string"}}
+                for header in endpoint.response_headers
+            },
+        },
+    }
+    if method != "HEAD":
+        if endpoint.response is not None:
+            schema: dict[str, Any] = {"$ref": _SCHEMAS.format(model=endpoint.response.__name__)}
+            success["content"] = {"application/json": {"schema": schema}}
+        elif endpoint.content_type is not None:
+            success["content"] = {endpoint.content_type: {"schema": {"type": "string"}}}
+    responses["200"] = success
+    errors: dict[int, tuple[str, ...]] = dict(_ALWAYS)
+    for status, codes in endpoint.errors:
+        errors[status] = tuple(dict.fromkeys((*errors.get(status, ()), *codes)))
+    if endpoint.public:
+        errors.pop(401, None)
+    for status in sorted(errors):
+        error: dict[str, Any] = {
+            "description": _STATUS_TEXT[status],
+            "headers": dict(_REQUEST_ID_HEADER),
+        }
+        if status == 412:
+            error["headers"]["ETag"] = {
+                "description": "The key's current version, when it exists.",
+                "schema": {"type": "string"},
+            }
+        if method != "HEAD":
+            error["content"] = {
+                "application/json": {
+                    "schema": {
+                        "allOf": [{"$ref": _SCHEMAS.format(model="ErrorBody")}],
+                        "properties": {"error": {"enum": list(errors[status])}},
+                    }
+                }
+            }
+        responses[str(status)] = error
+    return responses
