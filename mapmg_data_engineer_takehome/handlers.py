@@ -7,7 +7,7 @@ import re
 from collections.abc import Awaitable, Mapping
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 from urllib.parse import unquote
 
 import orjson
@@ -77,30 +77,49 @@ def entry_headers(entry: Entry) -> dict[str, str]:
     }
 
 
-def parse_condition(request: web.Request, if_none_match: bool = True) -> Optional[Condition]:
+class _Unsatisfiable:
+    """If-Match and If-None-Match together: both must hold (RFC 9110), which a key that must
+    exist and must not exist never does."""
+
+
+UNSATISFIABLE = _Unsatisfiable()
+
+
+def parse_condition(
+    request: web.Request, if_none_match: bool = True
+) -> Union[Condition, _Unsatisfiable, None]:
     """The write's precondition from If-Match or If-None-Match; 400 invalid_header if malformed."""
     if_match = request.headers.get(hdrs.IF_MATCH)
     unless = request.headers.get(hdrs.IF_NONE_MATCH)
     if if_match is None and unless is None:
         return None
-    if if_match is not None and unless is not None:
-        raise _invalid_header("Send If-Match or If-None-Match, not both.")
+    if unless is not None and not if_none_match:
+        raise _invalid_header("This endpoint takes If-Match only.")
+    condition: Optional[Condition] = None
     if if_match is not None:
         tag = if_match.strip()
         if tag == "*":
-            return IfExists()
-        match = _VERSION_TAG.fullmatch(tag)
-        if match is None:
+            condition = IfExists()
+        else:
+            match = _VERSION_TAG.fullmatch(tag)
+            if match is None:
+                raise _invalid_header(
+                    'If-Match must be * or a version in double quotes, as ETag gives it ("12").'
+                )
+            condition = IfVersion(int(match.group(1)))
+    if unless is not None:
+        if unless.strip() != "*":
             raise _invalid_header(
-                'If-Match must be * or a version in double quotes, as ETag gives it ("12").'
+                "If-None-Match on a write must be *: create the key only if absent."
             )
-        return IfVersion(int(match.group(1)))
-    if not if_none_match:
-        raise _invalid_header("This endpoint takes If-Match only.")
-    assert unless is not None
-    if unless.strip() != "*":
-        raise _invalid_header("If-None-Match on a write must be *: create the key only if absent.")
-    return IfAbsent()
+        return IfAbsent() if condition is None else UNSATISFIABLE
+    return condition
+
+
+async def _unsatisfiable(request: web.Request, key: str) -> ApiError:
+    """The 412 of both conditions at once, with the key's ETag when it exists."""
+    entry = await request.app[STORE_KEY].get(key)
+    return _precondition_failed(PreconditionFailed(None if entry is None else entry.version))
 
 
 def _invalid_header(message: str) -> ApiError:
@@ -224,6 +243,8 @@ async def set_value(request: web.Request) -> web.Response:
     condition = parse_condition(request)
     body = parse_body(SetRequest, await read_body(request, settings.max_body_bytes))
     check_text(settings, body.key, body.val)
+    if isinstance(condition, _Unsatisfiable):
+        raise await _unsatisfiable(request, body.key)
     try:
         entry = await request.app[STORE_KEY].set(body.key, body.val, body.ttl, condition)
     except PreconditionFailed as failed:
@@ -244,6 +265,7 @@ async def delete_value(request: web.Request) -> web.Response:
     """DELETE /delete/<key>, with If-Match if the client wants it conditional."""
     key = key_from_path(request, "/delete/")
     condition = parse_condition(request, if_none_match=False)
+    assert not isinstance(condition, _Unsatisfiable)  # If-None-Match is refused above
     try:
         deleted = await request.app[STORE_KEY].delete(key, condition)
     except PreconditionFailed as failed:

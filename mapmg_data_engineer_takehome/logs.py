@@ -43,7 +43,11 @@ def configure_logging(
     shared.append(safe_exceptions(as_text=use_console))
     renderer: Processor
     if use_console:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        # The traceback is already text (safe_exceptions); plain_traceback says so, where
+        # a pretty formatter (rich's, when installed) would render frame locals.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     else:
         renderer = structlog.processors.JSONRenderer()
     level = logging.getLevelName(settings.log_level.upper())

@@ -24,11 +24,24 @@ MAX_BATCH_WRITES = 10_000
 MAX_PAGE = 1_000
 DEFAULT_PAGE = 100
 
+# No NUL (U+0000) in keys or values: said in the document (a JSON Schema pattern), checked by
+# the handlers (handlers.check_text, as the byte limits, with the API's own error code).
+_NO_NUL = {"pattern": "^[^\\u0000]*$"}
 Key = Annotated[
     StrictStr,
-    Field(min_length=1, description="Any non-empty string; at most KV_MAX_KEY_BYTES of UTF-8."),
+    Field(
+        min_length=1,
+        description="Any non-empty string without NUL; at most KV_MAX_KEY_BYTES of UTF-8.",
+        json_schema_extra=_NO_NUL,
+    ),
 ]
-Val = Annotated[StrictStr, Field(description="Any string; at most KV_MAX_VALUE_BYTES of UTF-8.")]
+Val = Annotated[
+    StrictStr,
+    Field(
+        description="Any string without NUL; at most KV_MAX_VALUE_BYTES of UTF-8.",
+        json_schema_extra=_NO_NUL,
+    ),
+]
 Ttl = Annotated[
     float,
     Field(
@@ -83,7 +96,9 @@ class ListQuery(BaseModel):
         default=DEFAULT_PAGE, ge=1, le=MAX_PAGE, description="The most keys on one page."
     )
     cursor: Optional[str] = Field(
-        default=None, description="The previous page's cursor; absent for the first page."
+        default=None,
+        pattern="^[A-Za-z0-9_-]+$",
+        description="The previous page's cursor, as given; absent for the first page.",
     )
     values: bool = Field(default=False, description="Whether each item carries its value.")
 

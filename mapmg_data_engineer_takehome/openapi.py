@@ -68,7 +68,8 @@ def build_document() -> dict[str, Any]:
             "version": __version__,
             "description": "A durable key-value store of strings over HTTP. Every error is "
             '`{"error": "<code>", "message": "<sentence>"}`; the codes of each status are '
-            "listed with it.",
+            "listed with it. Any request may carry an X-Request-ID header: when it is 1 to "
+            "128 printable characters (! to ~), the answer and the logs carry it back.",
         },
         "paths": paths,
         "components": {
@@ -92,8 +93,7 @@ def _operation(endpoint: Endpoint, method: str) -> dict[str, Any]:
         "summary": endpoint.summary,
         "description": endpoint.description,
         "parameters": [*_path_parameters(endpoint), *_query_parameters(endpoint)]
-        + [_header_parameter(header) for header in endpoint.request_headers]
-        + [_request_id_parameter()],
+        + [_header_parameter(header) for header in endpoint.request_headers],
         "responses": _responses(endpoint, method),
     }
     if endpoint.public:
@@ -139,6 +139,12 @@ def _query_parameters(endpoint: Endpoint) -> Iterable[dict[str, Any]]:
     for name, field_schema in schema["properties"].items():
         description = field_schema.pop("description", "")
         field_schema.pop("title", None)
+        # Optional[str]: a query parameter is absent, never null.
+        choices = [choice for choice in field_schema.pop("anyOf", []) if choice != {"type": "null"}]
+        if choices:
+            field_schema.update(choices[0])
+        if field_schema.get("default", "") is None:
+            del field_schema["default"]
         yield {
             "name": name,
             "in": "query",
@@ -158,20 +164,13 @@ def _header_parameter(header: HeaderDoc) -> dict[str, Any]:
     }
 
 
-def _request_id_parameter() -> dict[str, Any]:
-    return {
-        "name": "X-Request-ID",
-        "in": "header",
-        "required": False,
-        "description": "An id for this request, echoed back if short and printable (1 to 128 "
-        "of the characters ! to ~); otherwise the server makes one.",
-        "schema": {"type": "string"},
-    }
-
-
+# Every answer's; a request may send its own (see the document's description), which is not
+# a parameter here: any value is taken (one that is not 1 to 128 printable characters is
+# replaced), so no schema of it could be broken.
 _REQUEST_ID_HEADER = {
     "X-Request-ID": {
-        "description": "The request's id, which the logs carry too.",
+        "description": "The request's id: the client's own X-Request-ID if it sent a short "
+        "printable one, else one the server made. The logs carry it too.",
         "schema": {"type": "string"},
     }
 }
@@ -193,8 +192,15 @@ def _responses(endpoint: Endpoint, method: str) -> dict[str, Any]:
         if endpoint.response is not None:
             schema: dict[str, Any] = {"$ref": _SCHEMAS.format(model=endpoint.response.__name__)}
             success["content"] = {"application/json": {"schema": schema}}
+        elif endpoint.content_type == "application/json":  # this document itself
+            success["content"] = {endpoint.content_type: {"schema": {"type": "object"}}}
         elif endpoint.content_type is not None:
             success["content"] = {endpoint.content_type: {"schema": {"type": "string"}}}
+    if endpoint.links:
+        success["links"] = {
+            name: {"operationId": operation, "parameters": dict(parameters)}
+            for name, operation, parameters in endpoint.links
+        }
     responses["200"] = success
     errors: dict[int, tuple[str, ...]] = dict(_ALWAYS)
     for status, codes in endpoint.errors:

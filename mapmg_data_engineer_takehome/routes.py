@@ -45,12 +45,15 @@ class Endpoint:
     errors: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (status, error codes)
     public: bool = False  # needs no bearer token
     example: Optional[dict[str, Any]] = None
+    # OpenAPI links from the 200 answer to operations that can follow it, for clients and
+    # schemathesis' stateful phase: {link name: (operation id, {parameter: expression})}.
+    links: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
 
 
 IF_MATCH = HeaderDoc(
     "If-Match",
     'Write only if the key exists at this version ("12", as ETag gives it), or exists at all (*).',
-    r'^\*$|^"[0-9]{1,18}"$',
+    r'^(\*|"[0-9]{1,18}")$',
 )
 IF_NONE_MATCH = HeaderDoc(
     "If-None-Match", "*: write only if the key does not exist (create).", r"^\*$"
@@ -94,6 +97,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             (422, ("invalid_ttl",)),
         ),
         example={"key": "user:1", "val": "Ada", "ttl": 3600},
+        links=(
+            ("GetTheKey", "get", (("key", "$request.body#/key"),)),
+            ("DeleteTheKey", "delete", (("key", "$request.body#/key"),)),
+        ),
     ),
     Endpoint(
         "get",
@@ -196,7 +203,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Readiness: 200 while the store answers",
         response=models.Health,
         errors=UNAVAILABLE,
-        public=True,
+        public=True,  # readiness probes carry no token
     ),
     Endpoint(
         "config",
@@ -226,6 +233,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         handlers.openapi,
         "This document",
         content_type="application/json",
+        public=True,  # the API's shape is no secret, and the docs page loads it
     ),
     Endpoint(
         "docs",
@@ -234,7 +242,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/docs",
         handlers.docs,
         "Interactive documentation (Swagger UI), offline",
+        "Public, as a browser cannot send a bearer token to open a page: its Authorize "
+        "button takes the token for the requests it sends.",
         content_type="text/html",
+        public=True,
     ),
     Endpoint(
         "docs_asset",
@@ -245,6 +256,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "The docs page's scripts and styles",
         content_type="application/octet-stream",
         errors=((404, ("not_found",)),),
+        public=True,
     ),
 )
 

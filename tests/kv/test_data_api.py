@@ -109,7 +109,7 @@ async def test_conditional_delete(client: Client) -> None:
         {"If-Match": '"1", "2"'},
         {"If-Match": ""},
         {"If-None-Match": '"12"'},
-        {"If-Match": "*", "If-None-Match": "*"},
+        {"If-Match": "*", "If-None-Match": "nope"},
     ],
 )
 async def test_a_malformed_precondition_is_400_and_stores_nothing(
@@ -117,6 +117,18 @@ async def test_a_malformed_precondition_is_400_and_stores_nothing(
 ) -> None:
     await assert_error(await set_key(client, "k", "v", headers), 400, "invalid_header")
     assert await stored(client, "k") is None
+
+
+async def test_if_match_and_if_none_match_together_never_hold(client: Client) -> None:
+    """Both must hold (RFC 9110): a key that exists, and does not."""
+    both = {"If-Match": "*", "If-None-Match": "*"}
+    absent = await set_key(client, "k", "v", both)
+    await assert_error(absent, 412, "precondition_failed")
+    assert "ETag" not in absent.headers and await stored(client, "k") is None
+    version = version_of(await set_key(client, "k", "v"))
+    present = await set_key(client, "k", "w", {**both, "If-Match": f'"{version}"'})
+    await assert_error(present, 412, "precondition_failed")
+    assert version_of(present) == version and await stored(client, "k") == "v"
 
 
 async def test_delete_takes_if_match_only(client: Client) -> None:

@@ -176,7 +176,9 @@ def test_a_graders_file_runs_beside_ours_without_the_dev_extras(grader: GraderMa
 
 def test_a_graders_file_runs_beside_ours_with_the_dev_extras(grader: GraderMachine) -> None:
     pip_install(grader.venv, "-e", f"{grader.repo}[dev]")
+    assert grader.server.running, grader.server.describe()
     status, output, seconds = grader.pytest()
+    assert grader.server.running, grader.server.describe()
     counts = assert_graders_results_reported(status, output, seconds)
     assert counts.get("passed", 0) > 1, output  # theirs and our quick suite
     assert "skipped" not in counts, output
