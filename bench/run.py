@@ -89,6 +89,7 @@ def contenders(workers: int, baseline: Optional[tuple[str, Path]] = None) -> dic
         ),
         "kv": kv_server("kv (this service, defaults)", KV_WORKERS=str(workers)),
         "kv-access-log": kv_server("kv (KV_ACCESS_LOG=true)", KV_ACCESS_LOG="true"),
+        "kv-no-metrics": kv_server("kv (KV_METRICS=false)", KV_METRICS="false"),
         "kv-memory": kv_server("kv (memory store)", KV_STORE="memory"),
         # PostgreSQL runs on this machine too, unpinned: it competes for the same two cores.
         "kv-postgres": kv_server(
@@ -285,7 +286,7 @@ def render(medians: dict[str, dict[str, WrkResult]], servers: dict[str, Server])
             f"{get.errors + post.errors} |"
         )
     if "kv" in medians:
-        for other in ("floor", "fastapi", "kv-baseline"):
+        for other in ("floor", "fastapi", "kv-baseline", "kv-no-metrics"):
             if other not in medians:
                 continue
             ours, theirs = medians["kv"], medians[other]

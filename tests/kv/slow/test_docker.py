@@ -181,6 +181,8 @@ def test_serves_the_baked_seed_stops_cleanly_and_keeps_data_on_the_volume(
 ) -> None:
     first = start(containers, image, "-v", f"{volume}:/data")
     assert first.request("GET", "/health") == (200, {"status": "ok", "store": "sqlite"})
+    status, document = first.request("GET", "/openapi.json")  # the package's data is there
+    assert status == 200 and document["openapi"].startswith("3.1")
     assert first.request("GET", "/get/baked") == (200, {"key": "baked", "val": "from-the-image"})
     written = {"key": "written", "val": "in the first container"}
     assert first.request("POST", "/set", written) == (200, written)
