@@ -400,6 +400,48 @@ async def docs_asset(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={hdrs.CACHE_CONTROL: "public, max-age=86400"})
 
 
+UI = STATIC / "ui"
+UI_ASSETS = {"app.js": UI / "app.js", "style.css": UI / "style.css"}
+# The key browser's page: its own scripts and styles only, talking to this server only.
+UI_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    hdrs.CACHE_CONTROL: "no-cache",
+}
+
+
+async def ui_page(request: web.Request) -> web.StreamResponse:
+    """GET /ui/: the key browser."""
+    return web.FileResponse(UI / "index.html", headers=UI_HEADERS)
+
+
+async def ui_asset(request: web.Request) -> web.StreamResponse:
+    """GET /ui/{name}: the key browser's script and styles."""
+    path = UI_ASSETS.get(request.match_info["name"])
+    if path is None:
+        raise ApiError(404, "not_found", "No such file of the key browser.")
+    return web.FileResponse(path, headers=UI_HEADERS)
+
+
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=302, headers={hdrs.LOCATION: location})
+
+
+async def ui_redirect(request: web.Request) -> web.Response:
+    """GET /ui: to /ui/, where the page's relative paths work."""
+    return _redirect("/ui/")
+
+
+async def root(request: web.Request) -> web.Response:
+    """GET /: a browser (it asks for HTML) goes to the key browser; an API client gets the
+    JSON 404 it always got."""
+    if "text/html" in request.headers.get(hdrs.ACCEPT, ""):
+        return _redirect("/ui/")
+    raise ApiError(404, "not_found", "No such endpoint; see /docs for the API.")
+
+
 async def no_route(request: web.Request) -> web.Response:
     """Every request no route takes: 405 with Allow when another method would be answered at
     this path, else 404."""

@@ -21,6 +21,7 @@ from .routes import ENDPOINTS, Endpoint, HeaderDoc
 _SCHEMAS = "#/components/schemas/{model}"
 _STATUS_TEXT = {
     200: "Success.",
+    302: "Redirect.",
     304: "Not modified.",
     400: "The request is malformed: bad HTTP, JSON or header.",
     401: "The bearer token is missing or wrong.",
@@ -201,7 +202,15 @@ def _responses(endpoint: Endpoint, method: str) -> dict[str, Any]:
             name: {"operationId": operation, "parameters": dict(parameters)}
             for name, operation, parameters in endpoint.links
         }
-    responses["200"] = success
+    if endpoint.success == 302:
+        success = {
+            "description": "Redirect.",
+            "headers": {
+                **_REQUEST_ID_HEADER,
+                "Location": {"description": "Where to go.", "schema": {"type": "string"}},
+            },
+        }
+    responses[str(endpoint.success)] = success
     errors: dict[int, tuple[str, ...]] = dict(_ALWAYS)
     for status, codes in endpoint.errors:
         errors[status] = tuple(dict.fromkeys((*errors.get(status, ()), *codes)))

@@ -43,6 +43,7 @@ class Endpoint:
     request_headers: tuple[HeaderDoc, ...] = ()
     response_headers: tuple[HeaderDoc, ...] = ()
     errors: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (status, error codes)
+    success: int = 200  # the status of its answer when all goes well
     public: bool = False  # needs no bearer token
     example: Optional[dict[str, Any]] = None
     # OpenAPI links from the 200 answer to operations that can follow it, for clients and
@@ -255,6 +256,52 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         handlers.docs_asset,
         "The docs page's scripts and styles",
         content_type="application/octet-stream",
+        errors=((404, ("not_found",)),),
+        public=True,
+    ),
+    # The key browser: public, like the docs (the page asks for the token, if any, and
+    # sends it with its API requests).
+    Endpoint(
+        "ui",
+        ("GET",),
+        "/ui/",
+        "/ui/",
+        handlers.ui_page,
+        "The key browser",
+        content_type="text/html",
+        public=True,
+    ),
+    Endpoint(
+        "ui_asset",
+        ("GET",),
+        "/ui/{name}",
+        "/ui/{name}",
+        handlers.ui_asset,
+        "The key browser's script and styles",
+        content_type="application/octet-stream",
+        errors=((404, ("not_found",)),),
+        public=True,
+    ),
+    Endpoint(
+        "ui_redirect",
+        ("GET",),
+        "/ui",
+        "/ui",
+        handlers.ui_redirect,
+        "To /ui/",
+        success=302,
+        public=True,
+    ),
+    Endpoint(
+        "root",
+        ("GET",),
+        "/",
+        "/",
+        handlers.root,
+        "To the key browser, for a browser",
+        "302 to /ui/ when the request accepts text/html; otherwise 404, as for any path "
+        "that is not an endpoint.",
+        success=302,
         errors=((404, ("not_found",)),),
         public=True,
     ),

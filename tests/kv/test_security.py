@@ -52,6 +52,19 @@ async def test_health_needs_no_token(locked: Client) -> None:
     assert (await locked.get("/health")).status == 200
 
 
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/ui/", "/ui/app.js", "/ui/style.css"])
+async def test_the_pages_need_no_token_and_carry_no_data(locked: Client, path: str) -> None:
+    """A browser opens a page without a token; the page then asks for it. So the pages are
+    public, and hold nothing but themselves."""
+    assert (
+        await locked.post("/set", json={"key": "k", "val": "v4lue"}, headers=GOOD)
+    ).status == 200
+    response = await locked.get(path)
+    assert response.status == 200
+    body = await response.text()
+    assert TOKEN not in body and "v4lue" not in body
+
+
 async def test_the_token_is_not_in_config_nor_logs(
     make_client: MakeClient, make_settings: MakeSettings
 ) -> None:

@@ -1,0 +1,418 @@
+// The key browser: a page over the public JSON API (GET /keys, GET /get, POST /set with
+// If-Match or If-None-Match, DELETE /delete). Nothing that comes from a key or a value is ever
+// parsed as HTML: every such text goes through textContent.
+
+const PAGE = 50;
+const SHOWN_CHARS = 10000; // a longer value is cut, with "Show all"
+const TOKEN_KEY = "kv-token";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  prefix: "",
+  cursor: null,
+  key: null, // the key open in the panel
+  version: null, // its version when it was read: the If-Match of a save
+  val: "",
+  raw: false,
+  showAll: false,
+  listing: 0, // which listing is current: answers of older ones are dropped
+};
+
+// --- talking to the API ---------------------------------------------------------------------
+
+class ApiError extends Error {
+  constructor(status, code, message, headers) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.headers = headers;
+  }
+}
+
+function headers(extra = {}) {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { ...extra, Authorization: `Bearer ${token}` } : extra;
+}
+
+async function api(method, path, { body, extra } = {}) {
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers: headers(body === undefined ? extra : { "Content-Type": "application/json", ...extra }),
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (error) {
+    throw new ApiError(0, "network", "The server did not answer; is it running?");
+  }
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (error) {
+    data = null;
+  }
+  if (!response.ok) {
+    const code = data && data.error ? data.error : "error";
+    const message = data && data.message ? data.message : `The server answered ${response.status}.`;
+    throw new ApiError(response.status, code, message, response.headers);
+  }
+  return { data, headers: response.headers };
+}
+
+const keyPath = (route, key) => route + encodeURIComponent(key).replaceAll(".", "%2E");
+
+// --- messages ---------------------------------------------------------------------------------
+
+function say(text, isError = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
+function fail(error) {
+  if (error instanceof ApiError && error.status === 401) {
+    askForToken(sessionStorage.getItem(TOKEN_KEY) ? "That token was refused. Try again." : "");
+    return;
+  }
+  say(error.message || String(error), true);
+}
+
+// --- the token ------------------------------------------------------------------------------
+
+function askForToken(problem) {
+  $("app").hidden = true;
+  $("token-dialog").hidden = false;
+  $("token-error").textContent = problem;
+  $("token-input").focus();
+}
+
+$("token-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token-input").value);
+  $("token-input").value = "";
+  await start();
+});
+
+// --- browsing -------------------------------------------------------------------------------
+
+function expiryText(expiresAt) {
+  return expiresAt ? `expires ${new Date(expiresAt).toLocaleString()}` : "never expires";
+}
+
+// A key's segments up to and including each "/" or ":", for narrowing by a click.
+function segments(key) {
+  const parts = [];
+  let start = 0;
+  for (let index = 0; index < key.length; index += 1) {
+    if (key[index] === "/" || key[index] === ":") {
+      parts.push(key.slice(start, index + 1));
+      start = index + 1;
+    }
+  }
+  parts.push(key.slice(start));
+  return parts.filter((part) => part !== "");
+}
+
+function setPrefix(prefix) {
+  $("prefix").value = prefix;
+  state.prefix = prefix;
+  list(true);
+}
+
+function renderCrumbs() {
+  const crumbs = $("crumbs");
+  crumbs.replaceChildren();
+  const all = document.createElement("button");
+  all.type = "button";
+  all.textContent = "All keys";
+  all.addEventListener("click", () => setPrefix(""));
+  crumbs.append(all);
+  let sofar = "";
+  for (const part of segments(state.prefix)) {
+    sofar += part;
+    const target = sofar;
+    const crumb = document.createElement("button");
+    crumb.type = "button";
+    crumb.className = "crumb";
+    crumb.textContent = part;
+    crumb.title = `Keys starting with ${target}`;
+    crumb.addEventListener("click", () => setPrefix(target));
+    crumbs.append(crumb);
+  }
+}
+
+function renderItem(item) {
+  const row = document.createElement("li");
+  const open = document.createElement("button");
+  open.type = "button";
+  open.className = "key";
+  open.textContent = item.key;
+  open.title = `Open ${item.key}`;
+  open.addEventListener("click", () => openKey(item.key));
+  if (item.key === state.key) open.setAttribute("aria-current", "true");
+  const meta = document.createElement("span");
+  meta.className = "meta";
+  meta.textContent = `version ${item.version} · ${expiryText(item.expires_at)}`;
+  const narrow = document.createElement("span");
+  narrow.className = "narrow";
+  let sofar = "";
+  const parts = segments(item.key);
+  for (const part of parts.slice(0, -1)) {
+    sofar += part;
+    const target = sofar;
+    const segment = document.createElement("button");
+    segment.type = "button";
+    segment.className = "segment";
+    segment.textContent = part;
+    segment.title = `Only keys starting with ${target}`;
+    segment.addEventListener("click", () => setPrefix(target));
+    narrow.append(segment);
+  }
+  row.append(open, meta, narrow);
+  return row;
+}
+
+async function list(fresh) {
+  const listing = ++state.listing;
+  if (fresh) {
+    state.cursor = null;
+    renderCrumbs();
+  }
+  const query = new URLSearchParams({ prefix: state.prefix, limit: String(PAGE) });
+  if (!fresh && state.cursor) query.set("cursor", state.cursor);
+  try {
+    const { data } = await api("GET", `/keys?${query}`);
+    if (listing !== state.listing) return; // the prefix changed meanwhile
+    const keys = $("keys");
+    if (fresh) keys.replaceChildren();
+    for (const item of data.items) keys.append(renderItem(item));
+    state.cursor = data.cursor;
+    $("more").hidden = data.cursor === null;
+    $("empty").hidden = keys.children.length > 0;
+    say(`${keys.children.length} key${keys.children.length === 1 ? "" : "s"} shown${data.cursor ? ", more to load" : ""}.`);
+  } catch (error) {
+    fail(error);
+  }
+}
+
+let typing = null;
+$("prefix").addEventListener("input", () => {
+  clearTimeout(typing);
+  typing = setTimeout(() => setPrefix($("prefix").value), 250);
+});
+$("more").addEventListener("click", () => list(false));
+
+// The open key's row is marked, for the eye and for screen readers.
+function markOpen() {
+  for (const button of document.querySelectorAll("#keys button.key")) {
+    if (button.textContent === state.key) button.setAttribute("aria-current", "true");
+    else button.removeAttribute("aria-current");
+  }
+}
+
+// --- reading --------------------------------------------------------------------------------
+
+function pretty(val) {
+  try {
+    const parsed = JSON.parse(val);
+    if (parsed !== null && typeof parsed === "object") return JSON.stringify(parsed, null, 2);
+  } catch (error) {
+    // not JSON: shown as it is
+  }
+  return null;
+}
+
+function renderValue() {
+  const formatted = state.raw ? null : pretty(state.val);
+  const text = formatted === null ? state.val : formatted;
+  const cut = !state.showAll && text.length > SHOWN_CHARS;
+  $("value").textContent = cut ? `${text.slice(0, SHOWN_CHARS)}…` : text;
+  $("show-all").hidden = !cut;
+  $("show-all").textContent = `Show all (${text.length.toLocaleString()} characters)`;
+  $("raw-toggle").setAttribute("aria-pressed", String(state.raw));
+  $("raw-toggle").textContent = state.raw ? "Pretty" : "Raw";
+  $("raw-toggle").hidden = pretty(state.val) === null;
+}
+
+async function openKey(key, message = null) {
+  try {
+    const { data, headers: answer } = await api("GET", keyPath("/get/", key));
+    state.key = key;
+    state.val = data.val;
+    state.version = answer.get("ETag");
+    state.showAll = false;
+    $("detail").hidden = false;
+    $("create").hidden = true;
+    $("conflict").hidden = true;
+    $("confirm-delete").hidden = true;
+    $("detail-key").textContent = key;
+    const expires = answer.get("KV-Expires-At");
+    $("detail-meta").textContent = `version ${state.version.replaceAll('"', "")} · ${expiryText(expires)}`;
+    $("edit-value").value = data.val;
+    // A save sends the expiry this field holds: a set without one would drop it.
+    $("edit-ttl").value = expires ? String(Math.max(1, Math.ceil((Date.parse(expires) - Date.now()) / 1000))) : "";
+    markOpen();
+    renderValue();
+    say(message || `Opened ${key}.`);
+  } catch (error) {
+    if (error.status === 404) {
+      $("detail").hidden = true;
+      await list(true);
+      say(`${key} has no value any more (deleted or expired).`, true);
+      return;
+    }
+    fail(error);
+  }
+}
+
+$("raw-toggle").addEventListener("click", () => {
+  state.raw = !state.raw;
+  renderValue();
+});
+$("show-all").addEventListener("click", () => {
+  state.showAll = true;
+  renderValue();
+});
+
+async function copy(text, what) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch (error) {
+    // Without clipboard permission (plain http, some browsers): a selected textarea.
+    const area = document.createElement("textarea");
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  say(`Copied ${what}.`);
+}
+
+function shellQuote(text) {
+  return `'${text.replaceAll("'", "'\\''")}'`;
+}
+
+$("copy-key").addEventListener("click", () => copy(state.key, "the key"));
+$("copy-value").addEventListener("click", () => copy(state.val, "the value"));
+$("copy-curl").addEventListener("click", () => {
+  const url = new URL(keyPath("/get/", state.key), location.href).href;
+  const auth = sessionStorage.getItem(TOKEN_KEY) ? ` -H ${shellQuote("Authorization: Bearer $KV_TOKEN")}` : "";
+  copy(`curl${auth} ${shellQuote(url)}`, "a curl command");
+});
+
+// --- editing --------------------------------------------------------------------------------
+
+async function save(condition) {
+  const val = $("edit-value").value;
+  const body = { key: state.key, val };
+  const ttl = $("edit-ttl").value;
+  if (ttl !== "") body.ttl = Number(ttl);
+  try {
+    const { headers: answer } = await api("POST", "/set", { body, extra: condition });
+    state.val = val;
+    state.version = answer.get("ETag");
+    $("conflict").hidden = true;
+    await list(true);
+    await openKey(state.key, `Saved ${state.key}: now version ${state.version.replaceAll('"', "")}.`);
+  } catch (error) {
+    if (error.status === 412) {
+      await showConflict();
+      return;
+    }
+    fail(error);
+  }
+}
+
+async function showConflict() {
+  try {
+    const { data, headers: answer } = await api("GET", keyPath("/get/", state.key));
+    $("conflict-value").textContent = data.val;
+    state.theirs = answer.get("ETag");
+  } catch (error) {
+    $("conflict-value").textContent = "(it has been deleted)";
+    state.theirs = null;
+  }
+  $("conflict").hidden = false;
+  say("Not saved: someone else changed this key. Overwrite it, or reload theirs.", true);
+}
+
+$("edit-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  save({ "If-Match": state.version });
+});
+$("overwrite").addEventListener("click", () =>
+  save(state.theirs ? { "If-Match": state.theirs } : { "If-None-Match": "*" }),
+);
+$("reload").addEventListener("click", () => openKey(state.key));
+
+$("delete").addEventListener("click", () => {
+  $("confirm-delete").hidden = false;
+  $("confirm-no").focus();
+});
+$("confirm-no").addEventListener("click", () => {
+  $("confirm-delete").hidden = true;
+});
+$("confirm-yes").addEventListener("click", async () => {
+  try {
+    await api("DELETE", keyPath("/delete/", state.key), { extra: { "If-Match": state.version } });
+    $("detail").hidden = true;
+    await list(true);
+    say(`Deleted ${state.key}.`);
+  } catch (error) {
+    if (error.status === 412) {
+      $("confirm-delete").hidden = true;
+      await showConflict();
+      return;
+    }
+    fail(error);
+  }
+});
+
+// --- creating -------------------------------------------------------------------------------
+
+$("new-key").addEventListener("click", () => {
+  $("create").hidden = false;
+  $("detail").hidden = true;
+  $("create-key").value = state.prefix;
+  $("create-key").focus();
+});
+$("create-cancel").addEventListener("click", () => {
+  $("create").hidden = true;
+});
+$("create-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const key = $("create-key").value;
+  const body = { key, val: $("create-value").value };
+  const ttl = $("create-ttl").value;
+  if (ttl !== "") body.ttl = Number(ttl);
+  try {
+    await api("POST", "/set", { body, extra: { "If-None-Match": "*" } });
+    $("create").hidden = true;
+    $("create-form").reset();
+    await list(true);
+    await openKey(key, `Created ${key}.`);
+  } catch (error) {
+    if (error.status === 412) {
+      say(`${key} exists already: open it to change it.`, true);
+      return;
+    }
+    fail(error);
+  }
+});
+
+// --- start ----------------------------------------------------------------------------------
+
+async function start() {
+  try {
+    await api("GET", `/keys?limit=1`);
+  } catch (error) {
+    fail(error);
+    return;
+  }
+  $("token-dialog").hidden = true;
+  $("app").hidden = false;
+  setPrefix($("prefix").value);
+}
+
+start();
