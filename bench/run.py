@@ -9,9 +9,11 @@ bodies spread over 100,000 keys (bench/set_random.lua).
     python bench/run.py                      # 3 rounds, 10 s per run, 1,000,000 keys
     python bench/run.py --rounds 5 --duration 15 --out bench/results.md
     python bench/run.py --servers kv-baseline,kv --baseline v1.0.0   # before and after
+    python bench/run.py --servers kv-postgres-baseline,kv-postgres --baseline REF
 
-``--baseline REF`` adds the contender kv-baseline: this service as it was at git REF, checked
-out into a temporary worktree, so that a change is measured against its parent in one run.
+``--baseline REF`` adds the contenders kv-baseline and kv-postgres-baseline: this service as it
+was at git REF, checked out into a temporary worktree, so that a change is measured against its
+parent in one run.
 
 It needs wrk and taskset on PATH, two or more cores, and for the references the packages in
 bench/requirements.txt; it says what is missing and installs nothing.
@@ -77,9 +79,15 @@ def contenders(workers: int, baseline: Optional[tuple[str, Path]] = None) -> dic
     extra = {}
     if baseline is not None:
         ref, worktree = baseline
-        extra["kv-baseline"] = Server(
-            f"kv at {ref} (baseline)", kv_server("").command, kv_server("").env, cwd=str(worktree)
-        )
+        for name, settings in (
+            ("kv-baseline", {}),
+            ("kv-postgres-baseline", {"KV_STORE": "postgres", "KV_POSTGRES_URL": "{postgres_url}"}),
+        ):
+            start = kv_server("", **settings)
+            store = " on PostgreSQL" if settings else ""
+            extra[name] = Server(
+                f"kv{store} at {ref} (baseline)", start.command, start.env, cwd=str(worktree)
+            )
     return {
         **extra,
         "floor": Server(
