@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt
+from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt, StoreUnavailable
 
 from .conftest import RowsSeed, value_of
 
@@ -31,6 +31,27 @@ async def test_data_survives_close_and_reopen(tmp_path: Path, durability: str) -
     assert await value_of(reopened, "seeded") == "3"
     assert await reopened.seed_fingerprint() == "fp"
     await reopened.close()
+
+
+async def test_a_failed_group_of_reads_fails_each_of_its_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GETs are read in groups: when the group's query fails, every request in it gets the
+    error (none waits forever), and the next group reads again."""
+    store = SqliteStore(tmp_path / "kv.sqlite3")
+    await store.set("k", "v")
+
+    def broken(sql: str, parameters: object) -> list[object]:
+        raise StoreUnavailable("the disk went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_read", broken)
+        answers = await asyncio.gather(
+            *(store.get(key) for key in ("k", "k", "other")), return_exceptions=True
+        )
+    assert [type(answer) for answer in answers] == [StoreUnavailable] * 3
+    assert await value_of(store, "k") == "v"
+    await store.close()
 
 
 async def test_data_directory_is_created(tmp_path: Path) -> None:

@@ -108,6 +108,24 @@ async def test_concurrent_writes_all_land(store: Store) -> None:
     assert await store.get("k2") is None
 
 
+async def test_concurrent_reads_each_get_their_own_answer(store: Store, clock: FakeClock) -> None:
+    """Reads that arrive together (stores may answer them in groups): more than a group's
+    worth, the same key asked twice, keys that are missing or expired, and one reader that
+    gives up without disturbing the others."""
+    await store.set_many([SetItem(f"k{i}", f"v{i}") for i in range(0, 1200, 2)])
+    await store.set("soon", "gone", ttl=1)
+    clock.advance(2)
+    keys = [f"k{i}" for i in range(1200)] + ["k0", "k0", "soon", "k1"]
+    abandoned = asyncio.ensure_future(store.get("k2"))
+    reads = [asyncio.ensure_future(store.get(key)) for key in keys]
+    abandoned.cancel()
+    entries = await asyncio.gather(*reads)
+    values = [None if entry is None else entry.val for entry in entries]
+    expected = [f"v{i}" if i % 2 == 0 else None for i in range(1200)] + ["v0", "v0", None, None]
+    assert values == expected
+    assert await value_of(store, "k2") == "v2"
+
+
 async def test_ping_answers(store: Store) -> None:
     await store.ping()
 
