@@ -9,6 +9,7 @@ is counted: Python, aiohttp, uvloop, SQLite, orjson, pydantic-core.
 
     python bench/instructions.py --baseline 843d760          # that commit against this tree
     python bench/instructions.py --requests 4000 --rows 100000
+    python bench/instructions.py --floor       # and the floor (bench/floor_app.py), for the ratio
 
 It needs valgrind (callgrind_control comes with it) and git for the baseline's worktree.
 """
@@ -114,9 +115,10 @@ def measure(
     count: int,
     keep: Optional[Path] = None,
     settings: Optional[dict[str, str]] = None,
+    floor: bool = False,
 ) -> dict[str, float]:
-    """Instructions per GET and per POST of the server run from ``cwd`` (None: this tree);
-    the dumps are copied into ``keep`` (for callgrind_annotate) when given."""
+    """Instructions per GET and per POST of the server run from ``cwd`` (None: this tree), or
+    of the floor; the dumps are copied into ``keep`` (for callgrind_annotate) when given."""
     with tempfile.TemporaryDirectory(prefix="kv-callgrind-") as directory:
         out = Path(directory)
         port = free_port()
@@ -128,10 +130,16 @@ def measure(
             KV_LOG_LEVEL="warning",
         )
         env.update(settings or {})
+        server = [sys.executable, "-m", "mapmg_data_engineer_takehome"]
+        if floor:
+            server = [
+                sys.executable, str(BENCH / "floor_app.py"),
+                "--port", str(port), "--input-db", str(input_db),
+            ]  # fmt: skip
         process = subprocess.Popen(
             [
                 "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.out.%p",
-                sys.executable, "-m", "mapmg_data_engineer_takehome",
+                *server,
             ],
             cwd=cwd,
             env=env,
@@ -172,6 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--requests", type=int, default=3000, help="of each kind, per server")
     parser.add_argument("--rows", type=int, default=100_000, help="keys in input.db")
     parser.add_argument("--out", type=Path, help="also write the table as markdown here")
+    parser.add_argument("--floor", action="store_true", help="also measure the floor")
     parser.add_argument("--keep", type=Path, help="keep the dumps here, for callgrind_annotate")
     parser.add_argument(
         "--setting",
@@ -188,6 +197,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kv-bench-input-") as directory:
         input_db = Path(directory) / "input.db"
         write_input_db(input_db, args.rows)
+        if args.floor:
+            results["floor (aiohttp + uvloop + dict)"] = measure(
+                None,
+                input_db,
+                args.rows,
+                args.requests,
+                None if args.keep is None else args.keep / "floor",
+                floor=True,
+            )
         if args.baseline:
             with git_worktree(args.baseline) as worktree:
                 results[f"kv at {args.baseline}"] = measure(
@@ -210,11 +228,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     lines = ["| server | instructions per GET | instructions per POST |", "| --- | ---: | ---: |"]
     for name, figures in results.items():
         lines.append(f"| {name} | {figures['GET']:,.0f} | {figures['POST']:,.0f} |")
-    if len(results) == 2:
-        (base, ours) = results.values()
+    ours = list(results.values())[-1]
+    for name, other in list(results.items())[:-1]:
+        against = "floor" if name.startswith("floor") else "baseline"
         lines.append(
-            f"| this tree ÷ baseline | {ours['GET'] / base['GET']:.3f}x | "
-            f"{ours['POST'] / base['POST']:.3f}x |"
+            f"| this tree ÷ {against} | {ours['GET'] / other['GET']:.3f}x | "
+            f"{ours['POST'] / other['POST']:.3f}x |"
         )
     header = (
         f"callgrind, {args.requests:,} GETs and {args.requests:,} POSTs over {CONNECTIONS} "
