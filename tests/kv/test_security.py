@@ -65,6 +65,12 @@ async def test_the_pages_need_no_token_and_carry_no_data(locked: Client, path: s
     assert TOKEN not in body and "v4lue" not in body
 
 
+async def test_the_redirects_to_the_key_browser_are_public(locked: Client) -> None:
+    for path, headers in (("/ui", {}), ("/", {"Accept": "text/html"})):
+        response = await locked.get(path, headers=headers, allow_redirects=False)
+        assert response.status == 302 and response.headers["Location"] == "/ui/"
+
+
 async def test_the_token_is_not_in_config_nor_logs(
     make_client: MakeClient, make_settings: MakeSettings
 ) -> None:
