@@ -26,6 +26,7 @@ from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
 from mapmg_data_engineer_takehome.store.base import Clock
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
+from .e2e_support import ServerPool
 from .postgres_support import PostgresCluster, server_binaries
 
 if TYPE_CHECKING:
@@ -214,6 +215,17 @@ def open_test_store(request: pytest.FixtureRequest) -> OpenStore:
         return SqliteStore(directory / "kv.sqlite3", durability, clock or time.time)
 
     return open_store
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[ServerPool]:
+    """Start servers (real processes) in this test's directory; every one is killed at
+    teardown."""
+    pool = ServerPool(tmp_path / "e2e")
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 @pytest.fixture

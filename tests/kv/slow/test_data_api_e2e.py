@@ -6,23 +6,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from ..e2e_support import Server, ServerPool
 
 JSON_HEADERS = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[ServerPool]:
-    pool = ServerPool(tmp_path / "e2e")
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 def post(

@@ -44,16 +44,6 @@ from ..e2e_support import (
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[ServerPool]:
-    """Start servers in this test's directory; every one is killed at teardown."""
-    pool = ServerPool(tmp_path / "e2e")
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One unseeded server for the tests that only read and write unrelated keys."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -19,15 +18,6 @@ KEY = "patient:42-distinctive"
 VAL = "value-of-a-distinctive-kind"
 SECRETS = (TOKEN, KEY, VAL)
 AUTHORIZED = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[ServerPool]:
-    pool = ServerPool(tmp_path / "e2e")
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 def output_of(server: Server) -> str:

@@ -5,21 +5,8 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from ..e2e_support import Server, ServerPool
-
-
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[ServerPool]:
-    pool = ServerPool(tmp_path / "e2e")
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 def requests_counted(text: str) -> float:

@@ -32,15 +32,6 @@ def database(postgres_cluster: PostgresCluster) -> str:
     return postgres_cluster.url(postgres_cluster.create_database())
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[ServerPool]:
-    pool = ServerPool(tmp_path / "e2e")
-    try:
-        yield pool
-    finally:
-        pool.close()
-
-
 def on_postgres(url: str, **extra: str) -> dict[str, Optional[str]]:
     return {"KV_STORE": "postgres", "KV_POSTGRES_URL": url, **extra}
 

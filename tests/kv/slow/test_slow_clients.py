@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,15 +11,6 @@ from ..e2e_support import LOOPBACK_V4, Server, ServerPool
 
 STALLERS = 800
 CLIENT_TIMEOUT = 4.0
-
-
-@pytest.fixture
-def servers(tmp_path: pytest.TempPathFactory) -> Iterator[ServerPool]:
-    pool = ServerPool(tmp_path / "e2e")  # type: ignore[operator]
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 @pytest.fixture(autouse=True)
