@@ -392,12 +392,21 @@ async def docs(request: web.Request) -> web.Response:
     return web.Response(text=DOCS_PAGE, headers=DOCS_HEADERS)
 
 
+def _asset(
+    request: web.Request, assets: Mapping[str, Path], page: str, headers: Mapping[str, str]
+) -> web.FileResponse:
+    """The file of ``assets`` named in the path; only those, so no path reaches the disk."""
+    path = assets.get(request.match_info["name"])
+    if path is None:
+        raise ApiError(404, "not_found", f"No such file of {page}.")
+    return web.FileResponse(path, headers=headers)
+
+
 async def docs_asset(request: web.Request) -> web.StreamResponse:
     """GET /docs/assets/{name}: one of the docs page's files."""
-    path = DOCS_ASSETS.get(request.match_info["name"])
-    if path is None:
-        raise ApiError(404, "not_found", "No such file of the docs page.")
-    return web.FileResponse(path, headers={hdrs.CACHE_CONTROL: "public, max-age=86400"})
+    return _asset(
+        request, DOCS_ASSETS, "the docs page", {hdrs.CACHE_CONTROL: "public, max-age=86400"}
+    )
 
 
 UI = STATIC / "ui"
@@ -419,10 +428,7 @@ async def ui_page(request: web.Request) -> web.StreamResponse:
 
 async def ui_asset(request: web.Request) -> web.StreamResponse:
     """GET /ui/{name}: the key browser's script and styles."""
-    path = UI_ASSETS.get(request.match_info["name"])
-    if path is None:
-        raise ApiError(404, "not_found", "No such file of the key browser.")
-    return web.FileResponse(path, headers=UI_HEADERS)
+    return _asset(request, UI_ASSETS, "the key browser", UI_HEADERS)
 
 
 def _redirect(location: str) -> web.Response:

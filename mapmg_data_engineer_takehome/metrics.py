@@ -162,13 +162,13 @@ class Metrics:
         self.seed_rows.labels("applied").inc(applied)
         self.seed_rows.labels("skipped").inc(skipped)
 
-    def render(self, keys: Optional[int]) -> bytes:
-        """The text format: this process's metrics, or with workers every process's."""
+    def render(self, keys: int) -> bytes:
+        """The text format, with ``keys`` (the store's count) as kv_keys: this process's
+        metrics, or with workers every process's."""
         from prometheus_client import CollectorRegistry, generate_latest
 
         self.flush()
-        if keys is not None:
-            self.keys.set(keys)
+        self.keys.set(keys)
         if not self.multiprocess:
             return generate_latest(self.registry)
         from prometheus_client import ProcessCollector, multiprocess

@@ -119,6 +119,17 @@ function setPrefix(prefix) {
   list(true);
 }
 
+// A button that lists the keys under prefix; label is the segment it adds to the one before.
+function prefixButton(label, prefix, className, title) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = className;
+  button.textContent = label;
+  button.title = title;
+  button.addEventListener("click", () => setPrefix(prefix));
+  return button;
+}
+
 function renderCrumbs() {
   const crumbs = $("crumbs");
   crumbs.replaceChildren();
@@ -130,14 +141,7 @@ function renderCrumbs() {
   let sofar = "";
   for (const part of segments(state.prefix)) {
     sofar += part;
-    const target = sofar;
-    const crumb = document.createElement("button");
-    crumb.type = "button";
-    crumb.className = "crumb";
-    crumb.textContent = part;
-    crumb.title = `Keys starting with ${target}`;
-    crumb.addEventListener("click", () => setPrefix(target));
-    crumbs.append(crumb);
+    crumbs.append(prefixButton(part, sofar, "crumb", `Keys starting with ${sofar}`));
   }
 }
 
@@ -156,17 +160,9 @@ function renderItem(item) {
   const narrow = document.createElement("span");
   narrow.className = "narrow";
   let sofar = "";
-  const parts = segments(item.key);
-  for (const part of parts.slice(0, -1)) {
+  for (const part of segments(item.key).slice(0, -1)) {
     sofar += part;
-    const target = sofar;
-    const segment = document.createElement("button");
-    segment.type = "button";
-    segment.className = "segment";
-    segment.textContent = part;
-    segment.title = `Only keys starting with ${target}`;
-    segment.addEventListener("click", () => setPrefix(target));
-    narrow.append(segment);
+    narrow.append(prefixButton(part, sofar, "segment", `Only keys starting with ${sofar}`));
   }
   row.append(open, meta, narrow);
   return row;
