@@ -9,14 +9,21 @@ Versions and expiry, the same in every store:
   nothing, commits nothing and takes no revision.
 - A key may have an expiry, an absolute time in milliseconds since the Unix epoch (UTC). From
   that moment it reads as absent everywhere (reads, lists, batches, preconditions), although
-  its row may stay until purge_expired removes it.
+  its row may stay until purge_expired removes it. Only the purge removes an expired row: a
+  delete that finds one changes nothing, and the purge reports the key as expired.
+
+The history, the same in every store: each commit that takes a revision records its changes
+in the same transaction, one Change per key (a set, a delete, or an expiry the purge
+removed), so that what the feed shows is committed and whatever committed is in it. The
+history is complete above its compact revision: trim_history moves that up as it drops old
+changes, and a seed, a bulk load rather than a stream of events, moves it to its own revision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, NamedTuple, Optional, Protocol, Union
+from typing import Any, Callable, ClassVar, Literal, NamedTuple, Optional, Protocol, Union
 
 Row = tuple[str, str]
 
@@ -50,10 +57,53 @@ class ListedKey(NamedTuple):
 @dataclass(frozen=True)
 class Page:
     """A page of a listing, in ascending order of the keys' UTF-8 bytes; ``more`` is True when
-    keys after the last one match too."""
+    keys after the last one match too. ``revision`` is the store's revision the page was read
+    at: a watcher that starts there misses nothing the page does not show."""
 
     keys: Sequence[ListedKey]
     more: bool
+    revision: int
+
+
+# --- the history ------------------------------------------------------------------------------
+
+ChangeType = Literal["set", "delete", "expire"]
+
+
+class Change(NamedTuple):
+    """One key's change in one revision: a set (with the value and expiry it set), a delete,
+    or an expiry (the purge removed the key because its time ran out)."""
+
+    revision: int
+    type: ChangeType
+    key: str
+    val: Optional[str] = None
+    expires_at: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Changes:
+    """An answer of ``Store.changes``: ``events`` in revision order (a revision's keys in
+    UTF-8 byte order), never ending inside a revision. With ``more`` False, they are every
+    change up to ``revision``, the store's revision when they were read; with ``more`` True,
+    a limit cut them short after their last revision."""
+
+    events: Sequence[Change]
+    revision: int
+    more: bool
+
+
+@dataclass(frozen=True)
+class HistoryStats:
+    """How much history a store keeps: its rows, and the revision above which it is whole."""
+
+    rows: int
+    compact_revision: int
+
+
+# The most changes one revision may hold in the stores that number a revision's changes
+# (sqlite): above the largest batch the API takes.
+MAX_CHANGES_PER_REVISION = 1 << 14
 
 
 # --- preconditions ----------------------------------------------------------------------------
@@ -107,6 +157,32 @@ def expiry_of(ttl: Optional[float], now: float) -> Optional[int]:
     return None if ttl is None else round((now + ttl) * 1000)
 
 
+# --- the history, store-neutral ----------------------------------------------------------------
+
+
+def check_since(since: int, revision: int, compact_revision: int) -> None:
+    """Compacted or UnknownRevision when the history cannot answer from ``since``."""
+    if since < compact_revision:
+        raise Compacted(compact_revision)
+    if since > revision:
+        raise UnknownRevision(revision)
+
+
+def trim_cut(
+    oldest: Iterable[tuple[int, float]], compact_revision: int, excess: int, cutoff_ms: float
+) -> int:
+    """The revision to trim through, from the oldest changes' (revision, ms committed at) in
+    order: the last of a run from the first that are each at or below ``compact_revision``,
+    committed before ``cutoff_ms``, or among the first ``excess`` rows. A revision is trimmed
+    whole, so a cut may take a few rows more than ``excess``."""
+    cut = compact_revision
+    for position, (revision, at) in enumerate(oldest):
+        if revision > compact_revision and at >= cutoff_ms and position >= excess:
+            break
+        cut = max(cut, revision)
+    return cut
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -120,6 +196,27 @@ class StoreUnavailable(StoreError):
 
 class StoreCorrupt(StoreError):
     """The data file is damaged or belongs to something else; it is left untouched."""
+
+
+class HistoryGone(Exception):
+    """The changes asked for are not in the history: an answer (410), not a store failure."""
+
+
+class Compacted(HistoryGone):
+    """The changes after ``since`` were dropped: the history is whole above
+    ``compact_revision`` only."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__("the history before this revision is gone")
+        self.compact_revision = compact_revision
+
+
+class UnknownRevision(HistoryGone):
+    """``since`` is above the store's revision: the store was replaced or restored."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__("the store has no such revision")
+        self.revision = revision
 
 
 class PreconditionFailed(Exception):
@@ -137,6 +234,8 @@ class PreconditionFailed(Exception):
 # --- the protocol -----------------------------------------------------------------------------
 
 Clock = Callable[[], float]  # seconds since the epoch, as time.time
+# Told that the store's revision may have moved (see Store.listen).
+Wake = Callable[[], None]
 
 
 class Store(Protocol):
@@ -185,11 +284,37 @@ class Store(Protocol):
         ``values``, the page stops early once its values pass PAGE_VALUE_CHARS."""
 
     async def purge_expired(self, limit: int) -> int:
-        """Remove up to ``limit`` expired rows; how many were removed. Takes no revision."""
+        """Remove up to ``limit`` expired rows, recording each as an ``expire`` change; how many
+        were removed. One revision for them all, if any. Of several purges at once, one
+        removes (and reports) a key."""
+
+    async def revision(self) -> int:
+        """The store's revision now."""
+
+    async def changes(self, prefix: str, since: int, limit: int) -> Changes:
+        """The changes to keys starting with ``prefix`` in revisions above ``since``, at most
+        ``limit`` of them unless the last revision needs more to be whole. Raises Compacted
+        when ``since`` is below the compact revision, UnknownRevision when it is above the
+        store's revision."""
+
+    async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
+        """One small transaction of trimming: drop up to about ``batch`` of the oldest changes
+        that are older than ``max_age`` seconds, are beyond the newest ``max_rows``, or are at
+        or below the compact revision, whole revisions at a time, and move the compact
+        revision up to the last one dropped; how many rows were dropped."""
+
+    async def history(self) -> HistoryStats:
+        """The history's size and compact revision, for metrics."""
+
+    async def listen(self, wake: Wake) -> None:
+        """Call ``wake`` whenever the revision may have moved: once at the start, at once
+        after this process's commits, and soon after another process's. Runs until
+        cancelled."""
 
     async def load(self, seed: Seed) -> Optional[int]:
-        """Apply the seed's rows in order (last wins, no expiry, one revision for all) and
-        remember its fingerprint, atomically; how many rows were applied. None, applying
+        """Apply the seed's rows in order (last wins, no expiry, one revision for all, no
+        changes recorded: the compact revision moves to the seed's) and remember its
+        fingerprint, atomically; how many rows were applied. None, applying
         nothing, when the store already holds a seed of that fingerprint: checked inside the
         same transaction, so that of several servers starting at once, one applies it."""
 

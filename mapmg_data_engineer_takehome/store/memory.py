@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import time
 from collections.abc import Mapping, Sequence
@@ -9,17 +10,24 @@ from typing import Callable, Optional
 
 from .base import (
     PAGE_VALUE_CHARS,
+    Change,
+    Changes,
+    ChangeType,
     Clock,
     Condition,
     Entry,
+    HistoryStats,
     ListedKey,
     Page,
     PreconditionFailed,
     Seed,
     SetItem,
+    Wake,
+    check_since,
     condition_holds,
     expiry_of,
     prefix_upper_bound,
+    trim_cut,
 )
 
 
@@ -27,6 +35,8 @@ class MemoryStore:
     """A Store backed by a dict; it remembers no seed fingerprint, so every start reseeds.
 
     Listing keeps a sorted copy of the keys, rebuilt only after keys were added or removed.
+    The history is a list in revision order, with a parallel list of revisions to bisect and
+    one of the times they were committed at (ms) to trim by.
     """
 
     name = "memory"
@@ -36,12 +46,31 @@ class MemoryStore:
         self._data: dict[str, Entry] = {}
         self._revision = 0
         self._sorted: Optional[list[str]] = []
+        self._history: list[Change] = []
+        self._history_revisions: list[int] = []
+        self._history_at: list[float] = []
+        self._compact_revision = 0
+        self._wake: Optional[Wake] = None
         self.on_commit: Optional[Callable[[int], None]] = None
 
-    def _committed(self) -> None:
-        """Each write is its own commit here."""
-        if self.on_commit is not None:
-            self.on_commit(1)
+    def _committed(self, writes: int = 1) -> None:
+        """Each write is its own commit here (a purge's counts none)."""
+        if writes and self.on_commit is not None:
+            self.on_commit(writes)
+        if self._wake is not None:
+            self._wake()
+
+    def _record(
+        self,
+        kind: ChangeType,
+        key: str,
+        val: Optional[str] = None,
+        expires_at: Optional[int] = None,
+    ) -> None:
+        """Record a change of the revision now being written (``self._revision``)."""
+        self._history.append(Change(self._revision, kind, key, val, expires_at))
+        self._history_revisions.append(self._revision)
+        self._history_at.append(self._clock() * 1000)
 
     def _live(self, key: str) -> Optional[Entry]:
         entry = self._data.get(key)
@@ -90,31 +119,42 @@ class MemoryStore:
         self._revision += 1
         entry = Entry(val, self._revision, expiry_of(ttl, self._clock()))
         self._put(key, entry)
+        self._record("set", key, val, entry.expires_at)
         self._committed()
         return entry
 
     async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
         self._check(key, condition)
-        if self._remove(key) is None:
+        if self._live(key) is None:  # an expired row stays for the purge to report
             return False
+        self._remove(key)
         self._revision += 1
+        self._record("delete", key)
         self._committed()
         return True
 
     async def set_many(self, items: Sequence[SetItem]) -> int:
         self._revision += 1
         now = self._clock()
-        for item in items:
-            self._put(item.key, Entry(item.val, self._revision, expiry_of(item.ttl, now)))
+        last = {item.key: item for item in items}
+        for key in sorted(last):
+            item = last[key]
+            entry = Entry(item.val, self._revision, expiry_of(item.ttl, now))
+            self._put(key, entry)
+            self._record("set", key, item.val, entry.expires_at)
         self._committed()
         return self._revision
 
     async def delete_many(self, keys: Sequence[str]) -> int:
-        deleted = sum(self._remove(key) is not None for key in keys)
-        if deleted:
-            self._revision += 1
-            self._committed()
-        return deleted
+        live = sorted(key for key in set(keys) if self._live(key) is not None)
+        if not live:
+            return 0
+        self._revision += 1
+        for key in live:
+            self._remove(key)
+            self._record("delete", key)
+        self._committed()
+        return len(live)
 
     async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:
         if self._sorted is None:
@@ -136,12 +176,12 @@ class MemoryStore:
             if entry is None:
                 continue
             if len(page) == limit or (values and value_chars > PAGE_VALUE_CHARS):
-                return Page(page, more=True)
+                return Page(page, more=True, revision=self._revision)
             page.append(
                 ListedKey(key, entry.version, entry.expires_at, entry.val if values else None)
             )
             value_chars += len(entry.val)
-        return Page(page, more=False)
+        return Page(page, more=False, revision=self._revision)
 
     async def purge_expired(self, limit: int) -> int:
         now_ms = self._clock() * 1000
@@ -150,9 +190,51 @@ class MemoryStore:
             for key, entry in self._data.items()
             if entry.expires_at is not None and entry.expires_at <= now_ms
         ][:limit]
-        for key in expired:
+        if not expired:
+            return 0
+        self._revision += 1
+        for key in sorted(expired):
             self._remove(key)
+            self._record("expire", key)
+        self._committed(0)
         return len(expired)
+
+    async def revision(self) -> int:
+        return self._revision
+
+    async def changes(self, prefix: str, since: int, limit: int) -> Changes:
+        check_since(since, self._revision, self._compact_revision)
+        start = bisect.bisect_right(self._history_revisions, since)
+        events: list[Change] = []
+        for change in self._history[start:]:
+            if not change.key.startswith(prefix):
+                continue
+            if len(events) >= limit and change.revision != events[-1].revision:
+                return Changes(events, self._revision, more=True)
+            events.append(change)
+        return Changes(events, self._revision, more=False)
+
+    async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
+        oldest = zip(self._history_revisions[:batch], self._history_at[:batch])
+        excess = len(self._history) - max_rows
+        cut = trim_cut(oldest, self._compact_revision, excess, (self._clock() - max_age) * 1000)
+        self._compact_revision = cut
+        dropped = bisect.bisect_right(self._history_revisions, cut)
+        del self._history[:dropped], self._history_revisions[:dropped]
+        del self._history_at[:dropped]
+        return dropped
+
+    async def history(self) -> HistoryStats:
+        return HistoryStats(len(self._history), self._compact_revision)
+
+    async def listen(self, wake: Wake) -> None:
+        # No other process shares this store: its own commits are all there is to hear.
+        self._wake = wake
+        wake()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._wake = None
 
     async def load(self, seed: Seed) -> Optional[int]:
         revision = self._revision + 1
@@ -162,6 +244,7 @@ class MemoryStore:
             applied += 1
         if applied:
             self._revision = revision
+            self._compact_revision = revision  # a bulk load, not events: watchers list again
         return applied
 
     async def seed_fingerprint(self) -> Optional[str]:

@@ -17,6 +17,10 @@ event-loop turn into one ``WHERE key = ANY($1)`` query.
 Every call waits at most ``timeout`` seconds for a connection and as long for its answer;
 then, or when PostgreSQL is gone, the request is answered 503 (StoreUnavailable) and the
 pool reconnects by itself once the database answers again.
+
+The history is the table ``kv_changes``, written by each write in its own transaction. A
+trigger on the revision's row NOTIFYs every server listening (see listen), as a hint: the
+table is the truth, and a server that misses a notification finds the change within a second.
 """
 
 from __future__ import annotations
@@ -31,9 +35,12 @@ import structlog
 
 from .base import (
     PAGE_VALUE_CHARS,
+    Change,
+    Changes,
     Clock,
     Condition,
     Entry,
+    HistoryStats,
     IfAbsent,
     IfExists,
     IfVersion,
@@ -45,17 +52,27 @@ from .base import (
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
+    Wake,
+    check_since,
     prefix_upper_bound,
+    trim_cut,
 )
 
 log = structlog.get_logger("kv.store")
 Result = TypeVar("Result")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
 # schema, and one applies a seed while the others wait for it.
 _SCHEMA_LOCK = 0x4B565343
 _SEED_LOCK = 0x4B565345
+# ("KVTH"): one server at a time trims the history; the others skip their turn.
+_TRIM_LOCK = 0x4B565448
+# The channel every write's commit notifies, with the schema's name as the payload: servers of
+# other stores in the same database ignore it.
+CHANNEL = "kv_changes"
+# How often a listening server reads the revision, in case a notification went missing.
+WATCH_POLL_INTERVAL = 1.0
 # Milliseconds since the epoch by the database's clock, unless the caller passes its own
 # (the tests' clock): every statement below takes it as a parameter that may be NULL.
 _NOW = "coalesce({}::bigint, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)"
@@ -67,19 +84,19 @@ CREATE OR REPLACE FUNCTION kv_write(
 RETURNS TABLE (outcome text, new_version bigint, new_expires_at bigint)
 LANGUAGE plpgsql AS $$
 -- A group of single-key writes, in order, in the caller's transaction: each 'set' or
--- 'delete' whose condition holds takes the next revision.
+-- 'delete' whose condition holds takes the next revision and records its change.
 DECLARE
     now_ms bigint := coalesce(p_now, (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
-    revision bigint;
+    current_revision bigint;
     first_revision bigint;
     live bigint;
     expiry bigint;
     inserted boolean;
-    removed bigint;
     added bigint := 0;  -- keys inserted less keys deleted, for the count in kv_meta
 BEGIN
-    SELECT m.value::bigint INTO revision FROM kv_meta m WHERE m.name = 'revision' FOR UPDATE;
-    first_revision := revision;
+    SELECT m.value::bigint INTO current_revision FROM kv_meta m
+     WHERE m.name = 'revision' FOR UPDATE;
+    first_revision := current_revision;
     FOR i IN 1 .. coalesce(array_length(p_keys, 1), 0) LOOP
         live := NULL;
         IF p_conditions[i] IS NOT NULL OR p_kinds[i] = 'delete' THEN
@@ -91,31 +108,32 @@ BEGIN
            OR (p_conditions[i] = 'absent' AND live IS NOT NULL) THEN
             outcome := 'failed'; new_version := live; new_expires_at := NULL;
         ELSIF p_kinds[i] = 'set' THEN
-            revision := revision + 1;
+            current_revision := current_revision + 1;
             expiry := CASE WHEN p_ttls[i] IS NULL THEN NULL ELSE now_ms + p_ttls[i] END;
             -- xmax is 0 on a row this statement inserted, not on one it updated.
             INSERT INTO kv (key, val, version, expires_at)
-                 VALUES (p_keys[i], p_vals[i], revision, expiry)
+                 VALUES (p_keys[i], p_vals[i], current_revision, expiry)
             ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
                                             expires_at = excluded.expires_at
             RETURNING (kv.xmax = 0) INTO inserted;
             IF inserted THEN added := added + 1; END IF;
-            outcome := 'written'; new_version := revision; new_expires_at := expiry;
+            INSERT INTO kv_changes (revision, key, type, val, expires_at, committed_at)
+                 VALUES (current_revision, p_keys[i], 'set', p_vals[i], expiry, now_ms);
+            outcome := 'written'; new_version := current_revision; new_expires_at := expiry;
+        ELSIF live IS NULL THEN  -- an expired row stays, for the purge to report
+            outcome := 'absent'; new_version := NULL; new_expires_at := NULL;
         ELSE
             DELETE FROM kv k WHERE k.key = p_keys[i];
-            GET DIAGNOSTICS removed = ROW_COUNT;
-            added := added - removed;
-            IF live IS NULL THEN
-                outcome := 'absent'; new_version := NULL;
-            ELSE
-                revision := revision + 1; outcome := 'deleted'; new_version := revision;
-            END IF;
-            new_expires_at := NULL;
+            added := added - 1;
+            current_revision := current_revision + 1;
+            INSERT INTO kv_changes (revision, key, type, committed_at)
+                 VALUES (current_revision, p_keys[i], 'delete', now_ms);
+            outcome := 'deleted'; new_version := current_revision; new_expires_at := NULL;
         END IF;
         RETURN NEXT;
     END LOOP;
-    IF revision <> first_revision THEN
-        UPDATE kv_meta m SET value = revision::text WHERE m.name = 'revision';
+    IF current_revision <> first_revision THEN
+        UPDATE kv_meta m SET value = current_revision::text WHERE m.name = 'revision';
     END IF;
     IF added <> 0 THEN
         UPDATE kv_meta m SET value = (m.value::bigint + added)::text WHERE m.name = 'keys';
@@ -123,6 +141,24 @@ BEGIN
 END
 $$
 """
+# Every commit that moves the revision tells the listening servers (see listen).
+_NOTIFY = (
+    f"""CREATE OR REPLACE FUNCTION kv_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('{CHANNEL}', current_schema());
+    RETURN NULL;
+END
+$$""",
+    "DROP TRIGGER IF EXISTS kv_revision_moved ON kv_meta",
+    "CREATE TRIGGER kv_revision_moved AFTER UPDATE ON kv_meta FOR EACH ROW"
+    " WHEN (NEW.name = 'revision') EXECUTE FUNCTION kv_notify()",
+)
+# One row per key and revision; the primary key's index is the feed's order.
+_CREATE_CHANGES = (
+    "CREATE TABLE IF NOT EXISTS kv_changes (revision bigint NOT NULL,"
+    ' key text COLLATE "C" NOT NULL, type text NOT NULL, val text, expires_at bigint,'
+    " committed_at bigint NOT NULL, PRIMARY KEY (revision, key))"
+)
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kv_meta (name text PRIMARY KEY, value text NOT NULL)",
@@ -131,12 +167,27 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kv (key text COLLATE \"C\" PRIMARY KEY CHECK (key <> ''),"
     " val text NOT NULL, version bigint NOT NULL, expires_at bigint)",
     "CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL",
+    _CREATE_CHANGES,
     _WRITE_FUNCTION,
-    "INSERT INTO kv_meta (name, value) VALUES ('revision', '0'), ('keys', '0')"
+    *_NOTIFY,
+    "INSERT INTO kv_meta (name, value) VALUES ('revision', '0'), ('keys', '0'),"
+    " ('compact_revision', '0'), ('history_rows', '0'), ('history_counted', '0')"
     " ON CONFLICT (name) DO NOTHING",
 )
-# From each schema version to the next, in place (none yet: this is the first).
-_UPGRADES: dict[int, tuple[str, ...]] = {}
+# From each schema version to the next, in place. Schema 1 had no history: it starts empty,
+# whole above the revision the database was at.
+_UPGRADES: dict[int, tuple[str, ...]] = {
+    1: (
+        _CREATE_CHANGES,
+        _WRITE_FUNCTION,
+        *_NOTIFY,
+        "INSERT INTO kv_meta (name, value) SELECT unnest(ARRAY['compact_revision',"
+        " 'history_counted']), value FROM kv_meta WHERE name = 'revision'"
+        " ON CONFLICT (name) DO NOTHING",
+        "INSERT INTO kv_meta (name, value) VALUES ('history_rows', '0')"
+        " ON CONFLICT (name) DO NOTHING",
+    ),
+}
 
 _LIVE = f"(expires_at IS NULL OR expires_at > {_NOW.format('$2')})"
 _GET_MANY = f"SELECT key, val, version, expires_at FROM kv WHERE key = ANY($1::text[]) AND {_LIVE}"
@@ -148,28 +199,70 @@ _TAKE_REVISION = (
 # Each statement that adds or removes rows moves the key count in kv_meta by as many.
 _COUNT_KEYS = "UPDATE kv_meta SET value = (value::bigint + ({}))::text WHERE name = 'keys'"
 _SET_MANY = f"""
-WITH written AS (
-    INSERT INTO kv (key, val, version, expires_at)
-    SELECT k, v, $4, CASE WHEN t IS NULL THEN NULL ELSE {_NOW.format("$5")} + t END
-      FROM unnest($1::text[], $2::text[], $3::bigint[]) AS item(k, v, t)
+WITH clock AS (SELECT {_NOW.format("$5")} AS now_ms),
+items AS (
+    SELECT k, v, CASE WHEN t IS NULL THEN NULL ELSE clock.now_ms + t END AS e
+      FROM unnest($1::text[], $2::text[], $3::bigint[]) AS item(k, v, t), clock),
+written AS (
+    INSERT INTO kv (key, val, version, expires_at) SELECT k, v, $4, e FROM items
     ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
                                     expires_at = excluded.expires_at
-    RETURNING (kv.xmax = 0) AS inserted)
+    RETURNING (kv.xmax = 0) AS inserted),
+recorded AS (
+    INSERT INTO kv_changes (revision, key, type, val, expires_at, committed_at)
+    SELECT $4, k, 'set', v, e, clock.now_ms FROM items, clock)
 {_COUNT_KEYS.format("SELECT count(*) FILTER (WHERE inserted) FROM written")}
 """
-_DELETE_MANY = f"""
-WITH gone AS (DELETE FROM kv WHERE key = ANY($1::text[]) RETURNING expires_at),
-counted AS ({_COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
-SELECT count(*) FILTER (WHERE expires_at IS NULL OR expires_at > {_NOW.format("$2")}) FROM gone
-"""
-_PURGE = f"""
-WITH gone AS (
-    DELETE FROM kv WHERE key IN (
-        SELECT key FROM kv WHERE expires_at <= {_NOW.format("$2")}
-         ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)
-    RETURNING 1),
+
+
+def _remove(where: str, kind: str) -> str:
+    """A statement deleting the rows ``where`` selects, recording each as a change of
+    ``kind`` in revision $3 (at $2's time), and answering how many went."""
+    return f"""
+WITH gone AS (DELETE FROM kv WHERE {where} RETURNING key),
+recorded AS (
+    INSERT INTO kv_changes (revision, key, type, committed_at)
+    SELECT $3, key, '{kind}', {_NOW.format("$2")} FROM gone),
 counted AS ({_COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
 SELECT count(*) FROM gone
+"""
+
+
+# Expired rows stay, for the purge to report.
+_DELETE_MANY = _remove(f"key = ANY($1::text[]) AND {_LIVE}", "delete")
+_PURGE = _remove(
+    f"""key IN (SELECT key FROM kv WHERE expires_at <= {_NOW.format("$2")}
+                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)""",
+    "expire",
+)
+_ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {_NOW.format('$1')})"
+_READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
+# The changes above $1 under the prefix [$2, $3), in one statement (one snapshot, so that they
+# are every change up to the revision it reads): the first $4, the rest of the last one's
+# revision, whether any follow, and the revision and compact revision they were read at.
+_UNDER_PREFIX = "c.key >= $2 AND ($3::text IS NULL OR c.key < $3)"
+_CHANGES = f"""
+WITH meta AS (
+    SELECT max(value::bigint) FILTER (WHERE name = 'revision') AS revision,
+           max(value::bigint) FILTER (WHERE name = 'compact_revision') AS compact_revision
+      FROM kv_meta),
+head AS (
+    SELECT c.revision, c.key, c.type, c.val, c.expires_at FROM kv_changes c
+     WHERE c.revision > $1 AND {_UNDER_PREFIX} ORDER BY c.revision, c.key LIMIT $4),
+cut AS (
+    SELECT revision, key FROM head WHERE (SELECT count(*) FROM head) = $4
+     ORDER BY revision DESC, key DESC LIMIT 1),
+tail AS (
+    SELECT c.revision, c.key, c.type, c.val, c.expires_at FROM kv_changes c, cut
+     WHERE c.revision = cut.revision AND c.key > cut.key AND {_UNDER_PREFIX}),
+more AS (
+    SELECT EXISTS (SELECT 1 FROM kv_changes c, cut
+                    WHERE c.revision > cut.revision AND {_UNDER_PREFIX}) AS more)
+SELECT meta.revision, meta.compact_revision, more.more,
+       events.revision, events.type, events.key, events.val, events.expires_at
+  FROM meta CROSS JOIN more
+  LEFT JOIN (SELECT * FROM head UNION ALL SELECT * FROM tail) events ON true
+ ORDER BY events.revision, events.key
 """
 _LOCK_REVISION = "SELECT value FROM kv_meta WHERE name = 'revision' FOR UPDATE"
 _READ_META = "SELECT value FROM kv_meta WHERE name = $1"
@@ -268,6 +361,12 @@ class PostgresStore:
         self._draining: Optional[asyncio.Task[None]] = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_commit: Optional[Callable[[int], None]] = None
+        self._wake: Optional[Wake] = None
+
+    def _moved(self) -> None:
+        """This process committed a write that took a revision."""
+        if self._wake is not None:
+            self._wake()
 
     # --- opening ------------------------------------------------------------------------
 
@@ -445,29 +544,35 @@ class PostgresStore:
         where = " AND ".join(conditions)
         if not values:
             rows = await self._fetch(
-                f"SELECT key, version, expires_at FROM kv WHERE {where} ORDER BY key LIMIT $1",
+                _with_revision(
+                    f"SELECT key, version, expires_at FROM kv WHERE {where} ORDER BY key LIMIT $1"
+                ),
                 *parameters,
             )
-            keys = [ListedKey(row[0], row[1], row[2]) for row in rows[:limit]]
-            return Page(keys, more=len(rows) > limit)
+            keys = [ListedKey(row[1], row[2], row[3]) for row in rows[:limit] if row[1] is not None]
+            return Page(keys, more=len(rows) > limit, revision=rows[0][0])
         # A page stops once its values pass PAGE_VALUE_CHARS: the values beyond are never
         # sent, however many the limit allows.
         parameters.append(PAGE_VALUE_CHARS)
         rows = await self._fetch(
-            f"""SELECT key, version, expires_at, CASE WHEN before <= ${len(parameters)}
-                       THEN val END, before <= ${len(parameters)} FROM (
+            _with_revision(
+                f"""SELECT key, version, expires_at, CASE WHEN before <= ${len(parameters)}
+                       THEN val END AS val, before <= ${len(parameters)} AS within FROM (
                     SELECT key, version, expires_at, val, coalesce(sum(length(val)) OVER
                            (ORDER BY key ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
                            AS before
-                      FROM kv WHERE {where} ORDER BY key LIMIT $1) page ORDER BY key""",
+                      FROM kv WHERE {where} ORDER BY key LIMIT $1) page"""
+            ),
             *parameters,
         )
         page: list[ListedKey] = []
         for row in rows:
-            if len(page) == limit or not row[4]:
-                return Page(page, more=True)
-            page.append(ListedKey(row[0], row[1], row[2], row[3]))
-        return Page(page, more=False)
+            if row[1] is None:  # the page is empty
+                break
+            if len(page) == limit or not row[5]:
+                return Page(page, more=True, revision=row[0])
+            page.append(ListedKey(row[1], row[2], row[3], row[4]))
+        return Page(page, more=False, revision=rows[0][0])
 
     # --- writes ---------------------------------------------------------------------------
 
@@ -528,6 +633,8 @@ class PostgresStore:
                     continue
                 if self.on_commit is not None:
                     self.on_commit(len(group))
+                if any(row[0] in ("written", "deleted") for row in rows):
+                    self._moved()
                 for write, row in zip(group, rows):
                     if not write.future.done():
                         write.future.set_result((row[0], row[1], row[2]))
@@ -567,23 +674,153 @@ class PostgresStore:
         revision = await self._in_transaction(write)
         if self.on_commit is not None:
             self.on_commit(1)
+        self._moved()
         return revision
 
-    async def delete_many(self, keys: Sequence[str]) -> int:
-        async def delete(conn: Any) -> int:
-            await conn.execute(_LOCK_REVISION)
-            deleted = int(await conn.fetchval(_DELETE_MANY, list(dict.fromkeys(keys)), self._now()))
-            if deleted:
-                await conn.execute(_TAKE_REVISION)
-            return deleted
+    async def _remove(self, statement: str, first: Any) -> int:
+        """Run a _remove statement in a new revision, taken only if it removed anything.
+        The revision's lock is taken first, as every write takes it."""
 
-        deleted = await self._in_transaction(delete)
+        async def remove(conn: Any) -> int:
+            revision = int(await conn.fetchval(_LOCK_REVISION)) + 1
+            removed = int(await conn.fetchval(statement, first, self._now(), revision))
+            if removed:
+                await conn.execute(_TAKE_REVISION)
+            return removed
+
+        removed = await self._in_transaction(remove)
+        if removed:
+            self._moved()
+        return removed
+
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        deleted = await self._remove(_DELETE_MANY, list(dict.fromkeys(keys)))
         if deleted and self.on_commit is not None:
             self.on_commit(1)
         return deleted
 
     async def purge_expired(self, limit: int) -> int:
-        return int((await self._fetch(_PURGE, limit, self._now()))[0][0])
+        # Most sweeps find nothing: they ask without taking the revision's lock.
+        if not (await self._fetch(_ANY_EXPIRED, self._now()))[0][0]:
+            return 0
+        return await self._remove(_PURGE, limit)
+
+    # --- the history ----------------------------------------------------------------------
+
+    async def revision(self) -> int:
+        return int((await self._fetch(_READ_REVISION))[0][0])
+
+    async def changes(self, prefix: str, since: int, limit: int) -> Changes:
+        rows = await self._fetch(_CHANGES, since, prefix, prefix_upper_bound(prefix), limit)
+        revision, compact_revision, more = rows[0][0], rows[0][1], rows[0][2]
+        check_since(since, revision, compact_revision)
+        events = [Change(*row[3:]) for row in rows if row[3] is not None]
+        return Changes(events, revision, more)
+
+    async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
+        """One transaction, under a lock that the other servers' trims skip rather than wait
+        for. The rows are counted up to a revision read first: every change up to it has
+        committed (revisions commit in order), so none is counted twice."""
+
+        async def trim(conn: Any) -> int:
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _TRIM_LOCK):
+                return 0
+            revision = int(await conn.fetchval(_READ_REVISION))
+            meta = dict(
+                await conn.fetch(
+                    "SELECT name, value::bigint FROM kv_meta WHERE name = ANY($1::text[])",
+                    ["compact_revision", "history_rows", "history_counted"],
+                )
+            )
+            rows = meta["history_rows"] + int(
+                await conn.fetchval(
+                    "SELECT count(*) FROM kv_changes WHERE revision > $1 AND revision <= $2",
+                    meta["history_counted"],
+                    revision,
+                )
+            )
+            oldest = await conn.fetch(
+                "SELECT revision, committed_at FROM kv_changes ORDER BY revision, key LIMIT $1",
+                batch,
+            )
+            now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1')}", self._now())
+            cut = trim_cut(
+                [(row[0], row[1]) for row in oldest],
+                meta["compact_revision"],
+                rows - max_rows,
+                now_ms - max_age * 1000,
+            )
+            dropped = 0
+            if oldest and oldest[0][0] <= cut:
+                status = await conn.execute("DELETE FROM kv_changes WHERE revision <= $1", cut)
+                dropped = int(status.split()[-1])
+            # greatest: a seed may have moved the compact revision meanwhile.
+            await conn.execute(
+                "UPDATE kv_meta SET value = greatest(value::bigint, $1)::text"
+                " WHERE name = 'compact_revision'",
+                cut,
+            )
+            await conn.executemany(
+                _WRITE_META,
+                [("history_rows", str(rows - dropped)), ("history_counted", str(revision))],
+            )
+            return dropped
+
+        return await self._in_transaction(trim)
+
+    async def history(self) -> HistoryStats:
+        rows = await self._fetch(
+            """WITH meta AS (
+                   SELECT max(value::bigint) FILTER (WHERE name = 'history_rows') AS counted,
+                          max(value::bigint) FILTER (WHERE name = 'history_counted') AS through,
+                          max(value::bigint) FILTER (WHERE name = 'compact_revision') AS compact
+                     FROM kv_meta)
+               SELECT meta.counted + (SELECT count(*) FROM kv_changes
+                                       WHERE revision > meta.through), meta.compact
+                 FROM meta"""
+        )
+        return HistoryStats(int(rows[0][0]), int(rows[0][1]))
+
+    async def listen(self, wake: Wake) -> None:
+        """This process's commits wake at once; every server's (this one's too) are NOTIFYed
+        on a connection of its own, outside the pool, which also reads the revision every
+        WATCH_POLL_INTERVAL seconds in case a notification was lost. When that connection
+        drops it is made again, and ``wake`` called, since changes may have come meanwhile."""
+        self._wake = wake
+        delay = 0.25
+        try:
+            while True:
+                try:
+                    await self._listen_once(wake)
+                except _FAILURES as error:
+                    log.warning("watch_connection_lost", reason=describe(error), retry_in=delay)
+                wake()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        finally:
+            self._wake = None
+
+    async def _listen_once(self, wake: Wake) -> None:
+        """LISTEN and poll until the connection fails (raising what it raised)."""
+        conn = await asyncpg.connect(self._url, timeout=self._timeout)
+        try:
+            schema = await conn.fetchval("SELECT current_schema()", timeout=self._timeout)
+
+            def notified(*args: Any) -> None:
+                if args[-1] == schema:  # the payload: a write to this store, not another's
+                    wake()
+
+            await conn.add_listener(CHANNEL, notified)
+            wake()  # whatever committed before LISTEN took effect
+            seen = None
+            while True:
+                revision = await conn.fetchval(_READ_REVISION, timeout=self._timeout)
+                if revision != seen:
+                    seen = revision
+                    wake()
+                await asyncio.sleep(WATCH_POLL_INTERVAL)
+        finally:
+            await conn.close(timeout=self._timeout)
 
     # --- seeding ------------------------------------------------------------------------
 
@@ -615,6 +852,8 @@ class PostgresStore:
                     revision = await conn.fetchval(_TAKE_REVISION)
                     inserted = await conn.execute(_APPLY_SEED, revision)
                     await conn.execute(_COUNT_KEYS.format(int(inserted.split()[-1])))
+                    # A bulk load, not events: watchers from before it list again.
+                    await conn.execute(_WRITE_META, "compact_revision", str(revision))
                 await conn.execute(_WRITE_META, _SEED_FINGERPRINT, seed.fingerprint)
             return applied
         except _FAILURES as error:
@@ -640,6 +879,14 @@ class PostgresStore:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._pool.close()
+
+
+def _with_revision(page: str) -> str:
+    """``page``'s rows in key order, each after the revision read in the same statement (its
+    snapshot); one row of NULLs after it when the page is empty."""
+    return f"""SELECT meta.value::bigint, page.* FROM kv_meta meta
+                LEFT JOIN LATERAL ({page}) page ON true
+               WHERE meta.name = 'revision' ORDER BY page.key"""
 
 
 def _numbered(rows: Any) -> Iterator[tuple[int, str, str]]:

@@ -8,6 +8,9 @@ since a commit into the WAL takes microseconds, less than a hop to a thread; wit
 checkpoints by itself, in the commit that takes the WAL past 500 pages; that commit's
 thread then waits for the copy, and the next commit rewinds the WAL, so the file stays a
 few MiB however long the writes go on.
+
+The history is the table ``changes``: each write transaction inserts its changes there before
+it commits (_Transaction.finish), in one statement for the group.
 """
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ from urllib.parse import quote, urlencode
 import structlog
 
 from .base import (
+    MAX_CHANGES_PER_REVISION,
     PAGE_VALUE_CHARS,
+    Change,
+    Changes,
+    ChangeType,
     Clock,
     Condition,
     Entry,
+    HistoryStats,
     ListedKey,
     Page,
     PreconditionFailed,
@@ -40,16 +48,19 @@ from .base import (
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
+    Wake,
+    check_since,
     condition_holds,
     expiry_of,
     prefix_upper_bound,
+    trim_cut,
 )
 
 log = structlog.get_logger("kv.store")
 
 # Stamped into the file header so that a foreign SQLite file is recognised and left alone.
 APPLICATION_ID = 0x4B565354  # "KVST"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Every setting explicit, none left to a library default by accident.
@@ -89,6 +100,20 @@ _CREATE_META = (
 )
 _REVISION = "revision"
 _KEYS = "keys"
+# The history (see the module docstring). A change's id is its revision times
+# MAX_CHANGES_PER_REVISION plus its place among the revision's keys in order, so the table's
+# own b-tree is the feed's order: reading it is one range scan, and recording a change one
+# insert, with no second index.
+_CREATE_CHANGES = (
+    "CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY, key TEXT NOT NULL,"
+    " type TEXT NOT NULL, val TEXT, expires_at INTEGER, committed_at INTEGER NOT NULL)"
+)
+_SHIFT = MAX_CHANGES_PER_REVISION.bit_length() - 1
+_COMPACT_REVISION = "compact_revision"
+# The history's rows, counted by trim_history up to the revision in _HISTORY_COUNTED: writes
+# pay nothing to keep a count, and the rows above that revision are few to count.
+_HISTORY_ROWS = "history_rows"
+_HISTORY_COUNTED = "history_counted"
 # The number of keys, kept in meta as rows come and go, so that it is never counted: on every
 # connection that writes, since TEMP triggers belong to their connection. Writes use an
 # upsert, not INSERT OR REPLACE: an overwrite then fires no trigger (REPLACE's delete fires
@@ -108,10 +133,13 @@ _SCHEMA = (
     _CREATE_KV,
     _CREATE_EXPIRY_INDEX,
     _CREATE_META,
-    f"INSERT INTO meta (name, value) VALUES ('{_REVISION}', 0), ('{_KEYS}', 0)",
+    _CREATE_CHANGES,
+    f"INSERT INTO meta (name, value) VALUES ('{_REVISION}', 0), ('{_KEYS}', 0),"
+    f" ('{_COMPACT_REVISION}', 0), ('{_HISTORY_ROWS}', 0), ('{_HISTORY_COUNTED}', 0)",
 )
 # From each schema version to the next, in place. Schema 1 (release 1.0.0) had neither
-# versions nor expiry: its keys take revision 1, and never expire.
+# versions nor expiry: its keys take revision 1, and never expire. Schema 2 had no history:
+# it starts empty, complete above the revision the file was at.
 _UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         "ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
@@ -119,6 +147,13 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
         _CREATE_EXPIRY_INDEX,
         f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{_REVISION}', 1)",
         f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{_KEYS}', (SELECT count(*) FROM kv))",
+    ),
+    2: (
+        _CREATE_CHANGES,
+        f"INSERT OR REPLACE INTO meta (name, value) SELECT name, value FROM (SELECT"
+        f" '{_COMPACT_REVISION}' AS name, value FROM meta WHERE name = '{_REVISION}' UNION ALL"
+        f" SELECT '{_HISTORY_COUNTED}', value FROM meta WHERE name = '{_REVISION}' UNION ALL"
+        f" SELECT '{_HISTORY_ROWS}', 0)",
     ),
 }
 # The GETs of one event-loop iteration, in one query: key IN (?, ?, ...) with as many marks as
@@ -136,10 +171,12 @@ _SET = (
     " expires_at = excluded.expires_at"
 )
 _DELETE = "DELETE FROM kv WHERE key = ?"
-_PURGE = (
-    "DELETE FROM kv WHERE key IN"
-    " (SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)"
+_EXPIRED = "SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?"
+_RECORD_CHANGE = (
+    "INSERT INTO changes (id, key, type, val, expires_at, committed_at) VALUES (?, ?, ?, ?, ?, ?)"
 )
+# How often a process looks for another's commits while it has watchers (see listen).
+WATCH_POLL_INTERVAL = 0.005
 _READ_META = "SELECT value FROM meta WHERE name = ?"
 _WRITE_META = "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)"
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
@@ -242,16 +279,49 @@ def _upgrade(conn: sqlite3.Connection, path: Path) -> None:
         log.info("store_upgraded", path=str(path), schema_from=version, schema_to=SCHEMA_VERSION)
 
 
+def _key_range(prefix: str) -> tuple[str, tuple[str, ...]]:
+    """SQL (to AND on) selecting the keys that start with ``prefix``, and its parameters."""
+    if not prefix:
+        return "", ()
+    bound = prefix_upper_bound(prefix)
+    if bound is None:
+        return " AND key >= ?", (prefix,)
+    return " AND key >= ? AND key < ?", (prefix, bound)
+
+
+def _first_id(revision: int) -> int:
+    """The id of a revision's first change."""
+    return revision << _SHIFT
+
+
+def _meta(conn: sqlite3.Connection, name: str) -> int:
+    return int(conn.execute(_READ_META, (name,)).fetchone()[0])
+
+
 class _Transaction:
-    """One group's write transaction: its connection, its clock reading, and the revision,
-    read once under the write lock and written back once, if any write took one (each write
-    that changes something adds one to ``revision``)."""
+    """One group's write transaction: its connection, its clock reading, the revision (read
+    once under the write lock and written back once, if any write took one: each write that
+    changes something adds one to ``revision``) and the changes to record with it."""
 
     def __init__(self, conn: sqlite3.Connection, now_ms: float) -> None:
         self.conn = conn
         self.now_ms = now_ms
-        self.first = int(conn.execute(_READ_META, (_REVISION,)).fetchone()[0])
+        self.first = _meta(conn, _REVISION)
         self.revision = self.first
+        self.changes: list[tuple[object, ...]] = []
+        self._next_id = 0
+
+    def record(
+        self,
+        kind: ChangeType,
+        key: str,
+        val: Optional[str] = None,
+        expires_at: Optional[int] = None,
+    ) -> None:
+        """A change of the current revision; a batch records its keys in order."""
+        change_id = max(self._next_id, _first_id(self.revision))
+        self._next_id = change_id + 1
+        self.changes.append((change_id, key, kind, val, expires_at, int(self.now_ms)))
 
     def live_version(self, key: str) -> Optional[int]:
         row = self.conn.execute(_GET_LIVE_VERSION, (key,)).fetchone()
@@ -267,6 +337,8 @@ class _Transaction:
         return current
 
     def finish(self) -> None:
+        if self.changes:
+            self.conn.executemany(_RECORD_CHANGE, self.changes)
         if self.revision != self.first:
             self.conn.execute(_WRITE_META, (_REVISION, self.revision))
 
@@ -289,6 +361,7 @@ class _SetOne:
         tx.revision += 1
         version = tx.revision
         tx.conn.execute(_SET, (self.key, self.val, version, self.expires_at))
+        tx.record("set", self.key, self.val, self.expires_at)
         return Entry(self.val, version, self.expires_at)
 
 
@@ -299,11 +372,11 @@ class _DeleteOne:
         self.key, self.condition = key, condition
 
     def apply(self, tx: _Transaction) -> bool:
-        current = tx.check(self.key, self.condition)
-        tx.conn.execute(_DELETE, (self.key,))  # an expired row goes too
-        if current is None:
-            return False
+        if tx.check(self.key, self.condition) is None:
+            return False  # an expired row stays, for the purge to report
+        tx.conn.execute(_DELETE, (self.key,))
         tx.revision += 1
+        tx.record("delete", self.key)
         return True
 
 
@@ -316,10 +389,25 @@ class _SetMany:
     def apply(self, tx: _Transaction) -> int:
         tx.revision += 1
         version = tx.revision
+        # The last row for a key wins, and its change is the key's one in this revision.
+        last = {key: (val, expires_at) for key, val, expires_at in self.rows}
         tx.conn.executemany(
-            _SET, ((key, val, version, expires_at) for key, val, expires_at in self.rows)
+            _SET, ((key, val, version, expires_at) for key, (val, expires_at) in last.items())
         )
+        for key in sorted(last):
+            tx.record("set", key, *last[key])
         return version
+
+
+def _remove(tx: _Transaction, keys: Sequence[str], kind: ChangeType) -> None:
+    """Delete the rows of ``keys`` (live or expired, each once) in a new revision, recording
+    each as a change of ``kind``."""
+    tx.revision += 1
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start : start + _CHUNK]
+        tx.conn.execute(f"DELETE FROM kv WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+    for key in sorted(keys):
+        tx.record(kind, key)
 
 
 class _DeleteMany:
@@ -329,19 +417,20 @@ class _DeleteMany:
         self.keys = keys
 
     def apply(self, tx: _Transaction) -> int:
-        deleted = 0
+        live: list[str] = []
         unique = list(dict.fromkeys(self.keys))
         for start in range(0, len(unique), _CHUNK):
             chunk = unique[start : start + _CHUNK]
             marks = ",".join("?" * len(chunk))
-            deleted += tx.conn.execute(
-                f"SELECT count(*) FROM kv WHERE key IN ({marks}) AND {_LIVE}",
-                (*chunk, tx.now_ms),
-            ).fetchone()[0]
-            tx.conn.execute(f"DELETE FROM kv WHERE key IN ({marks})", chunk)
-        if deleted:
-            tx.revision += 1
-        return deleted
+            live += (
+                key
+                for (key,) in tx.conn.execute(
+                    f"SELECT key FROM kv WHERE key IN ({marks}) AND {_LIVE}", (*chunk, tx.now_ms)
+                )
+            )
+        if live:  # expired rows stay, for the purge to report
+            _remove(tx, live, "delete")
+        return len(live)
 
 
 class _Purge:
@@ -351,9 +440,56 @@ class _Purge:
         self.limit = limit
 
     def apply(self, tx: _Transaction) -> int:
-        return int(tx.conn.execute(_PURGE, (tx.now_ms, self.limit)).rowcount)
+        expired = [key for (key,) in tx.conn.execute(_EXPIRED, (tx.now_ms, self.limit))]
+        if expired:
+            _remove(tx, expired, "expire")
+        return len(expired)
 
 
+class _TrimHistory:
+    """One step of trimming the history (see Store.trim_history); takes no revision."""
+
+    __slots__ = ("batch", "max_age", "max_rows")
+
+    def __init__(self, max_age: float, max_rows: int, batch: int) -> None:
+        self.max_age, self.max_rows, self.batch = max_age, max_rows, batch
+
+    def apply(self, tx: _Transaction) -> int:
+        conn = tx.conn
+        compact = _meta(conn, _COMPACT_REVISION)
+        counted_through = _meta(conn, _HISTORY_COUNTED)
+        # Every change up to tx.first is in the table (this group's own are not yet).
+        rows = _meta(conn, _HISTORY_ROWS) + _count_changes_above(conn, counted_through)
+        oldest = conn.execute(
+            f"SELECT id >> {_SHIFT}, committed_at FROM changes ORDER BY id LIMIT ?", (self.batch,)
+        ).fetchall()
+        cut = trim_cut(oldest, compact, rows - self.max_rows, tx.now_ms - self.max_age * 1000)
+        dropped = 0
+        if oldest and oldest[0][0] <= cut:
+            dropped = conn.execute(
+                "DELETE FROM changes WHERE id < ?", (_first_id(cut + 1),)
+            ).rowcount
+        conn.executemany(
+            _WRITE_META,
+            (
+                (_COMPACT_REVISION, cut),
+                (_HISTORY_ROWS, rows - dropped),
+                (_HISTORY_COUNTED, tx.first),
+            ),
+        )
+        return int(dropped)
+
+
+def _count_changes_above(conn: sqlite3.Connection, revision: int) -> int:
+    return int(
+        conn.execute(
+            "SELECT count(*) FROM changes WHERE id >= ?", (_first_id(revision + 1),)
+        ).fetchone()[0]
+    )
+
+
+# Operations that are the store's upkeep, not a client's write: metrics count no write for them.
+_UPKEEP = (_Purge, _TrimHistory)
 Result = TypeVar("Result", covariant=True)
 
 
@@ -389,6 +525,8 @@ class _GroupCommitter:
         self._pending: list[tuple[_Operation[Any], asyncio.Future[Any]]] = []
         self._draining: Optional[asyncio.Task[None]] = None
         self.on_commit: Optional[Callable[[int], None]] = None
+        # Told after each commit that took a revision (see SqliteStore.listen).
+        self.wake: Optional[Wake] = None
 
     async def submit(self, operation: _Operation[Result]) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -405,9 +543,9 @@ class _GroupCommitter:
                 operations = [operation for operation, _ in batch]
                 try:
                     if self._executor is None:
-                        results = self._commit(operations)
+                        results, moved = self._commit(operations)
                     else:
-                        results = await loop.run_in_executor(
+                        results, moved = await loop.run_in_executor(
                             self._executor, self._commit, operations
                         )
                 except sqlite3.Error as error:
@@ -417,7 +555,9 @@ class _GroupCommitter:
                             future.set_exception(failure)
                 else:
                     if self.on_commit is not None:
-                        self.on_commit(sum(not isinstance(op, _Purge) for op in operations))
+                        self.on_commit(sum(not isinstance(op, _UPKEEP) for op in operations))
+                    if moved and self.wake is not None:
+                        self.wake()
                     for (_, future), result in zip(batch, results):
                         if future.done():
                             continue
@@ -428,8 +568,9 @@ class _GroupCommitter:
         finally:
             self._draining = None
 
-    def _commit(self, operations: list[_Operation[Any]]) -> list[Any]:
-        """One transaction for the whole group: one WAL append, at most one fsync."""
+    def _commit(self, operations: list[_Operation[Any]]) -> tuple[list[Any], bool]:
+        """One transaction for the whole group: one WAL append, at most one fsync. Returns
+        each operation's result, and whether the revision moved."""
         if self._conn is None:  # the writer thread's own connection, made on that thread
             self._conn = _connect(self._path, self._durability)
         results: list[Any] = []
@@ -441,7 +582,7 @@ class _GroupCommitter:
                 except PreconditionFailed as failed:
                     results.append(failed)
             tx.finish()
-        return results
+        return results, tx.revision != tx.first
 
     async def close(self) -> None:
         if self._draining is not None:
@@ -617,22 +758,25 @@ class SqliteStore:
         parameters.append(limit + 1)
         keys: list[ListedKey] = []
         value_chars = 0
+        more = False
         try:
             if not self._conn.in_transaction:
                 self._begin_read_snapshot()
+            revision = int(self._read(_READ_META, (_REVISION,))[0][0])  # the page's snapshot
             # Its own cursor, closed at the end: a page may stop early (see PAGE_VALUE_CHARS),
             # and an unfinished statement would keep its read lock.
             with contextlib.closing(self._conn.execute(sql, parameters)) as rows:
                 for row in rows:
                     if len(keys) == limit or (values and value_chars > PAGE_VALUE_CHARS):
-                        return Page(keys, more=True)
+                        more = True
+                        break
                     listed = ListedKey(*row)
                     if values:
                         value_chars += len(listed.val or "")
                     keys.append(listed)
         except sqlite3.Error as error:
             raise _translate(error, self.path) from None
-        return Page(keys, more=False)
+        return Page(keys, more=more, revision=revision)
 
     def _begin_read_snapshot(self) -> None:
         """Open a read transaction that the reads of this event-loop iteration share.
@@ -674,6 +818,70 @@ class SqliteStore:
 
     async def purge_expired(self, limit: int) -> int:
         return await self._committer.submit(_Purge(limit))
+
+    async def revision(self) -> int:
+        return int(self._read(_READ_META, (_REVISION,))[0][0])
+
+    async def changes(self, prefix: str, since: int, limit: int) -> Changes:
+        """Range scans of the history's b-tree, in one read snapshot: the first ``limit``
+        changes, then the rest of the last one's revision, then whether any follow."""
+        key_range, key_parameters = _key_range(prefix)
+        select = (
+            "SELECT id, type, key, val, expires_at FROM changes"
+            f" WHERE id >= ? AND id < ?{key_range} ORDER BY id"
+        )
+        revision = await self.revision()  # begins the snapshot the reads below share
+        check_since(since, revision, int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0]))
+        end = _first_id(revision + 1)
+        rows = self._read(f"{select} LIMIT ?", (_first_id(since + 1), end, *key_parameters, limit))
+        more = False
+        if len(rows) == limit:
+            last_id = rows[-1][0]
+            following = _first_id((last_id >> _SHIFT) + 1)
+            rows += self._read(select, (last_id + 1, following, *key_parameters))
+            more = bool(self._read(f"{select} LIMIT 1", (following, end, *key_parameters)))
+        return Changes([Change(row[0] >> _SHIFT, *row[1:]) for row in rows], revision, more)
+
+    async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
+        return await self._committer.submit(_TrimHistory(max_age, max_rows, batch))
+
+    async def history(self) -> HistoryStats:
+        counted = int(self._read(_READ_META, (_HISTORY_ROWS,))[0][0])
+        counted_through = int(self._read(_READ_META, (_HISTORY_COUNTED,))[0][0])
+        above = self._read(
+            "SELECT count(*) FROM changes WHERE id >= ?", (_first_id(counted_through + 1),)
+        )
+        compact = int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0])
+        return HistoryStats(counted + int(above[0][0]), compact)
+
+    async def listen(self, wake: Wake) -> None:
+        """This process's commits wake at once (the committer calls ``wake``); another
+        process's (a worker's) are noticed by polling PRAGMA data_version, which changes when
+        another connection commits, every WATCH_POLL_INTERVAL seconds on a connection of its
+        own: a read of the WAL index, no I/O."""
+        self._committer.wake = wake
+        try:
+            poller = sqlite3.connect(
+                sqlite_uri(self.path.resolve()), uri=True, isolation_level=None
+            )
+        except sqlite3.Error as error:
+            self._committer.wake = None
+            raise _translate(error, self.path) from None
+        try:
+            seen = None
+            while True:
+                try:
+                    version = poller.execute("PRAGMA data_version").fetchone()[0]
+                except sqlite3.Error as error:  # a passing lock, say: wake to be safe
+                    log.warning("watch_poll_failed", reason=str(error))
+                    version = None
+                if version != seen or version is None:
+                    seen = version
+                    wake()
+                await asyncio.sleep(WATCH_POLL_INTERVAL)
+        finally:
+            self._committer.wake = None
+            poller.close()
 
     async def load(self, seed: Seed) -> Optional[int]:
         """Copy the seed inside SQLite when it is a SQLite file (ATTACH, then one INSERT ...
@@ -736,6 +944,8 @@ class SqliteStore:
                     raise _FastSeedMissed  # rolls the insert back
                 if applied:
                     tx.revision += 1
+                    # A bulk load, not events: watchers from before it list again.
+                    conn.execute(_WRITE_META, (_COMPACT_REVISION, tx.revision))
                 tx.finish()
                 conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
                 conn.execute(

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from mapmg_data_engineer_takehome.models import MAX_BATCH_WRITES
 from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt, StoreUnavailable
+from mapmg_data_engineer_takehome.store.base import (
+    MAX_CHANGES_PER_REVISION,
+    Change,
+    Compacted,
+    SetItem,
+)
+from mapmg_data_engineer_takehome.store.sqlite import SCHEMA_VERSION
 
 from .conftest import RowsSeed, value_of
 
@@ -147,7 +155,7 @@ async def test_a_file_of_release_1_is_upgraded_in_place_losing_nothing(tmp_path:
         await store.close()
     conn = sqlite3.connect(str(path))
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         conn.close()
@@ -157,6 +165,74 @@ async def test_a_file_of_release_1_is_upgraded_in_place_losing_nothing(tmp_path:
         assert await reopened.count() == len(RELEASE_1_CONTENTS) + 1
     finally:
         await reopened.close()
+
+
+RELEASE_2_LISTING = [
+    ("a/b?c#d %20 ключ 🔑", "välue\nwith newline", 3, None),
+    ("batch/1", "x", 6, None),
+    ("batch/2", "y", 6, None),
+    ("empty value", "", 8, None),
+    ("expires", "in 2027", 7, 1_831_536_000_000),
+    ("overwritten", "by a client", 2, None),
+    ("seeded:1", "one", 1, None),
+    ("seeded:2", "two", 1, None),
+]
+
+
+async def test_a_file_of_the_release_before_the_history_is_upgraded_in_place(
+    tmp_path: Path,
+) -> None:
+    """tests/kv/fixtures/kv-schema-2.sqlite3 has versions and expiry but no history: the
+    upgrade keeps every key, version and expiry, and starts a history that is whole above the
+    revision the file was at (8), so a watcher from before it is told to list again."""
+    path = tmp_path / "kv.sqlite3"
+    shutil.copyfile(FIXTURES / "kv-schema-2.sqlite3", path)
+    store = SqliteStore(path, clock=lambda: 1_800_000_100.0)
+    try:
+        page = await store.list_keys("", None, 100, values=True)
+        assert page.revision == 8
+        listing = [(item.key, item.val, item.version, item.expires_at) for item in page.keys]
+        assert listing == RELEASE_2_LISTING
+        assert await store.seed_fingerprint() == "schema-2-fixture-seed"
+        assert await store.count() == len(RELEASE_2_LISTING)
+        with pytest.raises(Compacted) as compacted:
+            await store.changes("", 7, 100)
+        assert compacted.value.compact_revision == 8
+        assert (await store.changes("", 8, 100)).events == []
+        await store.set("new", "after the upgrade")
+        assert await store.delete("deleted") is False
+        changes = await store.changes("", 8, 100)
+        assert changes.events == [Change(9, "set", "new", "after the upgrade", None)]
+        assert (await store.history()).rows == 1
+    finally:
+        await store.close()
+    conn = sqlite3.connect(str(path))
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
+
+
+def test_a_revision_has_room_for_the_largest_batch() -> None:
+    """The sqlite store numbers a revision's changes below MAX_CHANGES_PER_REVISION."""
+    assert MAX_BATCH_WRITES < MAX_CHANGES_PER_REVISION
+
+
+async def test_a_batch_records_one_change_per_key_in_key_order(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "kv.sqlite3")
+    try:
+        items = [
+            SetItem(f"k{index:05d}", str(index)) for index in reversed(range(MAX_BATCH_WRITES))
+        ]
+        revision = await store.set_many([*items, SetItem("k00000", "last")])
+        await store.set("after", "1")
+        changes = await store.changes("", revision - 1, 1)
+        assert len(changes.events) == MAX_BATCH_WRITES and changes.more is True
+        assert [event.key for event in changes.events] == sorted(item.key for item in items)
+        assert changes.events[0] == Change(revision, "set", "k00000", "last", None)
+    finally:
+        await store.close()
 
 
 def test_a_file_of_a_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -1,26 +1,33 @@
 """One contract, run unchanged against every Store implementation: values, versions,
-preconditions, expiry on a controllable clock, batches, ordered listing, seeding."""
+preconditions, expiry on a controllable clock, batches, ordered listing, seeding, and the
+history of changes."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Optional
 
 import pytest
 
-from mapmg_data_engineer_takehome.store import MemoryStore, Store
+from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
 from mapmg_data_engineer_takehome.store.base import (
     PAGE_VALUE_CHARS,
+    Change,
+    Compacted,
     Entry,
+    HistoryStats,
     IfAbsent,
     IfExists,
     IfVersion,
     PreconditionFailed,
     SetItem,
+    UnknownRevision,
     prefix_upper_bound,
 )
+from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
 from .conftest import FakeClock, OpenStore, RowsSeed, value_of
 
@@ -425,3 +432,235 @@ async def test_the_key_count_follows_every_kind_of_write(store: Store, clock: Fa
     assert await store.count() == 3
     assert await store.purge_expired(10) == 1
     assert await store.count() == 2
+
+
+# --- the history ----------------------------------------------------------------------------
+
+
+async def all_changes(store: Store, since: int = 0, prefix: str = "") -> list[Change]:
+    return list((await store.changes(prefix, since, 1000)).events)
+
+
+async def test_each_write_records_its_changes_in_revision_order(
+    store: Store, clock: FakeClock
+) -> None:
+    start = await store.revision()
+    a = (await store.set("a", "1")).version
+    b = await store.set("b", "2", ttl=30)
+    assert await store.delete("a") is True
+    batch = await store.set_many([SetItem("c", "3"), SetItem("b", "4"), SetItem("c", "5")])
+    assert await store.delete_many(["c", "missing", "c"]) == 1
+    # Writes that change nothing are not changes.
+    assert await store.delete("missing") is False
+    assert await store.delete_many(["missing"]) == 0
+    with pytest.raises(PreconditionFailed):
+        await store.set("b", "x", condition=IfAbsent())
+    changes = await store.changes("", start, 1000)
+    assert changes.events == [
+        Change(a, "set", "a", "1", None),
+        Change(b.version, "set", "b", "2", b.expires_at),
+        Change(a + 2, "delete", "a"),
+        Change(batch, "set", "b", "4", None),
+        Change(batch, "set", "c", "5", None),
+        Change(batch + 1, "delete", "c"),
+    ]
+    assert changes.revision == batch + 1 == await store.revision()
+    assert changes.more is False
+    assert (await store.changes("", batch + 1, 1000)).events == []
+
+
+async def test_changes_under_a_prefix_are_only_its_keys(store: Store) -> None:
+    for key in KEYS_IN_UTF8_ORDER:
+        await store.set(key, "v")
+    revision = await store.set_many([SetItem(key, "w") for key in reversed(KEYS_IN_UTF8_ORDER)])
+    changes = await store.changes("a", 0, 1000)
+    assert [(event.revision, event.key) for event in changes.events] == [
+        *(
+            (revision - 11 + KEYS_IN_UTF8_ORDER.index(key), key)
+            for key in ("a", "a/b", "a:b", "ab")
+        ),
+        *((revision, key) for key in ("a", "a/b", "a:b", "ab")),
+    ]
+    assert changes.revision == revision
+    # Within a revision, keys come in UTF-8 byte order, as listings give them.
+    assert [event.key for event in await all_changes(store, revision - 1)] == KEYS_IN_UTF8_ORDER
+    assert await all_changes(store, 0, "😀") == [
+        Change(revision - 1, "set", "😀", "v"),
+        Change(revision, "set", "😀", "w"),
+    ]
+    empty = await store.changes("nothing", 0, 1000)
+    assert empty.events == [] and empty.revision == revision
+
+
+async def test_a_limit_never_splits_a_revision(store: Store) -> None:
+    before = (await store.set("first", "0")).version
+    batch = await store.set_many([SetItem(f"k{index}", str(index)) for index in range(5)])
+    after = (await store.set("last", "6")).version
+    cut = await store.changes("", before, 2)
+    assert [event.key for event in cut.events] == ["k0", "k1", "k2", "k3", "k4"]
+    assert cut.more is True and {event.revision for event in cut.events} == {batch}
+    assert (await store.changes("", before, 5)).more is True
+    whole = await store.changes("", before, 6)
+    assert len(whole.events) == 6 and whole.more is False and whole.revision == after
+    # A cut at the last revision under the prefix is not "more".
+    under_k = await store.changes("k", before, 1)
+    assert len(under_k.events) == 5 and under_k.more is False
+    resumed = await store.changes("", cut.events[-1].revision, 2)
+    assert resumed.events == [Change(after, "set", "last", "6")] and resumed.more is False
+
+
+async def test_the_purge_reports_expired_keys_once_in_one_revision(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.set_many([SetItem(f"short{i}", "v", ttl=1) for i in range(4)])
+    await store.set("forever", "v")
+    clock.advance(2)
+    # A delete of an expired key finds nothing: its row stays for the purge to report.
+    revision = await store.revision()
+    assert await store.delete("short0") is False
+    assert await store.delete_many(["short1"]) == 0
+    assert await store.revision() == revision
+    assert await store.purge_expired(3) == 3
+    assert await store.purge_expired(3) == 1
+    assert await store.purge_expired(3) == 0
+    assert await all_changes(store, revision) == [
+        Change(revision + 1, "expire", "short0"),
+        Change(revision + 1, "expire", "short1"),
+        Change(revision + 1, "expire", "short2"),
+        Change(revision + 2, "expire", "short3"),
+    ]
+    assert await store.revision() == revision + 2
+
+
+async def test_two_purges_at_once_never_report_one_key_twice(
+    store: Store, clock: FakeClock
+) -> None:
+    """Two handles on one store (two workers on the file, two replicas on the database)."""
+    other = await second_handle(store, clock)
+    try:
+        await store.set_many([SetItem(f"k{i:03d}", "v", ttl=1) for i in range(120)])
+        start = await store.revision()
+        clock.advance(2)
+
+        async def purge_all(handle: Store) -> int:
+            purged = 0
+            while removed := await handle.purge_expired(7):
+                purged += removed
+            return purged
+
+        purged = await asyncio.gather(purge_all(store), purge_all(other))
+        assert sum(purged) == 120
+        expired = await all_changes(store, start)
+        assert sorted(event.key for event in expired) == [f"k{i:03d}" for i in range(120)]
+        assert {event.type for event in expired} == {"expire"}
+    finally:
+        if other is not store:
+            await other.close()
+
+
+async def second_handle(store: Store, clock: FakeClock) -> Store:
+    """Another handle on the same data, as another process would open it (the memory store
+    lives in one process: its own handle)."""
+    if isinstance(store, SqliteStore):
+        return SqliteStore(store.path, store.durability, clock)
+    if isinstance(store, PostgresStore):
+        return await PostgresStore.open(store._url, clock=clock)
+    return store
+
+
+async def test_since_outside_the_history_is_refused(store: Store) -> None:
+    await store.set("a", "1")
+    revision = (await store.set("a", "2")).version
+    assert len(await all_changes(store, 0)) == 2
+    with pytest.raises(UnknownRevision) as unknown:
+        await store.changes("", revision + 1, 10)
+    assert unknown.value.revision == revision
+    with pytest.raises(UnknownRevision):
+        await store.changes("other", revision + 1, 10)
+    with pytest.raises(Compacted) as compacted:
+        await store.changes("", -1, 10)
+    assert compacted.value.compact_revision == 0
+
+
+async def test_a_seed_is_not_events_and_moves_the_compact_revision(store: Store) -> None:
+    await store.set("before", "1")
+    await store.load(RowsSeed(iter([("a", "1"), ("b", "2")]), "fp"))
+    seeded = await store.revision()
+    assert await store.history() == HistoryStats(rows=1, compact_revision=seeded)
+    with pytest.raises(Compacted) as compacted:
+        await store.changes("", seeded - 1, 10)
+    assert compacted.value.compact_revision == seeded
+    assert await all_changes(store, seeded) == []
+    written = await store.set("after", "3")
+    assert await all_changes(store, seeded) == [Change(written.version, "set", "after", "3")]
+
+
+async def test_trimming_keeps_at_most_max_rows_whole_revisions_at_a_time(store: Store) -> None:
+    for index in range(6):
+        await store.set(f"k{index}", "v")  # revisions 1 to 6
+    await store.set_many([SetItem("x", "1"), SetItem("y", "2"), SetItem("z", "3")])  # 7
+    await store.delete("k5")  # 8
+    assert await store.history() == HistoryStats(rows=10, compact_revision=0)
+    # 5 rows at most: revisions 1 to 5 go; in batches of 2 rows, one transaction at a time.
+    assert await store.trim_history(3600, 5, batch=2) == 2
+    assert await store.history() == HistoryStats(rows=8, compact_revision=2)
+    assert await store.trim_history(3600, 5, batch=2) == 2
+    assert await store.trim_history(3600, 5, batch=2) == 1
+    assert await store.trim_history(3600, 5, batch=2) == 0
+    assert await store.history() == HistoryStats(rows=5, compact_revision=5)
+    # At most 3 rows: revision 7 has to go too, whole, which leaves 1.
+    assert await store.trim_history(3600, 3, batch=100) == 4
+    assert await store.history() == HistoryStats(rows=1, compact_revision=7)
+    with pytest.raises(Compacted):
+        await store.changes("", 6, 10)
+    # A delete just above the compact revision is there for a watcher from it.
+    assert await all_changes(store, 7) == [Change(8, "delete", "k5")]
+    # Once the delete's own revision is the compact one, a watcher from it misses nothing.
+    assert await store.trim_history(3600, 0, batch=100) == 1
+    assert await store.history() == HistoryStats(rows=0, compact_revision=8)
+    assert await all_changes(store, 8) == []
+    assert (await store.set("k6", "v")).version == 9
+    assert await all_changes(store, 8) == [Change(9, "set", "k6", "v")]
+
+
+async def test_trimming_drops_what_is_older_than_the_retention(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.set("old", "1")
+    await store.set("old", "2")
+    clock.advance(100)
+    await store.set("new", "3")
+    assert await store.trim_history(150, 1000, batch=100) == 0
+    clock.advance(10)
+    assert await store.trim_history(105, 1000, batch=100) == 2
+    assert await store.history() == HistoryStats(rows=1, compact_revision=2)
+    assert await all_changes(store, 2) == [Change(3, "set", "new", "3")]
+
+
+async def test_a_page_says_the_revision_it_was_read_at(store: Store) -> None:
+    assert (await store.list_keys("", None, 10, values=False)).revision == 0
+    await store.set("a", "1")
+    revision = (await store.set("b", "1")).version
+    for values in (False, True):
+        assert (await store.list_keys("", None, 1, values)).revision == revision
+        assert (await store.list_keys("none", None, 1, values)).revision == revision
+
+
+async def test_listening_hears_every_commit_that_takes_a_revision(store: Store) -> None:
+    woken = asyncio.Event()
+    listening = asyncio.ensure_future(store.listen(woken.set))
+    try:
+        await asyncio.wait_for(woken.wait(), 5)  # stores that poll wake once at first
+        for write in (
+            store.set("a", "1"),
+            store.set_many([SetItem("b", "2")]),
+            store.delete("a"),
+            store.delete_many(["b"]),
+        ):
+            woken.clear()
+            await write
+            await asyncio.wait_for(woken.wait(), 5)
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
