@@ -86,7 +86,7 @@ class Changes:
     """An answer of ``Store.changes``: ``events`` in revision order (a revision's keys in
     UTF-8 byte order), never ending inside a revision. With ``more`` False, they are every
     change up to ``revision``, the store's revision when they were read; with ``more`` True,
-    a limit cut them short after their last revision."""
+    the limit, or their values' size, cut them short after their last revision."""
 
     events: Sequence[Change]
     revision: int
@@ -166,6 +166,25 @@ def check_since(since: int, revision: int, compact_revision: int) -> None:
         raise Compacted(compact_revision)
     if since > revision:
         raise UnknownRevision(revision)
+
+
+def take_changes(changes: Iterable[Change], limit: int) -> tuple[list[Change], bool]:
+    """The first of ``changes`` (in revision order): ``limit`` of them, or fewer once their
+    values pass PAGE_VALUE_CHARS, then the rest of the last one's revision; and whether any
+    follow. Only what it takes is read from ``changes``, and one more."""
+    events: list[Change] = []
+    value_chars = 0
+    for change in changes:
+        if (
+            events
+            and change.revision != events[-1].revision
+            and (len(events) >= limit or value_chars > PAGE_VALUE_CHARS)
+        ):
+            return events, True
+        events.append(change)
+        if change.val is not None:
+            value_chars += len(change.val)
+    return events, False
 
 
 def trim_cut(
@@ -292,10 +311,9 @@ class Store(Protocol):
         """The store's revision now."""
 
     async def changes(self, prefix: str, since: int, limit: int) -> Changes:
-        """The changes to keys starting with ``prefix`` in revisions above ``since``, at most
-        ``limit`` of them unless the last revision needs more to be whole. Raises Compacted
-        when ``since`` is below the compact revision, UnknownRevision when it is above the
-        store's revision."""
+        """The changes to keys starting with ``prefix`` in revisions above ``since``, as
+        take_changes cuts them. Raises Compacted when ``since`` is below the compact
+        revision, UnknownRevision when it is above the store's revision."""
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
         """One small transaction of trimming: drop up to about ``batch`` of the oldest changes

@@ -27,6 +27,7 @@ from .base import (
     condition_holds,
     expiry_of,
     prefix_upper_bound,
+    take_changes,
     trim_cut,
 )
 
@@ -205,14 +206,13 @@ class MemoryStore:
     async def changes(self, prefix: str, since: int, limit: int) -> Changes:
         check_since(since, self._revision, self._compact_revision)
         start = bisect.bisect_right(self._history_revisions, since)
-        events: list[Change] = []
-        for change in self._history[start:]:
-            if not change.key.startswith(prefix):
-                continue
-            if len(events) >= limit and change.revision != events[-1].revision:
-                return Changes(events, self._revision, more=True)
-            events.append(change)
-        return Changes(events, self._revision, more=False)
+        matching = (
+            self._history[index]
+            for index in range(start, len(self._history))
+            if self._history[index].key.startswith(prefix)
+        )
+        events, more = take_changes(matching, limit)
+        return Changes(events, self._revision, more)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
         oldest = zip(self._history_revisions[:batch], self._history_at[:batch])

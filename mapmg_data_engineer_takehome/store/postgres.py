@@ -237,21 +237,26 @@ _PURGE = _remove(
 )
 _ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {_NOW.format('$1')})"
 _READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
-# The changes above $1 under the prefix [$2, $3), in one statement (one snapshot, so that they
-# are every change up to the revision it reads): the first $4, the rest of the last one's
-# revision, whether any follow, and the revision and compact revision they were read at.
+# The changes above $1 under the prefix [$2, $3), as take_changes cuts them ($4 of them, fewer
+# once their values pass $5 characters, then the rest of the last one's revision), whether any
+# follow, and the revision and compact revision they were read at: one statement, so one
+# snapshot, in which they are every change up to that revision.
 _UNDER_PREFIX = "c.key >= $2 AND ($3::text IS NULL OR c.key < $3)"
 _CHANGES = f"""
 WITH meta AS (
     SELECT max(value::bigint) FILTER (WHERE name = 'revision') AS revision,
            max(value::bigint) FILTER (WHERE name = 'compact_revision') AS compact_revision
       FROM kv_meta),
-head AS (
+first AS (
     SELECT c.revision, c.key, c.type, c.val, c.expires_at FROM kv_changes c
      WHERE c.revision > $1 AND {_UNDER_PREFIX} ORDER BY c.revision, c.key LIMIT $4),
-cut AS (
-    SELECT revision, key FROM head WHERE (SELECT count(*) FROM head) = $4
-     ORDER BY revision DESC, key DESC LIMIT 1),
+head AS (
+    SELECT revision, key, type, val, expires_at FROM (
+        SELECT *, sum(coalesce(length(val), 0)) OVER (ORDER BY revision
+                  RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_chars
+          FROM first) sized
+     WHERE coalesce(earlier_chars, 0) <= $5),
+cut AS (SELECT revision, key FROM head ORDER BY revision DESC, key DESC LIMIT 1),
 tail AS (
     SELECT c.revision, c.key, c.type, c.val, c.expires_at FROM kv_changes c, cut
      WHERE c.revision = cut.revision AND c.key > cut.key AND {_UNDER_PREFIX}),
@@ -711,7 +716,9 @@ class PostgresStore:
         return int((await self._fetch(_READ_REVISION))[0][0])
 
     async def changes(self, prefix: str, since: int, limit: int) -> Changes:
-        rows = await self._fetch(_CHANGES, since, prefix, prefix_upper_bound(prefix), limit)
+        rows = await self._fetch(
+            _CHANGES, since, prefix, prefix_upper_bound(prefix), limit, PAGE_VALUE_CHARS
+        )
         revision, compact_revision, more = rows[0][0], rows[0][1], rows[0][2]
         check_since(since, revision, compact_revision)
         events = [Change(*row[3:]) for row in rows if row[3] is not None]

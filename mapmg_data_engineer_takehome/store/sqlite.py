@@ -53,6 +53,7 @@ from .base import (
     condition_holds,
     expiry_of,
     prefix_upper_bound,
+    take_changes,
     trim_cut,
 )
 
@@ -823,24 +824,27 @@ class SqliteStore:
         return int(self._read(_READ_META, (_REVISION,))[0][0])
 
     async def changes(self, prefix: str, since: int, limit: int) -> Changes:
-        """Range scans of the history's b-tree, in one read snapshot: the first ``limit``
-        changes, then the rest of the last one's revision, then whether any follow."""
+        """One range scan of the history's b-tree, in the loop's read snapshot, read only as
+        far as take_changes takes it."""
         key_range, key_parameters = _key_range(prefix)
-        select = (
-            "SELECT id, type, key, val, expires_at FROM changes"
-            f" WHERE id >= ? AND id < ?{key_range} ORDER BY id"
-        )
-        revision = await self.revision()  # begins the snapshot the reads below share
-        check_since(since, revision, int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0]))
-        end = _first_id(revision + 1)
-        rows = self._read(f"{select} LIMIT ?", (_first_id(since + 1), end, *key_parameters, limit))
-        more = False
-        if len(rows) == limit:
-            last_id = rows[-1][0]
-            following = _first_id((last_id >> _SHIFT) + 1)
-            rows += self._read(select, (last_id + 1, following, *key_parameters))
-            more = bool(self._read(f"{select} LIMIT 1", (following, end, *key_parameters)))
-        return Changes([Change(row[0] >> _SHIFT, *row[1:]) for row in rows], revision, more)
+        revision = await self.revision()  # begins the snapshot the scan below shares
+        try:
+            compact = int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0])
+            check_since(since, revision, compact)
+            # Its own cursor, closed at the end: an unfinished statement keeps its read lock.
+            with contextlib.closing(
+                self._conn.execute(
+                    f"SELECT id, type, key, val, expires_at FROM changes"
+                    f" WHERE id >= ?{key_range} ORDER BY id",
+                    (_first_id(since + 1), *key_parameters),
+                )
+            ) as rows:
+                events, more = take_changes(
+                    (Change(row[0] >> _SHIFT, *row[1:]) for row in rows), limit
+                )
+        except sqlite3.Error as error:
+            raise _translate(error, self.path) from None
+        return Changes(events, revision, more)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
         return await self._committer.submit(_TrimHistory(max_age, max_rows, batch))

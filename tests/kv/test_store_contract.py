@@ -509,6 +509,17 @@ async def test_a_limit_never_splits_a_revision(store: Store) -> None:
     assert resumed.events == [Change(after, "set", "last", "6")] and resumed.more is False
 
 
+async def test_an_answer_of_large_values_stops_early_at_a_revision(store: Store) -> None:
+    big = "x" * (PAGE_VALUE_CHARS // 4)
+    for index in range(6):
+        await store.set_many([SetItem(f"k{index}a", big), SetItem(f"k{index}b", "small")])
+    changes = await store.changes("", 0, 1000)
+    assert changes.more is True and 8 <= len(changes.events) < 12
+    assert len(changes.events) % 2 == 0  # whole revisions
+    rest = await store.changes("", changes.events[-1].revision, 1000)
+    assert len(changes.events) + len(rest.events) == 12 and rest.more is False
+
+
 async def test_the_purge_reports_expired_keys_once_in_one_revision(
     store: Store, clock: FakeClock
 ) -> None:
