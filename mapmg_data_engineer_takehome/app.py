@@ -7,17 +7,18 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import orjson
 import structlog
 from aiohttp import web
 
 from .errors import StartupError, safe_message
+from .feed import ChangeFeed
 from .metrics import Metrics
 from .middleware import make_request_wrapper
 from .openapi import build_document
@@ -25,13 +26,14 @@ from .protocol import MAX_REQUEST_LINE_BYTES, ServerRunner, close_stalled_connec
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
 from .settings import Settings
-from .state import INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
+from .state import FEED_KEY, INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
 from .store import Store, StoreError, open_store
 from .store.base import Clock
 
 log = structlog.get_logger("kv.app")
 
-# Expired rows deleted per transaction, and the pause between two such transactions.
+# Expired rows deleted per transaction, and the pause between two such transactions; the
+# history is trimmed the same way, by as many rows at a time.
 PURGE_BATCH = 50
 PURGE_PAUSE = 0.005
 # With KV_WORKERS, how stale another worker's request counts may be in a scrape, in seconds.
@@ -46,11 +48,12 @@ def create_app(
     settings: Settings, seed: bool = True, purge: bool = True, clock: Optional[Clock] = None
 ) -> web.Application:
     """Build the application; the store opens (and, unless told not to, seeds) on startup,
-    and expired keys are purged in the background (unless told not to).
+    and in the background expired keys are purged and the history trimmed (unless told not
+    to).
 
     Workers pass ``seed=False``: their supervisor seeded the shared store before they started;
     and all but one pass ``purge=False``. ``clock`` replaces the store's own time, for
-    expiry (tests move it).
+    expiry and the history's age (tests move it).
     """
     app = web.Application(
         # aiohttp stops reading a body past this bound, so a client streaming without end
@@ -62,9 +65,11 @@ def create_app(
     app[METRICS_KEY] = metrics
     app[OPENAPI_KEY] = orjson.dumps(build_document())
     app.cleanup_ctx.append(partial(store_context, seed=seed, clock=clock))
+    # After the store's context, so that they stop before the store closes.
+    app.cleanup_ctx.append(feed_context)
+    app.on_shutdown.append(stop_watching)
     if purge:
-        # After the store's context, so that it stops before the store closes.
-        app.cleanup_ctx.append(partial(purge_context, interval=settings.purge_interval))
+        app.cleanup_ctx.append(partial(upkeep_context, settings=settings))
     if metrics is not None and metrics.multiprocess:
         app.cleanup_ctx.append(partial(flush_context, metrics=metrics))
     setup_routes(app, make_request_wrapper(settings.access_log, _secret(settings), metrics))
@@ -108,37 +113,65 @@ async def store_context(
         log.info("store_closed", store=store.name)
 
 
-async def purge_context(app: web.Application, interval: float) -> AsyncIterator[None]:
-    """Purge expired keys' rows in the background while the server runs."""
-    task = asyncio.ensure_future(purge_expired_keys(app[STORE_KEY], interval, app[METRICS_KEY]))
+async def feed_context(app: web.Application) -> AsyncIterator[None]:
+    """The change feed, which starts with its first watcher."""
+    feed = ChangeFeed(app[STORE_KEY], app[SETTINGS_KEY].changes_backlog)
+    app[FEED_KEY] = feed
+    yield
+    await feed.close()
+
+
+async def stop_watching(app: web.Application) -> None:
+    """On shutdown, before in-flight requests are waited for: long-polls answer and streams
+    end now, rather than holding the stop for its whole timeout."""
+    await app[FEED_KEY].close()
+
+
+async def upkeep_context(app: web.Application, settings: Settings) -> AsyncIterator[None]:
+    """Purge expired keys' rows and trim the history in the background while the server
+    runs."""
+    task = asyncio.ensure_future(keep_up(app[STORE_KEY], settings, app[METRICS_KEY]))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
 
-async def purge_expired_keys(
-    store: Store, interval: float, metrics: Optional[Metrics] = None
-) -> None:
-    """Every ``interval`` seconds, delete expired rows in small batches, with a pause after
-    each: one write transaction of PURGE_BATCH rows holds the event loop (and the write
-    lock) for about a millisecond, so requests never wait behind a long purge."""
+async def keep_up(store: Store, settings: Settings, metrics: Optional[Metrics] = None) -> None:
+    """Every KV_PURGE_INTERVAL seconds, delete expired rows, then trim the history, in small
+    transactions with a pause after each: one transaction of PURGE_BATCH rows holds the event
+    loop (and the write lock) for about a millisecond, so requests never wait behind it."""
     while True:
-        await asyncio.sleep(interval)
-        purged = 0
+        await asyncio.sleep(settings.purge_interval)
         try:
-            while True:
-                removed = await store.purge_expired(PURGE_BATCH)
-                purged += removed
-                if removed < PURGE_BATCH:
-                    break
-                await asyncio.sleep(PURGE_PAUSE)
+            purged = await in_batches(partial(store.purge_expired, PURGE_BATCH))
+            await in_batches(
+                partial(
+                    store.trim_history,
+                    settings.changes_retention,
+                    settings.changes_max,
+                    PURGE_BATCH,
+                )
+            )
         except StoreError as error:  # a full disk, say: the next sweep tries again
-            log.warning("purge_failed", reason=safe_message(error))
+            log.warning("upkeep_failed", reason=safe_message(error))
+            continue
         if purged:
             log.info("expired_keys_purged", count=purged)
             if metrics is not None:
                 metrics.purged.inc(purged)
+
+
+async def in_batches(step: Callable[[], Awaitable[int]]) -> int:
+    """Run ``step`` (one small transaction, answering how many rows it removed) until it
+    removes fewer than PURGE_BATCH, pausing after each; how many it removed in all."""
+    removed = 0
+    while True:
+        count = await step()
+        removed += count
+        if count < PURGE_BATCH:
+            return removed
+        await asyncio.sleep(PURGE_PAUSE)
 
 
 async def open_store_or_fail(settings: Settings, clock: Optional[Clock] = None) -> Store:

@@ -44,7 +44,8 @@ def safe_message(error: BaseException) -> str:
 
 
 class ApiError(Exception):
-    """A failure a client caused or can act on, rendered as ``{"error", "message"}``."""
+    """A failure a client caused or can act on, rendered as ``{"error", "message"}`` and
+    ``details``, fields a client can act on (the compact revision of a 410)."""
 
     def __init__(
         self,
@@ -52,19 +53,25 @@ class ApiError(Exception):
         code: str,
         message: str,
         headers: Optional[Mapping[str, str]] = None,
+        details: Optional[Mapping[str, object]] = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers
+        self.details = details
 
 
 def error_response(
-    status: int, code: str, message: str, headers: Optional[Mapping[str, str]] = None
+    status: int,
+    code: str,
+    message: str,
+    headers: Optional[Mapping[str, str]] = None,
+    details: Optional[Mapping[str, object]] = None,
 ) -> web.Response:
     """The one shape every non-2xx answer has."""
-    body = orjson.dumps({"error": code, "message": message})
+    body = orjson.dumps({"error": code, "message": message, **(details or {})})
     all_headers: dict[str, str] = {**JSON_HEADERS, **(headers or {})}
     return web.Response(body=body, status=status, headers=all_headers)
 
@@ -97,7 +104,7 @@ def response_for(
     Re-raises what is not a failure: aiohttp's redirects (HTTPException below 400).
     """
     if isinstance(error, ApiError):
-        return error_response(error.status, error.code, error.message, error.headers)
+        return error_response(error.status, error.code, error.message, error.headers, error.details)
     if isinstance(error, web.HTTPException):
         if error.status < 400:
             raise error

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Awaitable, Mapping
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 from urllib.parse import unquote
@@ -16,6 +15,7 @@ from aiohttp import hdrs, web
 from .errors import JSON_CONTENT_TYPE, JSON_HEADERS, ApiError, error_response
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .models import (
+    ListQuery,
     MdeleteRequest,
     MgetRequest,
     Model,
@@ -23,6 +23,7 @@ from .models import (
     SetRequest,
     parse_body,
     parse_query,
+    rfc3339,
 )
 from .settings import Settings
 from .state import INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
@@ -38,6 +39,8 @@ from .store.base import (
 )
 
 EXPIRES_AT = "KV-Expires-At"
+# The store's revision a listing's page was read at: where a watcher of its keys starts.
+REVISION = "KV-Revision"
 # The docs page's files: Swagger UI 5 (see static/swagger-ui/VERSION) and its start script.
 STATIC = Path(__file__).resolve().parent / "static"
 DOCS_ASSETS = {
@@ -47,8 +50,6 @@ DOCS_ASSETS = {
     "LICENSE": STATIC / "swagger-ui" / "LICENSE",
 }
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# When a key expires, as the KV-Expires-At header and listings give it.
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _VERSION_TAG = re.compile(r'"([0-9]{1,18})"')
 
 
@@ -56,12 +57,6 @@ def _json(data: Any, headers: Mapping[str, str] = JSON_HEADERS, status: int = 20
     # orjson writes UTF-8 bytes directly, and prebuilt headers skip web.json_response's
     # per-call content-type handling (bench/results.md has the figures).
     return web.Response(body=orjson.dumps(data), headers=headers, status=status)
-
-
-def rfc3339(milliseconds: int) -> str:
-    """An expiry as RFC 3339 UTC with milliseconds: 2026-11-27T07:00:00.000Z."""
-    moment = _EPOCH + timedelta(milliseconds=milliseconds)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{milliseconds % 1000:03d}Z"
 
 
 def entry_headers(entry: Entry) -> dict[str, str]:
@@ -278,7 +273,7 @@ async def delete_value(request: web.Request) -> web.Response:
 async def list_keys(request: web.Request) -> web.Response:
     """GET /keys: a page of the keys under a prefix, in UTF-8 byte order, with a cursor."""
     settings = request.app[SETTINGS_KEY]
-    query = parse_query(request.query)
+    query = parse_query(ListQuery, request.query)
     after = None if query.cursor is None else decode_cursor(query.cursor, settings)
     page = await request.app[STORE_KEY].list_keys(query.prefix, after, query.limit, query.values)
     items = []
@@ -292,7 +287,8 @@ async def list_keys(request: web.Request) -> web.Response:
             item["val"] = listed.val
         items.append(item)
     cursor = encode_cursor(page.keys[-1].key) if page.more else None
-    return _json({"items": items, "cursor": cursor})
+    headers = {hdrs.CONTENT_TYPE: JSON_CONTENT_TYPE, REVISION: str(page.revision)}
+    return _json({"items": items, "cursor": cursor}, headers)
 
 
 async def read_model(request: web.Request, model: type[Model]) -> Model:
@@ -354,7 +350,8 @@ async def metrics(request: web.Request) -> web.Response:
     recorded = request.app[METRICS_KEY]
     if recorded is None:
         raise ApiError(404, "not_found", "Metrics are off on this server (KV_METRICS=false).")
-    body = recorded.render(await request.app[STORE_KEY].count())
+    store = request.app[STORE_KEY]
+    body = recorded.render(await store.count(), await store.history())
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: METRICS_CONTENT_TYPE})
 
 

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .store.base import HistoryStats
+
 MULTIPROCESS_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Most answers take well under a millisecond: the buckets start at 100 µs.
@@ -116,6 +118,33 @@ class Metrics:
             registry=registry,
             multiprocess_mode="mostrecent",
         )
+        self.watchers = Gauge(
+            "kv_watchers",
+            "Watchers of /changes connected, by transport: sse (a stream) or longpoll (a "
+            "request waiting).",
+            ["transport"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.events_sent = Counter(
+            "kv_change_events_sent",
+            "Change events sent to watchers, by transport.",
+            ["transport"],
+            registry=registry,
+        )
+        self.history_rows = Gauge(
+            "kv_change_history_rows",
+            "Changes the store's history keeps (KV_CHANGES_RETENTION, KV_CHANGES_MAX).",
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
+        self.compact_revision = Gauge(
+            "kv_change_compact_revision",
+            "The revision above which the history is whole: a watcher from below it is told "
+            "to list again (410).",
+            registry=registry,
+            multiprocess_mode="mostrecent",
+        )
         if not self.multiprocess:
             from prometheus_client import PlatformCollector, ProcessCollector
 
@@ -130,6 +159,7 @@ class Metrics:
         self._durations: dict[str, list[float]] = {}  # per bucket, then the sum last
         self._group_bounds = (*GROUP_BUCKETS, math.inf)
         self._groups = [0.0] * (len(self._group_bounds) + 1)
+        self._events_sent: dict[str, int] = {}
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -151,6 +181,12 @@ class Metrics:
         groups, self._groups = self._groups, [0.0] * len(self._groups)
         if any(groups):
             add_observations(self.commit_groups, groups[:-1], groups[-1])
+        events_sent, self._events_sent = self._events_sent, {}
+        for transport, count in events_sent.items():
+            self.events_sent.labels(transport).inc(count)
+
+    def observe_events_sent(self, transport: str, count: int) -> None:
+        self._events_sent[transport] = self._events_sent.get(transport, 0) + count
 
     def observe_commit(self, writes: int) -> None:
         counts = self._groups
@@ -162,13 +198,15 @@ class Metrics:
         self.seed_rows.labels("applied").inc(applied)
         self.seed_rows.labels("skipped").inc(skipped)
 
-    def render(self, keys: int) -> bytes:
-        """The text format, with ``keys`` (the store's count) as kv_keys: this process's
-        metrics, or with workers every process's."""
+    def render(self, keys: int, history: HistoryStats) -> bytes:
+        """The text format, with ``keys`` (the store's count) as kv_keys and the store's
+        ``history``: this process's metrics, or with workers every process's."""
         from prometheus_client import CollectorRegistry, generate_latest
 
         self.flush()
         self.keys.set(keys)
+        self.history_rows.set(history.rows)
+        self.compact_revision.set(history.compact_revision)
         if not self.multiprocess:
             return generate_latest(self.registry)
         from prometheus_client import ProcessCollector, multiprocess

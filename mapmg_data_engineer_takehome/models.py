@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Optional, TypeVar, Union
 
 import orjson
@@ -23,6 +24,8 @@ MAX_MGET_KEYS = 1_000
 MAX_BATCH_WRITES = 10_000
 MAX_PAGE = 1_000
 DEFAULT_PAGE = 100
+MAX_EVENTS = 1_000
+MAX_WAIT_SECONDS = 60
 
 # No NUL (U+0000) in keys or values: said in the document (a JSON Schema pattern), checked by
 # the handlers (handlers.check_text, as the byte limits, with the API's own error code).
@@ -103,7 +106,48 @@ class ListQuery(BaseModel):
     values: bool = Field(default=False, description="Whether each item carries its value.")
 
 
+class ChangesQuery(BaseModel):
+    """GET /changes: query parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefix: str = Field(default="", description="Only changes to keys that start with this.")
+    since: Optional[int] = Field(
+        default=None,
+        ge=0,
+        le=2**62,
+        description="Answer the changes in revisions above this one (a previous answer's "
+        "next, a listing's KV-Revision). Absent: from the store's revision now on. "
+        "Last-Event-ID, when sent, wins.",
+    )
+    limit: int = Field(
+        default=MAX_EVENTS,
+        ge=1,
+        le=MAX_EVENTS,
+        description="The most events in one answer, but a revision is never split: an answer "
+        "may pass it to finish one.",
+    )
+    timeout: float = Field(
+        default=30,
+        ge=0,
+        le=MAX_WAIT_SECONDS,
+        allow_inf_nan=False,
+        description="Seconds a long-poll waits when there is no change yet; 0 answers at once.",
+    )
+
+
 # --- answers -------------------------------------------------------------------------------
+
+# When a key expires, as the KV-Expires-At header, listings and the change feed give it.
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def rfc3339(milliseconds: int) -> str:
+    """An expiry as RFC 3339 UTC with milliseconds: 2026-11-27T07:00:00.000Z."""
+    moment = _EPOCH + timedelta(milliseconds=milliseconds)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{milliseconds % 1000:03d}Z"
+
+
 # What the endpoints answer, for the API document: handlers write these shapes with orjson
 # directly (a model per response would cost more than the rest of a GET), and schemathesis
 # checks in CI that every answer conforms to them.
@@ -180,6 +224,32 @@ class ConfigView(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     input_db_used: Optional[str] = Field(description="The input.db seeding read, or null.")
+
+
+class ChangeEvent(BaseModel):
+    """One key's change in one revision; ``val`` and ``expires_at`` only on a set."""
+
+    revision: int = Field(description="The revision of the write; a batch's keys share it.")
+    type: Literal["set", "delete", "expire"] = Field(
+        description="set, delete, or expire: the key's time ran out and the purge removed it."
+    )
+    key: str
+    val: Optional[str] = Field(default=None, description="The value set (a set only).")
+    expires_at: Optional[str] = Field(
+        default=None,
+        description="When the key set expires (RFC 3339, UTC, milliseconds), or null (a set only).",
+    )
+
+
+class ChangesAnswer(BaseModel):
+    """A long-poll answer of GET /changes."""
+
+    events: list[ChangeEvent] = Field(description="In revision order; a revision's keys in order.")
+    next: int = Field(
+        description="The since of the next request: the store's revision when the answer was "
+        "made, or with more, the last event's revision."
+    )
+    more: bool = Field(description="Whether the limit cut the answer short.")
 
 
 class ErrorBody(BaseModel):
@@ -363,18 +433,32 @@ def _shown(value: Any) -> str:
     return json_type(value)
 
 
-def parse_query(query: Any) -> ListQuery:
-    """The listing's parameters from the query string; 422 invalid_parameter naming one."""
+QueryModel = TypeVar("QueryModel", ListQuery, ChangesQuery)
+# What each query parameter must be, as the 422 says it.
+_PARAMETER_RULES = {
+    ListQuery: {
+        "limit": f"must be an integer from 1 to {MAX_PAGE}",
+        "values": "must be true or false",
+    },
+    ChangesQuery: {
+        "since": "must be a revision: an integer from 0",
+        "limit": f"must be an integer from 1 to {MAX_EVENTS}",
+        "timeout": f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS}",
+    },
+}
+
+
+def parse_query(model: type[QueryModel], query: Any) -> QueryModel:
+    """The parameters from the query string; 422 invalid_parameter naming one."""
     for name in query:
         if len(query.getall(name)) > 1:
             raise ApiError(422, "invalid_parameter", f"Query parameter '{name}' is given twice.")
     try:
-        return ListQuery.model_validate(dict(query))
+        return model.model_validate(dict(query))
     except ValidationError as error:
         problem = error.errors()[0]
         name = str(problem["loc"][0]) if problem["loc"] else "?"
-        sentence = {
-            "limit": f"must be an integer from 1 to {MAX_PAGE}",
-            "values": "must be true or false",
-        }.get(name, "is not one this endpoint takes: prefix, limit, cursor, values")
+        sentence = _PARAMETER_RULES[model].get(
+            name, f"is not one this endpoint takes: {', '.join(model.model_fields)}"
+        )
         raise ApiError(422, "invalid_parameter", f"Query parameter '{name}' {sentence}.") from None

@@ -27,6 +27,7 @@ _STATUS_TEXT = {
     401: "The bearer token is missing or wrong.",
     404: "No such key, or no such endpoint.",
     405: "This path takes other methods; see Allow.",
+    410: "The history no longer holds the changes asked for, or never had them; list again.",
     412: "The If-Match or If-None-Match condition does not hold; nothing was written.",
     413: "The body, or a value, is larger than the server accepts.",
     422: "The request is well-formed JSON but breaks a rule of the API.",
@@ -193,6 +194,8 @@ def _responses(endpoint: Endpoint, method: str) -> dict[str, Any]:
         if endpoint.response is not None:
             schema: dict[str, Any] = {"$ref": _SCHEMAS.format(model=endpoint.response.__name__)}
             success["content"] = {"application/json": {"schema": schema}}
+            if endpoint.stream_type is not None:
+                success["content"][endpoint.stream_type] = {"schema": {"type": "string"}}
         elif endpoint.content_type == "application/json":  # this document itself
             success["content"] = {endpoint.content_type: {"schema": {"type": "object"}}}
         elif endpoint.content_type is not None:

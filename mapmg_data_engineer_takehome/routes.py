@@ -12,7 +12,7 @@ from typing import Any, Optional
 from aiohttp import web
 from pydantic import BaseModel
 
-from . import handlers, models
+from . import handlers, models, watch
 from .middleware import Wrap
 
 
@@ -40,6 +40,7 @@ class Endpoint:
     query: Optional[type[BaseModel]] = None
     response: Optional[type[BaseModel]] = None
     content_type: Optional[str] = None  # of a 200 that is not JSON
+    stream_type: Optional[str] = None  # of a 200 that streams, when the request asks for it
     request_headers: tuple[HeaderDoc, ...] = ()
     response_headers: tuple[HeaderDoc, ...] = ()
     errors: tuple[tuple[int, tuple[str, ...]], ...] = ()  # (status, error codes)
@@ -62,6 +63,17 @@ IF_NONE_MATCH = HeaderDoc(
 ETAG = HeaderDoc("ETag", 'The key\'s version, in double quotes: "12".')
 EXPIRES_AT = HeaderDoc(
     "KV-Expires-At", "When the key expires, RFC 3339 UTC with milliseconds; absent if never."
+)
+REVISION = HeaderDoc(
+    "KV-Revision",
+    "The store's revision the page was read at: watch /changes from it (since) to follow "
+    "these keys with nothing missed.",
+)
+LAST_EVENT_ID = HeaderDoc(
+    "Last-Event-ID",
+    "Resume a stream after this revision (an EventSource sends the last id it saw); wins "
+    "over since.",
+    r"^[0-9]{1,18}$",
 )
 AUTHORIZATION = HeaderDoc(
     "Authorization", "Bearer <token>, when the server has KV_AUTH_TOKEN (see bearerAuth)."
@@ -148,7 +160,36 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "page. A page with values stops early once its values pass 4 Mi characters.",
         query=models.ListQuery,
         response=models.ListPage,
+        response_headers=(REVISION,),
         errors=(*UNAVAILABLE, (422, ("invalid_parameter",))),
+    ),
+    Endpoint(
+        "changes",
+        ("GET",),
+        "/changes",
+        "/changes",
+        watch.changes,
+        "Watch for changes: long-poll, or a stream of Server-Sent Events",
+        "The changes to keys under prefix in revisions above since, in revision order. As "
+        "JSON (a long-poll): at once when there are some, else when the first commits, or an "
+        "answer without events after timeout; pass its next as since the next time. With "
+        "Accept: text/event-stream, a stream: each change is an event named set, delete or "
+        "expire with the same object as its data, and the last event of each revision has "
+        "the revision as its id; when idle, a progress event every KV_CHANGES_HEARTBEAT "
+        "seconds has the store's revision as its id. Resume from the last id seen "
+        "(Last-Event-ID). A since the history no longer holds is 410 compacted (list again, "
+        "then watch from the listing's KV-Revision); one above the store's revision is 410 "
+        "unknown_revision.",
+        query=models.ChangesQuery,
+        response=models.ChangesAnswer,
+        stream_type=watch.EVENT_STREAM,
+        request_headers=(LAST_EVENT_ID,),
+        errors=(
+            *UNAVAILABLE,
+            (400, ("invalid_header",)),
+            (410, ("compacted", "unknown_revision")),
+            (422, ("invalid_parameter",)),
+        ),
     ),
     Endpoint(
         "mget",

@@ -148,6 +148,31 @@ class Settings(BaseSettings):
         description="Seconds between sweeps that delete the rows of expired keys. An expired "
         "key reads as absent at once either way; this bounds how long its row stays.",
     )
+    changes_heartbeat: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="Seconds an idle /changes stream (Server-Sent Events) waits before it "
+        "writes a progress event: proxies keep the stream open, and the watcher's resume "
+        "point moves forward.",
+    )
+    changes_retention: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds the history of changes is kept; a watcher further behind is told "
+        "to list again (410).",
+    )
+    changes_max: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="Changes the history keeps at most (the oldest go first).",
+    )
+    changes_backlog: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description="Bytes of a /changes stream that a watcher has not yet taken, at most; "
+        "past it the stream is closed, and the watcher resumes from its last event id.",
+    )
     shutdown_timeout: float = Field(
         default=5.0,
         ge=0,

@@ -23,7 +23,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, NamedTuple, Optional, Protocol, Union
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Literal,
+    NamedTuple,
+    Optional,
+    Protocol,
+    TypeVar,
+    Union,
+)
 
 Row = tuple[str, str]
 
@@ -168,11 +178,22 @@ def check_since(since: int, revision: int, compact_revision: int) -> None:
         raise UnknownRevision(revision)
 
 
-def take_changes(changes: Iterable[Change], limit: int) -> tuple[list[Change], bool]:
+class _Revisioned(Protocol):
+    @property
+    def revision(self) -> int: ...
+
+    @property
+    def val(self) -> Optional[str]: ...
+
+
+AnyChange = TypeVar("AnyChange", bound=_Revisioned)
+
+
+def take_changes(changes: Iterable[AnyChange], limit: int) -> tuple[list[AnyChange], bool]:
     """The first of ``changes`` (in revision order): ``limit`` of them, or fewer once their
     values pass PAGE_VALUE_CHARS, then the rest of the last one's revision; and whether any
     follow. Only what it takes is read from ``changes``, and one more."""
-    events: list[Change] = []
+    events: list[AnyChange] = []
     value_chars = 0
     for change in changes:
         if (

@@ -1,0 +1,316 @@
+"""The change feed's hub: this process's copy of the store's newest changes, shared by every
+watcher it serves.
+
+The store's history is the truth; the hub holds its tail. Whenever the store may have moved
+(``Store.listen`` says so: this process's commits at once, other workers' and replicas' soon
+after), one refresh reads the changes after the hub's revision, for every watcher at once, and
+wakes the watchers whose prefix they touch. A watcher whose position is in the tail reads it
+from memory; one behind it (resuming, or slower than the rest) reads the store, a page at a
+time, until it is in the tail again. So a change costs one query per process, however many
+watch.
+
+Each change is encoded once, as the JSON object the API sends (``Event.data``).
+
+The hub also keeps the streams open on it (``Watcher``): once a second it ends the wait of a
+stream whose connection is gone, and closes one whose watcher has left more than its backlog
+unread, so that no slow consumer makes the server hold more than that for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import orjson
+import structlog
+
+from .errors import safe_message
+from .models import rfc3339
+from .store.base import Change, Changes, HistoryGone, Store, StoreError, take_changes
+
+log = structlog.get_logger("kv.feed")
+
+# Changes read by one refresh query; a refresh goes on until it has them all.
+REFRESH_LIMIT = 1000
+# The tail's size, in bytes of encoded events: past it, the oldest revisions are dropped.
+TAIL_BYTES = 16 * 1024 * 1024
+# After a refresh failed (the store is unavailable), the pause before the next try.
+REFRESH_RETRY = 0.5
+# Between two sweeps of the open streams.
+SWEEP_INTERVAL = 1.0
+
+
+class Event(NamedTuple):
+    """A change with its encoding: the JSON object /changes sends for it."""
+
+    revision: int
+    type: str
+    key: str
+    val: Optional[str]
+    data: bytes
+
+
+def encode(change: Change) -> Event:
+    body: dict[str, object] = {"revision": change.revision, "type": change.type, "key": change.key}
+    if change.type == "set":
+        body["val"] = change.val
+        body["expires_at"] = None if change.expires_at is None else rfc3339(change.expires_at)
+    return Event(change.revision, change.type, change.key, change.val, orjson.dumps(body))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Events for a watcher, as Store.changes answers: with ``more`` False, every change under
+    its prefix up to ``revision``."""
+
+    events: Sequence[Event]
+    revision: int
+    more: bool
+
+
+def encode_all(changes: Changes) -> Batch:
+    return Batch([encode(change) for change in changes.events], changes.revision, changes.more)
+
+
+class Watcher:
+    """A stream open on the feed: its connection, and the wait it is in (see wait)."""
+
+    __slots__ = ("future", "gone", "transport")
+
+    def __init__(self, transport: Optional[asyncio.BaseTransport]) -> None:
+        self.transport = transport
+        self.future: Optional[asyncio.Future[bool]] = None
+        self.gone = False  # the connection closed: the stream ends
+
+
+class ChangeFeed:
+    """The hub (see the module docstring). It starts with its first watcher. ``backlog`` is
+    the most bytes a stream may leave unread."""
+
+    def __init__(self, store: Store, backlog: int) -> None:
+        self._store = store
+        self.backlog = backlog
+        self._watchers: set[Watcher] = set()
+        self._sweeping: Optional[asyncio.Task[None]] = None
+        # The tail: every change in revisions above ``floor`` up to ``revision``.
+        self.floor = 0
+        self.revision = 0
+        self._events: list[Event] = []
+        self._revisions: list[int] = []  # the events' revisions, to bisect
+        self._bytes = 0
+        self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
+        self._started: Optional[asyncio.Future[None]] = None
+        self._ready = False  # the tail holds what it says: floor and revision are set
+        self._listening: Optional[asyncio.Task[None]] = None
+        self._refreshing: Optional[asyncio.Task[None]] = None
+        self._stale = False
+        self.closed = False
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def changes(self, prefix: str, since: int, limit: int) -> Batch:
+        """What Store.changes answers, from the tail when it holds ``since``; raises what
+        Store.changes raises (HistoryGone, StoreError) when it has to ask the store."""
+        if not self._ready or not self.floor <= since <= self.revision:
+            return encode_all(await self._store.changes(prefix, since, limit))
+        start = bisect.bisect_right(self._revisions, since)
+        matching = (
+            self._events[index]
+            for index in range(start, len(self._events))
+            if self._events[index].key.startswith(prefix)
+        )
+        events, more = take_changes(matching, limit)
+        return Batch(events, self.revision, more)
+
+    async def wait(
+        self, prefix: str, since: int, timeout: float, watcher: Optional[Watcher] = None
+    ) -> bool:
+        """Wait until there may be a change under ``prefix`` above ``since``: True then,
+        False after ``timeout`` seconds, when the feed closes, or when the ``watcher``'s
+        connection is gone."""
+        await self.start()
+        if self.closed or (watcher is not None and watcher.gone):
+            return False
+        if since < self.floor or self._holds_change(prefix, since):
+            return True  # the caller reads it now (from the store, when below the tail)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
+        waiters = self._waiters.setdefault(prefix, set())
+        waiters.add(future)
+        timer = loop.call_later(timeout, _resolve, future, False)
+        if watcher is not None:
+            watcher.future = future
+        try:
+            return await future
+        finally:
+            if watcher is not None:
+                watcher.future = None
+            timer.cancel()
+            waiters.discard(future)
+            if not waiters and self._waiters.get(prefix) is waiters:
+                del self._waiters[prefix]
+
+    def _holds_change(self, prefix: str, since: int) -> bool:
+        start = bisect.bisect_right(self._revisions, since)
+        return any(event.key.startswith(prefix) for event in self._events[start:])
+
+    # --- keeping the tail -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin listening to the store, once; the tail begins at its revision now."""
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+            try:
+                self.floor = self.revision = await self._store.revision()
+            except BaseException as error:
+                self._started.set_exception(error)
+                started, self._started = self._started, None
+                started.exception()  # retrieved: the next watcher tries again
+                raise
+            self._ready = True
+            self._listening = asyncio.ensure_future(self._listen())
+            self._sweeping = asyncio.ensure_future(self._sweep())
+            self._started.set_result(None)
+        await asyncio.shield(self._started)
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                await self._store.listen(self._wake)
+            except StoreError as error:
+                log.warning("watch_listen_failed", reason=safe_message(error))
+            await asyncio.sleep(REFRESH_RETRY)
+
+    # --- the streams ------------------------------------------------------------------------
+
+    def watch(self, transport: Optional[asyncio.BaseTransport]) -> Watcher:
+        """Register a stream on ``transport``: it may leave at most ``backlog`` bytes unread,
+        which its transport may buffer without pausing the writer."""
+        watcher = Watcher(transport)
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.set_write_buffer_limits(high=self.backlog)
+        self._watchers.add(watcher)
+        return watcher
+
+    def unwatch(self, watcher: Watcher) -> None:
+        self._watchers.discard(watcher)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            for watcher in list(self._watchers):
+                transport = watcher.transport
+                if transport is None or transport.is_closing():
+                    watcher.gone = True
+                    if watcher.future is not None:
+                        _resolve(watcher.future, False)
+                elif (
+                    isinstance(transport, asyncio.WriteTransport)
+                    and transport.get_write_buffer_size() > self.backlog
+                ):
+                    log.info("watcher_too_slow", backlog=transport.get_write_buffer_size())
+                    transport.abort()  # its writer, waiting to drain, fails and ends
+
+    # --- keeping the tail -------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        """The store may have moved: refresh, once at a time (a wake during a refresh makes
+        it read again when it is done)."""
+        self._stale = True
+        if self._refreshing is None and not self.closed:
+            self._refreshing = asyncio.ensure_future(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            while self._stale and not self.closed:
+                self._stale = False
+                try:
+                    changes = await self._store.changes("", self.revision, REFRESH_LIMIT)
+                except HistoryGone:
+                    # A seed or an import compacted the history past the tail, or the store
+                    # was replaced: begin again at its revision. Watchers behind it learn
+                    # that they must list again (410) when they next read.
+                    self._restart(await self._store.revision())
+                    continue
+                self._append(changes)
+        except Exception as error:  # StoreError, or a bug: the next wake tries again
+            if isinstance(error, StoreError):
+                log.warning("watch_refresh_failed", reason=safe_message(error))
+            else:
+                log.error("watch_refresh_failed", exc_info=error)
+            await asyncio.sleep(REFRESH_RETRY)
+            self._stale = True
+        finally:
+            self._refreshing = None
+        if self._stale and not self.closed:
+            self._wake()
+
+    def _append(self, changes: Changes) -> None:
+        new = [encode(change) for change in changes.events]
+        self._events += new
+        self._revisions += (event.revision for event in new)
+        self._bytes += sum(len(event.data) for event in new)
+        self.revision = new[-1].revision if changes.more else changes.revision
+        if changes.more:
+            self._stale = True
+        self._drop_oldest()
+        if new:
+            self._notify(new)
+
+    def _drop_oldest(self) -> None:
+        """Keep the tail within TAIL_BYTES, dropping whole revisions; the newest stays, even
+        alone above the bound."""
+        if self._bytes <= TAIL_BYTES:
+            return
+        newest = bisect.bisect_left(self._revisions, self._revisions[-1])
+        dropped, freed = 0, 0
+        while self._bytes - freed > TAIL_BYTES and dropped < newest:
+            freed += len(self._events[dropped].data)
+            dropped += 1
+        if not dropped:
+            return
+        dropped = bisect.bisect_right(self._revisions, self._revisions[dropped - 1])
+        self.floor = self._revisions[dropped - 1]
+        self._bytes -= sum(len(event.data) for event in self._events[:dropped])
+        del self._events[:dropped], self._revisions[:dropped]
+
+    def _restart(self, revision: int) -> None:
+        self._events, self._revisions, self._bytes = [], [], 0
+        self.floor = self.revision = revision
+        for waiters in self._waiters.values():
+            for future in waiters:
+                _resolve(future, True)
+
+    def _notify(self, new: Sequence[Event]) -> None:
+        for prefix, waiters in self._waiters.items():
+            if waiters and any(event.key.startswith(prefix) for event in new):
+                for future in waiters:
+                    _resolve(future, True)
+
+    async def close(self) -> None:
+        """Stop listening and release every waiter: long-polls answer, and streams end at
+        once, those still writing to a watcher too (their connections are closed)."""
+        if self.closed:
+            return
+        self.closed = True
+        for waiters in self._waiters.values():
+            for future in waiters:
+                _resolve(future, False)
+        for watcher in self._watchers:
+            transport = watcher.transport
+            if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+                transport.abort()
+        for task in (self._listening, self._refreshing, self._sweeping):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
