@@ -181,7 +181,9 @@ async def _stream(
         # without since resumes from there.
         position = _next(batch)
         opening = event_stream(batch.events) if batch.events else progress(position)
-        await send(b"retry: %d\n\n%s" % (RECONNECT_MS, opening), len(batch.events))
+        # With the first event's fields, not a block of its own: some clients take a block
+        # without data for an event.
+        await send(b"retry: %d\n%s" % (RECONNECT_MS, opening), len(batch.events))
         while not feed.closed and not watcher.gone:
             if not batch.more:
                 idle = loop.time() - last_write

@@ -68,8 +68,8 @@ _SCHEMA_LOCK = 0x4B565343
 _SEED_LOCK = 0x4B565345
 # ("KVTH"): one server at a time trims the history; the others skip their turn.
 _TRIM_LOCK = 0x4B565448
-# The channel every write's commit notifies, with the schema's name as the payload: servers of
-# other stores in the same database ignore it.
+# The channel every write's commit notifies, with "<schema> <revision>" as the payload: servers
+# of other stores in the same database ignore it.
 CHANNEL = "kv_changes"
 # How often a listening server reads the revision, in case a notification went missing.
 WATCH_POLL_INTERVAL = 1.0
@@ -145,7 +145,7 @@ $$
 _NOTIFY = (
     f"""CREATE OR REPLACE FUNCTION kv_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('{CHANNEL}', current_schema());
+    PERFORM pg_notify('{CHANNEL}', current_schema() || ' ' || NEW.value);
     RETURN NULL;
 END
 $$""",
@@ -367,11 +367,15 @@ class PostgresStore:
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_commit: Optional[Callable[[int], None]] = None
         self._wake: Optional[Wake] = None
+        # The newest revision this process has woken its listener for.
+        self._known_revision = 0
 
-    def _moved(self) -> None:
-        """This process committed a write that took a revision."""
-        if self._wake is not None:
-            self._wake()
+    def _moved(self, revision: int) -> None:
+        """The store is at ``revision``: wake the listener if that is news."""
+        if revision > self._known_revision:
+            self._known_revision = revision
+            if self._wake is not None:
+                self._wake()
 
     # --- opening ------------------------------------------------------------------------
 
@@ -638,8 +642,9 @@ class PostgresStore:
                     continue
                 if self.on_commit is not None:
                     self.on_commit(len(group))
-                if any(row[0] in ("written", "deleted") for row in rows):
-                    self._moved()
+                moved = [row[1] for row in rows if row[0] in ("written", "deleted")]
+                if moved:
+                    self._moved(max(moved))
                 for write, row in zip(group, rows):
                     if not write.future.done():
                         write.future.set_result((row[0], row[1], row[2]))
@@ -679,14 +684,17 @@ class PostgresStore:
         revision = await self._in_transaction(write)
         if self.on_commit is not None:
             self.on_commit(1)
-        self._moved()
+        self._moved(revision)
         return revision
 
     async def _remove(self, statement: str, first: Any) -> int:
         """Run a _remove statement in a new revision, taken only if it removed anything.
         The revision's lock is taken first, as every write takes it."""
 
+        revision = 0
+
         async def remove(conn: Any) -> int:
+            nonlocal revision
             revision = int(await conn.fetchval(_LOCK_REVISION)) + 1
             removed = int(await conn.fetchval(statement, first, self._now(), revision))
             if removed:
@@ -695,7 +703,7 @@ class PostgresStore:
 
         removed = await self._in_transaction(remove)
         if removed:
-            self._moved()
+            self._moved(revision)
         return removed
 
     async def delete_many(self, keys: Sequence[str]) -> int:
@@ -791,8 +799,9 @@ class PostgresStore:
     async def listen(self, wake: Wake) -> None:
         """This process's commits wake at once; every server's (this one's too) are NOTIFYed
         on a connection of its own, outside the pool, which also reads the revision every
-        WATCH_POLL_INTERVAL seconds in case a notification was lost. When that connection
-        drops it is made again, and ``wake`` called, since changes may have come meanwhile."""
+        WATCH_POLL_INTERVAL seconds in case a notification was lost; either wakes only for a
+        revision this process has not woken for. When that connection drops it is made
+        again, and ``wake`` called, since changes may have come meanwhile."""
         self._wake = wake
         delay = 0.25
         try:
@@ -814,16 +823,16 @@ class PostgresStore:
             schema = await conn.fetchval("SELECT current_schema()", timeout=self._timeout)
 
             def notified(*args: Any) -> None:
-                if args[-1] == schema:  # the payload: a write to this store, not another's
-                    wake()
+                notified_schema, _, revision = str(args[-1]).rpartition(" ")
+                if notified_schema == schema:  # a write to this store, not another's
+                    self._moved(int(revision))
 
             await conn.add_listener(CHANNEL, notified)
             wake()  # whatever committed before LISTEN took effect
-            seen = None
             while True:
-                revision = await conn.fetchval(_READ_REVISION, timeout=self._timeout)
-                if revision != seen:
-                    seen = revision
+                revision = int(await conn.fetchval(_READ_REVISION, timeout=self._timeout))
+                if revision != self._known_revision:  # newer, or the database was restored
+                    self._known_revision = revision
                     wake()
                 await asyncio.sleep(WATCH_POLL_INTERVAL)
         finally:

@@ -528,6 +528,8 @@ class _GroupCommitter:
         self.on_commit: Optional[Callable[[int], None]] = None
         # Told after each commit that took a revision (see SqliteStore.listen).
         self.wake: Optional[Wake] = None
+        # The newest revision this process has woken its listener for.
+        self.known_revision = 0
 
     async def submit(self, operation: _Operation[Result]) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -544,9 +546,9 @@ class _GroupCommitter:
                 operations = [operation for operation, _ in batch]
                 try:
                     if self._executor is None:
-                        results, moved = self._commit(operations)
+                        results, revision = self._commit(operations)
                     else:
-                        results, moved = await loop.run_in_executor(
+                        results, revision = await loop.run_in_executor(
                             self._executor, self._commit, operations
                         )
                 except sqlite3.Error as error:
@@ -557,8 +559,10 @@ class _GroupCommitter:
                 else:
                     if self.on_commit is not None:
                         self.on_commit(sum(not isinstance(op, _UPKEEP) for op in operations))
-                    if moved and self.wake is not None:
-                        self.wake()
+                    if revision > self.known_revision:
+                        self.known_revision = revision
+                        if self.wake is not None:
+                            self.wake()
                     for (_, future), result in zip(batch, results):
                         if future.done():
                             continue
@@ -569,9 +573,9 @@ class _GroupCommitter:
         finally:
             self._draining = None
 
-    def _commit(self, operations: list[_Operation[Any]]) -> tuple[list[Any], bool]:
+    def _commit(self, operations: list[_Operation[Any]]) -> tuple[list[Any], int]:
         """One transaction for the whole group: one WAL append, at most one fsync. Returns
-        each operation's result, and whether the revision moved."""
+        each operation's result, and the revision after it."""
         if self._conn is None:  # the writer thread's own connection, made on that thread
             self._conn = _connect(self._path, self._durability)
         results: list[Any] = []
@@ -583,7 +587,7 @@ class _GroupCommitter:
                 except PreconditionFailed as failed:
                     results.append(failed)
             tx.finish()
-        return results, tx.revision != tx.first
+        return results, tx.revision
 
     async def close(self) -> None:
         if self._draining is not None:
@@ -862,7 +866,9 @@ class SqliteStore:
         """This process's commits wake at once (the committer calls ``wake``); another
         process's (a worker's) are noticed by polling PRAGMA data_version, which changes when
         another connection commits, every WATCH_POLL_INTERVAL seconds on a connection of its
-        own: a read of the WAL index, no I/O."""
+        own: a read of the WAL index, no I/O. Then the revision is read, and ``wake`` called
+        only when it is one this process has not woken for: its own commits change
+        data_version too."""
         self._committer.wake = wake
         try:
             poller = sqlite3.connect(
@@ -872,15 +878,20 @@ class SqliteStore:
             self._committer.wake = None
             raise _translate(error, self.path) from None
         try:
+            wake()
             seen = None
             while True:
                 try:
                     version = poller.execute("PRAGMA data_version").fetchone()[0]
+                    if version != seen:
+                        seen = version
+                        revision = _meta(poller, _REVISION)
+                        if revision != self._committer.known_revision:  # or restored
+                            self._committer.known_revision = revision
+                            wake()
                 except sqlite3.Error as error:  # a passing lock, say: wake to be safe
                     log.warning("watch_poll_failed", reason=str(error))
-                    version = None
-                if version != seen or version is None:
-                    seen = version
+                    seen = None
                     wake()
                 await asyncio.sleep(WATCH_POLL_INTERVAL)
         finally:
