@@ -1,9 +1,18 @@
 """A model check: hypothesis drives the whole API over HTTP against a dict, on every store.
 
 The server is the real app, in-process, on a clock the machine moves. The model predicts every
-answer: values, versions (the ETag), expiry, conditional writes, listings page by page, and
-batches. A restart closes the app (store included) and opens a new one on the same data
-file: the sqlite store must then still hold everything acknowledged, the memory store nothing.
+answer: values, versions (the ETag), expiry, conditional writes, listings page by page,
+batches, and the history of changes. A restart closes the app (store included) and opens a
+new one on the same data file: the sqlite store must then still hold everything acknowledged,
+the memory store nothing.
+
+Watchers list their prefix, then follow /changes, each poll on either of two servers that
+share the store (two workers on the sqlite file, two replicas on the database; the memory
+store has one): every answer must be the model's history under the prefix, cut as the API
+cuts it, and the listing with the events applied must be the model's keys. The first watcher
+follows after every step; the others fall behind until a rule polls them, and may find their
+history compacted. The purge and the trimming of the history are rules too, so that expiry
+events and compaction come when the model expects them.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import quote
@@ -19,12 +29,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings, stateful
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from pydantic import SecretStr
 from yarl import URL
 
 from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.settings import Settings, StoreKind
+from mapmg_data_engineer_takehome.state import STORE_KEY
 
 from .conftest import STORE_KINDS, FakeClock
 from .postgres_support import PostgresCluster
@@ -45,13 +56,25 @@ CONDITIONS = st.one_of(
 )
 
 
+WATCHERS = st.integers(0, 2)
+
+
 @dataclass
 class Held:
-    """What the model says a key holds."""
+    """What the model says a key holds (its row: expired until the purge removes it)."""
 
     val: str
     version: int
     expires_at: Optional[int]
+
+
+@dataclass
+class Watcher:
+    """A client following a prefix: its position, and the keys it holds (version, value)."""
+
+    prefix: str
+    position: int
+    mirror: dict[str, tuple[int, str]]
 
 
 class KeyValueMachine(RuleBasedStateMachine):
@@ -74,20 +97,39 @@ class KeyValueMachine(RuleBasedStateMachine):
         )
         self.model: dict[str, Held] = {}
         self.revision = 0
+        # (revision, type, key, val, expires_at), as /changes gives them.
+        self.history: list[dict[str, Any]] = []
+        self.compact_revision = 0
+        self.watchers: dict[int, Watcher] = {}
+        self.steps = 0
         self.client: Optional[TestClient[Any, Any]] = None
+        # Another server on the same store, for the watchers: none for the memory store.
+        self.other: Optional[TestClient[Any, Any]] = None
         self.run(self.start())
 
     def run(self, coroutine: Any) -> Any:
         return self.loop.run_until_complete(coroutine)
 
     async def start(self) -> None:
-        self.client = TestClient(TestServer(create_app(self.settings, clock=self.clock)))
+        # No background purge: the purge is a rule, so the model knows when it happens.
+        app = create_app(self.settings, clock=self.clock, purge=False)
+        self.client = TestClient(TestServer(app))
         await self.client.start_server()
+        if self.store != "memory":
+            other = create_app(self.settings, seed=False, purge=False, clock=self.clock)
+            self.other = TestClient(TestServer(other))
+            await self.other.start_server()
 
-    def url(self, route: str, key: str = "") -> URL:
-        assert self.client is not None
+    async def stop(self) -> None:
+        for client in (self.client, self.other):
+            if client is not None:
+                await client.close()
+
+    def url(self, route: str, key: str = "", other: bool = False) -> URL:
+        client = self.other if other and self.other is not None else self.client
+        assert client is not None
         encoded = quote(key, safe="").replace(".", "%2E")
-        return URL(str(self.client.make_url("")).rstrip("/") + route + encoded, encoded=True)
+        return URL(str(client.make_url("")).rstrip("/") + route + encoded, encoded=True)
 
     def request(self, method: str, url: Any, **kwargs: Any) -> tuple[int, Any, Any]:
         async def send() -> tuple[int, Any, Any]:
@@ -107,6 +149,14 @@ class KeyValueMachine(RuleBasedStateMachine):
 
     def expiry(self, ttl: Optional[float]) -> Optional[int]:
         return None if ttl is None else round((self.clock.now + ttl) * 1000)
+
+    def record(self, kind: str, key: str, held: Optional[Held] = None) -> None:
+        """A change of the current revision (self.revision)."""
+        change: dict[str, Any] = {"revision": self.revision, "type": kind, "key": key}
+        if held is not None:
+            change["val"] = held.val
+            change["expires_at"] = held.expires_at
+        self.history.append(change)
 
     def precondition_headers(self, key: str, condition: Any) -> tuple[dict[str, str], bool]:
         """The headers for ``condition``, and whether the model says it holds."""
@@ -141,6 +191,7 @@ class KeyValueMachine(RuleBasedStateMachine):
         assert (status, answer) == (200, {"key": key, "val": val})
         self.revision += 1
         self.model[key] = Held(val, self.revision, self.expiry(ttl))
+        self.record("set", key, self.model[key])
         assert answer_headers["ETag"] == f'"{self.revision}"'
 
     @rule(key=KEYS)
@@ -162,12 +213,12 @@ class KeyValueMachine(RuleBasedStateMachine):
         if not holds:
             assert status == 412
         elif live is None:
-            assert status == 404
-            self.model.pop(key, None)
+            assert status == 404  # an expired row stays, for the purge to report
         else:
             assert (status, body) == (200, {"key": key, "deleted": True})
             del self.model[key]
             self.revision += 1
+            self.record("delete", key)
 
     @rule(items=st.lists(st.tuples(KEYS, VALUES, TTLS), min_size=1, max_size=5))
     def mset(self, items: list[tuple[str, str, Optional[float]]]) -> None:
@@ -180,6 +231,8 @@ class KeyValueMachine(RuleBasedStateMachine):
         assert (status, answer) == (200, {"count": len(items), "version": self.revision})
         for key, val, ttl in items:
             self.model[key] = Held(val, self.revision, self.expiry(ttl))
+        for key in sorted({key for key, _, _ in items}):
+            self.record("set", key, self.model[key])
 
     @rule(keys=st.lists(KEYS, min_size=1, max_size=5))
     def mget(self, keys: list[str]) -> None:
@@ -195,10 +248,11 @@ class KeyValueMachine(RuleBasedStateMachine):
         status, _, answer = self.request("POST", self.url("/mdelete"), json={"keys": keys})
         deleted = {key for key in keys if self.live(key) is not None}
         assert (status, answer) == (200, {"deleted": len(deleted)})
-        for key in keys:
-            self.model.pop(key, None)
         if deleted:
             self.revision += 1
+        for key in sorted(deleted):
+            del self.model[key]
+            self.record("delete", key)
 
     @rule(prefix=PREFIXES, limit=st.integers(1, 4), values=st.booleans())
     def list_keys(self, prefix: str, limit: int, values: bool) -> None:
@@ -231,12 +285,140 @@ class KeyValueMachine(RuleBasedStateMachine):
         self.clock.advance(seconds)
 
     @rule()
-    def restart(self) -> None:
+    def purge(self) -> None:
         assert self.client is not None
-        self.run(self.client.close())
+        now_ms = self.clock.now * 1000
+        expired = sorted(
+            key
+            for key, held in self.model.items()
+            if held.expires_at is not None and held.expires_at <= now_ms
+        )
+        store = self.client.server.app[STORE_KEY]
+        assert self.run(store.purge_expired(100)) == len(expired)
+        if expired:
+            self.revision += 1
+        for key in expired:
+            del self.model[key]
+            self.record("expire", key)
+
+    @rule(max_rows=st.integers(0, 12))
+    def trim_history(self, max_rows: int) -> None:
+        """At most ``max_rows`` changes stay, the oldest whole revisions going first."""
+        assert self.client is not None
+        excess = len(self.history) - max_rows
+        if excess > 0:
+            self.compact_revision = max(self.compact_revision, self.history[excess - 1]["revision"])
+        kept = [change for change in self.history if change["revision"] > self.compact_revision]
+        store = self.client.server.app[STORE_KEY]
+        assert self.run(store.trim_history(3600, max_rows, 1000)) == len(self.history) - len(kept)
+        self.history = kept
+        stats = self.run(store.history())
+        assert (stats.rows, stats.compact_revision) == (len(kept), self.compact_revision)
+
+    @initialize(prefixes=st.lists(PREFIXES, min_size=3, max_size=3))
+    def start_the_watchers(self, prefixes: list[str]) -> None:
+        for watcher, prefix in enumerate(prefixes):
+            self.start_watching(watcher, prefix)
+
+    @rule(watcher=WATCHERS, prefix=PREFIXES)
+    def start_watching(self, watcher: int, prefix: str) -> None:
+        """List the prefix, two keys a page, then watch from the first page's revision."""
+        query = {"prefix": prefix, "limit": "2", "values": "true"}
+        mirror: dict[str, tuple[int, str]] = {}
+        position: Optional[int] = None
+        while True:
+            status, headers, page = self.request("GET", self.url("/keys"), params=query)
+            assert status == 200
+            if position is None:
+                position = int(headers["KV-Revision"])
+                assert position == self.revision
+            mirror.update((item["key"], (item["version"], item["val"])) for item in page["items"])
+            if page["cursor"] is None:
+                break
+            query["cursor"] = page["cursor"]
+        self.watchers[watcher] = Watcher(prefix, position, mirror)
+
+    @invariant()
+    def the_first_watcher_keeps_up(self) -> None:
+        """Watcher 0 follows every step, on the servers in turn."""
+        if self.client is None:
+            return
+        if 0 not in self.watchers:
+            self.start_watching(0, "")
+        self.steps += 1
+        self.poll_changes(0, 1000, other=self.steps % 2 == 1)
+
+    @rule(watcher=WATCHERS, limit=st.integers(1, 4), other=st.booleans())
+    def poll_changes(self, watcher: int, limit: int, other: bool) -> None:
+        """Follow the changes from where the watcher is, on either server."""
+        following = self.watchers.get(watcher)
+        if following is None:
+            return
+        query = {
+            "prefix": following.prefix,
+            "since": str(following.position),
+            "limit": str(limit),
+            "timeout": "0",
+        }
+        status, _, answer = self.request("GET", self.url("/changes", other=other), params=query)
+        if following.position < self.compact_revision:
+            assert (status, answer["error"]) == (410, "compacted")
+            assert answer["compact_revision"] == self.compact_revision
+            del self.watchers[watcher]  # it lists again
+            return
+        if following.position > self.revision:  # the memory store restarted empty
+            assert (status, answer["error"]) == (410, "unknown_revision")
+            del self.watchers[watcher]
+            return
+        assert status == 200, answer
+        matching = [
+            change
+            for change in self.history
+            if change["revision"] > following.position
+            and change["key"].startswith(following.prefix)
+        ]
+        expected = matching[:limit]
+        if expected:
+            last = expected[-1]["revision"]
+            expected += [c for c in matching[limit:] if c["revision"] == last]
+        more = len(expected) < len(matching)
+        events = answer["events"]
+        for change in events:
+            change["expires_at"] = _milliseconds(change.get("expires_at"))
+            if change["type"] != "set":
+                del change["expires_at"]
+        assert events == expected
+        assert answer["more"] == more
+        assert answer["next"] == (expected[-1]["revision"] if more else self.revision)
+        for change in events:
+            held = following.mirror.get(change["key"])
+            if held is not None and change["revision"] <= held[0]:
+                continue
+            if change["type"] == "set":
+                following.mirror[change["key"]] = (change["revision"], change["val"])
+            else:
+                following.mirror.pop(change["key"], None)
+        following.position = answer["next"]
+        if not more:
+            # Replayed on its listing, the events give the model's keys under the prefix:
+            # its live keys exactly, and rows not yet purged at most.
+            live = {
+                key: (held.version, held.val)
+                for key in self.model
+                if key.startswith(following.prefix) and (held := self.live(key)) is not None
+            }
+            assert {key: following.mirror.get(key) for key in live} == live
+            for key, (version, _) in following.mirror.items():
+                assert key in self.model and self.model[key].version == version
+
+    @rule()
+    def restart(self) -> None:
+        self.run(self.stop())
         if self.store == "memory":  # the memory store keeps nothing, not even its revision
             self.model.clear()
             self.revision = 0
+            self.history.clear()
+            self.compact_revision = 0
         self.run(self.start())
 
     @precondition(lambda self: self.client is not None)
@@ -246,10 +428,17 @@ class KeyValueMachine(RuleBasedStateMachine):
         assert status == 200
 
     def teardown(self) -> None:
-        if self.client is not None:
-            self.run(self.client.close())
+        self.run(self.stop())
         self.loop.close()
         self.directory.cleanup()
+
+
+def _milliseconds(moment: Optional[str]) -> Optional[int]:
+    """An RFC 3339 expiry as the model holds it, ms since the epoch."""
+    if moment is None:
+        return None
+    parsed = datetime.strptime(moment, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+    return round(parsed.timestamp() * 1000)
 
 
 @pytest.mark.parametrize("store", STORE_KINDS)
