@@ -449,9 +449,11 @@ def test_the_api_behaves_like_its_model(store: StoreKind, request: pytest.Fixtur
         cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
         return cluster.url(search_path=cluster.create_schema())
 
+    # The quick suite runs a few examples; the full one (--run-slow, as CI) four times more.
+    examples = 100 if request.config.getoption("--run-slow") else 25
     # A factory, not the class: each example's machine gets its own database. (Hypothesis
     # takes any callable; its annotation says a class.)
     stateful.run_state_machine_as_test(
         lambda: KeyValueMachine(store, postgres_url),  # type: ignore[arg-type]
-        settings=settings(max_examples=25, stateful_step_count=30, deadline=None),
+        settings=settings(max_examples=examples, stateful_step_count=30, deadline=None),
     )
