@@ -23,7 +23,7 @@ import bisect
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Protocol
 
 import orjson
 import structlog
@@ -37,7 +37,7 @@ log = structlog.get_logger("kv.feed")
 # Changes read by one refresh query; a refresh goes on until it has them all.
 REFRESH_LIMIT = 1000
 # The tail's size, in bytes of encoded events: past it, the oldest revisions are dropped.
-TAIL_BYTES = 16 * 1024 * 1024
+TAIL_BYTES = 8 * 1024 * 1024
 # After a refresh failed (the store is unavailable), the pause before the next try.
 REFRESH_RETRY = 0.5
 # Between two sweeps of the open streams.
@@ -45,13 +45,16 @@ SWEEP_INTERVAL = 1.0
 
 
 class Event(NamedTuple):
-    """A change with its encoding: the JSON object /changes sends for it."""
+    """A change as /changes sends it: ``data`` is its JSON object."""
 
     revision: int
     type: str
     key: str
-    val: Optional[str]
     data: bytes
+
+
+def encoded_size(event: Event) -> int:
+    return len(event.data)
 
 
 def encode(change: Change) -> Event:
@@ -59,7 +62,7 @@ def encode(change: Change) -> Event:
     if change.type == "set":
         body["val"] = change.val
         body["expires_at"] = None if change.expires_at is None else rfc3339(change.expires_at)
-    return Event(change.revision, change.type, change.key, change.val, orjson.dumps(body))
+    return Event(change.revision, change.type, change.key, orjson.dumps(body))
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,27 @@ def encode_all(changes: Changes) -> Batch:
     return Batch([encode(change) for change in changes.events], changes.revision, changes.more)
 
 
+class StreamTransport(Protocol):
+    """What the feed needs of a stream's connection: asyncio's transport methods (uvloop's
+    transports have them without deriving from asyncio's classes)."""
+
+    def is_closing(self) -> bool: ...
+
+    def get_write_buffer_size(self) -> int: ...
+
+    def set_write_buffer_limits(
+        self, high: Optional[int] = None, low: Optional[int] = None
+    ) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 class Watcher:
     """A stream open on the feed: its connection, and the wait it is in (see wait)."""
 
     __slots__ = ("future", "gone", "transport")
 
-    def __init__(self, transport: Optional[asyncio.BaseTransport]) -> None:
+    def __init__(self, transport: Optional[StreamTransport]) -> None:
         self.transport = transport
         self.future: Optional[asyncio.Future[bool]] = None
         self.gone = False  # the connection closed: the stream ends
@@ -123,7 +141,8 @@ class ChangeFeed:
             for index in range(start, len(self._events))
             if self._events[index].key.startswith(prefix)
         )
-        events, more = take_changes(matching, limit)
+        # Sized by their encoding: about the values' characters, as the store sizes them.
+        events, more = take_changes(matching, limit, encoded_size)
         return Batch(events, self.revision, more)
 
     async def wait(
@@ -187,11 +206,11 @@ class ChangeFeed:
 
     # --- the streams ------------------------------------------------------------------------
 
-    def watch(self, transport: Optional[asyncio.BaseTransport]) -> Watcher:
+    def watch(self, transport: Optional[StreamTransport]) -> Watcher:
         """Register a stream on ``transport``: it may leave at most ``backlog`` bytes unread,
         which its transport may buffer without pausing the writer."""
         watcher = Watcher(transport)
-        if isinstance(transport, asyncio.WriteTransport):
+        if transport is not None:
             transport.set_write_buffer_limits(high=self.backlog)
         self._watchers.add(watcher)
         return watcher
@@ -208,10 +227,7 @@ class ChangeFeed:
                     watcher.gone = True
                     if watcher.future is not None:
                         _resolve(watcher.future, False)
-                elif (
-                    isinstance(transport, asyncio.WriteTransport)
-                    and transport.get_write_buffer_size() > self.backlog
-                ):
+                elif transport.get_write_buffer_size() > self.backlog:
                     log.info("watcher_too_slow", backlog=transport.get_write_buffer_size())
                     transport.abort()  # its writer, waiting to drain, fails and ends
 
@@ -302,7 +318,7 @@ class ChangeFeed:
                 _resolve(future, False)
         for watcher in self._watchers:
             transport = watcher.transport
-            if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+            if transport is not None and transport.get_write_buffer_size():
                 transport.abort()
         for task in (self._listening, self._refreshing, self._sweeping):
             if task is not None:

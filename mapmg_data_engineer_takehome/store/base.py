@@ -182,29 +182,34 @@ class _Revisioned(Protocol):
     @property
     def revision(self) -> int: ...
 
-    @property
-    def val(self) -> Optional[str]: ...
-
 
 AnyChange = TypeVar("AnyChange", bound=_Revisioned)
 
 
-def take_changes(changes: Iterable[AnyChange], limit: int) -> tuple[list[AnyChange], bool]:
+def value_chars(change: Change) -> int:
+    return 0 if change.val is None else len(change.val)
+
+
+def take_changes(
+    changes: Iterable[AnyChange],
+    limit: int,
+    size: Callable[[AnyChange], int] = value_chars,  # type: ignore[assignment]
+) -> tuple[list[AnyChange], bool]:
     """The first of ``changes`` (in revision order): ``limit`` of them, or fewer once their
-    values pass PAGE_VALUE_CHARS, then the rest of the last one's revision; and whether any
-    follow. Only what it takes is read from ``changes``, and one more."""
+    ``size`` (their values' characters) passes PAGE_VALUE_CHARS, then the rest of the last
+    one's revision; and whether any follow. Only what it takes is read from ``changes``, and
+    one more."""
     events: list[AnyChange] = []
-    value_chars = 0
+    taken = 0
     for change in changes:
         if (
             events
             and change.revision != events[-1].revision
-            and (len(events) >= limit or value_chars > PAGE_VALUE_CHARS)
+            and (len(events) >= limit or taken > PAGE_VALUE_CHARS)
         ):
             return events, True
         events.append(change)
-        if change.val is not None:
-            value_chars += len(change.val)
+        taken += size(change)
     return events, False
 
 

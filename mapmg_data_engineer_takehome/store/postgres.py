@@ -73,6 +73,8 @@ _TRIM_LOCK = 0x4B565448
 CHANNEL = "kv_changes"
 # How often a listening server reads the revision, in case a notification went missing.
 WATCH_POLL_INTERVAL = 1.0
+# The listening connection's application_name, which pg_stat_activity shows.
+LISTENER_NAME = "kv-listen"
 # Milliseconds since the epoch by the database's clock, unless the caller passes its own
 # (the tests' clock): every statement below takes it as a parameter that may be NULL.
 _NOW = "coalesce({}::bigint, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)"
@@ -818,7 +820,9 @@ class PostgresStore:
 
     async def _listen_once(self, wake: Wake) -> None:
         """LISTEN and poll until the connection fails (raising what it raised)."""
-        conn = await asyncpg.connect(self._url, timeout=self._timeout)
+        conn = await asyncpg.connect(
+            self._url, timeout=self._timeout, server_settings={"application_name": LISTENER_NAME}
+        )
         try:
             schema = await conn.fetchval("SELECT current_schema()", timeout=self._timeout)
 

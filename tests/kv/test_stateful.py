@@ -112,8 +112,8 @@ class KeyValueMachine(RuleBasedStateMachine):
 
     async def start(self) -> None:
         # No background purge: the purge is a rule, so the model knows when it happens.
-        app = create_app(self.settings, clock=self.clock, purge=False)
-        self.client = TestClient(TestServer(app))
+        self.app = create_app(self.settings, clock=self.clock, purge=False)
+        self.client = TestClient(TestServer(self.app))
         await self.client.start_server()
         if self.store != "memory":
             other = create_app(self.settings, seed=False, purge=False, clock=self.clock)
@@ -293,7 +293,7 @@ class KeyValueMachine(RuleBasedStateMachine):
             for key, held in self.model.items()
             if held.expires_at is not None and held.expires_at <= now_ms
         )
-        store = self.client.server.app[STORE_KEY]
+        store = self.app[STORE_KEY]
         assert self.run(store.purge_expired(100)) == len(expired)
         if expired:
             self.revision += 1
@@ -309,7 +309,7 @@ class KeyValueMachine(RuleBasedStateMachine):
         if excess > 0:
             self.compact_revision = max(self.compact_revision, self.history[excess - 1]["revision"])
         kept = [change for change in self.history if change["revision"] > self.compact_revision]
-        store = self.client.server.app[STORE_KEY]
+        store = self.app[STORE_KEY]
         assert self.run(store.trim_history(3600, max_rows, 1000)) == len(self.history) - len(kept)
         self.history = kept
         stats = self.run(store.history())
@@ -403,9 +403,9 @@ class KeyValueMachine(RuleBasedStateMachine):
             # Replayed on its listing, the events give the model's keys under the prefix:
             # its live keys exactly, and rows not yet purged at most.
             live = {
-                key: (held.version, held.val)
+                key: (alive.version, alive.val)
                 for key in self.model
-                if key.startswith(following.prefix) and (held := self.live(key)) is not None
+                if key.startswith(following.prefix) and (alive := self.live(key)) is not None
             }
             assert {key: following.mirror.get(key) for key in live} == live
             for key, (version, _) in following.mirror.items():
