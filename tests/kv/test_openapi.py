@@ -106,3 +106,18 @@ def test_the_document_describes_every_operation_with_a_summary() -> None:
         for method, operation in methods.items():
             assert operation["summary"], (method, path)
             assert operation["operationId"]
+
+
+def test_the_change_feed_is_documented_with_both_media_types() -> None:
+    operation = build_document()["paths"]["/changes"]["get"]
+    success = operation["responses"]["200"]["content"]
+    assert success["application/json"]["schema"] == {"$ref": "#/components/schemas/ChangesAnswer"}
+    assert success["text/event-stream"]["schema"] == {"type": "string"}
+    gone = operation["responses"]["410"]["content"]["application/json"]["schema"]
+    assert gone["properties"]["error"]["enum"] == ["compacted", "unknown_revision"]
+    parameters = {parameter["name"]: parameter for parameter in operation["parameters"]}
+    assert set(parameters) == {"prefix", "since", "limit", "timeout", "Last-Event-ID"}
+    assert parameters["timeout"]["schema"]["maximum"] == 60
+    assert parameters["Last-Event-ID"]["in"] == "header"
+    keys = build_document()["paths"]["/keys"]["get"]["responses"]["200"]
+    assert "KV-Revision" in keys["headers"]
