@@ -1,6 +1,7 @@
 // The key browser: a page over the public JSON API (GET /keys, GET /get, POST /set with
-// If-Match or If-None-Match, DELETE /delete). Nothing that comes from a key or a value is ever
-// parsed as HTML: every such text goes through textContent.
+// If-Match or If-None-Match, DELETE /delete, and GET /changes for the Live switch). Nothing
+// that comes from a key or a value is ever parsed as HTML: every such text goes through
+// textContent.
 
 const PAGE = 50;
 const SHOWN_CHARS = 10000; // a longer value is cut, with "Show all"
@@ -16,7 +17,11 @@ const state = {
   raw: false,
   showAll: false,
   listing: 0, // which listing is current: answers of older ones are dropped
+  revision: 0, // the store's revision the listing's first page was read at (KV-Revision)
 };
+// The Live switch's stream of changes (fetched, so that it carries the token's header).
+const live = { controller: null, lastId: null, retry: null };
+const RECONNECT_MS = 1000;
 
 // --- talking to the API ---------------------------------------------------------------------
 
@@ -147,6 +152,8 @@ function renderCrumbs() {
 
 function renderItem(item) {
   const row = document.createElement("li");
+  row.dataset.key = item.key;
+  row.dataset.version = String(item.version);
   const open = document.createElement("button");
   open.type = "button";
   open.className = "key";
@@ -177,10 +184,14 @@ async function list(fresh) {
   const query = new URLSearchParams({ prefix: state.prefix, limit: String(PAGE) });
   if (!fresh && state.cursor) query.set("cursor", state.cursor);
   try {
-    const { data } = await api("GET", `/keys?${query}`);
+    const { data, headers: answer } = await api("GET", `/keys?${query}`);
     if (listing !== state.listing) return; // the prefix changed meanwhile
     const keys = $("keys");
-    if (fresh) keys.replaceChildren();
+    if (fresh) {
+      keys.replaceChildren();
+      state.revision = Number(answer.get("KV-Revision"));
+      if ($("live").checked) follow(); // from this listing's revision
+    }
     for (const item of data.items) keys.append(renderItem(item));
     state.cursor = data.cursor;
     $("more").hidden = data.cursor === null;
@@ -394,6 +405,123 @@ $("create-form").addEventListener("submit", async (event) => {
       return;
     }
     fail(error);
+  }
+});
+
+// --- live -----------------------------------------------------------------------------------
+// List, then watch from the listing's revision: an event changes a shown key only when it is
+// newer than the version the listing gave; a new key appears in its place among the loaded
+// ones (keys beyond them come with "Load more"). A dropped stream resumes from the last id it
+// saw; one the server no longer has history for (410) lists again.
+
+const encoder = new TextEncoder();
+
+// Keys in the order listings give them: their UTF-8 bytes.
+function compareKeys(a, b) {
+  const left = encoder.encode(a);
+  const right = encoder.encode(b);
+  for (let index = 0; index < Math.min(left.length, right.length); index += 1) {
+    if (left[index] !== right[index]) return left[index] - right[index];
+  }
+  return left.length - right.length;
+}
+
+function applyChange(change) {
+  const keys = $("keys");
+  const rows = [...keys.children];
+  const shown = rows.find((row) => row.dataset.key === change.key);
+  if (shown && change.revision <= Number(shown.dataset.version)) return;
+  if (change.type === "set") {
+    const row = renderItem({ key: change.key, version: change.revision, expires_at: change.expires_at });
+    row.classList.add("changed");
+    if (shown) {
+      shown.replaceWith(row);
+    } else {
+      const next = rows.find((other) => compareKeys(other.dataset.key, change.key) > 0);
+      if (next) next.before(row);
+      else if (state.cursor === null) keys.append(row);
+      else return; // beyond the loaded pages
+    }
+    say(`${change.key} ${shown ? "changed" : "appeared"}: version ${change.revision}.`);
+  } else if (shown) {
+    shown.remove();
+    say(`${change.key} ${change.type === "expire" ? "expired" : "was deleted"}.`);
+  }
+  $("empty").hidden = keys.children.length > 0;
+}
+
+// One block of a text/event-stream: its event, data and id fields.
+function readBlock(block) {
+  const fields = { event: "message", data: [], id: null };
+  for (const line of block.split("\n")) {
+    const colon = line.indexOf(":");
+    const name = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (name === "event") fields.event = value;
+    else if (name === "data") fields.data.push(value);
+    else if (name === "id") fields.id = value;
+  }
+  return fields;
+}
+
+function stopFollowing() {
+  clearTimeout(live.retry);
+  if (live.controller) live.controller.abort();
+  live.controller = null;
+}
+
+async function follow(resume = false) {
+  stopFollowing();
+  if (!resume) live.lastId = null;
+  const controller = new AbortController();
+  live.controller = controller;
+  const query = new URLSearchParams({ prefix: state.prefix });
+  const extra = { Accept: "text/event-stream" };
+  if (live.lastId !== null) extra["Last-Event-ID"] = live.lastId;
+  else query.set("since", String(state.revision));
+  try {
+    const response = await fetch(`/changes?${query}`, { headers: headers(extra), signal: controller.signal });
+    if (response.status === 410) {
+      say("Live: changes were missed while away; listing again.");
+      await list(true); // which follows again, from the new listing
+      return;
+    }
+    if (!response.ok) {
+      const data = await response.json().catch(() => null);
+      $("live").checked = false;
+      fail(new ApiError(response.status, data?.error, data?.message || `The server answered ${response.status}.`));
+      return;
+    }
+    say(`Live: following changes${state.prefix ? ` to keys starting with ${state.prefix}` : ""}.`);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value.replaceAll("\r\n", "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const block = readBlock(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+        if (["set", "delete", "expire"].includes(block.event)) applyChange(JSON.parse(block.data.join("\n")));
+        if (block.id !== null) live.lastId = block.id;
+      }
+    }
+  } catch (error) {
+    if (controller.signal.aborted) return; // switched off, or a new listing follows
+  }
+  // The stream ended (the server stopped, or moved past it): resume where it was.
+  if (live.controller === controller && $("live").checked) {
+    live.retry = setTimeout(() => follow(true), RECONNECT_MS);
+  }
+}
+
+$("live").addEventListener("change", () => {
+  if ($("live").checked) follow();
+  else {
+    stopFollowing();
+    say("Live: off.");
   }
 });
 

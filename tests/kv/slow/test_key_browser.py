@@ -270,3 +270,55 @@ def test_keyboard_alone_finds_and_opens_a_key_and_every_control_is_labelled(
         expect(page.locator("#detail-key")).to_have_text("config/feature")
         assert page.locator("#value").inner_text() == "on"
     assert_clean(server, traffic)
+
+
+def test_the_live_switch_follows_changes_under_the_prefix_without_a_reload(
+    tmp_path: Path,
+) -> None:
+    """Behind a token (the stream is fetched with it): keys written by another client appear
+    in their place, changed ones update, deleted and expired ones go; a key under another
+    prefix does not show; switched off, nothing more moves."""
+    pool = ServerPool(tmp_path / "e2e")
+    try:
+        locked = pool.start(
+            input_db=write_input_db(tmp_path / "input.db", SEEDED),
+            env={"KV_AUTH_TOKEN": TOKEN, "KV_PURGE_INTERVAL": "0.2"},
+        )
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        with browser_page() as (page, traffic):
+            page.goto(f"{origin(locked)}/ui/")
+            page.fill("#token-input", TOKEN)
+            page.click("#token-form button")
+            page.fill("#prefix", "config/")
+            expect(page.locator("#keys li")).to_have_count(1)
+            page.check("#live")
+            expect(page.locator("#status")).to_contain_text("Live: following changes")
+            rows = page.locator("#keys li")
+
+            assert set_from_another_client(locked, "config/zz-new", "1", **auth).status == 200
+            expect(rows).to_have_count(2)
+            expect(rows.nth(1)).to_contain_text("config/zz-new")
+            assert set_from_another_client(locked, "config/a-first", "1", **auth).status == 200
+            expect(rows.nth(0)).to_contain_text("config/a-first")  # in key order
+
+            changed = set_from_another_client(locked, "config/feature", "off", **auth)
+            version = changed.headers["ETag"].strip('"')
+            expect(page.locator("#keys li", has_text="config/feature")).to_contain_text(
+                f"version {version}"
+            )
+            assert locked.request("DELETE", "/delete/config%2Fzz-new", headers=auth).status == 200
+            expect(key_button(page, "config/zz-new")).to_have_count(0)
+            body = json.dumps({"key": "config/brief", "val": "1", "ttl": 0.5}).encode()
+            locked.request("POST", "/set", body, {"Content-Type": "application/json", **auth})
+            expect(key_button(page, "config/brief")).to_have_count(1)
+            expect(key_button(page, "config/brief")).to_have_count(0, timeout=10_000)  # expired
+
+            set_from_another_client(locked, "user:999/profile", "{}", **auth)
+            page.uncheck("#live")
+            set_from_another_client(locked, "config/after-off", "1", **auth)
+            time.sleep(1.0)
+            expect(rows).to_have_count(2)  # config/a-first, config/feature
+            assert key_button(page, "user:999/profile").count() == 0
+        assert_clean(locked, traffic)
+    finally:
+        pool.close()
