@@ -17,6 +17,9 @@ in the same transaction, one Change per key (a set, a delete, or an expiry the p
 removed), so that what the feed shows is committed and whatever committed is in it. The
 history is complete above its compact revision: trim_history moves that up as it drops old
 changes, and a seed, a bulk load rather than a stream of events, moves it to its own revision.
+A change carries no time: each pass of trim_history marks the revision it found with the time
+it ran, and a change is old once a mark at or above its revision is (so it goes at most one
+pass after it has aged).
 """
 
 from __future__ import annotations
@@ -109,11 +112,6 @@ class HistoryStats:
 
     rows: int
     compact_revision: int
-
-
-# The most changes one revision may hold in the stores that number a revision's changes
-# (sqlite): above the largest batch the API takes.
-MAX_CHANGES_PER_REVISION = 1 << 14
 
 
 # --- preconditions ----------------------------------------------------------------------------
@@ -213,16 +211,14 @@ def take_changes(
     return events, False
 
 
-def trim_cut(
-    oldest: Iterable[tuple[int, float]], compact_revision: int, excess: int, cutoff_ms: float
-) -> int:
-    """The revision to trim through, from the oldest changes' (revision, ms committed at) in
-    order: the last of a run from the first that are each at or below ``compact_revision``,
-    committed before ``cutoff_ms``, or among the first ``excess`` rows. A revision is trimmed
-    whole, so a cut may take a few rows more than ``excess``."""
+def trim_cut(oldest: Iterable[int], compact_revision: int, excess: int, aged: int) -> int:
+    """The revision to trim through, from the oldest changes' revisions in order: the last of
+    a run from the first that are each at or below ``compact_revision``, at or below ``aged``
+    (every change up to it is older than the retention), or among the first ``excess`` rows.
+    A revision is trimmed whole, so a cut may take a few rows more than ``excess``."""
     cut = compact_revision
-    for position, (revision, at) in enumerate(oldest):
-        if revision > compact_revision and at >= cutoff_ms and position >= excess:
+    for position, revision in enumerate(oldest):
+        if revision > compact_revision and revision > aged and position >= excess:
             break
         cut = max(cut, revision)
     return cut
@@ -342,10 +338,11 @@ class Store(Protocol):
         revision, UnknownRevision when it is above the store's revision."""
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
-        """One small transaction of trimming: drop up to about ``batch`` of the oldest changes
-        that are older than ``max_age`` seconds, are beyond the newest ``max_rows``, or are at
-        or below the compact revision, whole revisions at a time, and move the compact
-        revision up to the last one dropped; how many rows were dropped."""
+        """One small transaction of trimming: mark the store's revision with the time now (see
+        the module docstring), then drop up to about ``batch`` of the oldest changes that are
+        older than ``max_age`` seconds, are beyond the newest ``max_rows``, or are at or below
+        the compact revision, whole revisions at a time, and move the compact revision up to
+        the last one dropped; how many rows were dropped."""
 
     async def history(self) -> HistoryStats:
         """The history's size and compact revision, for metrics."""

@@ -36,8 +36,8 @@ class MemoryStore:
     """A Store backed by a dict; it remembers no seed fingerprint, so every start reseeds.
 
     Listing keeps a sorted copy of the keys, rebuilt only after keys were added or removed.
-    The history is a list in revision order, with a parallel list of revisions to bisect and
-    one of the times they were committed at (ms) to trim by.
+    The history is a list in revision order, with a parallel list of revisions to bisect; the
+    trimming's marks are (ms, revision) pairs in time order.
     """
 
     name = "memory"
@@ -49,7 +49,7 @@ class MemoryStore:
         self._sorted: Optional[list[str]] = []
         self._history: list[Change] = []
         self._history_revisions: list[int] = []
-        self._history_at: list[float] = []
+        self._marks: list[tuple[float, int]] = []
         self._compact_revision = 0
         self._wake: Optional[Wake] = None
         self.on_commit: Optional[Callable[[int], None]] = None
@@ -71,7 +71,6 @@ class MemoryStore:
         """Record a change of the revision now being written (``self._revision``)."""
         self._history.append(Change(self._revision, kind, key, val, expires_at))
         self._history_revisions.append(self._revision)
-        self._history_at.append(self._clock() * 1000)
 
     def _live(self, key: str) -> Optional[Entry]:
         entry = self._data.get(key)
@@ -215,13 +214,17 @@ class MemoryStore:
         return Changes(events, self._revision, more)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
-        oldest = zip(self._history_revisions[:batch], self._history_at[:batch])
+        now_ms = self._clock() * 1000
+        self._marks.append((now_ms, self._revision))
+        aged = [mark for mark in self._marks if mark[0] <= now_ms - max_age * 1000]
+        if aged:  # the newest aged mark decides; the older ones are needed no more
+            del self._marks[: len(aged) - 1]
         excess = len(self._history) - max_rows
-        cut = trim_cut(oldest, self._compact_revision, excess, (self._clock() - max_age) * 1000)
+        oldest = self._history_revisions[:batch]
+        cut = trim_cut(oldest, self._compact_revision, excess, aged[-1][1] if aged else 0)
         self._compact_revision = cut
         dropped = bisect.bisect_right(self._history_revisions, cut)
         del self._history[:dropped], self._history_revisions[:dropped]
-        del self._history_at[:dropped]
         return dropped
 
     async def history(self) -> HistoryStats:

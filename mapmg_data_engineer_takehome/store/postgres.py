@@ -119,8 +119,8 @@ BEGIN
                                             expires_at = excluded.expires_at
             RETURNING (kv.xmax = 0) INTO inserted;
             IF inserted THEN added := added + 1; END IF;
-            INSERT INTO kv_changes (revision, key, type, val, expires_at, committed_at)
-                 VALUES (current_revision, p_keys[i], 'set', p_vals[i], expiry, now_ms);
+            INSERT INTO kv_changes (revision, key, type, val, expires_at)
+                 VALUES (current_revision, p_keys[i], 'set', p_vals[i], expiry);
             outcome := 'written'; new_version := current_revision; new_expires_at := expiry;
         ELSIF live IS NULL THEN  -- an expired row stays, for the purge to report
             outcome := 'absent'; new_version := NULL; new_expires_at := NULL;
@@ -128,8 +128,8 @@ BEGIN
             DELETE FROM kv k WHERE k.key = p_keys[i];
             added := added - 1;
             current_revision := current_revision + 1;
-            INSERT INTO kv_changes (revision, key, type, committed_at)
-                 VALUES (current_revision, p_keys[i], 'delete', now_ms);
+            INSERT INTO kv_changes (revision, key, type)
+                 VALUES (current_revision, p_keys[i], 'delete');
             outcome := 'deleted'; new_version := current_revision; new_expires_at := NULL;
         END IF;
         RETURN NEXT;
@@ -159,7 +159,11 @@ $$""",
 _CREATE_CHANGES = (
     "CREATE TABLE IF NOT EXISTS kv_changes (revision bigint NOT NULL,"
     ' key text COLLATE "C" NOT NULL, type text NOT NULL, val text, expires_at bigint,'
-    " committed_at bigint NOT NULL, PRIMARY KEY (revision, key))"
+    " PRIMARY KEY (revision, key))"
+)
+# The trimming's marks: at this time (ms), the store was at this revision (see base.py).
+_CREATE_MARKS = (
+    "CREATE TABLE IF NOT EXISTS kv_history_marks (at bigint PRIMARY KEY, revision bigint NOT NULL)"
 )
 
 _SCHEMA = (
@@ -170,6 +174,7 @@ _SCHEMA = (
     " val text NOT NULL, version bigint NOT NULL, expires_at bigint)",
     "CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL",
     _CREATE_CHANGES,
+    _CREATE_MARKS,
     _WRITE_FUNCTION,
     *_NOTIFY,
     "INSERT INTO kv_meta (name, value) VALUES ('revision', '0'), ('keys', '0'),"
@@ -181,6 +186,7 @@ _SCHEMA = (
 _UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         _CREATE_CHANGES,
+        _CREATE_MARKS,
         _WRITE_FUNCTION,
         *_NOTIFY,
         "INSERT INTO kv_meta (name, value) SELECT unnest(ARRAY['compact_revision',"
@@ -211,20 +217,18 @@ written AS (
                                     expires_at = excluded.expires_at
     RETURNING (kv.xmax = 0) AS inserted),
 recorded AS (
-    INSERT INTO kv_changes (revision, key, type, val, expires_at, committed_at)
-    SELECT $4, k, 'set', v, e, clock.now_ms FROM items, clock)
+    INSERT INTO kv_changes (revision, key, type, val, expires_at)
+    SELECT $4, k, 'set', v, e FROM items)
 {_COUNT_KEYS.format("SELECT count(*) FILTER (WHERE inserted) FROM written")}
 """
 
 
 def _remove(where: str, kind: str) -> str:
-    """A statement deleting the rows ``where`` selects, recording each as a change of
-    ``kind`` in revision $3 (at $2's time), and answering how many went."""
+    """A statement deleting the rows ``where`` selects ($2 is the time, for expiry), recording
+    each as a change of ``kind`` in revision $3, and answering how many went."""
     return f"""
 WITH gone AS (DELETE FROM kv WHERE {where} RETURNING key),
-recorded AS (
-    INSERT INTO kv_changes (revision, key, type, committed_at)
-    SELECT $3, key, '{kind}', {_NOW.format("$2")} FROM gone),
+recorded AS (INSERT INTO kv_changes (revision, key, type) SELECT $3, key, '{kind}' FROM gone),
 counted AS ({_COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
 SELECT count(*) FROM gone
 """
@@ -756,19 +760,32 @@ class PostgresStore:
                     revision,
                 )
             )
-            oldest = await conn.fetch(
-                "SELECT revision, committed_at FROM kv_changes ORDER BY revision, key LIMIT $1",
-                batch,
+            now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
+            cutoff = round(now_ms - max_age * 1000)
+            await conn.execute(
+                "INSERT INTO kv_history_marks (at, revision) VALUES ($1, $2)"
+                " ON CONFLICT (at) DO UPDATE SET revision = excluded.revision",
+                now_ms,
+                revision,
             )
-            now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1')}", self._now())
-            cut = trim_cut(
-                [(row[0], row[1]) for row in oldest],
-                meta["compact_revision"],
-                rows - max_rows,
-                now_ms - max_age * 1000,
+            aged = await conn.fetchval(
+                "SELECT max(revision) FROM kv_history_marks WHERE at <= $1", cutoff
             )
+            # The newest mark at or before the cutoff decides; the older ones are needed no more.
+            await conn.execute(
+                "DELETE FROM kv_history_marks WHERE at <"
+                " (SELECT max(at) FROM kv_history_marks WHERE at <= $1)",
+                cutoff,
+            )
+            oldest = [
+                row[0]
+                for row in await conn.fetch(
+                    "SELECT revision FROM kv_changes ORDER BY revision, key LIMIT $1", batch
+                )
+            ]
+            cut = trim_cut(oldest, meta["compact_revision"], rows - max_rows, aged or 0)
             dropped = 0
-            if oldest and oldest[0][0] <= cut:
+            if oldest and oldest[0] <= cut:
                 status = await conn.execute("DELETE FROM kv_changes WHERE revision <= $1", cut)
                 dropped = int(status.split()[-1])
             # greatest: a seed may have moved the compact revision meanwhile.

@@ -9,8 +9,9 @@ checkpoints by itself, in the commit that takes the WAL past 500 pages; that com
 thread then waits for the copy, and the next commit rewinds the WAL, so the file stays a
 few MiB however long the writes go on.
 
-The history is the table ``changes``: each write transaction inserts its changes there before
-it commits (_Transaction.finish), in one statement for the group.
+The history is the table ``changes``, written in each write's transaction: a set's change by
+a trigger on ``kv`` (inside the set's own statement, the cheapest way measured: see
+bench/results.md), a delete's or an expiry's by the writer (_Transaction.record).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from urllib.parse import quote, urlencode
 import structlog
 
 from .base import (
-    MAX_CHANGES_PER_REVISION,
     PAGE_VALUE_CHARS,
     Change,
     Changes,
@@ -101,32 +101,45 @@ _CREATE_META = (
 )
 _REVISION = "revision"
 _KEYS = "keys"
-# The history (see the module docstring). A change's id is its revision times
-# MAX_CHANGES_PER_REVISION plus its place among the revision's keys in order, so the table's
-# own b-tree is the feed's order: reading it is one range scan, and recording a change one
-# insert, with no second index.
+# The history (see the module docstring), in the feed's order: reading it is one range scan
+# of its b-tree, and recording a change one insert.
 _CREATE_CHANGES = (
-    "CREATE TABLE IF NOT EXISTS changes (id INTEGER PRIMARY KEY, key TEXT NOT NULL,"
-    " type TEXT NOT NULL, val TEXT, expires_at INTEGER, committed_at INTEGER NOT NULL)"
+    "CREATE TABLE IF NOT EXISTS changes (revision INTEGER NOT NULL, key TEXT NOT NULL,"
+    " type TEXT NOT NULL, val TEXT, expires_at INTEGER, PRIMARY KEY (revision, key))"
+    " WITHOUT ROWID"
 )
-_SHIFT = MAX_CHANGES_PER_REVISION.bit_length() - 1
+# The trimming's marks: at this time (ms), the store was at this revision (see base.py).
+_CREATE_MARKS = (
+    "CREATE TABLE IF NOT EXISTS history_marks (at INTEGER PRIMARY KEY, revision INTEGER NOT NULL)"
+)
 _COMPACT_REVISION = "compact_revision"
 # The history's rows, counted by trim_history up to the revision in _HISTORY_COUNTED: writes
 # pay nothing to keep a count, and the rows above that revision are few to count.
 _HISTORY_ROWS = "history_rows"
 _HISTORY_COUNTED = "history_counted"
-# The number of keys, kept in meta as rows come and go, so that it is never counted: on every
-# connection that writes, since TEMP triggers belong to their connection. Writes use an
-# upsert, not INSERT OR REPLACE: an overwrite then fires no trigger (REPLACE's delete fires
-# none either, and its insert would count the key twice).
-_COUNT_KEYS = (
+# Triggers on every connection that writes (TEMP triggers belong to their connection):
+# - The number of keys, kept in meta as rows come and go, so that it is never counted.
+#   Writes use an upsert, not INSERT OR REPLACE: an overwrite then fires no count trigger
+#   (REPLACE's delete fires none either, and its insert would count the key twice).
+# - A set's change, recorded with the row the set wrote (an upsert fires the insert trigger
+#   or the update one); the same key twice in one revision keeps the later.
+_RECORD_SET = (
+    "INSERT OR REPLACE INTO changes (revision, key, type, val, expires_at)"
+    " VALUES (NEW.version, NEW.key, 'set', NEW.val, NEW.expires_at)"
+)
+_TRIGGERS = (
     f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_added AFTER INSERT ON main.kv BEGIN"
-    f" UPDATE meta SET value = value + 1 WHERE name = '{_KEYS}'; END",
+    f" UPDATE meta SET value = value + 1 WHERE name = '{_KEYS}'; {_RECORD_SET}; END",
+    f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_updated AFTER UPDATE ON main.kv BEGIN"
+    f" {_RECORD_SET}; END",
     f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_removed AFTER DELETE ON main.kv BEGIN"
     f" UPDATE meta SET value = value - 1 WHERE name = '{_KEYS}'; END",
 )
-_STOP_COUNTING_KEYS = (
+# A seed drops them for its insert: a trigger per row would cost more than the seed, which
+# counts its keys once, and is a bulk load, not changes.
+_DROP_TRIGGERS = (
     "DROP TRIGGER IF EXISTS temp.kv_key_added",
+    "DROP TRIGGER IF EXISTS temp.kv_key_updated",
     "DROP TRIGGER IF EXISTS temp.kv_key_removed",
 )
 _SEED_FINGERPRINT = "seed_fingerprint"
@@ -135,6 +148,7 @@ _SCHEMA = (
     _CREATE_EXPIRY_INDEX,
     _CREATE_META,
     _CREATE_CHANGES,
+    _CREATE_MARKS,
     f"INSERT INTO meta (name, value) VALUES ('{_REVISION}', 0), ('{_KEYS}', 0),"
     f" ('{_COMPACT_REVISION}', 0), ('{_HISTORY_ROWS}', 0), ('{_HISTORY_COUNTED}', 0)",
 )
@@ -151,6 +165,7 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
     ),
     2: (
         _CREATE_CHANGES,
+        _CREATE_MARKS,
         f"INSERT OR REPLACE INTO meta (name, value) SELECT name, value FROM (SELECT"
         f" '{_COMPACT_REVISION}' AS name, value FROM meta WHERE name = '{_REVISION}' UNION ALL"
         f" SELECT '{_HISTORY_COUNTED}', value FROM meta WHERE name = '{_REVISION}' UNION ALL"
@@ -173,9 +188,7 @@ _SET = (
 )
 _DELETE = "DELETE FROM kv WHERE key = ?"
 _EXPIRED = "SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?"
-_RECORD_CHANGE = (
-    "INSERT INTO changes (id, key, type, val, expires_at, committed_at) VALUES (?, ?, ?, ?, ?, ?)"
-)
+_RECORD_REMOVAL = "INSERT INTO changes (revision, key, type) VALUES (?, ?, ?)"
 # How often a process looks for another's commits while it has watchers (see listen).
 WATCH_POLL_INTERVAL = 0.005
 _READ_META = "SELECT value FROM meta WHERE name = ?"
@@ -212,7 +225,7 @@ def _connect(path: Path, durability: str) -> sqlite3.Connection:
         for pragma in _PRAGMAS:
             conn.execute(pragma)
         conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
-        for statement in _COUNT_KEYS:
+        for statement in _TRIGGERS:
             conn.execute(statement)
     except BaseException:
         conn.close()
@@ -290,11 +303,6 @@ def _key_range(prefix: str) -> tuple[str, tuple[str, ...]]:
     return " AND key >= ? AND key < ?", (prefix, bound)
 
 
-def _first_id(revision: int) -> int:
-    """The id of a revision's first change."""
-    return revision << _SHIFT
-
-
 def _meta(conn: sqlite3.Connection, name: str) -> int:
     return int(conn.execute(_READ_META, (name,)).fetchone()[0])
 
@@ -302,27 +310,18 @@ def _meta(conn: sqlite3.Connection, name: str) -> int:
 class _Transaction:
     """One group's write transaction: its connection, its clock reading, the revision (read
     once under the write lock and written back once, if any write took one: each write that
-    changes something adds one to ``revision``) and the changes to record with it."""
+    changes something adds one to ``revision``) and the removals to record with it."""
 
     def __init__(self, conn: sqlite3.Connection, now_ms: float) -> None:
         self.conn = conn
         self.now_ms = now_ms
         self.first = _meta(conn, _REVISION)
         self.revision = self.first
-        self.changes: list[tuple[object, ...]] = []
-        self._next_id = 0
+        self.removals: list[tuple[int, str, ChangeType]] = []
 
-    def record(
-        self,
-        kind: ChangeType,
-        key: str,
-        val: Optional[str] = None,
-        expires_at: Optional[int] = None,
-    ) -> None:
-        """A change of the current revision; a batch records its keys in order."""
-        change_id = max(self._next_id, _first_id(self.revision))
-        self._next_id = change_id + 1
-        self.changes.append((change_id, key, kind, val, expires_at, int(self.now_ms)))
+    def record(self, kind: ChangeType, key: str) -> None:
+        """A key's delete or expiry in the current revision (the trigger records sets)."""
+        self.removals.append((self.revision, key, kind))
 
     def live_version(self, key: str) -> Optional[int]:
         row = self.conn.execute(_GET_LIVE_VERSION, (key,)).fetchone()
@@ -338,8 +337,8 @@ class _Transaction:
         return current
 
     def finish(self) -> None:
-        if self.changes:
-            self.conn.executemany(_RECORD_CHANGE, self.changes)
+        if self.removals:
+            self.conn.executemany(_RECORD_REMOVAL, self.removals)
         if self.revision != self.first:
             self.conn.execute(_WRITE_META, (_REVISION, self.revision))
 
@@ -362,7 +361,6 @@ class _SetOne:
         tx.revision += 1
         version = tx.revision
         tx.conn.execute(_SET, (self.key, self.val, version, self.expires_at))
-        tx.record("set", self.key, self.val, self.expires_at)
         return Entry(self.val, version, self.expires_at)
 
 
@@ -390,13 +388,11 @@ class _SetMany:
     def apply(self, tx: _Transaction) -> int:
         tx.revision += 1
         version = tx.revision
-        # The last row for a key wins, and its change is the key's one in this revision.
+        # The last row for a key wins: one write (and one change) per key.
         last = {key: (val, expires_at) for key, val, expires_at in self.rows}
         tx.conn.executemany(
             _SET, ((key, val, version, expires_at) for key, (val, expires_at) in last.items())
         )
-        for key in sorted(last):
-            tx.record("set", key, *last[key])
         return version
 
 
@@ -407,7 +403,7 @@ def _remove(tx: _Transaction, keys: Sequence[str], kind: ChangeType) -> None:
     for start in range(0, len(keys), _CHUNK):
         chunk = keys[start : start + _CHUNK]
         tx.conn.execute(f"DELETE FROM kv WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-    for key in sorted(keys):
+    for key in keys:
         tx.record(kind, key)
 
 
@@ -461,15 +457,21 @@ class _TrimHistory:
         counted_through = _meta(conn, _HISTORY_COUNTED)
         # Every change up to tx.first is in the table (this group's own are not yet).
         rows = _meta(conn, _HISTORY_ROWS) + _count_changes_above(conn, counted_through)
-        oldest = conn.execute(
-            f"SELECT id >> {_SHIFT}, committed_at FROM changes ORDER BY id LIMIT ?", (self.batch,)
-        ).fetchall()
-        cut = trim_cut(oldest, compact, rows - self.max_rows, tx.now_ms - self.max_age * 1000)
+        conn.execute(_MARK, (int(tx.now_ms), tx.first))
+        cutoff = tx.now_ms - self.max_age * 1000
+        aged = conn.execute(_AGED, (cutoff,)).fetchone()[0]
+        # The newest mark at or before the cutoff decides; the older ones are needed no more.
+        conn.execute(_UNMARK, (cutoff,))
+        oldest = [
+            revision
+            for (revision,) in conn.execute(
+                "SELECT revision FROM changes ORDER BY revision, key LIMIT ?", (self.batch,)
+            )
+        ]
+        cut = trim_cut(oldest, compact, rows - self.max_rows, aged or 0)
         dropped = 0
-        if oldest and oldest[0][0] <= cut:
-            dropped = conn.execute(
-                "DELETE FROM changes WHERE id < ?", (_first_id(cut + 1),)
-            ).rowcount
+        if oldest and oldest[0] <= cut:
+            dropped = conn.execute("DELETE FROM changes WHERE revision <= ?", (cut,)).rowcount
         conn.executemany(
             _WRITE_META,
             (
@@ -483,10 +485,13 @@ class _TrimHistory:
 
 def _count_changes_above(conn: sqlite3.Connection, revision: int) -> int:
     return int(
-        conn.execute(
-            "SELECT count(*) FROM changes WHERE id >= ?", (_first_id(revision + 1),)
-        ).fetchone()[0]
+        conn.execute("SELECT count(*) FROM changes WHERE revision > ?", (revision,)).fetchone()[0]
     )
+
+
+_MARK = "INSERT OR REPLACE INTO history_marks (at, revision) VALUES (?, ?)"
+_AGED = "SELECT max(revision) FROM history_marks WHERE at <= ?"
+_UNMARK = "DELETE FROM history_marks WHERE at < (SELECT max(at) FROM history_marks WHERE at <= ?)"
 
 
 # Operations that are the store's upkeep, not a client's write: metrics count no write for them.
@@ -838,14 +843,12 @@ class SqliteStore:
             # Its own cursor, closed at the end: an unfinished statement keeps its read lock.
             with contextlib.closing(
                 self._conn.execute(
-                    f"SELECT id, type, key, val, expires_at FROM changes"
-                    f" WHERE id >= ?{key_range} ORDER BY id",
-                    (_first_id(since + 1), *key_parameters),
+                    "SELECT revision, type, key, val, expires_at FROM changes"
+                    f" WHERE revision > ?{key_range} ORDER BY revision, key",
+                    (since, *key_parameters),
                 )
             ) as rows:
-                events, more = take_changes(
-                    (Change(row[0] >> _SHIFT, *row[1:]) for row in rows), limit
-                )
+                events, more = take_changes((Change(*row) for row in rows), limit)
         except sqlite3.Error as error:
             raise _translate(error, self.path) from None
         return Changes(events, revision, more)
@@ -856,9 +859,7 @@ class SqliteStore:
     async def history(self) -> HistoryStats:
         counted = int(self._read(_READ_META, (_HISTORY_ROWS,))[0][0])
         counted_through = int(self._read(_READ_META, (_HISTORY_COUNTED,))[0][0])
-        above = self._read(
-            "SELECT count(*) FROM changes WHERE id >= ?", (_first_id(counted_through + 1),)
-        )
+        above = self._read("SELECT count(*) FROM changes WHERE revision > ?", (counted_through,))
         compact = int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0])
         return HistoryStats(counted + int(above[0][0]), compact)
 
@@ -950,8 +951,7 @@ class SqliteStore:
                 row = conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()
                 if row is not None and row[0] == fingerprint:
                     return None
-                # A trigger per seeded row would cost more than the seed: count once instead.
-                for statement in _STOP_COUNTING_KEYS:
+                for statement in _DROP_TRIGGERS:
                     conn.execute(statement)
                 tx = _Transaction(conn, self._clock() * 1000)
                 applied = insert(conn, tx.revision + 1)
@@ -967,7 +967,7 @@ class SqliteStore:
                     _WRITE_META, (_KEYS, conn.execute("SELECT count(*) FROM kv").fetchone()[0])
                 )
         finally:
-            for statement in _COUNT_KEYS:
+            for statement in _TRIGGERS:
                 self._conn.execute(statement)
         return applied
 

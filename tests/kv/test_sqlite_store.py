@@ -13,7 +13,6 @@ import pytest
 from mapmg_data_engineer_takehome.models import MAX_BATCH_WRITES
 from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt, StoreUnavailable
 from mapmg_data_engineer_takehome.store.base import (
-    MAX_CHANGES_PER_REVISION,
     Change,
     Compacted,
     SetItem,
@@ -212,11 +211,6 @@ async def test_a_file_of_the_release_before_the_history_is_upgraded_in_place(
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         conn.close()
-
-
-def test_a_revision_has_room_for_the_largest_batch() -> None:
-    """The sqlite store numbers a revision's changes below MAX_CHANGES_PER_REVISION."""
-    assert MAX_BATCH_WRITES < MAX_CHANGES_PER_REVISION
 
 
 async def test_a_batch_records_one_change_per_key_in_key_order(tmp_path: Path) -> None:

@@ -637,15 +637,20 @@ async def test_trimming_keeps_at_most_max_rows_whole_revisions_at_a_time(store: 
 async def test_trimming_drops_what_is_older_than_the_retention(
     store: Store, clock: FakeClock
 ) -> None:
+    """A change is old once a trimming pass that saw it is: each pass marks the revision."""
     await store.set("old", "1")
     await store.set("old", "2")
+    assert await store.trim_history(3600, 1000, batch=100) == 0  # marks revision 2, now
     clock.advance(100)
     await store.set("new", "3")
-    assert await store.trim_history(150, 1000, batch=100) == 0
+    assert await store.trim_history(150, 1000, batch=100) == 0  # marks revision 3
     clock.advance(10)
-    assert await store.trim_history(105, 1000, batch=100) == 2
+    assert await store.trim_history(105, 1000, batch=100) == 2  # revision 2 is 110 s old
     assert await store.history() == HistoryStats(rows=1, compact_revision=2)
     assert await all_changes(store, 2) == [Change(3, "set", "new", "3")]
+    clock.advance(100)
+    assert await store.trim_history(105, 1000, batch=100) == 1  # revision 3, 110 s old too
+    assert await store.history() == HistoryStats(rows=0, compact_revision=3)
 
 
 async def test_a_page_says_the_revision_it_was_read_at(store: Store) -> None:

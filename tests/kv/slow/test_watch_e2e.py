@@ -209,9 +209,8 @@ def hold_sqlite_write(path: Path, held: threading.Event, release: threading.Even
             (revision + 1,),
         )
         conn.execute(
-            "INSERT INTO changes (id, key, type, val, committed_at) VALUES (?, 'held', 'set',"
-            " 'v', 0)",
-            ((revision + 1) << 14,),
+            "INSERT INTO changes (revision, key, type, val) VALUES (?, 'held', 'set', 'v')",
+            (revision + 1,),
         )
         held.set()
         release.wait(10)
