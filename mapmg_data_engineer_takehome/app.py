@@ -29,6 +29,7 @@ from .settings import Settings
 from .state import FEED_KEY, INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
 from .store import Store, StoreError, open_store
 from .store.base import Clock
+from .watch import StreamPusher
 
 log = structlog.get_logger("kv.app")
 
@@ -115,7 +116,9 @@ async def store_context(
 
 async def feed_context(app: web.Application) -> AsyncIterator[None]:
     """The change feed, which starts with its first watcher."""
-    feed = ChangeFeed(app[STORE_KEY], app[SETTINGS_KEY].changes_backlog)
+    settings = app[SETTINGS_KEY]
+    pusher = StreamPusher(settings.changes_backlog, app[METRICS_KEY])
+    feed = ChangeFeed(app[STORE_KEY], settings.changes_backlog, settings.changes_heartbeat, pusher)
     app[FEED_KEY] = feed
     yield
     await feed.close()

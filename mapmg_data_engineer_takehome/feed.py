@@ -11,9 +11,17 @@ watch.
 
 Each change is encoded once, as the JSON object the API sends (``Event.data``).
 
-The hub also keeps the streams open on it (``Watcher``): once a second it ends the wait of a
-stream whose connection is gone, and closes one whose watcher has left more than its backlog
-unread, so that no slow consumer makes the server hold more than that for it.
+Streams (``Stream``) take the fast way once they have caught up with the tail: they park on
+the hub (``follow``), and each refresh hands its events to the ``Pusher`` once per prefix for
+all the parked streams of that prefix, which writes them to their connections there and then.
+A thousand streams so cost one encoding and a thousand writes per refresh, not a thousand tasks
+woken to read and write the same bytes. A stream behind the tail, a long-poll, and a stream on
+a connection that cannot take direct writes wait instead (``wait``) and read for themselves.
+
+The hub also sweeps its streams: it ends the wait of one whose connection is gone, closes one
+whose watcher has left more than its backlog unread (so that no slow consumer makes the server
+hold more than that for it), and has the Pusher write a heartbeat to a parked one that has been
+idle for the heartbeat interval.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Protocol
 
@@ -40,7 +48,12 @@ REFRESH_LIMIT = 1000
 TAIL_BYTES = 8 * 1024 * 1024
 # After a refresh failed (the store is unavailable), the pause before the next try.
 REFRESH_RETRY = 0.5
-# Between two sweeps of the open streams.
+# Between the starts of two refreshes, at least: under a stream of writes the changes of that
+# time go out together, one write to each stream instead of one per change (a write to a
+# socket is most of a stream's cost: bench/results.md). After a quiet spell, a change is read
+# at once.
+REFRESH_INTERVAL = 0.02
+# Between two sweeps of the open streams, at most.
 SWEEP_INTERVAL = 1.0
 
 
@@ -93,26 +106,47 @@ class StreamTransport(Protocol):
 
     def abort(self) -> None: ...
 
+    def write(self, data: bytes) -> None: ...
 
-class Watcher:
-    """A stream open on the feed: its connection, and the wait it is in (see wait)."""
 
-    __slots__ = ("future", "gone", "transport")
+class Stream:
+    """A stream open on the feed: its connection and prefix, where it is (``position``, the
+    revision up to which it has every change under its prefix), when it last wrote (the
+    loop's clock), and the wait it is in, parked or not."""
 
-    def __init__(self, transport: Optional[StreamTransport]) -> None:
+    __slots__ = ("future", "gone", "last_write", "position", "prefix", "transport")
+
+    def __init__(self, transport: Optional[StreamTransport], prefix: str, position: int) -> None:
         self.transport = transport
+        self.prefix = prefix
+        self.position = position
+        self.last_write = 0.0
         self.future: Optional[asyncio.Future[bool]] = None
         self.gone = False  # the connection closed: the stream ends
 
 
+class Pusher(Protocol):
+    """Writes to parked streams, there and then (it must not wait)."""
+
+    def events(self, events: Sequence[Event], streams: Collection[Stream]) -> None:
+        """Send ``events`` (whole revisions, under the streams' prefix) to every stream."""
+
+    def progress(self, revision: int, streams: Collection[Stream]) -> None:
+        """Send a heartbeat: nothing under the streams' prefix up to ``revision``."""
+
+
 class ChangeFeed:
     """The hub (see the module docstring). It starts with its first watcher. ``backlog`` is
-    the most bytes a stream may leave unread."""
+    the most bytes a stream may leave unread; ``heartbeat`` the most seconds a parked one
+    stays silent; ``pusher`` writes to parked streams."""
 
-    def __init__(self, store: Store, backlog: int) -> None:
+    def __init__(self, store: Store, backlog: int, heartbeat: float, pusher: Pusher) -> None:
         self._store = store
         self.backlog = backlog
-        self._watchers: set[Watcher] = set()
+        self.heartbeat = heartbeat
+        self._pusher = pusher
+        self._streams: set[Stream] = set()
+        self._parked: dict[str, set[Stream]] = {}  # by prefix; each at the tail's revision
         self._sweeping: Optional[asyncio.Task[None]] = None
         # The tail: every change in revisions above ``floor`` up to ``revision``.
         self.floor = 0
@@ -125,6 +159,8 @@ class ChangeFeed:
         self._ready = False  # the tail holds what it says: floor and revision are set
         self._listening: Optional[asyncio.Task[None]] = None
         self._refreshing: Optional[asyncio.Task[None]] = None
+        self._next_refresh: Optional[asyncio.TimerHandle] = None
+        self._last_refresh = float("-inf")  # when the last one started (the loop's clock)
         self._stale = False
         self.closed = False
 
@@ -146,13 +182,13 @@ class ChangeFeed:
         return Batch(events, self.revision, more)
 
     async def wait(
-        self, prefix: str, since: int, timeout: float, watcher: Optional[Watcher] = None
+        self, prefix: str, since: int, timeout: float, stream: Optional[Stream] = None
     ) -> bool:
         """Wait until there may be a change under ``prefix`` above ``since``: True then,
-        False after ``timeout`` seconds, when the feed closes, or when the ``watcher``'s
+        False after ``timeout`` seconds, when the feed closes, or when the ``stream``'s
         connection is gone."""
         await self.start()
-        if self.closed or (watcher is not None and watcher.gone):
+        if self.closed or (stream is not None and stream.gone):
             return False
         if since < self.floor or self._holds_change(prefix, since):
             return True  # the caller reads it now (from the store, when below the tail)
@@ -161,13 +197,13 @@ class ChangeFeed:
         waiters = self._waiters.setdefault(prefix, set())
         waiters.add(future)
         timer = loop.call_later(timeout, _resolve, future, False)
-        if watcher is not None:
-            watcher.future = future
+        if stream is not None:
+            stream.future = future
         try:
             return await future
         finally:
-            if watcher is not None:
-                watcher.future = None
+            if stream is not None:
+                stream.future = None
             timer.cancel()
             waiters.discard(future)
             if not waiters and self._waiters.get(prefix) is waiters:
@@ -206,52 +242,105 @@ class ChangeFeed:
 
     # --- the streams ------------------------------------------------------------------------
 
-    def watch(self, transport: Optional[StreamTransport]) -> Watcher:
+    def watch(self, transport: Optional[StreamTransport], prefix: str, position: int) -> Stream:
         """Register a stream on ``transport``: it may leave at most ``backlog`` bytes unread,
         which its transport may buffer without pausing the writer."""
-        watcher = Watcher(transport)
+        stream = Stream(transport, prefix, position)
         if transport is not None:
             transport.set_write_buffer_limits(high=self.backlog)
-        self._watchers.add(watcher)
-        return watcher
+        self._streams.add(stream)
+        return stream
 
-    def unwatch(self, watcher: Watcher) -> None:
-        self._watchers.discard(watcher)
+    def unwatch(self, stream: Stream) -> None:
+        self._streams.discard(stream)
+
+    def can_follow(self, stream: Stream) -> bool:
+        """Whether ``stream`` has every change up to the tail's revision, and may park."""
+        return self._ready and not self.closed and stream.position == self.revision
+
+    async def follow(self, stream: Stream) -> bool:
+        """Park ``stream`` (see can_follow): the Pusher writes to it from now on. Returns
+        False when the stream is to end (the feed closes, its connection is gone), True when
+        its handler is to read on from ``stream.position`` (the tail began again)."""
+        parked = self._parked.setdefault(stream.prefix, set())
+        parked.add(stream)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        stream.future = future
+        try:
+            return await future
+        finally:
+            stream.future = None
+            parked.discard(stream)
+            if not parked and self._parked.get(stream.prefix) is parked:
+                del self._parked[stream.prefix]
 
     async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            for watcher in list(self._watchers):
-                transport = watcher.transport
+            await asyncio.sleep(min(SWEEP_INTERVAL, self.heartbeat / 2))
+            now = loop.time()
+            due: list[Stream] = []
+            for stream in list(self._streams):
+                transport = stream.transport
                 if transport is None or transport.is_closing():
-                    watcher.gone = True
-                    if watcher.future is not None:
-                        _resolve(watcher.future, False)
+                    stream.gone = True
+                    if stream.future is not None:
+                        _resolve(stream.future, False)
                 elif transport.get_write_buffer_size() > self.backlog:
                     log.info("watcher_too_slow", backlog=transport.get_write_buffer_size())
                     transport.abort()  # its writer, waiting to drain, fails and ends
+                elif now - stream.last_write >= self.heartbeat and self._is_parked(stream):
+                    due.append(stream)
+            if due:
+                self._pusher.progress(self.revision, due)
+                for stream in due:
+                    stream.last_write = now
+
+    def _is_parked(self, stream: Stream) -> bool:
+        return stream in self._parked.get(stream.prefix, ())
+
+    def _push(self, new: Sequence[Event]) -> None:
+        """Hand the new events to the parked streams, once per prefix."""
+        now = asyncio.get_running_loop().time()
+        for prefix, streams in self._parked.items():
+            matching = new if not prefix else [e for e in new if e.key.startswith(prefix)]
+            if matching and streams:
+                self._pusher.events(matching, streams)
+                for stream in streams:
+                    stream.last_write = now
 
     # --- keeping the tail -------------------------------------------------------------------
 
     def _wake(self) -> None:
-        """The store may have moved: refresh, once at a time (a wake during a refresh makes
-        it read again when it is done)."""
+        """The store may have moved: refresh, once at a time and at most every
+        REFRESH_INTERVAL (a wake meanwhile makes the next one read)."""
         self._stale = True
-        if self._refreshing is None and not self.closed:
-            self._refreshing = asyncio.ensure_future(self._refresh())
+        if self._refreshing is not None or self._next_refresh is not None or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self._last_refresh + REFRESH_INTERVAL - loop.time()
+        if delay > 0:
+            self._next_refresh = loop.call_later(delay, self._start_refresh)
+        else:
+            self._start_refresh()
+
+    def _start_refresh(self) -> None:
+        self._next_refresh = None
+        self._last_refresh = asyncio.get_running_loop().time()
+        self._refreshing = asyncio.ensure_future(self._refresh())
 
     async def _refresh(self) -> None:
+        """Read what changed after the tail's revision, once (more next time, if there is)."""
+        self._stale = False
         try:
-            while self._stale and not self.closed:
-                self._stale = False
-                try:
-                    changes = await self._store.changes("", self.revision, REFRESH_LIMIT)
-                except HistoryGone:
-                    # A seed or an import compacted the history past the tail, or the store
-                    # was replaced: begin again at its revision. Watchers behind it learn
-                    # that they must list again (410) when they next read.
-                    self._restart(await self._store.revision())
-                    continue
+            try:
+                changes = await self._store.changes("", self.revision, REFRESH_LIMIT)
+            except HistoryGone:
+                # A seed or an import compacted the history past the tail, or the store was
+                # replaced: begin again at its revision. Watchers behind it learn that they
+                # must list again (410) when they next read.
+                self._restart(await self._store.revision())
+            else:
                 self._append(changes)
         except Exception as error:  # StoreError, or a bug: the next wake tries again
             if isinstance(error, StoreError):
@@ -275,6 +364,7 @@ class ChangeFeed:
             self._stale = True
         self._drop_oldest()
         if new:
+            self._push(new)
             self._notify(new)
 
     def _drop_oldest(self) -> None:
@@ -295,6 +385,13 @@ class ChangeFeed:
         del self._events[:dropped], self._revisions[:dropped]
 
     def _restart(self, revision: int) -> None:
+        """Begin the tail again at ``revision``: every waiter reads, and every parked stream
+        reads on from where it was, from the store (which may tell it to list again)."""
+        for streams in self._parked.values():
+            for stream in streams:
+                stream.position = self.revision
+                if stream.future is not None:
+                    _resolve(stream.future, True)
         self._events, self._revisions, self._bytes = [], [], 0
         self.floor = self.revision = revision
         for waiters in self._waiters.values():
@@ -316,10 +413,14 @@ class ChangeFeed:
         for waiters in self._waiters.values():
             for future in waiters:
                 _resolve(future, False)
-        for watcher in self._watchers:
-            transport = watcher.transport
+        for stream in self._streams:
+            if stream.future is not None:
+                _resolve(stream.future, False)
+            transport = stream.transport
             if transport is not None and transport.get_write_buffer_size():
                 transport.abort()
+        if self._next_refresh is not None:
+            self._next_refresh.cancel()
         for task in (self._listening, self._refreshing, self._sweeping):
             if task is not None:
                 task.cancel()

@@ -1,5 +1,6 @@
 """What happens below the application, per connection: requests aiohttp cannot parse get the
-same JSON errors as the rest, and clients that are too slow to send a request are cut off.
+same JSON errors as the rest, clients that are too slow to send a request are cut off, and a
+stream's chunks can be written without a task per stream (``chunk``).
 """
 
 from __future__ import annotations
@@ -105,3 +106,18 @@ async def close_stalled_connections(server: web.Server, timeout: float) -> None:
             started = getattr(handler, "request_started", None)
             if started is not None and started < deadline and handler.transport is not None:
                 handler.transport.close()
+
+
+def chunk(data: bytes) -> bytes:
+    """``data`` framed as one chunk of HTTP/1.1's chunked transfer coding.
+
+    aiohttp writes a body only from a coroutine of the request's own task, which would make a
+    task per open stream wake for every event. The change feed writes the events of a stream
+    that has caught up straight to its transport instead, each write one chunk framed here.
+    That holds while aiohttp frames a chunked answer as the protocol says: its answer was
+    prepared with ``enable_chunked_encoding``, a first write through aiohttp sent its headers
+    (aiohttp may hold them until then), nothing of aiohttp's is buffered for the transport
+    (a chunk goes out whole as it is written), and when the handler returns aiohttp ends the
+    body with the last chunk. tests/kv/test_protocol.py fails if any of that changes.
+    """
+    return b"%x\r\n%s\r\n" % (len(data), data)

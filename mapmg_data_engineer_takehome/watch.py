@@ -7,22 +7,25 @@ sent: a watcher too far behind, or ahead of the store, gets a 410, never a strea
 
 A stream is written here rather than with aiohttp-sse: each event is encoded once for every
 watcher (feed.Event.data), a revision's events go out in one write, its id is on its last event
-only, and heartbeats carry the resume point (see the README's design decisions).
+only, heartbeats carry the resume point, and a stream that has caught up is written to by the
+feed, without a task of its own (see the README's design decisions).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Optional
 
 import structlog
-from aiohttp import hdrs, web
+from aiohttp import HttpVersion11, hdrs, web
 
 from .errors import JSON_HEADERS, ApiError, safe_message
-from .feed import Batch, ChangeFeed, Event, encode_all
+from .feed import Batch, ChangeFeed, Event, Stream, encode_all
+from .metrics import Metrics
 from .models import ChangesQuery, parse_query
+from .protocol import chunk
 from .state import FEED_KEY, METRICS_KEY, SETTINGS_KEY, STORE_KEY
 from .store.base import Compacted, HistoryGone, StoreError, UnknownRevision
 
@@ -158,41 +161,53 @@ async def _stream(
     request: web.Request, feed: ChangeFeed, query: ChangesQuery, batch: Batch
 ) -> web.StreamResponse:
     """Stream the changes until the watcher leaves, the server stops, or the history moves
-    past the stream (then the watcher reconnects, and is told to list again)."""
+    past the stream (then the watcher reconnects, and is told to list again).
+
+    Caught up with the feed's tail, the stream parks on the feed, which writes to it from
+    then on (see StreamPusher); behind it, its handler reads and writes for itself."""
     heartbeat = request.app[SETTINGS_KEY].changes_heartbeat
     metrics = request.app[METRICS_KEY]
     response = web.StreamResponse(headers=STREAM_HEADERS)
+    # Chunked, as every HTTP/1.1 answer without a length is, but said so: the feed writes
+    # its chunks to the transport itself (protocol.chunk). HTTP/1.0 has no chunks: such a
+    # stream never parks.
+    parks = request.version >= HttpVersion11
+    if parks:
+        response.enable_chunked_encoding()
     await response.prepare(request)
-    watcher = feed.watch(request.transport)
+    position = _next(batch)
+    stream = feed.watch(request.transport, query.prefix, position)
     if metrics is not None:
         metrics.watchers.labels("sse").inc()
     loop = asyncio.get_running_loop()
-    last_write = loop.time()
 
     async def send(chunk: bytes, events: int = 0) -> None:
-        nonlocal last_write
         await response.write(chunk)
-        last_write = loop.time()
+        stream.last_write = loop.time()
         if metrics is not None and events:
             metrics.observe_events_sent("sse", events)
 
     try:
         # The first write says where the stream is, events or not: a watcher that came
-        # without since resumes from there.
-        position = _next(batch)
+        # without since resumes from there. The retry field goes with the first event's, not
+        # in a block of its own: some clients take a block without data for an event.
         opening = event_stream(batch.events) if batch.events else progress(position)
-        # With the first event's fields, not a block of its own: some clients take a block
-        # without data for an event.
         await send(b"retry: %d\n%s" % (RECONNECT_MS, opening), len(batch.events))
-        while not feed.closed and not watcher.gone:
+        while not feed.closed and not stream.gone:
             if not batch.more:
-                idle = loop.time() - last_write
-                if idle >= heartbeat:
-                    await send(progress(position))
-                    continue
-                await feed.wait(query.prefix, position, heartbeat - idle, watcher)
-                if feed.closed or watcher.gone:
-                    break
+                stream.position = position
+                if parks and feed.can_follow(stream):
+                    if not await feed.follow(stream):
+                        break
+                    position = stream.position
+                else:
+                    idle = loop.time() - stream.last_write
+                    if idle >= heartbeat:
+                        await send(progress(position))
+                        continue
+                    await feed.wait(query.prefix, position, heartbeat - idle, stream)
+                    if feed.closed or stream.gone:
+                        break
             batch = await feed.changes(query.prefix, position, query.limit)
             if batch.events:
                 await send(event_stream(batch.events), len(batch.events))
@@ -204,7 +219,35 @@ async def _stream(
     except StoreError as error:
         log.warning("watch_stream_failed", reason=safe_message(error))
     finally:
-        feed.unwatch(watcher)
+        feed.unwatch(stream)
         if metrics is not None:
             metrics.watchers.labels("sse").dec()
     return response
+
+
+class StreamPusher:
+    """Writes to the streams parked on the feed: one encoding of the events for all of them,
+    then a chunk to each stream's transport, without waiting; a stream that has left more
+    than its backlog unread is closed (it resumes from its last id)."""
+
+    def __init__(self, backlog: int, metrics: Optional[Metrics]) -> None:
+        self._backlog = backlog
+        self._metrics = metrics
+
+    def events(self, events: Sequence[Event], streams: Collection[Stream]) -> None:
+        self._write(chunk(event_stream(events)), streams)
+        if self._metrics is not None:
+            self._metrics.observe_events_sent("sse", len(events) * len(streams))
+
+    def progress(self, revision: int, streams: Collection[Stream]) -> None:
+        self._write(chunk(progress(revision)), streams)
+
+    def _write(self, data: bytes, streams: Collection[Stream]) -> None:
+        for stream in streams:
+            transport = stream.transport
+            if transport is None or transport.is_closing():
+                continue
+            transport.write(data)
+            if transport.get_write_buffer_size() > self._backlog:
+                log.info("watcher_too_slow", backlog=transport.get_write_buffer_size())
+                transport.abort()

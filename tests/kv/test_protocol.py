@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from mapmg_data_engineer_takehome.protocol import KvRequestHandler, KvServer, ServerRunner
+from mapmg_data_engineer_takehome.protocol import (
+    KvRequestHandler,
+    KvServer,
+    ServerRunner,
+    chunk,
+)
 
 
 def test_aiohttp_is_the_major_version_protocol_py_was_written_for() -> None:
@@ -39,3 +45,31 @@ async def test_the_runner_still_builds_its_server_where_protocol_py_swaps_it() -
         assert isinstance(server.connections, list)
     finally:
         await runner.cleanup()
+
+
+async def test_chunks_written_to_the_transport_join_aiohttps_own(aiohttp_client: Any) -> None:
+    """What the change feed's direct writes rely on (protocol.chunk): a prepared, chunked
+    answer whose first chunk aiohttp wrote (and with it the headers) takes further chunks
+    written to its transport, between aiohttp's own writes, and aiohttp ends it with the last
+    chunk. An HTTP client reads every chunk back, in order, and the end."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"first,")
+        assert request.transport is not None
+        request.transport.write(chunk(b"direct,"))
+        request.transport.write(chunk(b"x" * 70_000 + b","))
+        await response.write(b"aiohttp again,")
+        request.transport.write(chunk(b"last"))
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    client = await aiohttp_client(app)
+    answer = await client.get("/")
+    assert answer.headers["Transfer-Encoding"] == "chunked"
+    assert await answer.read() == b"first,direct," + b"x" * 70_000 + b",aiohttp again,last"
+    # The connection is still good for another request: the body ended where it should.
+    assert await (await client.get("/")).read() == await answer.read()
