@@ -132,6 +132,13 @@ class PostgresCluster:
         )  # fmt: skip
         return result.stdout.strip()
 
+    def load(self, script: Path, database: str) -> None:
+        """Run the SQL script (a pg_dump) in ``database``, stopping at its first error."""
+        self._run(
+            str(self.bindir / "psql"), "-h", str(self.root), "-p", str(self.port),
+            "-U", SUPERUSER, "-d", database, "-v", "ON_ERROR_STOP=1", "-q", "-f", str(script),
+        )  # fmt: skip
+
     def create_database(self) -> str:
         """A new, empty database; its name."""
         name = f"kv_{uuid.uuid4().hex[:12]}"

@@ -135,3 +135,28 @@ def test_bulk_recording_adds_up_like_observe() -> None:
     for line in text.splitlines():
         if line.startswith("one_"):
             assert line.replace("one_", "bulk_", 1) in text, line
+
+
+async def test_the_change_feed_watchers_events_and_history(client: Client) -> None:
+    """Watchers by transport while they wait, events sent by transport, and the history's
+    rows and compact revision."""
+    for number in range(3):
+        await client.post("/set", json={"key": f"k{number}", "val": "v"})
+    polling = asyncio.ensure_future(client.get("/changes", params={"since": "3", "timeout": "5"}))
+    stream = await client.get("/changes", headers={"Accept": "text/event-stream"})
+    await stream.content.readuntil(b"\n\n")  # its opening progress event
+    text = await scrape(client)
+    assert sample(text, "kv_watchers", transport="sse") == 1
+    assert sample(text, "kv_watchers", transport="longpoll") == 1
+    await client.post("/set", json={"key": "k3", "val": "v"})
+    assert (await (await polling).json())["events"][0]["key"] == "k3"
+    await stream.content.readuntil(b"\n\n")  # the event
+    await client.get("/changes", params={"since": "0", "timeout": "0"})  # 4 events at once
+    assert await client.app[STORE_KEY].trim_history(3600, 2, 100) == 2
+    stream.close()
+    text = await scrape(client)
+    assert sample(text, "kv_watchers", transport="longpoll") == 0
+    assert sample(text, "kv_change_events_sent_total", transport="longpoll") == 1 + 4
+    assert sample(text, "kv_change_events_sent_total", transport="sse") == 1
+    assert sample(text, "kv_change_history_rows") == 2
+    assert sample(text, "kv_change_compact_revision") == 2

@@ -8,9 +8,11 @@ import pytest
 
 from mapmg_data_engineer_takehome.settings import SettingsError, load_settings
 from mapmg_data_engineer_takehome.store import StoreCorrupt, StoreUnavailable
+from mapmg_data_engineer_takehome.store.base import Compacted
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore, redacted_url
 
 from ..postgres_support import PASSWORD, PostgresCluster
+from ..test_sqlite_store import FIXTURES, RELEASE_2_LISTING
 
 
 async def test_servers_opening_together_create_the_schema_once(postgres_url: str) -> None:
@@ -37,6 +39,39 @@ async def test_a_database_of_a_newer_schema_is_refused(postgres_url: str) -> Non
         await conn.close()
     with pytest.raises(StoreCorrupt, match="newer version"):
         await PostgresStore.open(postgres_url)
+
+
+async def test_a_database_of_the_release_before_the_history_is_upgraded_in_place(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """tests/kv/fixtures/kv-postgres-schema-1.sql is a pg_dump of a database written by the
+    release before the change feed (schema 1), with the same writes as the sqlite fixture of
+    schema 2 (see the fixtures' README): every key, version and expiry is kept, and the history
+    starts empty, whole above the revision the database was at."""
+    database = postgres_cluster.create_database()
+    postgres_cluster.load(FIXTURES / "kv-postgres-schema-1.sql", database)
+    url = postgres_cluster.url(database)
+    store = await PostgresStore.open(url, clock=lambda: 1_800_000_100.0)
+    try:
+        page = await store.list_keys("", None, 100, values=True)
+        assert page.revision == 8
+        listing = [(item.key, item.val, item.version, item.expires_at) for item in page.keys]
+        assert listing == RELEASE_2_LISTING
+        assert await store.seed_fingerprint() == "schema-1-fixture-seed"
+        assert await store.count() == len(RELEASE_2_LISTING)
+        with pytest.raises(Compacted) as compacted:
+            await store.changes("", 7, 100)
+        assert compacted.value.compact_revision == 8
+        await store.set("new", "after the upgrade")
+        assert [event.key for event in (await store.changes("", 8, 100)).events] == ["new"]
+        assert (await store.history()).rows == 1
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "2"
+    finally:
+        await conn.close()
 
 
 async def test_a_wrong_password_is_named_without_it(postgres_cluster: PostgresCluster) -> None:
