@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 from make_input_db import write_input_db  # noqa: E402
-from run import free_port, git_worktree  # noqa: E402
+from run import free_port, git_worktree, stop  # noqa: E402
 
 CONNECTIONS = 64
 READY_TIMEOUT = 300.0
@@ -166,12 +165,7 @@ def measure(
                     shutil.copyfile(newest, keep / f"{kind.lower()}.callgrind")
             return figures
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, timeout=120)  # valgrind takes its time
 
 
 def main(argv: Optional[list[str]] = None) -> int:

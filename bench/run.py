@@ -184,6 +184,16 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def wait_ready(port: int, process: subprocess.Popen[bytes]) -> float:
     """Seconds from now until /health answers 200."""
     started = time.monotonic()
@@ -249,12 +259,7 @@ def measure(
                 for kind, script in (("get", "get_random.lua"), ("set", "set_random.lua"))
             }
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
     return results
 
 

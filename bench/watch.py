@@ -27,7 +27,6 @@ import asyncio
 import multiprocessing
 import os
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,22 +42,16 @@ from pathlib import Path
 from typing import Optional
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
+from run import cpu_seconds, free_port, stop, wait_ready  # noqa: E402
+
 from tests.kv.postgres_support import PostgresCluster, server_binaries  # noqa: E402
 
 SERVER_CORE, CLIENT_CORE = "0", "1"
-READY_TIMEOUT = 60.0
 
 
 # --- servers --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _more_files() -> None:
@@ -92,25 +85,10 @@ def server(data_dir: Path, pinned: bool, **settings: str) -> Iterator[tuple[int,
         preexec_fn=_more_files,
     )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("server not ready") from None
-                time.sleep(0.05)
+        wait_ready(port, process)
         yield port, process.pid
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 def rss_mib(pid: int) -> float:
@@ -198,12 +176,6 @@ class Watcher(asyncio.Protocol):
         for revision in range(self.last + 1, last + 1):
             self.arrivals.setdefault(revision, array("d")).append(now)
         self.last = max(self.last, last)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass

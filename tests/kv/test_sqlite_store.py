@@ -135,6 +135,16 @@ RELEASE_1_CONTENTS = {
 }
 
 
+def assert_current_and_intact(path: Path) -> None:
+    """The file is at this release's schema, and SQLite finds nothing wrong in it."""
+    conn = sqlite3.connect(str(path))
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
+
+
 async def test_a_file_of_release_1_is_upgraded_in_place_losing_nothing(tmp_path: Path) -> None:
     """tests/kv/fixtures/kv-schema-1.sqlite3 was written by release 1.0.0 (schema 1)."""
     path = tmp_path / "kv.sqlite3"
@@ -152,12 +162,7 @@ async def test_a_file_of_release_1_is_upgraded_in_place_losing_nothing(tmp_path:
         assert written.version == 2 and written.expires_at is not None
     finally:
         await store.close()
-    conn = sqlite3.connect(str(path))
-    try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    finally:
-        conn.close()
+    assert_current_and_intact(path)
     reopened = SqliteStore(path)  # already upgraded: opens as it is
     try:
         assert await value_of(reopened, "new") == "after the upgrade"
@@ -205,12 +210,7 @@ async def test_a_file_of_the_release_before_the_history_is_upgraded_in_place(
         assert (await store.history()).rows == 1
     finally:
         await store.close()
-    conn = sqlite3.connect(str(path))
-    try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    finally:
-        conn.close()
+    assert_current_and_intact(path)
 
 
 async def test_a_batch_records_one_change_per_key_in_key_order(tmp_path: Path) -> None:
