@@ -222,9 +222,13 @@ class ChangeFeed:
             try:
                 self.floor = self.revision = await self._store.revision()
             except BaseException as error:
-                self._started.set_exception(error)
+                # The next watcher tries again; those waiting on this start get its failure.
                 started, self._started = self._started, None
-                started.exception()  # retrieved: the next watcher tries again
+                if isinstance(error, asyncio.CancelledError):
+                    started.cancel()
+                else:
+                    started.set_exception(error)
+                    started.exception()  # retrieved here, whoever else awaits it
                 raise
             self._ready = True
             self._listening = asyncio.ensure_future(self._listen())
@@ -236,8 +240,8 @@ class ChangeFeed:
         while True:
             try:
                 await self._store.listen(self._wake)
-            except StoreError as error:
-                log.warning("watch_listen_failed", reason=safe_message(error))
+            except Exception as error:  # StoreError, or a bug: listen again, and say so
+                _log_failure("watch_listen_failed", error)
             await asyncio.sleep(REFRESH_RETRY)
 
     # --- the streams ------------------------------------------------------------------------
@@ -275,26 +279,33 @@ class ChangeFeed:
                 del self._parked[stream.prefix]
 
     async def _sweep(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(min(SWEEP_INTERVAL, self.heartbeat / 2))
-            now = loop.time()
-            due: list[Stream] = []
-            for stream in list(self._streams):
-                transport = stream.transport
-                if transport is None or transport.is_closing():
-                    stream.gone = True
-                    if stream.future is not None:
-                        _resolve(stream.future, False)
-                elif transport.get_write_buffer_size() > self.backlog:
-                    log.info("watcher_too_slow", backlog=transport.get_write_buffer_size())
-                    transport.abort()  # its writer, waiting to drain, fails and ends
-                elif now - stream.last_write >= self.heartbeat and self._is_parked(stream):
-                    due.append(stream)
-            if due:
-                self._pusher.progress(self.revision, due)
-                for stream in due:
-                    stream.last_write = now
+            try:
+                self._sweep_once()
+            except Exception as error:  # a bug: the next sweep tries again, and it is said
+                _log_failure("watch_sweep_failed", error)
+
+    def _sweep_once(self) -> None:
+        """End the waits of streams whose connection is gone, close those past their
+        backlog, and have the Pusher write a heartbeat to parked ones idle for its interval."""
+        now = asyncio.get_running_loop().time()
+        due: list[Stream] = []
+        for stream in list(self._streams):
+            transport = stream.transport
+            if transport is None or transport.is_closing():
+                stream.gone = True
+                if stream.future is not None:
+                    _resolve(stream.future, False)
+            elif transport.get_write_buffer_size() > self.backlog:
+                log.info("watcher_too_slow", backlog=transport.get_write_buffer_size())
+                transport.abort()  # its writer, waiting to drain, fails and ends
+            elif now - stream.last_write >= self.heartbeat and self._is_parked(stream):
+                due.append(stream)
+        if due:
+            self._pusher.progress(self.revision, due)
+            for stream in due:
+                stream.last_write = now
 
     def _is_parked(self, stream: Stream) -> bool:
         return stream in self._parked.get(stream.prefix, ())
@@ -343,10 +354,7 @@ class ChangeFeed:
             else:
                 self._append(changes)
         except Exception as error:  # StoreError, or a bug: the next wake tries again
-            if isinstance(error, StoreError):
-                log.warning("watch_refresh_failed", reason=safe_message(error))
-            else:
-                log.error("watch_refresh_failed", exc_info=error)
+            _log_failure("watch_refresh_failed", error)
             await asyncio.sleep(REFRESH_RETRY)
             self._stale = True
         finally:
@@ -426,6 +434,14 @@ class ChangeFeed:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+
+def _log_failure(event: str, error: Exception) -> None:
+    """A store that cannot answer is a warning; anything else is a bug, with its traceback."""
+    if isinstance(error, StoreError):
+        log.warning(event, reason=safe_message(error))
+    else:
+        log.error(event, exc_info=error)
 
 
 def _resolve(future: asyncio.Future[bool], value: bool) -> None:

@@ -845,7 +845,8 @@ class PostgresStore:
 
             def notified(*args: Any) -> None:
                 notified_schema, _, revision = str(args[-1]).rpartition(" ")
-                if notified_schema == schema:  # a write to this store, not another's
+                # A write to this store, not another's (nor anyone else's notification).
+                if notified_schema == schema and revision.isdigit():
                     self._moved(int(revision))
 
             await conn.add_listener(CHANNEL, notified)

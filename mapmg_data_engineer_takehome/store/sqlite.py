@@ -881,6 +881,7 @@ class SqliteStore:
         try:
             wake()
             seen = None
+            failing = False
             while True:
                 try:
                     version = poller.execute("PRAGMA data_version").fetchone()[0]
@@ -890,9 +891,11 @@ class SqliteStore:
                         if revision != self._committer.known_revision:  # or restored
                             self._committer.known_revision = revision
                             wake()
+                    failing = False
                 except sqlite3.Error as error:  # a passing lock, say: wake to be safe
-                    log.warning("watch_poll_failed", reason=str(error))
-                    seen = None
+                    if not failing:  # said once, not every few ms while it lasts
+                        log.warning("watch_poll_failed", reason=str(error))
+                    failing, seen = True, None
                     wake()
                 await asyncio.sleep(WATCH_POLL_INTERVAL)
         finally:
