@@ -13,7 +13,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import orjson
 import structlog
 from aiohttp import web
 
@@ -21,7 +20,7 @@ from .errors import StartupError, safe_message
 from .feed import ChangeFeed
 from .metrics import Metrics
 from .middleware import make_request_wrapper
-from .openapi import build_document
+from .openapi import document_bytes
 from .protocol import MAX_REQUEST_LINE_BYTES, ServerRunner, close_stalled_connections
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
@@ -64,7 +63,7 @@ def create_app(
     metrics = Metrics() if settings.metrics else None
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics
-    app[OPENAPI_KEY] = orjson.dumps(build_document())
+    app[OPENAPI_KEY] = document_bytes()
     app.cleanup_ctx.append(partial(store_context, seed=seed, clock=clock))
     # After the store's context, so that they stop before the store closes.
     app.cleanup_ctx.append(feed_context)

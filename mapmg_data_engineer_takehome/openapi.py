@@ -8,9 +8,11 @@ fails when a route exists that the document lacks, or the other way round.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -49,6 +51,13 @@ def _models() -> list[type[BaseModel]]:
             if isinstance(model, type) and issubclass(model, BaseModel):
                 found[model.__name__] = model
     return list(found.values())
+
+
+@functools.lru_cache(maxsize=1)
+def document_bytes() -> bytes:
+    """The document as the server sends it: built once per process, since nothing in it
+    depends on the settings (building it is most of create_app's cost)."""
+    return orjson.dumps(build_document())
 
 
 def build_document() -> dict[str, Any]:
