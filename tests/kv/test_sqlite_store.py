@@ -101,6 +101,7 @@ def wal_size(path: Path) -> int:
     return os.path.getsize(f"{path}-wal")
 
 
+@pytest.mark.slow  # 19,200 writes, seconds each run
 @pytest.mark.parametrize("durability", ["normal", "full"])
 async def test_the_wal_stays_small_under_endless_writes_and_reads(
     tmp_path: Path, durability: str

@@ -449,8 +449,8 @@ def test_the_api_behaves_like_its_model(store: StoreKind, request: pytest.Fixtur
         cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
         return cluster.url(search_path=cluster.create_schema())
 
-    # The quick suite runs a few examples; the full one (--run-slow, as CI) four times more.
-    examples = 100 if request.config.getoption("--run-slow") else 25
+    # The quick suite runs a few examples; the full one (--run-slow, as CI) ten times more.
+    examples = 100 if request.config.getoption("--run-slow") else 10
     # A factory, not the class: each example's machine gets its own database. (Hypothesis
     # takes any callable; its annotation says a class.)
     stateful.run_state_machine_as_test(

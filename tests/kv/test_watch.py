@@ -227,7 +227,7 @@ async def test_many_waiting_watchers_cost_one_read_per_change(
 
     monkeypatch.setattr(store, "changes", counted)
     polls = [
-        asyncio.ensure_future(poll(client, since=start, prefix=f"p{index % 5}/", timeout=3))
+        asyncio.ensure_future(poll(client, since=start, prefix=f"p{index % 5}/", timeout=1))
         for index in range(50)
     ]
     await asyncio.sleep(0.3)
