@@ -1,4 +1,5 @@
-"""Read input.db (read-only, streamed) and hand its rows to ``Store.load``.
+"""Read input.db (read-only, streamed) and hand its rows to ``Store.load``, the bulk load an
+import goes through too.
 
 The rules, applied in rowid order with the last row for a key winning:
 - NULL key or val: skipped ("null_key", "null_val");
@@ -20,7 +21,7 @@ import hashlib
 import sqlite3
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Callable, Optional
 import structlog
 
 from .errors import StartupError
-from .store.base import Row, SqlSeed, Store
+from .store.base import BulkRow, Row, SqlSeed, Store
 from .store.sqlite import sqlite_uri
 
 log = structlog.get_logger("kv.seed")
@@ -42,6 +43,8 @@ SIDECAR_SUFFIXES = ("-wal", "-journal")
 # Part of the fingerprint: a change to the rules above reapplies an unchanged input.db.
 RULES_VERSION = b"seed-rules-1\x00"
 _CHUNK = 1 << 20
+# Rows per batch handed to a store that takes them from Python (see SeedFile.batches).
+_BATCH_ROWS = 1_000
 
 
 def _has_nul(column: str) -> str:
@@ -170,7 +173,7 @@ def _hash_into(source: Path, digest: hashlib._Hash) -> None:
 
 
 class SeedFile:
-    """An open, validated input.db: the Seed a store applies, and what the report needs."""
+    """An open, validated input.db: the BulkSource a store applies, and what the report needs."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection, uri: str, fingerprint: str) -> None:
         self.path = path
@@ -193,6 +196,17 @@ class SeedFile:
         for key, val in self._conn.execute(table_sql("main", exact=True)):
             if key and val is not None:
                 yield key, val
+
+    async def batches(self) -> AsyncIterator[list[BulkRow]]:
+        """The same rows, as a bulk load takes them (none expires)."""
+        batch: list[BulkRow] = []
+        for key, val in self.rows():
+            batch.append(BulkRow(key, val))
+            if len(batch) == _BATCH_ROWS:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def as_sql(self) -> SqlSeed:
         """The same rows, for a store that can attach a SQLite file and copy them itself."""
@@ -268,7 +282,8 @@ async def seed_store(store: Store, path: Optional[Path]) -> SeedReport:
                 # Counting reads every page of the table: a damaged input.db is named here,
                 # before the store could take its error for one of its own file.
                 rows_read = seed.row_count()
-                rows_applied = await store.load(seed)
+                loaded = await store.load(seed)
+                rows_applied = None if loaded is None else loaded.applied
                 if rows_applied is not None and rows_applied != rows_read:
                     skipped = seed.skips()
                 else:

@@ -16,7 +16,8 @@ The history, the same in every store: each commit that takes a revision records 
 in the same transaction, one Change per key (a set, a delete, or an expiry the purge
 removed), so that what the feed shows is committed and whatever committed is in it. The
 history is complete above its compact revision: trim_history moves that up as it drops old
-changes, and a seed, a bulk load rather than a stream of events, moves it to its own revision.
+changes, and a bulk load (a seed or an import), not a stream of events, moves it to its own
+revision.
 A change carries no time: each pass of trim_history marks the revision it found with the time
 it ran, and a change is old once a mark at or above its revision is (so it goes at most one
 pass after it has aged).
@@ -24,7 +25,8 @@ pass after it has aged).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import (
     Any,
@@ -76,6 +78,41 @@ class Page:
     keys: Sequence[ListedKey]
     more: bool
     revision: int
+
+
+class BulkRow(NamedTuple):
+    """A row of a bulk load or an export: a key, its value, and its expiry (ms) or None."""
+
+    key: str
+    val: str
+    expires_at: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a bulk load did: the rows it applied (a key's earlier rows included), the keys a
+    replace removed, and the revision they took (the store's unchanged one when nothing
+    changed)."""
+
+    applied: int
+    removed: int
+    revision: int
+
+
+class Snapshot(Protocol):
+    """An export: the live keys under a prefix as of one revision, in key order, however long
+    reading them takes."""
+
+    revision: int
+
+    def batches(self) -> AsyncIterator[Sequence[BulkRow]]:
+        """The rows, a batch at a time; a batch holds about EXPORT_BATCH_CHARS of values."""
+
+
+# An export's batch: at most this many rows, and it stops once its values pass
+# EXPORT_BATCH_CHARS, so that a batch of large values is a few MiB, not hundreds.
+EXPORT_BATCH_ROWS = 1_000
+EXPORT_BATCH_CHARS = 1 << 20
 
 
 # --- the history ------------------------------------------------------------------------------
@@ -352,12 +389,22 @@ class Store(Protocol):
         after this process's commits, and soon after another process's. Runs until
         cancelled."""
 
-    async def load(self, seed: Seed) -> Optional[int]:
-        """Apply the seed's rows in order (last wins, no expiry, one revision for all, no
-        changes recorded: the compact revision moves to the seed's) and remember its
-        fingerprint, atomically; how many rows were applied. None, applying
-        nothing, when the store already holds a seed of that fingerprint: checked inside the
-        same transaction, so that of several servers starting at once, one applies it."""
+    async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
+        """Apply the source's rows in order (last wins, one revision for all, no changes
+        recorded: the compact revision moves to the load's) all at once or not at all: the
+        seed and the import. With ``replace``, a prefix ("" for the whole store), the live and
+        expired keys under it that the source lacks are removed in the same transaction.
+
+        The rows are staged as they come (never all in memory, holding no lock that other
+        writes wait for) and applied in one transaction at the end; a failure or a
+        cancellation before then leaves the store as it was. With the source's fingerprint
+        (a seed's), None, applying nothing, when the store already holds a seed of that
+        fingerprint: checked inside the same transaction, so that of several servers
+        starting at once, one applies it; else the fingerprint is remembered with the rows."""
+
+    def export(self, prefix: str) -> AbstractAsyncContextManager[Snapshot]:
+        """A consistent snapshot of the live keys under ``prefix``, open until the context
+        ends: a write is wholly in it (its revision is at most the snapshot's) or wholly out."""
 
     async def seed_fingerprint(self) -> Optional[str]:
         """The fingerprint of the last seed applied, if the store remembers one."""
@@ -407,15 +454,17 @@ class SqlSeed:
     functions: Mapping[str, Callable[..., Any]]  # SQL functions the queries call
 
 
-class Seed(Protocol):
-    """An input.db to apply: what every store can take (``rows``), what a SQLite store can
-    take faster (``as_sql``), and its fingerprint. Either way, every key and value is valid
-    text without NUL: a store cannot take invalid text from a seed."""
+class BulkSource(Protocol):
+    """The rows of a bulk load: what every store can take (``batches``), what a SQLite store
+    can take faster (``as_sql``, an input.db), and a seed's fingerprint (None for an import).
+    Every key and value is valid text without NUL, within the limits: the source checked it.
+    A failure while ``batches`` runs (a bad line, a client gone) aborts the load."""
 
-    fingerprint: str
+    @property
+    def fingerprint(self) -> Optional[str]: ...
 
-    def rows(self) -> Iterable[Row]:
-        """The rows to apply, in order; the last one for a key wins."""
+    def batches(self) -> AsyncIterator[Sequence[BulkRow]]:
+        """The rows to apply, in order, a batch at a time; the last one for a key wins."""
 
     def as_sql(self) -> Optional[SqlSeed]:
         """The same rows as SQL over a SQLite file, or None when there is no such file."""

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Callable, Optional
 
 from .base import (
+    EXPORT_BATCH_CHARS,
+    EXPORT_BATCH_ROWS,
     PAGE_VALUE_CHARS,
+    BulkRow,
+    BulkSource,
     Change,
     Changes,
     ChangeType,
@@ -18,9 +23,9 @@ from .base import (
     Entry,
     HistoryStats,
     ListedKey,
+    Loaded,
     Page,
     PreconditionFailed,
-    Seed,
     SetItem,
     Wake,
     check_since,
@@ -156,6 +161,16 @@ class MemoryStore:
         self._committed()
         return len(live)
 
+    def _keys_under(self, prefix: str) -> list[str]:
+        """The stored keys (expired ones too) under ``prefix``, in order."""
+        if self._sorted is None:
+            self._sorted = sorted(self._data)
+        keys = self._sorted
+        bound = prefix_upper_bound(prefix)
+        start = bisect.bisect_left(keys, prefix)
+        end = len(keys) if bound is None else bisect.bisect_left(keys, bound, start)
+        return keys[start:end]
+
     async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:
         if self._sorted is None:
             self._sorted = sorted(self._data)
@@ -239,16 +254,39 @@ class MemoryStore:
         finally:
             self._wake = None
 
-    async def load(self, seed: Seed) -> Optional[int]:
-        revision = self._revision + 1
+    async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
+        # Staged in a dict of their own (last wins), then applied without a pause in between,
+        # so that no other write comes between the first key applied and the last.
+        staged: dict[str, BulkRow] = {}
         applied = 0
-        for key, val in seed.rows():
-            self._put(key, Entry(val, revision, None))
-            applied += 1
-        if applied:
-            self._revision = revision
-            self._compact_revision = revision  # a bulk load, not events: watchers list again
-        return applied
+        async for batch in source.batches():
+            for row in batch:
+                staged[row.key] = row
+            applied += len(batch)
+        removed = []
+        if replace is not None:
+            removed = [key for key in self._keys_under(replace) if key not in staged]
+        if not applied and not removed:
+            return Loaded(0, 0, self._revision)
+        self._revision += 1
+        for key in removed:
+            self._remove(key)
+        for key, row in staged.items():
+            self._put(key, Entry(row.val, self._revision, row.expires_at))
+        self._compact_revision = self._revision  # a bulk load, not events: watchers list again
+        self._committed()
+        return Loaded(applied, len(removed), self._revision)
+
+    @contextlib.asynccontextmanager
+    async def export(self, prefix: str) -> AsyncIterator[_Snapshot]:
+        # The entries are immutable tuples: the snapshot holds references, not copies.
+        now_ms = self._clock() * 1000
+        rows = []
+        for key in self._keys_under(prefix):
+            entry = self._data[key]
+            if entry.expires_at is None or entry.expires_at > now_ms:
+                rows.append(BulkRow(key, entry.val, entry.expires_at))
+        yield _Snapshot(self._revision, rows)
 
     async def seed_fingerprint(self) -> Optional[str]:
         return None
@@ -262,3 +300,23 @@ class MemoryStore:
     async def close(self) -> None:
         self._data.clear()
         self._sorted = []
+
+
+class _Snapshot:
+    """The rows an export read at once, handed out a batch at a time."""
+
+    def __init__(self, revision: int, rows: list[BulkRow]) -> None:
+        self.revision = revision
+        self._rows = rows
+
+    async def batches(self) -> AsyncIterator[list[BulkRow]]:
+        batch: list[BulkRow] = []
+        chars = 0
+        for row in self._rows:
+            batch.append(row)
+            chars += len(row.val)
+            if len(batch) == EXPORT_BATCH_ROWS or chars >= EXPORT_BATCH_CHARS:
+                yield batch
+                batch, chars = [], 0
+        if batch:
+            yield batch

@@ -26,15 +26,19 @@ table is the truth, and a server that misses a notification finds the change wit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any, Callable, Optional, TypeVar
 
 import asyncpg
 import structlog
 
 from .base import (
+    EXPORT_BATCH_ROWS,
     PAGE_VALUE_CHARS,
+    BulkRow,
+    BulkSource,
     Change,
     Changes,
     Clock,
@@ -45,9 +49,9 @@ from .base import (
     IfExists,
     IfVersion,
     ListedKey,
+    Loaded,
     Page,
     PreconditionFailed,
-    Seed,
     SetItem,
     StoreCorrupt,
     StoreError,
@@ -282,20 +286,34 @@ _WRITE_META = (
     " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
 _SEED_FINGERPRINT = "seed_fingerprint"
-_SEED_TABLE = "kv_seed"
+_BULK_TABLE = "kv_bulk"
 # The last row for each key: keys already stored are updated, the others inserted. Not one
-# INSERT ... ON CONFLICT, whose speculative insertion costs more for a large seed (see
-# bench/results.md); no other write can come between, since the seed holds the revision's
+# INSERT ... ON CONFLICT, whose speculative insertion costs more for a large load (see
+# bench/results.md); no other write can come between, since the load holds the revision's
 # lock (taken first).
-_APPLY_SEED = f"""
+_APPLY_BULK = f"""
 WITH latest AS (
-    SELECT DISTINCT ON (key) key, val FROM {_SEED_TABLE} ORDER BY key, ordinal DESC),
+    SELECT DISTINCT ON (key) key, val, expires_at FROM {_BULK_TABLE} ORDER BY key, ordinal DESC),
 updated AS (
-    UPDATE kv SET val = latest.val, version = $1, expires_at = NULL
+    UPDATE kv SET val = latest.val, version = $1, expires_at = latest.expires_at
       FROM latest WHERE kv.key = latest.key RETURNING kv.key)
 INSERT INTO kv (key, val, version, expires_at)
-SELECT key, val, $1, NULL FROM latest WHERE key NOT IN (SELECT key FROM updated)
+SELECT key, val, $1, expires_at FROM latest WHERE key NOT IN (SELECT key FROM updated)
 """
+# A replace: every key the load wrote has its revision ($1); the others under the prefix go.
+_REMOVE_OTHERS = (
+    "DELETE FROM kv WHERE version <> $1 AND key >= $2 AND ($3::text IS NULL OR key < $3)"
+)
+# An export's rows: values up to this many characters come with their row; longer ones are
+# read one at a time in the same snapshot, so that a fetch of EXPORT_BATCH_ROWS rows holds
+# at most about 16 MiB whatever the values are.
+_EXPORT_INLINE_CHARS = 16_384
+_EXPORT = f"""
+SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END, expires_at FROM kv
+ WHERE (expires_at IS NULL OR expires_at > $1) AND key >= $2 AND ($3::text IS NULL OR key < $3)
+ ORDER BY key
+"""
+_EXPORT_VALUE = "SELECT val FROM kv WHERE key = $1"
 _CONDITION_NAMES = {IfExists: "exists", IfAbsent: "absent", IfVersion: "version"}
 # SQLSTATE classes that mean "not now" rather than "a bug": connection exceptions,
 # insufficient resources, operator intervention (a shutdown, a restart), system errors.
@@ -862,42 +880,83 @@ class PostgresStore:
 
     # --- seeding ------------------------------------------------------------------------
 
-    async def load(self, seed: Seed) -> Optional[int]:
-        """Stream the seed's rows into a temporary table (COPY, never the whole seed in
-        memory), then apply them in one statement, last row for a key winning; all in one
-        transaction, under a lock that servers starting together wait on."""
+    async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
+        """Stream the rows into a temporary table (COPY, never all of them in memory), then
+        apply them in one statement, last row for a key winning; all in one transaction on a
+        connection of its own. The revision's lock, which every write waits for, is taken
+        only once the rows are in; a seed first takes a lock that servers starting together
+        wait on."""
         try:
-            # Its own connection, without the requests' timeout: a seed takes its time.
+            # Its own connection, without the requests' timeout: a load takes its time.
             conn = await asyncpg.connect(self._url, timeout=self._timeout)
         except _FAILURES as error:
             raise _translate(error) from None
         try:
             async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SEED_LOCK)
-                if await conn.fetchval(_READ_META, _SEED_FINGERPRINT) == seed.fingerprint:
-                    return None
-                # Enough memory to sort a large seed for DISTINCT ON without spilling to disk.
+                if source.fingerprint is not None:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _SEED_LOCK)
+                    if await conn.fetchval(_READ_META, _SEED_FINGERPRINT) == source.fingerprint:
+                        return None
+                # Enough memory to sort a large load for DISTINCT ON without spilling to disk.
                 await conn.execute("SET LOCAL work_mem = '256MB'")
                 await conn.execute(
-                    f"CREATE TEMP TABLE {_SEED_TABLE}"
-                    ' (ordinal bigint, key text COLLATE "C", val text) ON COMMIT DROP'
+                    f"CREATE TEMP TABLE {_BULK_TABLE} (ordinal bigint,"
+                    ' key text COLLATE "C", val text, expires_at bigint) ON COMMIT DROP'
                 )
                 status = await conn.copy_records_to_table(
-                    _SEED_TABLE, records=_numbered(seed.rows()), columns=["ordinal", "key", "val"]
+                    _BULK_TABLE,
+                    records=_numbered(source.batches()),
+                    columns=["ordinal", "key", "val", "expires_at"],
                 )
                 applied = int(status.split()[-1])
-                if applied:
-                    revision = await conn.fetchval(_TAKE_REVISION)
-                    inserted = await conn.execute(_APPLY_SEED, revision)
-                    await conn.execute(_COUNT_KEYS.format(int(inserted.split()[-1])))
+                first = int(await conn.fetchval(_LOCK_REVISION))
+                revision = first + 1
+                inserted = int((await conn.execute(_APPLY_BULK, revision)).split()[-1])
+                removed = 0
+                if replace is not None:
+                    status = await conn.execute(
+                        _REMOVE_OTHERS, revision, replace, prefix_upper_bound(replace)
+                    )
+                    removed = int(status.split()[-1])
+                if applied or removed:
+                    await conn.execute(_WRITE_META, "revision", str(revision))
+                    await conn.execute(_COUNT_KEYS.format(inserted - removed))
                     # A bulk load, not events: watchers from before it list again.
                     await conn.execute(_WRITE_META, "compact_revision", str(revision))
-                await conn.execute(_WRITE_META, _SEED_FINGERPRINT, seed.fingerprint)
-            return applied
+                else:
+                    revision = first
+                if source.fingerprint is not None:
+                    await conn.execute(_WRITE_META, _SEED_FINGERPRINT, source.fingerprint)
+            if applied or removed:
+                self._moved(revision)
+                if self.on_commit is not None:
+                    self.on_commit(1)
+            return Loaded(applied, removed, revision)
+        except _SourceFailed as failed:
+            raise failed.error from None
         except _FAILURES as error:
             raise _translate(error) from None
         finally:
             await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def export(self, prefix: str) -> AsyncIterator[_PostgresSnapshot]:
+        try:
+            conn = await asyncpg.connect(self._url, timeout=self._timeout)
+        except _FAILURES as error:
+            raise _translate(error) from None
+        try:
+            try:
+                transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+                await transaction.start()
+                revision = int(await conn.fetchval(_READ_REVISION))  # the snapshot's first read
+                now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
+                cursor = await conn.cursor(_EXPORT, now_ms, prefix, prefix_upper_bound(prefix))
+            except _FAILURES as error:
+                raise _translate(error) from None
+            yield _PostgresSnapshot(conn, revision, cursor)
+        finally:
+            await conn.close()  # ends the transaction too
 
     async def seed_fingerprint(self) -> Optional[str]:
         rows = await self._fetch(_READ_META, _SEED_FINGERPRINT)
@@ -927,9 +986,49 @@ def _with_revision(page: str) -> str:
                WHERE meta.name = 'revision' ORDER BY page.key"""
 
 
-def _numbered(rows: Any) -> Iterator[tuple[int, str, str]]:
-    for ordinal, (key, val) in enumerate(rows):
-        yield ordinal, key, val
+class _SourceFailed(Exception):
+    """The rows of a load failed (a bad line, a client gone): not PostgreSQL's doing."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _numbered(
+    batches: AsyncIterator[Sequence[BulkRow]],
+) -> AsyncIterator[tuple[int, str, str, Optional[int]]]:
+    ordinal = 0
+    try:
+        async for batch in batches:
+            for key, val, expires_at in batch:
+                yield ordinal, key, val, expires_at
+                ordinal += 1
+    except Exception as error:
+        raise _SourceFailed(error) from error
+
+
+class _PostgresSnapshot:
+    """An export's REPEATABLE READ transaction and its cursor, fetched a batch at a time."""
+
+    def __init__(self, conn: Any, revision: int, cursor: Any) -> None:
+        self._conn = conn
+        self.revision = revision
+        self._cursor = cursor
+
+    async def batches(self) -> AsyncIterator[list[BulkRow]]:
+        while True:
+            try:
+                rows = await self._cursor.fetch(EXPORT_BATCH_ROWS)
+                batch = []
+                for key, val, expires_at in rows:
+                    if val is None:  # too long to come with its row
+                        val = await self._conn.fetchval(_EXPORT_VALUE, key)
+                    batch.append(BulkRow(key, val, expires_at))
+            except _FAILURES as error:
+                raise _translate(error) from None
+            if not batch:
+                return
+            yield batch
 
 
 def _condition_name(condition: Optional[Condition]) -> Optional[str]:

@@ -20,17 +20,21 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path, PurePath
-from typing import Any, Callable, Optional, Protocol, TypeVar
+from typing import Any, Callable, Optional, Protocol, TypeVar, Union, cast
 from urllib.parse import quote, urlencode
 
 import structlog
 
 from .base import (
+    EXPORT_BATCH_CHARS,
+    EXPORT_BATCH_ROWS,
     PAGE_VALUE_CHARS,
+    BulkRow,
+    BulkSource,
     Change,
     Changes,
     ChangeType,
@@ -39,10 +43,9 @@ from .base import (
     Entry,
     HistoryStats,
     ListedKey,
+    Loaded,
     Page,
     PreconditionFailed,
-    Row,
-    Seed,
     SetItem,
     SqlSeed,
     StoreCorrupt,
@@ -87,7 +90,7 @@ _PRAGMAS = (
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 _CREATE_KV = (
-    # The constraints also make the seed skip the rows its rules skip (see _SEED_INSERT).
+    # The constraints also make the seed skip the rows its rules skip (see _BULK_INSERT).
     "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY NOT NULL CHECK (key <> ''),"
     " val TEXT NOT NULL, version INTEGER NOT NULL, expires_at INTEGER) WITHOUT ROWID"
 )
@@ -134,13 +137,6 @@ _TRIGGERS = (
     f" {_RECORD_SET}; END",
     f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_removed AFTER DELETE ON main.kv BEGIN"
     f" UPDATE meta SET value = value - 1 WHERE name = '{_KEYS}'; END",
-)
-# A seed drops them for its insert: a trigger per row would cost more than the seed, which
-# counts its keys once, and is a bulk load, not changes.
-_DROP_TRIGGERS = (
-    "DROP TRIGGER IF EXISTS temp.kv_key_added",
-    "DROP TRIGGER IF EXISTS temp.kv_key_updated",
-    "DROP TRIGGER IF EXISTS temp.kv_key_removed",
 )
 _SEED_FINGERPRINT = "seed_fingerprint"
 _SCHEMA = (
@@ -216,15 +212,22 @@ def _translate(error: sqlite3.Error, path: Path) -> StoreError:
     return StoreCorrupt(f"{path}: {error}")
 
 
-def _connect(path: Path, durability: str) -> sqlite3.Connection:
+def _connect(path: Path, durability: str, bulk: bool = False) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; the store begins and ends every one
     # itself, so none is left open to hide other workers' writes.
-    # uri=True: load ATTACHes the seed by a URI (read-only, immutable).
-    conn = sqlite3.connect(sqlite_uri(path.resolve()), uri=True, isolation_level=None)
+    # uri=True: a bulk load ATTACHes the seed by a URI (read-only, immutable).
+    conn = sqlite3.connect(
+        sqlite_uri(path.resolve()), uri=True, isolation_level=None, check_same_thread=not bulk
+    )
     try:
         for pragma in _PRAGMAS:
             conn.execute(pragma)
         conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[durability]}")
+        if bulk:
+            # Its staged rows go to a file (SQLite's, in its temporary directory, unlinked as
+            # it is made: a crash leaves nothing), not to memory: an import may be a GiB.
+            conn.execute("PRAGMA temp_store = FILE")
+            return conn  # and no triggers: a bulk load records no changes, and counts once
         for statement in _TRIGGERS:
             conn.execute(statement)
     except BaseException:
@@ -505,6 +508,15 @@ class _Operation(Protocol[Result]):
     def apply(self, tx: _Transaction) -> Result: ...
 
 
+class _Alone:
+    """A bulk load waiting in the committer's queue (see _GroupCommitter.run_alone)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[], tuple[Any, int]]) -> None:
+        self.run = run
+
+
 class _GroupCommitter:
     """Commits writes in groups: each commit takes every write that arrived before it began.
 
@@ -528,8 +540,9 @@ class _GroupCommitter:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
         else:
             self._conn = loop_conn
-        self._pending: list[tuple[_Operation[Any], asyncio.Future[Any]]] = []
+        self._pending: list[tuple[Union[_Operation[Any], _Alone], asyncio.Future[Any]]] = []
         self._draining: Optional[asyncio.Task[None]] = None
+        self._alone_queued = 0  # bulk loads in _pending
         self.on_commit: Optional[Callable[[int], None]] = None
         # Told after each commit that took a revision (see SqliteStore.listen).
         self.wake: Optional[Wake] = None
@@ -543,12 +556,60 @@ class _GroupCommitter:
             self._draining = asyncio.ensure_future(self._drain())
         return await future
 
+    async def run_alone(self, run: Callable[[], tuple[Result, int]]) -> Result:
+        """Run ``run`` (a bulk load: it commits on a connection of its own and returns its
+        result and the store's revision after it) on a thread, between two groups: this
+        process's writes that arrive meanwhile wait for it, and its reads go on. Once
+        queued, it runs to its end, even if the caller stops waiting."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((_Alone(run), future))
+        self._alone_queued += 1
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _run_alone(self, alone: _Alone, future: asyncio.Future[Any]) -> None:
+        try:
+            result, revision = await asyncio.get_running_loop().run_in_executor(None, alone.run)
+        except Exception as error:
+            if isinstance(error, sqlite3.Error):
+                error = _translate(error, self._path)
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a caller gone no longer awaits it
+            return
+        self._committed(1, revision)
+        if not future.done():
+            future.set_result(result)
+
+    def _committed(self, writes: int, revision: int) -> None:
+        if self.on_commit is not None:
+            self.on_commit(writes)
+        if revision > self.known_revision:
+            self.known_revision = revision
+            if self.wake is not None:
+                self.wake()
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                batch, self._pending = self._pending, []
-                operations = [operation for operation, _ in batch]
+                if self._alone_queued:  # a group ends before a bulk load
+                    first, future = self._pending[0]
+                    if isinstance(first, _Alone):
+                        del self._pending[0]
+                        self._alone_queued -= 1
+                        await self._run_alone(first, future)
+                        continue
+                    cut = next(
+                        index
+                        for index, (operation, _) in enumerate(self._pending)
+                        if isinstance(operation, _Alone)
+                    )
+                    batch, self._pending = self._pending[:cut], self._pending[cut:]
+                else:
+                    batch, self._pending = self._pending, []
+                operations = cast("list[_Operation[Any]]", [operation for operation, _ in batch])
                 try:
                     if self._executor is None:
                         results, revision = self._commit(operations)
@@ -562,12 +623,7 @@ class _GroupCommitter:
                         if not future.done():
                             future.set_exception(failure)
                 else:
-                    if self.on_commit is not None:
-                        self.on_commit(sum(not isinstance(op, _UPKEEP) for op in operations))
-                    if revision > self.known_revision:
-                        self.known_revision = revision
-                        if self.wake is not None:
-                            self.wake()
+                    self._committed(sum(not isinstance(op, _UPKEEP) for op in operations), revision)
                     for (_, future), result in zip(batch, results):
                         if future.done():
                             continue
@@ -607,23 +663,26 @@ class _FastSeedMissed(Exception):
     """The fast seed query got a row wrong: roll back, and use the exact one."""
 
 
-# Rows whose key or val is NULL, or whose key is empty, are the ones the seed skips: the
-# table's constraints refuse them, and OR IGNORE makes a refused row a skipped one. A key
-# seen again takes the later row (the upsert), as a key already in the store does.
-_SEED_INSERT = (
-    "INSERT OR IGNORE INTO kv (key, val, version, expires_at) SELECT *, ?, NULL FROM ({select})"
+# A bulk load's rows, in the order to apply them, each as (key, val, expires_at): rows whose
+# key or val is NULL, or whose key is empty, are the ones the seed skips; the table's
+# constraints refuse them, and OR IGNORE makes a refused row a skipped one. A key seen again
+# takes the later row (the upsert), as a key already in the store does.
+_BULK_INSERT = (
+    "INSERT OR IGNORE INTO kv (key, val, expires_at, version) SELECT *, ? FROM ({select})"
     " WHERE true ON CONFLICT (key) DO UPDATE SET"
-    " val = excluded.val, version = excluded.version, expires_at = NULL"
+    " val = excluded.val, version = excluded.version, expires_at = excluded.expires_at"
 )
+# An import's rows, staged in the bulk load's own temporary table, in the order they came.
+_CREATE_STAGED = (
+    "CREATE TEMP TABLE staged (key TEXT NOT NULL, val TEXT NOT NULL, expires_at INTEGER)"
+)
+_STAGE = "INSERT INTO temp.staged (key, val, expires_at) VALUES (?, ?, ?)"
+_STAGED = "SELECT key, val, expires_at FROM temp.staged ORDER BY rowid"
 
 
-def _insert_select(select: str, conn: sqlite3.Connection, version: int) -> int:
-    return int(conn.execute(_SEED_INSERT.format(select=select), (version,)).rowcount)
-
-
-def _insert_rows(rows: Iterable[Row], conn: sqlite3.Connection, version: int) -> int:
-    versioned = ((key, val, version, None) for key, val in rows)
-    return int(conn.executemany(_SET, versioned).rowcount)
+def _seed_select(select: str) -> str:
+    """A seed's (key, val) rows as a bulk load's: none expires."""
+    return f"SELECT *, NULL FROM ({select})"
 
 
 def _count_misses(sql: SqlSeed) -> int:
@@ -636,6 +695,141 @@ def _count_misses(sql: SqlSeed) -> int:
         return int(conn.execute(sql.misses).fetchone()[0])
     finally:
         conn.close()
+
+
+class _BulkLoad:
+    """A bulk load on a connection of its own: an import's rows staged in a temporary table
+    as they arrive, or a seed's file attached; then applied in one transaction by ``apply``,
+    which runs on a thread (the committer runs it between its groups: see run_alone) and
+    closes the connection when it is done."""
+
+    def __init__(self, path: Path, durability: str, replace: Optional[str]) -> None:
+        self.path = path
+        self.replace = replace
+        self.conn = _connect(path, durability, bulk=True)
+        self._staging = False
+
+    def stage(self, rows: Sequence[BulkRow]) -> None:
+        if not self._staging:
+            self.conn.execute(_CREATE_STAGED)
+            self._staging = True
+        self.conn.executemany(_STAGE, rows)
+
+    def apply_staged(self, fingerprint: Optional[str]) -> tuple[Optional[Loaded], int]:
+        try:
+            if not self._staging:  # an empty import: a replace still removes
+                self.conn.execute(_CREATE_STAGED)
+            return self._apply(_STAGED, fingerprint)
+        finally:
+            self.conn.close()
+
+    def apply_seed(self, sql: SqlSeed, fingerprint: str) -> tuple[Optional[Loaded], int]:
+        """The fast query and, on a second thread meanwhile, the count of rows it gets
+        wrong; when that is not 0 (input.db holds such text), the insert is rolled back and
+        done again with the exact query."""
+        conn = self.conn
+        try:
+            for name, function in sql.functions.items():
+                conn.create_function(name, 1, function, deterministic=True)
+            conn.execute(f"ATTACH DATABASE ? AS {SqlSeed.SCHEMA}", (sql.uri,))
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-seed-check") as pool:
+                misses = pool.submit(_count_misses, sql)
+                try:
+                    return self._apply(_seed_select(sql.select), fingerprint, misses.result)
+                except _FastSeedMissed:
+                    log.info("seed_exact_rules", reason="text the fast query gets wrong")
+            return self._apply(_seed_select(sql.exact_select), fingerprint)
+        finally:
+            conn.close()
+
+    def _apply(
+        self,
+        select: str,
+        fingerprint: Optional[str],
+        misses: Optional[Callable[[], int]] = None,
+    ) -> tuple[Optional[Loaded], int]:
+        """One transaction: the fingerprint check, the rows with the next revision, the
+        replace's removals, the count of keys, and the fingerprint. Returns what it did (None
+        when the store already held this seed), and the store's revision after it."""
+        conn = self.conn
+        with _transaction(conn):
+            if fingerprint is not None:
+                row = conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()
+                if row is not None and row[0] == fingerprint:
+                    return None, _meta(conn, _REVISION)
+            first = _meta(conn, _REVISION)
+            revision = first + 1
+            applied = conn.execute(_BULK_INSERT.format(select=select), (revision,)).rowcount
+            if misses is not None and misses():
+                raise _FastSeedMissed  # rolls the insert back
+            removed = 0
+            if self.replace is not None:
+                # Every key the load wrote has its revision; the others under the prefix go.
+                where, parameters = _key_range(self.replace)
+                removed = conn.execute(
+                    f"DELETE FROM kv WHERE version <> ?{where}", (revision, *parameters)
+                ).rowcount
+            if applied or removed:
+                conn.execute(_WRITE_META, (_REVISION, revision))
+                # A bulk load, not events: watchers from before it list again.
+                conn.execute(_WRITE_META, (_COMPACT_REVISION, revision))
+                conn.execute(
+                    _WRITE_META, (_KEYS, conn.execute("SELECT count(*) FROM kv").fetchone()[0])
+                )
+            else:
+                revision = first
+            if fingerprint is not None:
+                conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
+        if applied or removed:
+            # Move the load from the WAL into the file now: a seed's before the port opens,
+            # rather than in whichever request's commit crosses the checkpoint threshold.
+            # An import's without waiting for readers (an export's): the next one finishes.
+            mode = "TRUNCATE" if fingerprint is not None else "PASSIVE"
+            conn.execute(f"PRAGMA wal_checkpoint({mode})")
+        return Loaded(applied, removed, revision), revision
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _SqliteSnapshot:
+    """An export's read transaction on a connection of its own, read a batch at a time on
+    the event loop's thread (a batch is a millisecond or so: requests wait no longer)."""
+
+    def __init__(self, path: Path, prefix: str, now_ms: float) -> None:
+        self._path = path
+        self._conn = sqlite3.connect(sqlite_uri(path.resolve()), uri=True, isolation_level=None)
+        try:
+            self._conn.execute("PRAGMA mmap_size = 67108864")
+            self._conn.execute("BEGIN")
+            self.revision = _meta(self._conn, _REVISION)  # the snapshot begins with this read
+            where, parameters = _key_range(prefix)
+            self._rows = self._conn.execute(
+                f"SELECT key, val, expires_at FROM kv WHERE {_LIVE}{where} ORDER BY key",
+                (now_ms, *parameters),
+            )
+        except BaseException:
+            self._conn.close()
+            raise
+
+    async def batches(self) -> AsyncIterator[list[BulkRow]]:
+        while True:
+            batch: list[BulkRow] = []
+            chars = 0
+            try:
+                for row in self._rows:
+                    batch.append(BulkRow(*row))
+                    chars += len(row[1])
+                    if len(batch) == EXPORT_BATCH_ROWS or chars >= EXPORT_BATCH_CHARS:
+                        break
+            except sqlite3.Error as error:
+                raise _translate(error, self._path) from None
+            if not batch:
+                return
+            yield batch
+
+    def close(self) -> None:
+        self._conn.close()  # ends the read transaction: the WAL can be rewound again
 
 
 class SqliteStore:
@@ -902,77 +1096,40 @@ class SqliteStore:
             self._committer.wake = None
             poller.close()
 
-    async def load(self, seed: Seed) -> Optional[int]:
-        """Copy the seed inside SQLite when it is a SQLite file (ATTACH, then one INSERT ...
-        SELECT), else row by row; in one transaction with its fingerprint, then checkpoint."""
-        sql = seed.as_sql()
+    async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
+        """A seed's file is copied inside SQLite (ATTACH, then one INSERT ... SELECT); an
+        import's rows are staged in a temporary table as they come, then copied the same way.
+        Either way in one transaction on a connection of its own, on a thread, while the
+        committer holds this process's other writes back (see _GroupCommitter.run_alone)."""
+        sql = source.as_sql()
         try:
-            if sql is None:
-                applied = self._apply_seed(seed.fingerprint, partial(_insert_rows, seed.rows()))
+            bulk = _BulkLoad(self.path, self.durability, replace)
+            apply: Callable[[], tuple[Optional[Loaded], int]]
+            if sql is not None:
+                assert source.fingerprint is not None  # a seed's file has one
+                apply = partial(bulk.apply_seed, sql, source.fingerprint)
             else:
-                applied = self._load_attached(seed.fingerprint, sql)
-            if applied is not None:
-                # Move the seed from the WAL into the file now, before the port opens, rather
-                # than in whichever request's commit crosses the auto-checkpoint threshold.
-                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                try:
+                    async for batch in source.batches():
+                        bulk.stage(batch)
+                except BaseException:
+                    bulk.close()
+                    raise
+                apply = partial(bulk.apply_staged, source.fingerprint)
+            return await self._committer.run_alone(apply)
         except sqlite3.Error as error:
             raise _translate(error, self.path) from error
-        return applied
 
-    def _load_attached(self, fingerprint: str, sql: SqlSeed) -> Optional[int]:
-        """The fast query and, on a second thread meanwhile, the count of rows it gets
-        wrong; when that is not 0 (input.db holds such text), the insert is rolled back and
-        done again with the exact query. Exact either way, and about as fast as the fast
-        query alone on two cores."""
-        conn = self._conn
-        for name, function in sql.functions.items():
-            conn.create_function(name, 1, function, deterministic=True)
-        conn.execute(f"ATTACH DATABASE ? AS {SqlSeed.SCHEMA}", (sql.uri,))
+    @contextlib.asynccontextmanager
+    async def export(self, prefix: str) -> AsyncIterator[_SqliteSnapshot]:
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-seed-check") as pool:
-                misses = pool.submit(_count_misses, sql)
-                try:
-                    return self._apply_seed(
-                        fingerprint, partial(_insert_select, sql.select), misses.result
-                    )
-                except _FastSeedMissed:
-                    log.info("seed_exact_rules", reason="text the fast query gets wrong")
-            return self._apply_seed(fingerprint, partial(_insert_select, sql.exact_select))
-        finally:
-            conn.execute(f"DETACH DATABASE {SqlSeed.SCHEMA}")
-
-    def _apply_seed(
-        self,
-        fingerprint: str,
-        insert: Callable[[sqlite3.Connection, int], int],
-        misses: Optional[Callable[[], int]] = None,
-    ) -> Optional[int]:
-        """One transaction: the fingerprint check, ``insert`` with the seed's revision, and
-        the fingerprint; None when the store already held this seed."""
+            snapshot = _SqliteSnapshot(self.path, prefix, self._clock() * 1000)
+        except sqlite3.Error as error:
+            raise _translate(error, self.path) from None
         try:
-            with _transaction(self._conn) as conn:
-                row = conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()
-                if row is not None and row[0] == fingerprint:
-                    return None
-                for statement in _DROP_TRIGGERS:
-                    conn.execute(statement)
-                tx = _Transaction(conn, self._clock() * 1000)
-                applied = insert(conn, tx.revision + 1)
-                if misses is not None and misses():
-                    raise _FastSeedMissed  # rolls the insert back
-                if applied:
-                    tx.revision += 1
-                    # A bulk load, not events: watchers from before it list again.
-                    conn.execute(_WRITE_META, (_COMPACT_REVISION, tx.revision))
-                tx.finish()
-                conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
-                conn.execute(
-                    _WRITE_META, (_KEYS, conn.execute("SELECT count(*) FROM kv").fetchone()[0])
-                )
+            yield snapshot
         finally:
-            for statement in _TRIGGERS:
-                self._conn.execute(statement)
-        return applied
+            snapshot.close()
 
     async def seed_fingerprint(self) -> Optional[str]:
         row = self._conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()

@@ -8,10 +8,11 @@ tests (not other people's) turn every warning into an error.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import sqlite3
 import time
-from collections.abc import Awaitable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -23,7 +24,7 @@ from mapmg_data_engineer_takehome import seed
 from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.settings import Settings
 from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
-from mapmg_data_engineer_takehome.store.base import Clock
+from mapmg_data_engineer_takehome.store.base import BulkRow, Clock
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
 from .e2e_support import ServerPool
@@ -117,17 +118,45 @@ class FakeClock:
 
 
 class RowsSeed:
-    """A seed of given rows, with no SQLite file behind it."""
+    """A bulk load of given rows, with no SQLite file behind it: (key, val) pairs or BulkRows,
+    in batches of ``batch``. With a fingerprint, a seed's; without, an import's. With
+    ``fail_after``, the rows fail after that many batches (a bad line, a client gone)."""
 
-    def __init__(self, rows: Iterable[tuple[str, str]], fingerprint: str = "fingerprint") -> None:
+    def __init__(
+        self,
+        rows: Iterable[Sequence[Any]],
+        fingerprint: Optional[str] = "fingerprint",
+        batch: int = 1000,
+        fail_after: Optional[int] = None,
+    ) -> None:
         self._rows = rows
         self.fingerprint = fingerprint
+        self._batch = batch
+        self._fail_after = fail_after
 
-    def rows(self) -> Iterable[tuple[str, str]]:
-        return self._rows
+    async def batches(self) -> AsyncIterator[list[BulkRow]]:
+        batch: list[BulkRow] = []
+        sent = 0
+        for row in self._rows:
+            batch.append(BulkRow(*row))
+            if len(batch) == self._batch:
+                if sent == self._fail_after:
+                    raise SourceFailed
+                yield batch
+                sent += 1
+                batch = []
+                await asyncio.sleep(0)  # as a request's body arrives: other requests run
+        if sent == self._fail_after:
+            raise SourceFailed
+        if batch:
+            yield batch
 
     def as_sql(self) -> None:
         return None
+
+
+class SourceFailed(Exception):
+    """What a RowsSeed raises when told to fail."""
 
 
 async def value_of(store: Store, key: str) -> Optional[str]:
