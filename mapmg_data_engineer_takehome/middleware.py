@@ -80,6 +80,9 @@ def make_request_wrapper(
                             "with its token.",
                             {hdrs.WWW_AUTHENTICATE: 'Bearer realm="kv"'},
                         )
+                if not request.body_exists:
+                    # Arrived whole: a long-poll's wait or a stream is no slow request.
+                    request_done(request)
                 response = await handler(request)
             except Exception as error:
                 if metrics is not None and isinstance(error, StoreError):

@@ -418,3 +418,26 @@ def test_a_quiet_watcher_outlives_the_retention_by_following_next_and_progress(
         assert stream.refusals == []
     finally:
         stream.stop()
+
+
+def test_a_long_poll_and_a_stream_outlive_the_client_timeout(servers: ServerPool) -> None:
+    """KV_CLIENT_TIMEOUT bounds how long a request takes to arrive, not how long its answer
+    may wait or stream: a GET has arrived once its handler runs."""
+    server = servers.start(env={"KV_CLIENT_TIMEOUT": "1", "KV_CHANGES_HEARTBEAT": "0.3"})
+    started = time.monotonic()
+    answer = poll(server, timeout=3)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["events"] == [] and time.monotonic() - started >= 3
+    progress = 0
+    with httpx.stream(
+        "GET",
+        f"http://127.0.0.1:{server.port}/changes",
+        headers={"Accept": "text/event-stream"},
+        timeout=5,
+    ) as stream:
+        deadline = time.monotonic() + 3
+        for line in stream.iter_lines():
+            progress += line == "event: progress"
+            if time.monotonic() > deadline:
+                break
+    assert progress >= 8  # about one every 0.3 s for 3 s, on one connection
