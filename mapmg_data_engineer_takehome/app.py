@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +26,15 @@ from .protocol import MAX_REQUEST_LINE_BYTES, ServerRunner, close_stalled_connec
 from .routes import setup_routes
 from .seed import find_input_db, seed_store
 from .settings import Settings
-from .state import FEED_KEY, INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
+from .state import (
+    CLOCK_KEY,
+    FEED_KEY,
+    INPUT_DB_KEY,
+    METRICS_KEY,
+    OPENAPI_KEY,
+    SETTINGS_KEY,
+    STORE_KEY,
+)
 from .store import Store, StoreError, open_store
 from .store.base import Clock
 from .watch import StreamPusher
@@ -64,6 +73,7 @@ def create_app(
     app[SETTINGS_KEY] = settings
     app[METRICS_KEY] = metrics
     app[OPENAPI_KEY] = document_bytes()
+    app[CLOCK_KEY] = clock or time.time
     app.cleanup_ctx.append(partial(store_context, seed=seed, clock=clock))
     # After the store's context, so that they stop before the store closes.
     app.cleanup_ctx.append(feed_context)

@@ -136,6 +136,31 @@ class ChangesQuery(BaseModel):
     )
 
 
+class ExportQuery(BaseModel):
+    """GET /export: query parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefix: str = Field(default="", description="Only keys that start with this.")
+
+
+class ImportQuery(BaseModel):
+    """POST /import: query parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["merge", "replace"] = Field(
+        default="merge",
+        description="merge: set every line's key, leaving the others. replace: afterwards the "
+        "store holds exactly the file's keys under prefix (in the whole store without one).",
+    )
+    prefix: str = Field(
+        default="",
+        description="Every line's key must start with this; with replace, the keys under it "
+        "that the file lacks are removed.",
+    )
+
+
 # --- answers -------------------------------------------------------------------------------
 
 # When a key expires, as the KV-Expires-At header, listings and the change feed give it.
@@ -250,6 +275,32 @@ class ChangesAnswer(BaseModel):
         "made, or with more, the last event's revision."
     )
     more: bool = Field(description="Whether the limit cut the answer short.")
+
+
+class BulkLine(BaseModel):
+    """One line of an export, and of an import's body: NDJSON, one object a line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: Key
+    val: Val
+    expires_at: Optional[str] = Field(
+        default=None,
+        description="When the key expires (RFC 3339; an export gives UTC with milliseconds), "
+        "or null. An import skips (and counts) a line whose time has passed; at most ten "
+        "years ahead.",
+    )
+
+
+class ImportAnswer(BaseModel):
+    """The answer of POST /import."""
+
+    imported: int = Field(description="Lines applied (a key's earlier lines included).")
+    skipped: int = Field(description="Lines skipped because their expires_at had passed.")
+    revision: int = Field(
+        description="The import's revision, which every key it wrote has as its version; the "
+        "store's unchanged revision when it changed nothing."
+    )
 
 
 class ErrorBody(BaseModel):
@@ -433,7 +484,7 @@ def _shown(value: Any) -> str:
     return json_type(value)
 
 
-QueryModel = TypeVar("QueryModel", ListQuery, ChangesQuery)
+QueryModel = TypeVar("QueryModel", ListQuery, ChangesQuery, ExportQuery, ImportQuery)
 # What each query parameter must be, as the 422 says it.
 _PARAMETER_RULES = {
     ListQuery: {
@@ -445,6 +496,8 @@ _PARAMETER_RULES = {
         "limit": f"must be an integer from 1 to {MAX_EVENTS}",
         "timeout": f"must be a number of seconds from 0 to {MAX_WAIT_SECONDS}",
     },
+    ExportQuery: {},
+    ImportQuery: {"mode": "must be merge or replace"},
 }
 
 

@@ -29,6 +29,7 @@ _STATUS_TEXT = {
     401: "The bearer token is missing or wrong.",
     404: "No such key, or no such endpoint.",
     405: "This path takes other methods; see Allow.",
+    408: "The body stopped arriving for KV_CLIENT_TIMEOUT; nothing was stored.",
     410: "The history no longer holds the changes asked for, or never had them; list again.",
     412: "The If-Match or If-None-Match condition does not hold; nothing was written.",
     413: "The body, or a value, is larger than the server accepts.",
@@ -109,7 +110,15 @@ def _operation(endpoint: Endpoint, method: str) -> dict[str, Any]:
     }
     if endpoint.public:
         operation["security"] = []
-    if endpoint.body is not None:
+    if endpoint.body is not None and endpoint.body_type != "application/json":
+        # Lines of JSON: the body is text, each line of it one ``body`` (OpenAPI 3.1 has no
+        # way to say so but words).
+        operation["requestBody"] = {
+            "required": True,
+            "description": f"Lines, each one {endpoint.body.__name__}.",
+            "content": {endpoint.body_type: {"schema": {"type": "string"}}},
+        }
+    elif endpoint.body is not None:
         operation["requestBody"] = {
             "required": True,
             "content": {

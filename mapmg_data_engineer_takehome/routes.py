@@ -12,7 +12,7 @@ from typing import Any, Optional
 from aiohttp import web
 from pydantic import BaseModel
 
-from . import handlers, models, watch
+from . import bulk, handlers, models, watch
 from .middleware import Wrap
 
 
@@ -37,6 +37,7 @@ class Endpoint:
     summary: str
     description: str = ""
     body: Optional[type[BaseModel]] = None
+    body_type: str = "application/json"  # NDJSON: a body of lines, each one ``body``
     query: Optional[type[BaseModel]] = None
     response: Optional[type[BaseModel]] = None
     content_type: Optional[str] = None  # of a 200 that is not JSON
@@ -189,6 +190,51 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             (400, ("invalid_header",)),
             (410, ("compacted", "unknown_revision")),
             (422, ("invalid_parameter",)),
+        ),
+    ),
+    Endpoint(
+        "export",
+        ("GET",),
+        "/export",
+        "/export",
+        bulk.export,
+        "Export every live key under a prefix, as one consistent snapshot",
+        "NDJSON, one BulkLine a line, in ascending order of the keys' UTF-8 bytes, as of "
+        "the revision in KV-Revision: a write is wholly in it or wholly out. Streamed as the "
+        "client reads it; a client that reads nothing for KV_CLIENT_TIMEOUT is cut off. An "
+        "error once the answer has begun closes the connection before the body's end, so "
+        "that a cut export never looks whole. POST /import takes it back.",
+        query=models.ExportQuery,
+        content_type=bulk.NDJSON,
+        response_headers=(
+            HeaderDoc(
+                "KV-Revision",
+                "The store's revision the export was read at: watch /changes from it.",
+            ),
+        ),
+        errors=(*UNAVAILABLE, (422, ("invalid_parameter",))),
+    ),
+    Endpoint(
+        "import",
+        ("POST",),
+        "/import",
+        "/import",
+        bulk.import_,
+        "Import keys from NDJSON (an export), all or nothing, in one revision",
+        "The body (up to KV_MAX_IMPORT_BYTES, streamed) is one BulkLine a line; each obeys "
+        "the rules and limits of POST /set, and a line whose expires_at has passed is "
+        "skipped. The last line for a key wins. The first bad line is a 422 invalid_line "
+        "naming it, and nothing is stored. All the keys take one revision, which is a bulk "
+        "load rather than events: watchers from before it get 410 compacted and list again.",
+        body=models.BulkLine,
+        body_type=bulk.NDJSON,
+        query=models.ImportQuery,
+        response=models.ImportAnswer,
+        errors=(
+            *UNAVAILABLE,
+            (408, ("request_timeout",)),
+            (413, ("body_too_large",)),
+            (422, ("invalid_parameter", "invalid_line")),
         ),
     ),
     Endpoint(

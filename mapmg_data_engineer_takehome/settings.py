@@ -100,6 +100,12 @@ class Settings(BaseSettings):
         ge=64,
         description="Largest request body accepted; larger bodies get 413.",
     )
+    max_import_bytes: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=64,
+        description="Largest body of POST /import (streamed, never held whole); larger "
+        "gets 413 and stores nothing.",
+    )
     max_key_bytes: int = Field(
         default=4096,
         ge=1,
@@ -114,7 +120,8 @@ class Settings(BaseSettings):
     client_timeout: float = Field(
         default=30.0,
         gt=0,
-        description="Seconds a client may take to send a whole request (headers and body), "
+        description="Seconds a client may take to send a whole request (headers and body; "
+        "an import's body may pause this long between reads), "
         "and may stay idle between requests; then its connection is closed.",
     )
     auth_token: Optional[SecretStr] = Field(

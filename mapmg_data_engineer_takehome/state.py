@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from aiohttp import web
 
@@ -22,3 +22,6 @@ INPUT_DB_KEY: web.AppKey[Optional[Path]] = web.AppKey("input_db")
 METRICS_KEY: web.AppKey[Optional[Metrics]] = web.AppKey("metrics")
 # The API document, rendered once.
 OPENAPI_KEY = web.AppKey("openapi", bytes)
+# The time (seconds since the epoch) an import judges its lines' expiry by: the tests' clock
+# when they pass one, else the machine's.
+CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock")
