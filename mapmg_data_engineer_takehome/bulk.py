@@ -26,7 +26,7 @@ from aiohttp import hdrs, web
 from .errors import JSON_HEADERS, ApiError, safe_message
 from .handlers import REVISION, utf8_length_exceeds
 from .models import ExportQuery, ImportQuery, parse_query, rfc3339
-from .protocol import request_done
+from .protocol import stop_request_clock
 from .settings import Settings
 from .state import CLOCK_KEY, SETTINGS_KEY, STORE_KEY
 from .store.base import MAX_TTL_SECONDS, BulkRow, SqlSeed, StoreError
@@ -322,9 +322,9 @@ async def import_(request: web.Request) -> web.Response:
     limit = settings.max_import_bytes
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(limit)  # refused before reading a byte of it
-    # The request clock stops here: a large body may take longer than KV_CLIENT_TIMEOUT to
-    # arrive, and only a pause that long is too slow (see NdjsonSource._chunks).
-    request_done(request)
+    # A large body may take longer than KV_CLIENT_TIMEOUT to arrive: only a pause that long
+    # is too slow (see NdjsonSource._chunks).
+    stop_request_clock(request)
     store = request.app[STORE_KEY]
     now_ms = round(request.app[CLOCK_KEY]() * 1000)
     source = NdjsonSource(request, settings, query.prefix, now_ms)

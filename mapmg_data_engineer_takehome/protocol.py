@@ -29,13 +29,16 @@ class KvRequestHandler(RequestHandler):
         # When the first byte of the request now being received arrived (monotonic clock);
         # None between requests. close_stalled_connections reads it.
         self.request_started: Optional[float] = None
+        # True while a handler reads a body that may take longer than the timeout (an
+        # import's), keeping its own watch on pauses: its bytes do not start the clock.
+        self.clock_stopped = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.request_started = time.monotonic()  # a client that never sends a byte is slow too
 
     def data_received(self, data: bytes) -> None:
-        if self.request_started is None:
+        if self.request_started is None and not self.clock_stopped:
             self.request_started = time.monotonic()
         super().data_received(data)
 
@@ -67,10 +70,20 @@ class KvRequestHandler(RequestHandler):
 
 
 def request_done(request: web.Request) -> None:
-    """Stop the request clock: the handler has read the whole request and answered."""
+    """Stop the request clock: the handler has read the whole request (or answered it)."""
     handler = request.protocol
     if isinstance(handler, KvRequestHandler):
         handler.request_started = None
+        handler.clock_stopped = False
+
+
+def stop_request_clock(request: web.Request) -> None:
+    """Stop the request clock until the request is done: its handler reads the body, which
+    may take longer than the timeout, and watches for pauses itself."""
+    handler = request.protocol
+    if isinstance(handler, KvRequestHandler):
+        handler.request_started = None
+        handler.clock_stopped = True
 
 
 class KvServer(web.Server):
