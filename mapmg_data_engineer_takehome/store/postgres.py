@@ -35,6 +35,7 @@ import asyncpg
 import structlog
 
 from .base import (
+    EXPORT_BATCH_CHARS,
     EXPORT_BATCH_ROWS,
     PAGE_VALUE_CHARS,
     BulkRow,
@@ -1016,18 +1017,27 @@ class _PostgresSnapshot:
         self._cursor = cursor
 
     async def batches(self) -> AsyncIterator[list[BulkRow]]:
+        batch: list[BulkRow] = []
+        chars = 0
         while True:
             try:
                 rows = await self._cursor.fetch(EXPORT_BATCH_ROWS)
-                batch = []
-                for key, val, expires_at in rows:
-                    if val is None:  # too long to come with its row
-                        val = await self._conn.fetchval(_EXPORT_VALUE, key)
-                    batch.append(BulkRow(key, val, expires_at))
             except _FAILURES as error:
                 raise _translate(error) from None
-            if not batch:
-                return
+            if not rows:
+                break
+            for key, val, expires_at in rows:
+                if val is None:  # too long to come with its row
+                    try:
+                        val = await self._conn.fetchval(_EXPORT_VALUE, key)
+                    except _FAILURES as error:
+                        raise _translate(error) from None
+                batch.append(BulkRow(key, val, expires_at))
+                chars += len(val)
+                if len(batch) == EXPORT_BATCH_ROWS or chars >= EXPORT_BATCH_CHARS:
+                    yield batch
+                    batch, chars = [], 0
+        if batch:
             yield batch
 
 

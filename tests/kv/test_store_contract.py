@@ -1,6 +1,6 @@
 """One contract, run unchanged against every Store implementation: values, versions,
-preconditions, expiry on a controllable clock, batches, ordered listing, seeding, and the
-history of changes."""
+preconditions, expiry on a controllable clock, batches, ordered listing, seeding, the history
+of changes, and bulk loads and exports."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pytest
 
 from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
 from mapmg_data_engineer_takehome.store.base import (
+    EXPORT_BATCH_CHARS,
     PAGE_VALUE_CHARS,
+    BulkRow,
     Change,
     Compacted,
     Entry,
@@ -22,6 +24,7 @@ from mapmg_data_engineer_takehome.store.base import (
     IfAbsent,
     IfExists,
     IfVersion,
+    Loaded,
     PreconditionFailed,
     SetItem,
     UnknownRevision,
@@ -29,7 +32,7 @@ from mapmg_data_engineer_takehome.store.base import (
 )
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
-from .conftest import FakeClock, OpenStore, RowsSeed, value_of
+from .conftest import FakeClock, OpenStore, RowsSeed, SourceFailed, value_of
 
 BACKENDS = ["memory", "sqlite", "sqlite-full", pytest.param("postgres", marks=pytest.mark.slow)]
 
@@ -684,3 +687,126 @@ async def test_listening_hears_every_commit_that_takes_a_revision(store: Store) 
         listening.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await listening
+
+
+# --- bulk loads and exports -------------------------------------------------------------------
+
+
+async def exported(store: Store, prefix: str = "") -> tuple[list[BulkRow], int]:
+    async with store.export(prefix) as snapshot:
+        rows = [row async for batch in snapshot.batches() for row in batch]
+        return rows, snapshot.revision
+
+
+async def test_an_import_keeps_expiry_takes_one_revision_and_counts_its_keys(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.set("old", "1")
+    expires = int(clock() * 1000) + 60_000
+    rows = [("a", "1", expires), ("b", "2", None), ("a", "3", expires + 1)]
+    loaded = await store.load(RowsSeed(rows, fingerprint=None))
+    assert loaded == Loaded(applied=3, removed=0, revision=2)
+    assert await store.get("a") == Entry("3", 2, expires + 1)
+    assert await store.count() == 3
+    assert await store.seed_fingerprint() is None  # an import is no seed
+    clock.advance(61)
+    assert await store.get("a") is None and await value_of(store, "b") == "2"
+
+
+async def test_a_replace_removes_what_the_rows_lack_under_its_prefix_only(
+    store: Store, clock: FakeClock
+) -> None:
+    for key in ("p/keep", "p/drop", "pq", "other"):
+        await store.set(key, "old")
+    await store.set("p/expired", "old", ttl=1)
+    clock.advance(2)
+    loaded = await store.load(RowsSeed([("p/keep", "new"), ("p/new", "new")], None), replace="p/")
+    assert loaded is not None and (loaded.applied, loaded.removed) == (2, 2)
+    assert await listed(store) == ["other", "p/keep", "p/new", "pq"]
+    assert await store.count() == 4
+    whole = await store.load(RowsSeed([], None), replace="")
+    assert whole is not None and whole.removed == 4 and await listed(store) == []
+
+
+async def test_a_load_that_changes_nothing_takes_no_revision(store: Store) -> None:
+    await store.set("k", "v")
+    assert await store.load(RowsSeed([], None)) == Loaded(0, 0, 1)
+    assert await store.load(RowsSeed([], None), replace="none/") == Loaded(0, 0, 1)
+    assert await store.revision() == 1
+    await store.changes("", 0, 10)  # the history is untouched: still whole from 0
+
+
+async def test_a_load_whose_rows_fail_stores_nothing(store: Store) -> None:
+    await store.set("before", "1")
+    rows = ((f"k{n:05}", "v") for n in range(10_000))
+    with pytest.raises(SourceFailed):
+        await store.load(RowsSeed(rows, None, batch=1000, fail_after=7), replace="")
+    assert await listed(store) == ["before"]
+    assert await store.revision() == 1 and await store.count() == 1
+    # The store goes on: a load and a write after it apply.
+    await store.load(RowsSeed([("after", "2")], None))
+    await store.set("written", "3")
+    assert await listed(store) == ["after", "before", "written"]
+
+
+async def test_writes_and_reads_go_on_while_a_load_is_staged(store: Store) -> None:
+    """Writes that commit before the load's end are overwritten by its rows (it applies
+    last); the others are untouched."""
+    staging = asyncio.Event()
+    proceed = asyncio.Event()
+
+    async def rows() -> AsyncIterator[list[BulkRow]]:
+        yield [BulkRow("bulk/1", "loaded")]
+        staging.set()
+        await proceed.wait()
+        yield [BulkRow("bulk/2", "loaded")]
+
+    source = RowsSeed([], None)
+    source.batches = rows  # type: ignore[method-assign]
+    loading = asyncio.ensure_future(store.load(source))
+    await staging.wait()
+    written = await store.set("bulk/1", "written meanwhile")
+    await store.set("other", "written meanwhile")
+    assert await value_of(store, "bulk/1") == "written meanwhile"
+    proceed.set()
+    loaded = await loading
+    assert loaded is not None and loaded.revision == written.version + 2
+    assert await value_of(store, "bulk/1") == "loaded"
+    assert await value_of(store, "other") == "written meanwhile"
+
+
+async def test_an_export_is_live_keys_in_order_at_one_revision(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.set("b", "2", ttl=100)
+    await store.set("a", "1")
+    await store.set("gone", "x", ttl=1)
+    await store.set("p/x", "3")
+    clock.advance(2)
+    rows, revision = await exported(store)
+    expires = (await store.get("b")).expires_at  # type: ignore[union-attr]
+    assert rows == [BulkRow("a", "1"), BulkRow("b", "2", expires), BulkRow("p/x", "3")]
+    assert revision == await store.revision()
+    assert (await exported(store, "p/"))[0] == [BulkRow("p/x", "3")]
+    assert await exported(store, "nothing/") == ([], revision)
+
+
+async def test_an_export_is_one_snapshot_however_long_it_is_read(store: Store) -> None:
+    await store.set_many([SetItem(f"k{n:05}", "old") for n in range(5000)])
+    async with store.export("") as snapshot:
+        batches = snapshot.batches()
+        first = await batches.__anext__()
+        await store.set_many([SetItem(f"k{n:05}", "new") for n in range(5000)])
+        await store.delete("k04999")
+        await store.set("k99999", "added")
+        rest = [row async for batch in batches for row in batch]
+    assert len(first) + len(rest) == 5000
+    assert {row.val for row in [*first, *rest]} == {"old"}
+    assert snapshot.revision == 1
+
+
+async def test_an_export_batch_of_large_values_stops_early(store: Store) -> None:
+    await store.set_many([SetItem(f"k{n}", "v" * 300_000) for n in range(20)])
+    async with store.export("") as snapshot:
+        sizes = [len(batch) async for batch in snapshot.batches()]
+    assert sum(sizes) == 20 and max(sizes) <= EXPORT_BATCH_CHARS // 300_000 + 1
