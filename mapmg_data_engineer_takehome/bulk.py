@@ -28,7 +28,7 @@ from .handlers import REVISION, utf8_length_exceeds
 from .models import ExportQuery, ImportQuery, parse_query, rfc3339
 from .protocol import stop_request_clock
 from .settings import Settings
-from .state import CLOCK_KEY, SETTINGS_KEY, STORE_KEY
+from .state import CLOCK_KEY, METRICS_KEY, SETTINGS_KEY, STORE_KEY
 from .store.base import MAX_TTL_SECONDS, BulkRow, SqlSeed, StoreError
 
 log = structlog.get_logger("kv.bulk")
@@ -76,6 +76,7 @@ async def export(request: web.Request) -> web.StreamResponse:
     """GET /export: every live key under the prefix, in key order, as of one revision."""
     query = parse_query(ExportQuery, request.query)
     timeout = request.app[SETTINGS_KEY].client_timeout
+    metrics = request.app[METRICS_KEY]
     async with request.app[STORE_KEY].export(query.prefix) as snapshot:
         response = web.StreamResponse(
             headers={hdrs.CONTENT_TYPE: NDJSON, REVISION: str(snapshot.revision)}
@@ -87,6 +88,8 @@ async def export(request: web.Request) -> web.StreamResponse:
             async for batch in snapshot.batches():
                 # write() waits while the client's buffers are full: as long as it reads.
                 await asyncio.wait_for(response.write(ndjson_lines(batch)), timeout)
+                if metrics is not None:
+                    metrics.bulk_rows.labels("exported").inc(len(batch))
             await response.write_eof()
         except asyncio.TimeoutError:
             log.info("export_client_too_slow", timeout=timeout)
@@ -330,5 +333,9 @@ async def import_(request: web.Request) -> web.Response:
     source = NdjsonSource(request, settings, query.prefix, now_ms)
     loaded = await store.load(source, replace=query.prefix if query.mode == "replace" else None)
     assert loaded is not None  # an import has no fingerprint to find already applied
+    metrics = request.app[METRICS_KEY]
+    if metrics is not None:
+        metrics.bulk_rows.labels("imported").inc(loaded.applied)
+        metrics.bulk_rows.labels("skipped").inc(source.skipped)
     body = {"imported": loaded.applied, "skipped": source.skipped, "revision": loaded.revision}
     return web.Response(body=orjson.dumps(body), headers=JSON_HEADERS)

@@ -105,6 +105,13 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.bulk_rows = Counter(
+            "kv_bulk_rows",
+            "Keys written by GET /export (exported), and lines of POST /import applied "
+            "(imported) or skipped as expired (skipped), once the import has committed.",
+            ["outcome"],
+            registry=registry,
+        )
         self.store_errors = Counter(
             "kv_store_errors",
             "Failed store calls by kind: unavailable (503), corrupt or error (500).",

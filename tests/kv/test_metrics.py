@@ -85,6 +85,23 @@ async def test_seed_rows(make_client: MakeClient, store_kind: str, tmp_path: obj
     assert sample(text, "kv_seed_rows_total", outcome="skipped") == 1
 
 
+async def test_bulk_rows_and_their_routes(client: Client) -> None:
+    lines = [
+        b'{"key": "a", "val": "1"}',
+        b'{"key": "b", "val": "2", "expires_at": "2000-01-01T00:00:00Z"}',
+        b'{"key": "c", "val": "3", "expires_at": null}',
+    ]
+    assert (await client.post("/import", data=b"\n".join(lines))).status == 200
+    assert (await client.post("/import", data=b"not json")).status == 422
+    assert (await client.get("/export")).status == 200
+    text = await scrape(client)
+    assert sample(text, "kv_bulk_rows_total", outcome="imported") == 2  # the failed one: none
+    assert sample(text, "kv_bulk_rows_total", outcome="skipped") == 1
+    assert sample(text, "kv_bulk_rows_total", outcome="exported") == 2
+    assert sample(text, "kv_requests_total", route="/import", method="POST", status="422") == 1
+    assert sample(text, "kv_requests_total", route="/export", method="GET", status="200") == 1
+
+
 async def test_purged_keys(make_client: MakeClient, store_kind: str) -> None:
     client = await make_client(store=store_kind, purge_interval=0.05)
     items = [{"key": f"k{n}", "val": "v", "ttl": 0.05} for n in range(30)]
