@@ -56,21 +56,22 @@ def _text_of(column: str, exact: bool = True) -> str:
     """SQL for the text a column contributes under the rules; NULL when the row is skipped.
 
     SQLite stores TEXT without checking its UTF-8, so text is validated too, but cheaply:
-    printable ASCII passes as it is, and anything else goes through Python's strict decoder.
-    The test has two halves because SQLite's own UTF-8 reading is lenient: a value holding
-    a continuation byte has fewer characters than bytes, and one holding a lone lead byte
-    reads as a control character, outside the GLOB's printable range.
+    printable ASCII passes as it is, and anything else goes through Python's strict decoder,
+    which refuses a NUL too. The test has two halves because SQLite's own UTF-8 reading is
+    lenient: a value holding a continuation byte has fewer characters than bytes, and one
+    holding a lone lead byte reads as a control character, outside the GLOB's printable
+    range. A NUL needs no test of its own: SQLite's length() counts the characters before
+    the first one, fewer than the bytes.
 
-    Not ``exact``, the GLOB is left out: much cheaper, and right for every value but
+    Not ``exact``, the GLOB is left out: half the cost, and right for every value but
     TEXT that is not UTF-8 yet has as many characters as bytes by SQLite's count (its stray
     bytes are lone lead or continuation bytes, as in X'FF61'). See SqlSeed.misses.
     """
     printable = f"AND NOT {column} GLOB '*[^ -~]*' " if exact else ""
     return (
         f"CASE typeof({column}) "
-        f"WHEN 'text' THEN CASE WHEN {_has_nul(column)} THEN NULL "
-        f"WHEN length({column}) = length(CAST({column} AS BLOB)) {printable}"
-        f"THEN {column} ELSE kv_utf8(CAST({column} AS BLOB)) END "
+        f"WHEN 'text' THEN CASE WHEN length({column}) = length(CAST({column} AS BLOB)) "
+        f"{printable}THEN {column} ELSE kv_utf8(CAST({column} AS BLOB)) END "
         f"WHEN 'blob' THEN kv_utf8({column}) "
         f"WHEN 'null' THEN NULL "
         f"ELSE CAST({column} AS TEXT) END"

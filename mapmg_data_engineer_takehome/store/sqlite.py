@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -685,6 +686,14 @@ def _seed_select(select: str) -> str:
     return f"SELECT *, NULL FROM ({select})"
 
 
+def _cores() -> int:
+    """The CPUs this process may run on (its affinity, as taskset or a container sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _count_misses(sql: SqlSeed) -> int:
     """The rows the fast seed query gets wrong, counted on a connection of this thread."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
@@ -724,14 +733,18 @@ class _BulkLoad:
             self.conn.close()
 
     def apply_seed(self, sql: SqlSeed, fingerprint: str) -> tuple[Optional[Loaded], int]:
-        """The fast query and, on a second thread meanwhile, the count of rows it gets
-        wrong; when that is not 0 (input.db holds such text), the insert is rolled back and
-        done again with the exact query."""
+        """With a second core, the fast query and, on a thread meanwhile, the count of rows
+        it gets wrong; when that is not 0 (input.db holds such text), the insert is rolled
+        back and done again with the exact query. With one core (a container with one CPU),
+        the exact query alone: the count would take that core from the insert, and costs
+        more than the exact query's extra test (bench/results.md)."""
         conn = self.conn
         try:
             for name, function in sql.functions.items():
                 conn.create_function(name, 1, function, deterministic=True)
             conn.execute(f"ATTACH DATABASE ? AS {SqlSeed.SCHEMA}", (sql.uri,))
+            if _cores() < 2:
+                return self._apply(_seed_select(sql.exact_select), fingerprint)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-seed-check") as pool:
                 misses = pool.submit(_count_misses, sql)
                 try:

@@ -23,6 +23,7 @@ from mapmg_data_engineer_takehome import seed
 from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.seed import SeedError, SeedReport, find_input_db, seed_store
 from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
+from mapmg_data_engineer_takehome.store import sqlite as sqlite_store
 
 from .conftest import MakeClient, MakeSettings, OpenStore, value_of, write_input_db
 
@@ -803,12 +804,15 @@ def test_surrogate_free_text_round_trips_through_sqlite() -> None:
         conn.close()
 
 
+@pytest.mark.parametrize("cores", [1, 2])
 async def test_text_that_is_not_utf8_is_skipped_however_it_hides(
-    store: Store, tmp_path: Path
+    store: Store, tmp_path: Path, cores: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lone lead or continuation bytes in TEXT have as many characters as bytes by SQLite's
-    count, which the sqlite store's fast seed query cannot see: it finds out on a second
-    thread and applies the exact rules instead. No store ever holds such text."""
+    count, which the sqlite store's fast seed query cannot see: with two cores it finds out
+    on a second thread and applies the exact rules instead, with one it applies them from
+    the start. No store ever holds such text."""
+    monkeypatch.setattr(sqlite_store, "_cores", lambda: cores)
     path = write_input_sql(
         tmp_path / "input.db",
         [
