@@ -88,6 +88,11 @@ class BulkRow(NamedTuple):
     expires_at: Optional[int] = None
 
 
+# What a bulk load takes: a BulkRow, or a plain tuple of the same (a query's row, which costs
+# nothing to make; a BulkRow of a million rows costs most of a second).
+LoadRow = tuple[str, str, Optional[int]]
+
+
 @dataclass(frozen=True)
 class Loaded:
     """What a bulk load did: the rows it applied (a key's earlier rows included), the keys a
@@ -444,8 +449,9 @@ class SqlSeed:
     # The schema name the seed database is attached under; the queries read from it.
     SCHEMA: ClassVar[str] = "seed"
     uri: str  # a URI of the seed database that SQLite can ATTACH
-    # SELECT (key, val) of every row in the order to apply them, NULL (or an empty key) where
-    # a row is skipped: a store applies it with constraints that ignore those rows.
+    # SELECT (key, val, expires_at) of every row in the order to apply them, key or val NULL
+    # (or an empty key) where a row is skipped: a store applies it with constraints that
+    # ignore those rows.
     select: str
     # The same, exact where ``select`` has a blind spot (see seed._text_of), at a cost.
     exact_select: str
@@ -463,7 +469,7 @@ class BulkSource(Protocol):
     @property
     def fingerprint(self) -> Optional[str]: ...
 
-    def batches(self) -> AsyncIterator[Sequence[BulkRow]]:
+    def batches(self) -> AsyncIterator[Sequence[LoadRow]]:
         """The rows to apply, in order, a batch at a time; the last one for a key wins."""
 
     def as_sql(self) -> Optional[SqlSeed]:

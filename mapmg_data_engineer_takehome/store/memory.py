@@ -257,11 +257,11 @@ class MemoryStore:
     async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
         # Staged in a dict of their own (last wins), then applied without a pause in between,
         # so that no other write comes between the first key applied and the last.
-        staged: dict[str, BulkRow] = {}
+        staged: dict[str, tuple[str, Optional[int]]] = {}
         applied = 0
         async for batch in source.batches():
-            for row in batch:
-                staged[row.key] = row
+            for key, val, expires_at in batch:
+                staged[key] = (val, expires_at)
             applied += len(batch)
         removed = []
         if replace is not None:
@@ -271,8 +271,10 @@ class MemoryStore:
         self._revision += 1
         for key in removed:
             self._remove(key)
-        for key, row in staged.items():
-            self._put(key, Entry(row.val, self._revision, row.expires_at))
+        data, revision = self._data, self._revision
+        for key, (val, expires_at) in staged.items():
+            data[key] = Entry(val, revision, expires_at)
+        self._sorted = None
         self._compact_revision = self._revision  # a bulk load, not events: watchers list again
         self._committed()
         return Loaded(applied, len(removed), self._revision)

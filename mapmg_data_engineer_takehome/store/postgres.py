@@ -51,6 +51,7 @@ from .base import (
     IfVersion,
     ListedKey,
     Loaded,
+    LoadRow,
     Page,
     PreconditionFailed,
     SetItem,
@@ -996,7 +997,7 @@ class _SourceFailed(Exception):
 
 
 async def _numbered(
-    batches: AsyncIterator[Sequence[BulkRow]],
+    batches: AsyncIterator[Sequence[LoadRow]],
 ) -> AsyncIterator[tuple[int, str, str, Optional[int]]]:
     ordinal = 0
     try:

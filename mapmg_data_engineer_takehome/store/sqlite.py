@@ -45,6 +45,7 @@ from .base import (
     HistoryStats,
     ListedKey,
     Loaded,
+    LoadRow,
     Page,
     PreconditionFailed,
     SetItem,
@@ -681,11 +682,6 @@ _STAGE = "INSERT INTO temp.staged (key, val, expires_at) VALUES (?, ?, ?)"
 _STAGED = "SELECT key, val, expires_at FROM temp.staged ORDER BY rowid"
 
 
-def _seed_select(select: str) -> str:
-    """A seed's (key, val) rows as a bulk load's: none expires."""
-    return f"SELECT *, NULL FROM ({select})"
-
-
 def _cores() -> int:
     """The CPUs this process may run on (its affinity, as taskset or a container sets it)."""
     try:
@@ -718,7 +714,7 @@ class _BulkLoad:
         self.conn = _connect(path, durability, bulk=True)
         self._staging = False
 
-    def stage(self, rows: Sequence[BulkRow]) -> None:
+    def stage(self, rows: Sequence[LoadRow]) -> None:
         if not self._staging:
             self.conn.execute(_CREATE_STAGED)
             self._staging = True
@@ -744,14 +740,14 @@ class _BulkLoad:
                 conn.create_function(name, 1, function, deterministic=True)
             conn.execute(f"ATTACH DATABASE ? AS {SqlSeed.SCHEMA}", (sql.uri,))
             if _cores() < 2:
-                return self._apply(_seed_select(sql.exact_select), fingerprint)
+                return self._apply(sql.exact_select, fingerprint)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-seed-check") as pool:
                 misses = pool.submit(_count_misses, sql)
                 try:
-                    return self._apply(_seed_select(sql.select), fingerprint, misses.result)
+                    return self._apply(sql.select, fingerprint, misses.result)
                 except _FastSeedMissed:
                     log.info("seed_exact_rules", reason="text the fast query gets wrong")
-            return self._apply(_seed_select(sql.exact_select), fingerprint)
+            return self._apply(sql.exact_select, fingerprint)
         finally:
             conn.close()
 
