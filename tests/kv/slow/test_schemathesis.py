@@ -4,6 +4,7 @@ follow the document's links. No answer may be a 5xx or differ from the document.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -50,7 +51,11 @@ def test_the_live_server_matches_its_document(server: Server) -> None:
         "--max-examples", "50",
         "--seed", "20261127",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    # The hooks module (an NDJSON serializer) is imported by its name, from this directory.
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, cwd=str(HERE), env=env
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert re.search(r"Selected: (\d+)/\1\b", output), output[-3000:]  # every operation
