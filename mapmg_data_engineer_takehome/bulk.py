@@ -29,7 +29,7 @@ from .models import ExportQuery, ImportQuery, parse_query, rfc3339
 from .protocol import stop_request_clock
 from .settings import Settings
 from .state import CLOCK_KEY, METRICS_KEY, SETTINGS_KEY, STORE_KEY
-from .store.base import MAX_TTL_SECONDS, BulkRow, SqlSeed, StoreError
+from .store.base import MAX_TTL_SECONDS, LoadRow, SqlSeed, StoreError
 
 log = structlog.get_logger("kv.bulk")
 
@@ -54,20 +54,20 @@ _MILLISECOND = timedelta(milliseconds=1)
 # --- export ----------------------------------------------------------------------------------
 
 
-def ndjson_lines(rows: Sequence[BulkRow]) -> bytes:
+def ndjson_lines(rows: Sequence[LoadRow]) -> bytes:
     """The rows as an export's lines: one JSON object each, ending in a newline."""
     dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
     return b"".join(
         [
             dumps(
                 {
-                    "key": row.key,
-                    "val": row.val,
-                    "expires_at": None if row.expires_at is None else rfc3339(row.expires_at),
+                    "key": key,
+                    "val": val,
+                    "expires_at": None if expires_at is None else rfc3339(expires_at),
                 },
                 option=newline,
             )
-            for row in rows
+            for key, val, expires_at in rows
         ]
     )
 
@@ -88,6 +88,9 @@ async def export(request: web.Request) -> web.StreamResponse:
             async for batch in snapshot.batches():
                 # write() waits while the client's buffers are full: as long as it reads.
                 await asyncio.wait_for(response.write(ndjson_lines(batch)), timeout)
+                # write() returns at once while the client keeps up: let the requests that
+                # arrived meanwhile be answered before the next batch.
+                await asyncio.sleep(0)
                 if metrics is not None:
                     metrics.bulk_rows.labels("exported").inc(len(batch))
             await response.write_eof()
@@ -178,8 +181,8 @@ class NdjsonSource:
                 raise body_too_large(limit)
             yield data
 
-    async def batches(self) -> AsyncIterator[list[BulkRow]]:
-        batch: list[BulkRow] = []
+    async def batches(self) -> AsyncIterator[list[LoadRow]]:
+        batch: list[LoadRow] = []
         chars = 0
         pending = bytearray()
         async for data in self._chunks():
@@ -195,7 +198,7 @@ class NdjsonSource:
                 row = self._parse(line)
                 if row is not None:
                     batch.append(row)
-                    chars += len(row.val)
+                    chars += len(row[1])
                     if len(batch) == _BATCH_ROWS or chars >= _BATCH_CHARS:
                         yield batch
                         batch, chars = [], 0
@@ -216,7 +219,7 @@ class NdjsonSource:
             "KV_MAX_KEY_BYTES and KV_MAX_VALUE_BYTES)",
         )
 
-    def _parse(self, line: Union[bytes, bytearray]) -> Optional[BulkRow]:
+    def _parse(self, line: Union[bytes, bytearray]) -> Optional[LoadRow]:
         """The line's row; None for a blank line or one whose expiry has passed."""
         self.lines += 1
         number = self.lines
@@ -250,7 +253,7 @@ class NdjsonSource:
                 return None
             if expires_at > self._latest_ms:
                 self._invalid(number, "expires_at", "is more than ten years ahead")
-        return BulkRow(key, val, expires_at)
+        return (key, val, expires_at)
 
     def _parse_slowly(self, line: Union[bytes, bytearray], number: int) -> Any:
         """What orjson refuses may still be JSON: escaped lone surrogates, which are JSON but

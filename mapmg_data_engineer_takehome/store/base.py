@@ -110,7 +110,7 @@ class Snapshot(Protocol):
 
     revision: int
 
-    def batches(self) -> AsyncIterator[Sequence[BulkRow]]:
+    def batches(self) -> AsyncIterator[Sequence[LoadRow]]:
         """The rows, a batch at a time; a batch holds about EXPORT_BATCH_CHARS of values."""
 
 

@@ -34,7 +34,6 @@ from .base import (
     EXPORT_BATCH_CHARS,
     EXPORT_BATCH_ROWS,
     PAGE_VALUE_CHARS,
-    BulkRow,
     BulkSource,
     Change,
     Changes,
@@ -801,6 +800,14 @@ class _BulkLoad:
         self.conn.close()
 
 
+# An export's rows: values up to this many characters come with their row; longer ones are
+# read one at a time in the same snapshot, so that a fetch of _EXPORT_FETCH rows holds at
+# most 4 MiB of values, whatever they are.
+_EXPORT_INLINE_CHARS = 16_384
+_EXPORT_FETCH = 256
+_EXPORT_VALUE = "SELECT val FROM kv WHERE key = ?"
+
+
 class _SqliteSnapshot:
     """An export's read transaction on a connection of its own, read a batch at a time on
     the event loop's thread (a batch is a millisecond or so: requests wait no longer)."""
@@ -814,23 +821,36 @@ class _SqliteSnapshot:
             self.revision = _meta(self._conn, _REVISION)  # the snapshot begins with this read
             where, parameters = _key_range(prefix)
             self._rows = self._conn.execute(
-                f"SELECT key, val, expires_at FROM kv WHERE {_LIVE}{where} ORDER BY key",
+                f"SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END,"
+                f" expires_at FROM kv WHERE {_LIVE}{where} ORDER BY key",
                 (now_ms, *parameters),
             )
         except BaseException:
             self._conn.close()
             raise
 
-    async def batches(self) -> AsyncIterator[list[BulkRow]]:
+    async def batches(self) -> AsyncIterator[list[LoadRow]]:
+        pending: list[Any] = []  # rows read but not yet in a batch
         while True:
-            batch: list[BulkRow] = []
+            batch: list[LoadRow] = []
             chars = 0
             try:
-                for row in self._rows:
-                    batch.append(BulkRow(*row))
-                    chars += len(row[1])
-                    if len(batch) == EXPORT_BATCH_ROWS or chars >= EXPORT_BATCH_CHARS:
+                # The query's rows as they come (a tuple each, no object of ours), but for
+                # the long values, read on their own; a batch ends at the row that takes its
+                # values past EXPORT_BATCH_CHARS.
+                while len(batch) < EXPORT_BATCH_ROWS and chars < EXPORT_BATCH_CHARS:
+                    rows, pending = pending or self._rows.fetchmany(_EXPORT_FETCH), []
+                    if not rows:
                         break
+                    for position, (key, val, expires_at) in enumerate(rows):
+                        if val is None:
+                            val = self._conn.execute(_EXPORT_VALUE, (key,)).fetchone()[0]
+                            rows[position] = (key, val, expires_at)
+                        chars += len(val)
+                        if chars >= EXPORT_BATCH_CHARS:
+                            rows, pending = rows[: position + 1], rows[position + 1 :]
+                            break
+                    batch += rows
             except sqlite3.Error as error:
                 raise _translate(error, self._path) from None
             if not batch:
