@@ -316,6 +316,8 @@ SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END, expire
  ORDER BY key
 """
 _EXPORT_VALUE = "SELECT val FROM kv WHERE key = $1"
+# Rows per round trip of an export's cursor: several batches' worth (at most 16 MiB).
+_EXPORT_FETCH = 1024
 _CONDITION_NAMES = {IfExists: "exists", IfAbsent: "absent", IfVersion: "version"}
 # SQLSTATE classes that mean "not now" rather than "a bug": connection exceptions,
 # insufficient resources, operator intervention (a shutdown, a restart), system errors.
@@ -1022,7 +1024,7 @@ class _PostgresSnapshot:
         chars = 0
         while True:
             try:
-                rows = await self._cursor.fetch(EXPORT_BATCH_ROWS)
+                rows = await self._cursor.fetch(_EXPORT_FETCH)
             except _FAILURES as error:
                 raise _translate(error) from None
             if not rows:
