@@ -34,7 +34,13 @@ from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
 from .conftest import FakeClock, OpenStore, RowsSeed, SourceFailed, value_of
 
-BACKENDS = ["memory", "sqlite", "sqlite-full", pytest.param("postgres", marks=pytest.mark.slow)]
+# The quick suite runs the contract on the default store; --run-slow, as CI does, on all.
+BACKENDS = [
+    "sqlite",
+    pytest.param("memory", marks=pytest.mark.slow),
+    pytest.param("sqlite-full", marks=pytest.mark.slow),
+    pytest.param("postgres", marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture
