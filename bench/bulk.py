@@ -37,7 +37,15 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 from make_input_db import write_input_db  # noqa: E402
-from run import LOAD_CORE, SERVER_CORE, free_port, parse_wrk, stop, wait_ready  # noqa: E402
+from run import (  # noqa: E402
+    LOAD_CORE,
+    SERVER_CORE,
+    free_port,
+    parse_wrk,
+    rss_mib,
+    stop,
+    wait_ready,
+)
 
 from tests.kv.postgres_support import PostgresCluster, server_binaries  # noqa: E402
 
@@ -68,35 +76,35 @@ def server(directory: Path, **settings: str) -> Iterator[tuple[int, int]]:
         stop(process)
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+@contextmanager
+def sampling(read: Callable[[], float], interval: float) -> Iterator[list[float]]:
+    """Calls ``read`` every ``interval`` seconds on a thread until the block ends; the list
+    it yields holds the largest value read (one, updated)."""
+    peak = [read()]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], read())
+            time.sleep(interval)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
 
 
 def timed_with_peak_rss(pid: int, work: Callable[[], bytes]) -> tuple[float, float, bytes]:
     """Seconds ``work`` takes, the server's peak RSS growth meanwhile (MiB), its result."""
     before = rss_mib(pid)
-    peak = before
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss_mib(pid))
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    started = time.perf_counter()
-    try:
+    with sampling(lambda: rss_mib(pid), 0.02) as peak:
+        started = time.perf_counter()
         result = work()
-    finally:
         seconds = time.perf_counter() - started
-        done.set()
-        sampler.join()
-    return seconds, peak - before, result
+    return seconds, peak[0] - before, result
 
 
 def export(port: int) -> bytes:
@@ -201,7 +209,6 @@ def measure_wal(root: Path, rows: int) -> None:
     directory.mkdir()
     with server(directory, KV_INPUT_DB=str(input_db)) as (port, _):
         before = wal_mib(directory)
-        peak = before
         command = [
             "taskset", "-c", LOAD_CORE, "wrk", "-t1", "-c16", "-d3600s",
             "-s", str(BENCH / "set_random.lua"), f"http://127.0.0.1:{port}",
@@ -211,30 +218,19 @@ def measure_wal(root: Path, rows: int) -> None:
             stdout=subprocess.DEVNULL,
             env={**os.environ, "KV_BENCH_WRITE_KEYS": str(rows)},
         )
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, wal_mib(directory))
-                time.sleep(0.05)
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
         try:
-            time.sleep(2)
-            started = time.perf_counter()
-            size = len(export(port))
-            seconds = time.perf_counter() - started
-            time.sleep(10)
-            after = wal_mib(directory)
+            with sampling(lambda: wal_mib(directory), 0.05) as peak:
+                time.sleep(2)
+                started = time.perf_counter()
+                size = len(export(port))
+                seconds = time.perf_counter() - started
+                time.sleep(10)
+                after = wal_mib(directory)
         finally:
-            done.set()
-            sampler.join()
             writing.terminate()
             writing.wait()
         print(f"WAL during an export of {rows:,} keys ({size / 1e6:.0f} MB, {seconds:.1f} s) "
-              f"under writes: {before:.1f} MiB before, {peak:.1f} MiB at most, {after:.1f} "
+              f"under writes: {before:.1f} MiB before, {peak[0]:.1f} MiB at most, {after:.1f} "
               "MiB 10 s after it ended")  # fmt: skip
 
 

@@ -176,6 +176,14 @@ def children_cpu_seconds(pid: int) -> float:
     return total
 
 
+def rss_mib(pid: int) -> float:
+    """A process's resident memory (Linux /proc), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
 def free_port() -> int:
     import socket
 

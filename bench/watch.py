@@ -44,7 +44,7 @@ from typing import Optional
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
-from run import cpu_seconds, free_port, stop, wait_ready  # noqa: E402
+from run import cpu_seconds, free_port, rss_mib, stop, wait_ready  # noqa: E402
 
 from tests.kv.postgres_support import PostgresCluster, server_binaries  # noqa: E402
 
@@ -89,13 +89,6 @@ def server(data_dir: Path, pinned: bool, **settings: str) -> Iterator[tuple[int,
         yield port, process.pid
     finally:
         stop(process)
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def revision_of(port: int) -> int:
