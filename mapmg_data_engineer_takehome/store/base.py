@@ -116,9 +116,9 @@ class Snapshot(Protocol):
 
 # An export's batch: at most about this many rows, and it stops once its values pass
 # EXPORT_BATCH_CHARS, so that a batch of large values is a few MiB, not hundreds. The server
-# turns a batch into lines between two turns of its loop: a few milliseconds at most, so
+# turns a batch into lines between two turns of its loop: about a millisecond, so
 # that the requests waiting meanwhile are not held up for long (bench/bulk.py).
-EXPORT_BATCH_ROWS = 256
+EXPORT_BATCH_ROWS = 128
 EXPORT_BATCH_CHARS = 1 << 20
 
 

@@ -808,9 +808,9 @@ class _BulkLoad:
 
 # An export's rows: values up to this many characters come with their row; longer ones are
 # read one at a time in the same snapshot, so that a fetch of _EXPORT_FETCH rows holds at
-# most 4 MiB of values, whatever they are.
+# most 2 MiB of values, whatever they are.
 _EXPORT_INLINE_CHARS = 16_384
-_EXPORT_FETCH = 256
+_EXPORT_FETCH = 128
 _EXPORT_VALUE = "SELECT val FROM kv WHERE key = ?"
 
 
