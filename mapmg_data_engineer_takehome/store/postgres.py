@@ -292,7 +292,7 @@ _BULK_TABLE = "kv_bulk"
 # The last row for each key: keys already stored are updated, the others inserted. Not one
 # INSERT ... ON CONFLICT, whose speculative insertion costs more for a large load (see
 # bench/results.md); no other write can come between, since the load holds the revision's
-# lock (taken first).
+# lock (taken just before it).
 _APPLY_BULK = f"""
 WITH latest AS (
     SELECT DISTINCT ON (key) key, val, expires_at FROM {_BULK_TABLE} ORDER BY key, ordinal DESC),
@@ -307,8 +307,8 @@ _REMOVE_OTHERS = (
     "DELETE FROM kv WHERE version <> $1 AND key >= $2 AND ($3::text IS NULL OR key < $3)"
 )
 # An export's rows: values up to this many characters come with their row; longer ones are
-# read one at a time in the same snapshot, so that a fetch of EXPORT_BATCH_ROWS rows holds
-# at most about 16 MiB whatever the values are.
+# read one at a time in the same snapshot, so that a fetch of _EXPORT_FETCH rows holds at
+# most about 16 MiB whatever the values are.
 _EXPORT_INLINE_CHARS = 16_384
 _EXPORT = f"""
 SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END, expires_at FROM kv
@@ -316,7 +316,7 @@ SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END, expire
  ORDER BY key
 """
 _EXPORT_VALUE = "SELECT val FROM kv WHERE key = $1"
-# Rows per round trip of an export's cursor: several batches' worth (at most 16 MiB).
+# Rows per round trip of an export's cursor: several batches' worth.
 _EXPORT_FETCH = 1024
 _CONDITION_NAMES = {IfExists: "exists", IfAbsent: "absent", IfVersion: "version"}
 # SQLSTATE classes that mean "not now" rather than "a bug": connection exceptions,
@@ -882,7 +882,7 @@ class PostgresStore:
         finally:
             await conn.close(timeout=self._timeout)
 
-    # --- seeding ------------------------------------------------------------------------
+    # --- bulk loads (the seed, imports) and exports ---------------------------------------
 
     async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
         """Stream the rows into a temporary table (COPY, never all of them in memory), then

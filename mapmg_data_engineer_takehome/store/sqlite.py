@@ -703,9 +703,9 @@ def _count_misses(sql: SqlSeed) -> int:
 
 class _BulkLoad:
     """A bulk load on a connection of its own: an import's rows staged in a temporary table
-    as they arrive, or a seed's file attached; then applied in one transaction by ``apply``,
-    which runs on a thread (the committer runs it between its groups: see run_alone) and
-    closes the connection when it is done."""
+    as they arrive, or a seed's file attached; then applied in one transaction by
+    ``apply_staged`` or ``apply_seed``, which run on a thread (the committer runs them between
+    its groups: see run_alone) and close the connection when they are done."""
 
     def __init__(self, path: Path, durability: str, replace: Optional[str]) -> None:
         self.path = path
