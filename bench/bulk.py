@@ -36,16 +36,9 @@ from typing import Callable, Optional
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
+import watch  # noqa: E402
 from make_input_db import write_input_db  # noqa: E402
-from run import (  # noqa: E402
-    LOAD_CORE,
-    SERVER_CORE,
-    free_port,
-    parse_wrk,
-    rss_mib,
-    stop,
-    wait_ready,
-)
+from run import LOAD_CORE, parse_wrk, rss_mib  # noqa: E402
 
 from tests.kv.postgres_support import PostgresCluster, server_binaries  # noqa: E402
 
@@ -53,27 +46,8 @@ from tests.kv.postgres_support import PostgresCluster, server_binaries  # noqa: 
 @contextmanager
 def server(directory: Path, **settings: str) -> Iterator[tuple[int, int]]:
     """A server of this tree on core 0, with its data in ``directory``: (port, pid)."""
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("KV_")}
-    env.update(
-        KV_PORT=str(port),
-        KV_DATA_PATH=str(directory / "kv.sqlite3"),
-        KV_LOG_LEVEL="warning",
-        KV_MAX_IMPORT_BYTES=str(8 << 30),
-        **settings,
-    )
-    process = subprocess.Popen(
-        ["taskset", "-c", SERVER_CORE, sys.executable, "-m", "mapmg_data_engineer_takehome"],
-        cwd=str(directory),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_ready(port, process)
-        yield port, process.pid
-    finally:
-        stop(process)
+    with watch.server(directory, True, KV_MAX_IMPORT_BYTES=str(8 << 30), **settings) as running:
+        yield running
 
 
 @contextmanager

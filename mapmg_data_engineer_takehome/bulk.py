@@ -25,7 +25,7 @@ from aiohttp import hdrs, web
 
 from .errors import JSON_HEADERS, ApiError, safe_message
 from .handlers import REVISION, utf8_length_exceeds
-from .models import ExportQuery, ImportQuery, parse_query, rfc3339
+from .models import ExportQuery, ImportQuery, is_text, parse_query, rfc3339
 from .protocol import stop_request_clock
 from .settings import Settings
 from .state import CLOCK_KEY, METRICS_KEY, SETTINGS_KEY, STORE_KEY
@@ -265,7 +265,7 @@ class NdjsonSource:
         if isinstance(document, dict):
             for field in ("key", "val", "expires_at"):
                 value = document.get(field)
-                if isinstance(value, str) and not _is_text(value):
+                if isinstance(value, str) and not is_text(value):
                     self._invalid(number, field, "contains an unpaired UTF-16 surrogate")
         return document
 
@@ -302,14 +302,6 @@ class NdjsonSource:
         raise ApiError(
             422, "invalid_line", f"{where} {problem}; nothing was imported.", details=details
         )
-
-
-def _is_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def body_too_large(limit: int) -> ApiError:

@@ -331,7 +331,7 @@ def parse_body(model: type[Model], body: bytes) -> Model:
     except ValidationError as error:
         raise api_error(model, error) from None
     for path, text in _strings(document, ()):
-        if not _is_text(text):
+        if not is_text(text):
             raise ApiError(
                 422,
                 "invalid_string",
@@ -369,7 +369,8 @@ def _strings(document: Any, path: tuple[Union[str, int], ...]) -> Iterator[tuple
             yield from _strings(value, (*path, index))
 
 
-def _is_text(text: str) -> bool:
+def is_text(text: str) -> bool:
+    """Whether ``text`` is text: no unpaired UTF-16 surrogate (JSON can escape one)."""
     if text.isascii():
         return True
     try:
