@@ -1,0 +1,518 @@
+"""The kv command: the key-value service from a shell, over HTTP, through the Python client.
+
+    kv set greeting hello                  # prints the new version
+    kv get greeting                        # hello
+    kv --url http://a:8000 export | kv --url http://b:8000 import -
+
+Scripts call kv in loops, so it starts fast: at first this module imports argparse and little
+else; the client (httpx) only once a command runs; the server's modules (aiohttp, pydantic,
+structlog) never. ``bench/cli_start.py`` measures it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import stat
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional
+
+if TYPE_CHECKING:
+    from .client import Client, Entry, Event, KVError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_PRECONDITION = 3
+EXIT_UNAVAILABLE = 4
+EXIT_UNAUTHORIZED = 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what `yes | head` reports for yes
+
+EPILOG = """\
+environment:
+  KV_URL     the server, when --url is not given (default http://127.0.0.1:8000)
+  KV_TOKEN   the bearer token, when --token-file is not given (a token is never a
+             flag's value: other users of the machine can read command lines)
+
+output:
+  Line output (get, ls, watch) is for people: a key or value holding a newline or a tab
+  spans lines or columns, and $(kv get k) drops trailing newlines. --json is exact: one
+  JSON object a line, in UTF-8.
+
+exit status:
+  0    done
+  1    the key was not found
+  2    usage: a wrong command line, a file that cannot be read or written, or a request
+       the server refused as invalid (a bad --ttl, key or import line; a watch --since
+       that the server's history no longer holds)
+  3    a precondition failed (--if-version, --create)
+  4    the server is unreachable, or unavailable (it answered 5xx)
+  5    unauthorized: no token, or a wrong one
+  130  interrupted (Ctrl-C)
+  141  stdout was closed by its reader (kv ls | head -1)
+"""
+
+# An export to stdout that fails ends with a line of this code, which no import accepts (it
+# has no "key"): a pipe cannot carry an error, and `kv export | kv import --replace -` must
+# not take a cut export, or an empty one from a server that was down, for a whole one.
+EXPORT_FAILED = "export_incomplete"
+# How often a progress bar is redrawn, at most: faster than the eye only costs writes.
+PROGRESS_REDRAW = 0.1
+PROGRESS_WIDTH = 30
+MIB = 1 << 20
+
+
+class UsageError(Exception):
+    """A problem kv finds before asking the server: exit 2 with this message."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line as all of kv's are."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def write_line(text: str, flush: bool = False) -> None:
+    """``text`` and a newline on stdout, in UTF-8 whatever the locale says."""
+    sys.stdout.buffer.write(text.encode("utf-8") + b"\n")
+    if flush:
+        sys.stdout.buffer.flush()
+
+
+def json_line(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def report(message: str) -> None:
+    """One line on stderr, whatever ``message`` holds."""
+    sys.stderr.write(f"kv: {' '.join(message.splitlines())}\n")
+    sys.stderr.flush()
+
+
+def listing_line(entry: Entry, long: bool, values: bool) -> str:
+    columns = []
+    if long:
+        columns += [str(entry.version), entry.to_json()["expires_at"] or "-"]
+    columns.append(entry.key)
+    if values:
+        columns.append(entry.val or "")
+    return "\t".join(columns)
+
+
+def event_line(event: Event) -> str:
+    columns = [str(event.revision), event.type, event.key]
+    if event.type == "set":
+        columns.append(event.val or "")
+    return "\t".join(columns)
+
+
+class ProgressBar:
+    """Bytes moved so far, on one line of stderr redrawn in place; a bar when the total is
+    known (an import from a file), a count when not (an export, an import from a pipe)."""
+
+    def __init__(self, verb: str, total: Optional[int]) -> None:
+        self.verb = verb
+        self.total = total
+        self.done = 0
+        self.drawn_at: Optional[float] = None
+
+    def __call__(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        if self.drawn_at is None or now - self.drawn_at >= PROGRESS_REDRAW:
+            self.drawn_at = now
+            self.draw()
+
+    def draw(self) -> None:
+        done = f"{self.done / MIB:.1f}"
+        if self.total:
+            fraction = min(1.0, self.done / self.total)
+            filled = round(fraction * PROGRESS_WIDTH)
+            bar = "#" * filled + " " * (PROGRESS_WIDTH - filled)
+            text = f"{self.verb} [{bar}] {fraction:4.0%} {done}/{self.total / MIB:.1f} MiB"
+        else:
+            text = f"{self.verb} {done} MiB"
+        sys.stderr.write(f"\r{text}\x1b[K")  # \x1b[K: erase what a longer line left
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        """Show the final count and end the line, so that what follows starts on its own."""
+        if self.drawn_at is not None:
+            self.draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def progress_bar(verb: str, total: Optional[int]) -> Iterator[Optional[Callable[[int], None]]]:
+    """A progress callback when stderr is a terminal; None otherwise (a log, a pipe)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bar = ProgressBar(verb, total)
+    try:
+        yield bar
+    finally:
+        bar.finish()
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+
+def run_get(kv: Client, args: argparse.Namespace) -> None:
+    entry = kv.get(args.key)
+    write_line(json_line(entry.to_json()) if args.json else entry.val or "")
+
+
+def run_set(kv: Client, args: argparse.Namespace) -> None:
+    val = read_stdin() if args.value == "-" else args.value
+    version = kv.set(args.key, val, ttl=args.ttl, if_version=args.if_version, create=args.create)
+    write_line(str(version))
+
+
+def read_stdin() -> str:
+    """stdin's exact bytes as text: a trailing newline is part of the value."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"the value on stdin is not UTF-8 text ({error.reason})") from None
+
+
+def run_delete(kv: Client, args: argparse.Namespace) -> None:
+    kv.delete(args.key, if_version=args.if_version)
+
+
+def run_ls(kv: Client, args: argparse.Namespace) -> None:
+    for entry in kv.keys(args.prefix, values=args.values):
+        write_line(
+            json_line(entry.to_json()) if args.json else listing_line(entry, args.long, args.values)
+        )
+
+
+def run_watch(kv: Client, args: argparse.Namespace) -> None:
+    for event in kv.watch(args.prefix, since=args.since):
+        write_line(json_line(event.to_json()) if args.json else event_line(event), flush=True)
+
+
+def run_export(kv: Client, args: argparse.Namespace) -> None:
+    with progress_bar("export", None) as progress:
+        if args.output in (None, "-"):
+            export_to_stdout(kv, args.prefix, progress)
+            return
+        revision = export_to_file(kv, args.prefix, args.output, progress)
+    write_line(str(revision))
+
+
+def export_to_stdout(kv: Client, prefix: str, progress: Optional[Callable[[int], None]]) -> None:
+    out = sys.stdout.buffer
+    try:
+        kv.export(out, prefix, progress=progress)
+    except BrokenPipeError:
+        raise  # nobody is reading: nothing to warn
+    except BaseException as error:
+        reason = str(error) or type(error).__name__  # Ctrl-C says nothing of itself
+        failed = {"error": EXPORT_FAILED, "message": f"kv export failed: {reason}"}
+        with contextlib.suppress(OSError):
+            out.write(b"\n" + json_line(failed).encode("utf-8") + b"\n")
+            out.flush()
+        raise
+
+
+def export_to_file(
+    kv: Client, prefix: str, path: str, progress: Optional[Callable[[int], None]]
+) -> int:
+    """Export into a new file beside ``path``, renamed to it once whole: a failed export
+    leaves no file that looks like one (and an earlier export at ``path`` stays)."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        handle, partial = tempfile.mkstemp(dir=directory, prefix=".kv-export-", suffix=".part")
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror}") from None
+    try:
+        with os.fdopen(handle, "wb") as out:
+            revision = kv.export(out, prefix, progress=progress)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    return revision
+
+
+def run_import(kv: Client, args: argparse.Namespace) -> None:
+    with open_source(args.file) as source, progress_bar("import", size_of(source)) as progress:
+        result = kv.import_(source, replace=args.replace, prefix=args.prefix, progress=progress)
+    write_line(
+        json_line(
+            {"imported": result.imported, "skipped": result.skipped, "revision": result.revision}
+        )
+    )
+
+
+@contextlib.contextmanager
+def open_source(path: str) -> Iterator[IO[bytes]]:
+    """The file to import, or stdin for "-"."""
+    if path == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        source = open(path, "rb")  # noqa: SIM115 (closed below; the open's error is ours)
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    with source:
+        yield source
+
+
+def size_of(source: IO[bytes]) -> Optional[int]:
+    """The bytes left in a regular file (stdin may be one: kv import - < backup.ndjson)."""
+    try:
+        info = os.fstat(source.fileno())
+        if stat.S_ISREG(info.st_mode):
+            return max(0, info.st_size - source.tell())
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run_health(kv: Client, args: argparse.Namespace) -> None:
+    write_line(json_line(kv.health()))
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+KEY_HELP = "any string; after -- if it starts with -"
+PREFIX_HELP = "only keys that start with it (default: every key)"
+
+
+def seconds(text: str) -> float:
+    """A number of seconds as typed: 60 is sent as 60, so that the server's messages
+    quote what the user wrote rather than 60.0."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def add_connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--url", default=default, help=f"the server's URL (default: $KV_URL, else {DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="PATH",
+        default=default,
+        help="read the bearer token from this file (default: $KV_TOKEN)",
+    )
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="kv",
+        description="Read, write, list, watch, export and import the keys of a kv server.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_connection_options(parser, default=None)
+    commands = parser.add_subparsers(metavar="COMMAND", required=True)
+
+    def command(
+        name: str, run: Callable[[Client, argparse.Namespace], None], summary: str
+    ) -> Parser:
+        sub: Parser = commands.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog="Exit status and environment: see kv --help.",
+        )
+        # Also after the command (kv get k --url ...); SUPPRESS keeps a value given before it.
+        add_connection_options(sub, default=argparse.SUPPRESS)
+        sub.set_defaults(run=run)
+        return sub
+
+    get = command("get", run_get, "Print a key's value and a newline.")
+    get.add_argument("key", metavar="KEY", help=KEY_HELP)
+    get.add_argument(
+        "--json", action="store_true", help='print {"key", "val", "version", "expires_at"}'
+    )
+
+    set_ = command("set", run_set, "Write a key's value; print its new version.")
+    set_.add_argument("key", metavar="KEY", help=KEY_HELP)
+    set_.add_argument(
+        "value", metavar="VALUE", help="the value; - reads stdin's exact bytes (UTF-8)"
+    )
+    set_.add_argument("--ttl", type=seconds, metavar="SECONDS", help="expire after this long")
+    condition = set_.add_mutually_exclusive_group()
+    condition.add_argument(
+        "--if-version", type=int, metavar="V", help="only if the key is at version V"
+    )
+    condition.add_argument("--create", action="store_true", help="only if the key is absent")
+
+    delete = command("delete", run_delete, "Delete a key.")
+    delete.add_argument("key", metavar="KEY", help=KEY_HELP)
+    delete.add_argument(
+        "--if-version", type=int, metavar="V", help="only if the key is at version V"
+    )
+
+    ls = command("ls", run_ls, "List the keys under a prefix, one a line, in key order.")
+    ls.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help=PREFIX_HELP)
+    ls.add_argument(
+        "--long", "-l", action="store_true", help="version, expiry (or -) and key, tab-separated"
+    )
+    ls.add_argument("--values", action="store_true", help="add each value after its key")
+    ls.add_argument(
+        "--json", action="store_true", help='one {"key", "val", "version", "expires_at"} a line'
+    )
+
+    watch = command("watch", run_watch, "Print each change under a prefix as it happens.")
+    watch.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help=PREFIX_HELP)
+    watch.add_argument(
+        "--since", type=int, metavar="REV", help="the changes after revision REV (default: now)"
+    )
+    watch.add_argument(
+        "--json",
+        action="store_true",
+        help='one {"revision", "type", "key"} (plus "val", "expires_at" for a set) a line',
+    )
+    watch.epilog = (
+        "A line is revision, type (set, delete, expire), key and, for a set, value, "
+        "tab-separated. A watch resumes by itself after a lost connection or a server restart, "
+        "missing nothing and repeating nothing. Exit status: see kv --help."
+    )
+
+    export = command("export", run_export, "Write every key under a prefix as NDJSON.")
+    export.add_argument("prefix", metavar="PREFIX", nargs="?", default="", help=PREFIX_HELP)
+    export.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="write to FILE (created whole, or not at all) and print the export's revision",
+    )
+    export.epilog = (
+        "An export to stdout that fails ends with a line that kv import refuses, so that "
+        "`kv export | kv import -` never imports a cut export. Exit status: see kv --help."
+    )
+
+    import_ = command("import", run_import, "Load NDJSON (an export) into the store.")
+    import_.add_argument("file", metavar="FILE", help="the file, or - for stdin")
+    import_.add_argument(
+        "--replace", action="store_true", help="remove the keys (under --prefix) the file lacks"
+    )
+    import_.add_argument(
+        "--prefix", default="", metavar="P", help="every line's key must start with P"
+    )
+    import_.epilog = (
+        'All or nothing. Prints {"imported", "skipped", "revision"}. Exit status: see kv --help.'
+    )
+
+    command("health", run_health, "Print the server's /health answer.")
+    return parser
+
+
+def server_url(args: argparse.Namespace) -> str:
+    url: str = args.url or os.environ.get("KV_URL") or DEFAULT_URL
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"the URL must start with http:// or https://, not {url!r}")
+    return url
+
+
+def bearer_token(args: argparse.Namespace) -> Optional[str]:
+    if args.token_file is None:
+        return os.environ.get("KV_TOKEN") or None
+    try:
+        with open(args.token_file, encoding="utf-8") as file:
+            # A file written by echo or an editor ends with a newline; a token has no spaces.
+            text = file.read().strip()
+    except OSError as error:
+        raise UsageError(
+            f"cannot read the token file {args.token_file}: {error.strerror}"
+        ) from None
+    except UnicodeDecodeError:
+        raise UsageError(f"the token file {args.token_file} is not UTF-8 text") from None
+    if not text:
+        raise UsageError(f"the token file {args.token_file} is empty")
+    return text
+
+
+def exit_status(error: KVError) -> int:
+    from . import client
+
+    statuses = (
+        (client.KeyNotFound, EXIT_NOT_FOUND),
+        (client.PreconditionFailed, EXIT_PRECONDITION),
+        (client.Unauthorized, EXIT_UNAUTHORIZED),
+        (client.InvalidRequest, EXIT_USAGE),
+        (client.HistoryGone, EXIT_USAGE),
+    )
+    for kind, status in statuses:
+        if isinstance(error, kind):
+            return status
+    return EXIT_UNAVAILABLE  # Unavailable, and anything newer: no answer to act on
+
+
+def run(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        url, token = server_url(args), bearer_token(args)
+        skip_httpx_command_line()
+        from .client import Client, KVError
+
+        try:
+            with Client(url, token=token) as kv:
+                args.run(kv, args)
+        except KVError as error:
+            report(error.message)
+            return exit_status(error)
+        sys.stdout.flush()  # here, where a closed pipe is still ours to report
+    except UsageError as error:
+        report(str(error))
+        return EXIT_USAGE
+    except BrokenPipeError:
+        raise
+    except OSError as error:  # a local file or stream; the client's own are KVErrors
+        report(f"{error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
+        return EXIT_USAGE
+    except Exception as error:  # a bug: still one line, never a traceback
+        report(f"unexpected error: {type(error).__name__}: {error}")
+        return EXIT_UNAVAILABLE
+    return EXIT_OK
+
+
+def skip_httpx_command_line() -> None:
+    """httpx imports its own command line (rich, click) whenever they are installed: work at
+    every start of kv for nothing kv uses. Where that import fails, as it does without them,
+    httpx defines a stub instead; so kv makes it fail. (test_cli.py checks that kv imports
+    neither rich nor click.)"""
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run kv; the exit status is one of those EPILOG lists."""
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader left (kv ls | head -1). Point stdout at /dev/null so that the flush at
+        # exit does not fail again, noisily.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE_CLOSED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
