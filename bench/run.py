@@ -1,6 +1,6 @@
 """Throughput and latency of the service against the floor and the FastAPI reference.
 
-Method (see the README's Performance section): the server under test is pinned to core 0 and
+Method (see docs/performance.md): the server under test is pinned to core 0 and
 wrk (1 thread, 64 connections) to core 1; the servers alternate A B C A B C ... for --rounds
 rounds and the table shows each one's median. Every server is seeded with the same input.db of
 --rows keys; GETs ask for uniformly random seeded keys (bench/get_random.lua), POSTs write JSON

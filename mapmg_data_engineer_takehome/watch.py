@@ -8,7 +8,7 @@ sent: a watcher too far behind, or ahead of the store, gets a 410, never a strea
 A stream is written here rather than with aiohttp-sse: each event is encoded once for every
 watcher (feed.Event.data), a revision's events go out in one write, its id is on its last event
 only, heartbeats carry the resume point, and a stream that has caught up is written to by the
-feed, without a task of its own (see the README's design decisions).
+feed, without a task of its own (see docs/design.md).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from yarl import URL
 
 from .conftest import Client, MakeClient
 
-# Text every store can hold: every code point but the surrogates, and NUL (see the README).
+# Text every store can hold: every code point but the surrogates, and NUL (see docs/api.md, Errors).
 TEXT = st.text(alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\x00"))
 
 

@@ -405,7 +405,7 @@ async def test_closing_the_server_ends_streams_and_polls_at_once(
 
 
 async def test_list_then_watch_converges_under_concurrent_writes(client: Client) -> None:
-    """The README's loop: list every page, then watch from the first page's KV-Revision,
+    """docs/api.md's loop: list every page, then watch from the first page's KV-Revision,
     applying an event to a key only when it is newer than the version the listing gave."""
     keys = [f"k{index:02d}" for index in range(30)]
     generator = random.Random(20261130)

@@ -56,7 +56,7 @@ def test_the_docs_page_works_offline_with_the_token(server: Server, tmp_path: Pa
         status = operation.locator(".live-responses-table tr.response .response-col_status")
         assert status.first.inner_text().strip() == "200"
 
-        # The operation from its title to the live answer (the README shows it).
+        # The operation from its title to the live answer (docs/api.md shows it).
         top = operation.bounding_box()
         bottom = operation.locator(".live-responses-table").first.bounding_box()
         assert top is not None and bottom is not None
