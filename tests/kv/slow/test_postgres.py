@@ -281,7 +281,9 @@ def test_an_unreachable_database_at_startup_is_retried_then_exit_1(servers: Serv
 
 # --- across hosts ---------------------------------------------------------------------------
 
-NETWORK = "10.77.0"
+# A /24 of this run's own: two runs at once (a developer's and CI's) must not route to each
+# other's bridges.
+NETWORK = f"10.77.{os.getpid() % 250}"
 
 
 @contextlib.contextmanager
