@@ -322,6 +322,12 @@ _CONDITION_NAMES = {IfExists: "exists", IfAbsent: "absent", IfVersion: "version"
 # SQLSTATE classes that mean "not now" rather than "a bug": connection exceptions,
 # insufficient resources, operator intervention (a shutdown, a restart), system errors.
 _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+# A write on a server in recovery (a standby) or in a read-only session: not the primary,
+# which a failover may have moved; the next connection goes through the URL's hosts again.
+_READ_ONLY_TRANSACTION = "25006"
+# Whether a connection can write: a standby is in recovery; a primary may also be made
+# read-only (default_transaction_read_only), as a failover manager does to fence it.
+_WRITABLE = "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
 
 
 def redacted_url(url: str) -> str:
@@ -349,13 +355,111 @@ def describe(error: BaseException) -> str:
 def _translate(error: BaseException) -> StoreError:
     if isinstance(error, asyncpg.PostgresError):
         state = getattr(error, "sqlstate", "") or ""
+        if state == _READ_ONLY_TRANSACTION:
+            return StoreUnavailable(f"PostgreSQL is read-only (a standby?): {describe(error)}")
         if state[:2] not in _UNAVAILABLE_CLASSES:
             return StoreError(f"PostgreSQL: {describe(error)}")
     return StoreUnavailable(f"PostgreSQL: {describe(error)}")
 
 
-# What a failed call to PostgreSQL can raise besides its own errors.
-_FAILURES = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+def _log_crash(task: asyncio.Future[Any]) -> None:
+    """A background task of the store ended by an exception: a bug (its failures are the
+    requests' to answer), logged with its traceback rather than left for asyncio to find."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("store_task_failed", exc_info=task.exception())
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's exception as seen: for futures whose waiter has already
+    answered (a 503 after the timeout), so that asyncio does not report it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
+# What a failed call to PostgreSQL can raise besides its own errors (the last: no host of
+# the URL is what its target_session_attrs asks for).
+_FAILURES = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.TargetServerAttributeNotMatched,
+)
+
+
+class _ReadOnly(Exception):
+    """The server reached cannot write: a standby, or a primary made read-only."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is read-only (in recovery: a standby?)")
+
+
+async def _check_writable(pool: asyncpg.Pool, timeout: float) -> None:
+    try:
+        writable = await pool.fetchval(_WRITABLE, timeout=timeout)
+    except BaseException:
+        pool.terminate()  # not close(): a server that hangs would hang that too
+        raise
+    if not writable:
+        pool.terminate()
+        raise _ReadOnly
+
+
+def _host_urls(url: str) -> list[str]:
+    """One URL per host of a multi-host URL (postgresql://u:p@a:5432,b:5432/kv?...), in its
+    order; the URL alone when it names one host (or gives its hosts another way)."""
+    scheme, separator, rest = url.partition("://")
+    at = rest.rfind("@")  # the password may hold an unencoded "@"; hosts never do
+    credentials, hosts_and_path = rest[: at + 1], rest[at + 1 :]
+    end = len(hosts_and_path)
+    for delimiter in "/?":
+        found = hosts_and_path.find(delimiter)
+        if found != -1:
+            end = min(end, found)
+    hosts, path = hosts_and_path[:end].split(","), hosts_and_path[end:]
+    if not separator or len(hosts) < 2:
+        return [url]
+    return [f"{scheme}://{credentials}{host}{path}" for host in hosts]
+
+
+async def _connect_any_host(url: str, **options: Any) -> asyncpg.Connection:
+    """The pool's connect: every host of the URL at once, each within the connect timeout,
+    the first usable one taken (one that its target_session_attrs accepts). asyncpg's own
+    tries them one after the other within one timeout for all, so an old primary that a
+    partition made hang, listed first, would take every attempt's whole time, and the new
+    primary after it would never be reached."""
+    urls = _host_urls(url)
+    if len(urls) == 1:
+        return await asyncpg.connect(url, **options)
+    attempts = [asyncio.ensure_future(asyncpg.connect(host, **options)) for host in urls]
+    chosen: Optional[asyncio.Future[Any]] = None
+    try:
+        pending = set(attempts)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for attempt in attempts:  # in the URL's order, among those done together
+                if attempt in done and not attempt.cancelled() and attempt.exception() is None:
+                    chosen = attempt
+                    return attempt.result()
+        # None could be used: the first host's failure, as asyncpg would report it.
+        raise next(error for error in map(_failure_of, attempts) if error is not None)
+    finally:
+        for attempt in attempts:
+            if attempt is not chosen:
+                attempt.cancel()
+                attempt.add_done_callback(_close_unused)
+
+
+def _failure_of(attempt: asyncio.Future[Any]) -> Optional[BaseException]:
+    return asyncio.CancelledError() if attempt.cancelled() else attempt.exception()
+
+
+def _close_unused(attempt: asyncio.Future[Any]) -> None:
+    """A connection that lost the race (or that nobody waited for): closed at once."""
+    if attempt.cancelled():
+        return
+    if attempt.exception() is None:
+        attempt.result().terminate()
 
 
 class _Write:
@@ -431,14 +535,22 @@ class PostgresStore:
                     url,
                     min_size=1,
                     max_size=pool_size,
+                    connect=_connect_any_host,
                     timeout=timeout,  # to connect
                     command_timeout=timeout,
                 )
+                await _check_writable(pool, timeout)
                 break
-            except (*_FAILURES, ValueError) as error:
+            except (*_FAILURES, ValueError, _ReadOnly) as error:
                 if isinstance(error, ValueError):  # a malformed URL: no retry will mend it
                     raise StoreUnavailable(f"{redacted_url(url)}: {describe(error)}") from None
                 if time.monotonic() + delay > deadline:
+                    if isinstance(error, _ReadOnly):
+                        raise StoreUnavailable(
+                            f"PostgreSQL at {redacted_url(url)} is read-only, not a primary "
+                            f"(a standby in recovery?), after {startup_wait:g} s "
+                            f"({attempt} attempts)"
+                        ) from None
                     raise StoreUnavailable(
                         f"PostgreSQL at {redacted_url(url)} did not answer within "
                         f"{startup_wait:g} s ({attempt} attempts); last: {describe(error)}"
@@ -494,20 +606,72 @@ class PostgresStore:
 
     async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
         """Rows of one statement, within the timeout, a connection and the answer together."""
+        return await self._use(lambda conn: conn.fetch(query, *args))
 
-        async def fetch() -> list[asyncpg.Record]:
-            async with self._pool.acquire() as conn:
-                return await conn.fetch(query, *args)  # type: ignore[no-any-return]
-
+    async def _use(
+        self, work: Callable[[Any], Awaitable[Result]], transaction: bool = False
+    ) -> Result:
+        """``work`` on a pooled connection (in a transaction if asked), a connection and the
+        answer within the timeout. A connection that failed, that found itself on a read-only
+        server, or whose answer did not come in time is closed, never returned to the pool: a
+        server cut off by a partition never answers, not even a reset, and the next
+        connection goes through the URL's hosts again, to wherever the primary now is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
         try:
-            return await asyncio.wait_for(fetch(), self._timeout)
+            conn = await self._pool.acquire(timeout=self._timeout)
         except _FAILURES as error:
-            failure = _translate(error)
+            raise await self._failed(error) from None
+        run = asyncio.ensure_future(self._run(conn, work, transaction))
+        try:
+            await asyncio.wait({run}, timeout=max(deadline - loop.time(), 0))
+        except BaseException:  # the request was cancelled (its client left) mid-query
+            self._abandon(conn, run)
+            raise
+        if not run.done():
+            self._abandon(conn, run)
+            raise await self._failed(asyncio.TimeoutError()) from None
+        try:
+            result = run.result()
+        except _FAILURES as error:
+            failure = await self._failed(error)
             if isinstance(failure, StoreUnavailable):
-                # The database went away: drop every idle connection now, rather than
-                # failing one request on each of them once it is back.
-                self._pool.expire_connections()
+                conn.terminate()
+            await self._pool.release(conn)
             raise failure from None
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        await self._pool.release(conn)
+        return result
+
+    @staticmethod
+    async def _run(
+        conn: Any, work: Callable[[Any], Awaitable[Result]], transaction: bool
+    ) -> Result:
+        if not transaction:
+            return await work(conn)
+        async with conn.transaction():
+            return await work(conn)
+
+    def _abandon(self, conn: Any, run: asyncio.Future[Any]) -> None:
+        """Close ``conn`` under a call still running on it (which then fails at once) and
+        give it back to the pool once that call has ended, its outcome retrieved."""
+        conn.terminate()
+
+        def ended(run: asyncio.Future[Any]) -> None:
+            _retrieve(run)
+            self._spawn(self._pool.release(conn))
+
+        run.add_done_callback(ended)
+
+    async def _failed(self, error: BaseException) -> StoreError:
+        failure = _translate(error)
+        if isinstance(failure, StoreUnavailable):
+            # The database went away, or the primary moved: drop every idle connection now,
+            # rather than failing one request on each of them.
+            await self._pool.expire_connections()
+        return failure
 
     # --- reads ----------------------------------------------------------------------------
 
@@ -533,6 +697,9 @@ class PostgresStore:
             raise StoreUnavailable(
                 f"PostgreSQL did not answer within {self._timeout:g} s"
             ) from None
+        finally:
+            if not future.done():  # answered without it (a timeout, a cancellation)
+                future.add_done_callback(_retrieve)
 
     def _start_reads(self) -> None:
         reads, self._reads = self._reads, {}
@@ -543,6 +710,7 @@ class PostgresStore:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_crash)
 
     async def _read(self, reads: Mapping[str, list[asyncio.Future[Optional[Entry]]]]) -> None:
         try:
@@ -644,6 +812,7 @@ class PostgresStore:
         self._writes.append(_Write(kind, key, val, ttl_ms, condition, future))
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
+            self._draining.add_done_callback(_log_crash)
         # A 503 for a write that then commits is a "maybe"; a 200 is only ever a commit.
         return await self._within(future)
 
@@ -681,15 +850,7 @@ class PostgresStore:
 
     async def _in_transaction(self, work: Callable[[Any], Awaitable[Result]]) -> Result:
         """``work`` on a pooled connection in a transaction, all within the timeout."""
-
-        async def run() -> Result:
-            async with self._pool.acquire() as conn, conn.transaction():
-                return await work(conn)
-
-        try:
-            return await asyncio.wait_for(run(), self._timeout)
-        except _FAILURES as error:
-            raise _translate(error) from None
+        return await self._use(work, transaction=True)
 
     async def set_many(self, items: Sequence[SetItem]) -> int:
         # One row per key, the last item's: a statement may not touch a row twice.
@@ -859,7 +1020,7 @@ class PostgresStore:
 
     async def _listen_once(self, wake: Wake) -> None:
         """LISTEN and poll until the connection fails (raising what it raised)."""
-        conn = await asyncpg.connect(
+        conn = await _connect_any_host(
             self._url, timeout=self._timeout, server_settings={"application_name": LISTENER_NAME}
         )
         try:
@@ -892,7 +1053,7 @@ class PostgresStore:
         wait on."""
         try:
             # Its own connection, without the requests' timeout: a load takes its time.
-            conn = await asyncpg.connect(self._url, timeout=self._timeout)
+            conn = await _connect_any_host(self._url, timeout=self._timeout)
         except _FAILURES as error:
             raise _translate(error) from None
         try:
@@ -946,7 +1107,7 @@ class PostgresStore:
     @contextlib.asynccontextmanager
     async def export(self, prefix: str) -> AsyncIterator[_PostgresSnapshot]:
         try:
-            conn = await asyncpg.connect(self._url, timeout=self._timeout)
+            conn = await _connect_any_host(self._url, timeout=self._timeout)
         except _FAILURES as error:
             raise _translate(error) from None
         try:
@@ -972,7 +1133,13 @@ class PostgresStore:
         return int((await self._fetch(_READ_META, "keys"))[0][0])
 
     async def ping(self) -> None:
-        await self._fetch("SELECT 1")
+        """Raise StoreUnavailable unless a connection reaches a primary that can write."""
+        rows = await self._fetch(_WRITABLE)
+        if not rows[0][0]:
+            # Its connection found a standby (or a fenced primary): the next ones go through
+            # the URL's hosts again.
+            await self._pool.expire_connections()
+            raise StoreUnavailable("PostgreSQL is read-only: no primary to write to")
 
     async def close(self) -> None:
         if self._draining is not None:

@@ -13,6 +13,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -52,7 +53,10 @@ class PostgresCluster:
         host: str = "127.0.0.1",
         port: Optional[int] = None,
         durable: bool = False,
+        standby_of: Optional[PostgresCluster] = None,
     ) -> None:
+        """A new cluster; with ``standby_of``, a streaming standby of that (running) one,
+        made from its base backup: read-only, in recovery, until promoted."""
         self.bindir = bindir
         self.host = host
         self.port = port or free_port()
@@ -61,7 +65,10 @@ class PostgresCluster:
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
         self.run_as = self._unprivileged_prefix()
-        self._initdb()
+        if standby_of is None:
+            self._initdb()
+        else:
+            self._base_backup(standby_of)
 
     def _unprivileged_prefix(self) -> list[str]:
         if os.geteuid() != 0:
@@ -108,6 +115,40 @@ class PostgresCluster:
         with (self.data / "pg_hba.conf").open("a") as hba:
             hba.write("host all all 0.0.0.0/0 scram-sha-256\n")
 
+    def _base_backup(self, primary: PostgresCluster) -> None:
+        self._run(
+            str(self.bindir / "pg_basebackup"), "-h", str(primary.root), "-p", str(primary.port),
+            "-U", SUPERUSER, "-D", str(self.data), "-R", "-X", "stream", "-c", "fast",
+        )  # fmt: skip
+        with (self.data / "postgresql.conf").open("a") as conf:  # the last setting wins
+            conf.write(
+                f"listen_addresses = '{self.host}'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.root}'\n"
+            )
+
+    def processes(self) -> list[int]:
+        """The postmaster's pid and its children's."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # pid (comm) state ppid ...: comm may hold spaces, so split after its ")".
+                if int(stat.read_text().rpartition(")")[2].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
+
+    def freeze(self) -> None:
+        """Stop every process of the server (SIGSTOP): its connections stay open and its
+        port accepts, but nothing answers, as with a server cut off by a partition."""
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in self.processes():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def pg_ctl(self, *args: str) -> None:
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), *args)
 
@@ -153,6 +194,8 @@ class PostgresCluster:
         return name
 
     def remove(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a frozen server could not stop
+            self.thaw()
         with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
             self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)
