@@ -83,8 +83,8 @@ class Settings(BaseSettings):
     postgres_startup_wait: float = Field(
         default=30.0,
         ge=0,
-        description="Seconds a starting server retries an unreachable PostgreSQL (with "
-        "backoff, logging each attempt) before it exits with status 1.",
+        description="Seconds a starting server retries an unreachable or read-only PostgreSQL "
+        "(with backoff, logging each attempt) before it exits with status 1.",
     )
     data_path: Path = Field(
         default=Path("data/kv.sqlite3"),

@@ -188,6 +188,23 @@ def increment(client: Client, stop: threading.Event) -> None:
             time.sleep(BACKOFF)
 
 
+def watch(
+    server: Server, host: str, since: int, events: list[tuple[int, str]], done: threading.Event
+) -> None:
+    """Follow /changes by long-polls from ``since``, through errors, until ``done`` is set
+    and the feed has caught up: every (revision, key) it was given, in order."""
+    while True:
+        status, _, body = request(server, host, "GET", f"/changes?since={since}&timeout=1")
+        if status != 200:
+            time.sleep(BACKOFF)
+            continue
+        answer = json.loads(body)
+        events.extend((event["revision"], event["key"]) for event in answer["events"])
+        since = answer["next"]
+        if done.is_set() and not answer["events"] and not answer["more"]:
+            return
+
+
 def lock_and_unlock(client: Client, name: str, stop: threading.Event) -> None:
     """Take a lock that both replicas contend for (a create), and give it back (a delete)."""
     while not stop.is_set():
@@ -256,7 +273,23 @@ def test_a_failover_under_load_loses_no_acknowledged_write(tmp_path: Path) -> No
                     (lock_and_unlock, (client, name, stop)),
                 )
             ]
-            for worker in workers:
+            # A watcher on each replica, from the counter's start on.
+            watched: dict[str, list[tuple[int, str]]] = {"a": [], "b": []}
+            caught_up = threading.Event()
+            watchers = [
+                threading.Thread(
+                    target=watch,
+                    args=(
+                        replicas[name],
+                        addresses[name],
+                        initial["counter"][1],
+                        events,
+                        caught_up,
+                    ),
+                )
+                for name, events in watched.items()
+            ]
+            for worker in [*workers, *watchers]:
                 worker.start()
             try:
                 time.sleep(2)
@@ -291,7 +324,8 @@ def test_a_failover_under_load_loses_no_acknowledged_write(tmp_path: Path) -> No
                 for worker in workers:
                     worker.join(timeout=30)
 
-            acknowledged = [op for op in load.history if op.end != math.inf and op.kind != "read"]
+            # The writes that committed: each answered with its new version.
+            acknowledged = [op for op in load.history if isinstance(op.outcome, int)]
             print(  # the figures docs/high-availability.md quotes (pytest -s shows them)
                 f"failover: recovered {recovered} s after the promotion;"
                 f" {len(acknowledged)} writes acknowledged,"
@@ -311,6 +345,16 @@ def test_a_failover_under_load_loses_no_acknowledged_write(tmp_path: Path) -> No
             for key in sorted({op.key for op in load.history}):
                 reader.get(key)
             assert check(load.history, initial) == []
+            # Every acknowledged write, once, in revision order, on both replicas' feeds.
+            caught_up.set()
+            for watcher in watchers:
+                watcher.join(timeout=30)
+            written = {(op.outcome, op.key) for op in acknowledged}
+            for name, events in watched.items():
+                revisions = [revision for revision, _ in events]
+                assert revisions == sorted(revisions), name
+                assert len(events) == len(set(events)), f"{name}: an event twice"
+                assert written - set(events) == set(), f"{name}: acknowledged writes missed"
             for replica in replicas.values():
                 assert "event_loop_error" not in replica.stdout(), replica.stdout()[-3000:]
                 assert "never retrieved" not in replica.stdout() + replica.stderr()
