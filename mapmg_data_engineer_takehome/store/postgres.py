@@ -387,6 +387,19 @@ _FAILURES = (
 )
 
 
+class _Connection(asyncpg.Connection):  # type: ignore[misc]
+    """asyncpg's connection, whose close ends it whatever the server does. The pool closes
+    the connections expire_connections() outdated in tasks of its own that nobody awaits;
+    on a server that hangs that close times out, asyncpg aborts the connection, and the
+    error it raises would be one nobody retrieves."""
+
+    async def close(self, *, timeout: Optional[float] = None) -> None:
+        try:
+            await super().close(timeout=timeout)
+        except _FAILURES:
+            self.terminate()  # already aborted by asyncpg; this only makes sure
+
+
 class _ReadOnly(Exception):
     """The server reached cannot write: a standby, or a primary made read-only."""
 
@@ -536,6 +549,7 @@ class PostgresStore:
                     min_size=1,
                     max_size=pool_size,
                     connect=_connect_any_host,
+                    connection_class=_Connection,
                     timeout=timeout,  # to connect
                     command_timeout=timeout,
                 )

@@ -318,12 +318,19 @@ def hosts(names: list[str]) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
         subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
 
 
-def test_replicas_on_other_hosts_share_nothing_but_the_network(tmp_path: Path) -> None:
+def hosts_and_postgres() -> Path:
+    """PostgreSQL's server binaries, for a test of hosts in network namespaces; it skips
+    without them, or without root and iproute2 (CI has all three)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and iproute2 (CI runs as root)")
     bindir = server_binaries()
     if bindir is None:
         pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    return bindir
+
+
+def test_replicas_on_other_hosts_share_nothing_but_the_network(tmp_path: Path) -> None:
+    bindir = hosts_and_postgres()
     with hosts(["db", "a", "b"]) as (namespaces, addresses):
         cluster = PostgresCluster(bindir, host=addresses["db"])
         cluster.run_as = ["ip", "netns", "exec", namespaces["db"], *cluster.run_as]
