@@ -273,6 +273,22 @@ def _keys_page(prefix: str, values: bool, page_size: int, cursor: Optional[str])
     return _Call("GET", "/keys", retry=True, params=params)
 
 
+def _mget_calls(keys: Iterable[str]) -> list[_Call]:
+    wanted = list(keys)
+    return [
+        _Call("POST", "/mget", retry=True, body={"keys": wanted[start : start + MGET_BATCH]})
+        for start in range(0, len(wanted), MGET_BATCH)
+    ]
+
+
+def _found(answer: httpx.Response) -> Iterator[tuple[str, Optional[str]]]:
+    return ((item["key"], item["val"]) for item in answer.json()["items"])
+
+
+def _mdelete(keys: Iterable[str]) -> _Call:
+    return _Call("POST", "/mdelete", retry=False, body={"keys": list(keys)})
+
+
 def _mset(items: Mapping[str, str], ttl: Optional[float]) -> _Call:
     rows = [
         {"key": key, "val": val, **({"ttl": ttl} if ttl is not None else {})}
@@ -385,10 +401,6 @@ async def _async_sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-def _timeouts(timeout: float) -> httpx.Timeout:
-    return httpx.Timeout(timeout)
-
-
 def _stream_timeouts(timeout: float) -> httpx.Timeout:
     return httpx.Timeout(timeout, read=max(timeout, STREAM_READ_TIMEOUT))
 
@@ -406,7 +418,7 @@ def _http_options(url: str, token: Optional[str], timeout: float) -> dict[str, A
     return {
         "base_url": url,
         "headers": headers,
-        "timeout": _timeouts(timeout),
+        "timeout": httpx.Timeout(timeout),
         # Plain http has no certificates to check: loading the CA bundle would only add a
         # tenth of a second to every start of the kv command.
         "verify": httpx.URL(url).scheme == "https",
@@ -496,11 +508,8 @@ class Client:
 
     def mget(self, keys: Iterable[str]) -> dict[str, Optional[str]]:
         found: dict[str, Optional[str]] = {}
-        wanted = list(keys)
-        for start in range(0, len(wanted), MGET_BATCH):
-            batch = wanted[start : start + MGET_BATCH]
-            answer = self._send(_Call("POST", "/mget", retry=True, body={"keys": batch}))
-            found.update((item["key"], item["val"]) for item in answer.json()["items"])
+        for call in _mget_calls(keys):
+            found.update(_found(self._send(call)))
         return found
 
     def mset(self, items: Mapping[str, str], *, ttl: Optional[float] = None) -> int:
@@ -508,8 +517,7 @@ class Client:
         return int(self._send(_mset(items, ttl)).json()["version"])
 
     def mdelete(self, keys: Iterable[str]) -> int:
-        answer = self._send(_Call("POST", "/mdelete", retry=False, body={"keys": list(keys)}))
-        return int(answer.json()["deleted"])
+        return int(self._send(_mdelete(keys)).json()["deleted"])
 
     def compare_and_set(
         self, key: str, fn: Callable[[Optional[str]], str], *, ttl: Optional[float] = None
@@ -712,19 +720,15 @@ class AsyncClient:
 
     async def mget(self, keys: Iterable[str]) -> dict[str, Optional[str]]:
         found: dict[str, Optional[str]] = {}
-        wanted = list(keys)
-        for start in range(0, len(wanted), MGET_BATCH):
-            batch = wanted[start : start + MGET_BATCH]
-            answer = await self._send(_Call("POST", "/mget", retry=True, body={"keys": batch}))
-            found.update((item["key"], item["val"]) for item in answer.json()["items"])
+        for call in _mget_calls(keys):
+            found.update(_found(await self._send(call)))
         return found
 
     async def mset(self, items: Mapping[str, str], *, ttl: Optional[float] = None) -> int:
         return int((await self._send(_mset(items, ttl))).json()["version"])
 
     async def mdelete(self, keys: Iterable[str]) -> int:
-        call = _Call("POST", "/mdelete", retry=False, body={"keys": list(keys)})
-        return int((await self._send(call)).json()["deleted"])
+        return int((await self._send(_mdelete(keys))).json()["deleted"])
 
     async def compare_and_set(
         self, key: str, fn: Callable[[Optional[str]], str], *, ttl: Optional[float] = None
