@@ -376,14 +376,17 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-# What a failed call to PostgreSQL can raise besides its own errors (the last: no host of
-# the URL is what its target_session_attrs asks for).
+# What a failed call to PostgreSQL can raise besides its own errors: no host of the URL is
+# what its target_session_attrs asks for; the connection's protocol is in a state it cannot
+# use (asyncpg's InternalClientError, as when the server ended the session while it was
+# idle).
 _FAILURES = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     OSError,
     asyncio.TimeoutError,
     asyncpg.exceptions.TargetServerAttributeNotMatched,
+    asyncpg.exceptions.InternalClientError,
 )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import structlog.testing
 
 from mapmg_data_engineer_takehome.store import StoreUnavailable
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore
@@ -46,13 +47,16 @@ def cluster() -> Iterator[PostgresCluster]:
 @pytest.fixture
 async def lost_exceptions() -> AsyncIterator[list[dict[str, Any]]]:
     """What reaches the event loop's exception handler ("Future exception was never
-    retrieved", "Task exception was never retrieved"): every one is a bug."""
+    retrieved", "Task exception was never retrieved"): every one is a bug. So is a
+    background task of the store that ended by an exception (it logs store_task_failed)."""
     loop = asyncio.get_running_loop()
     contexts: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
     loop.set_exception_handler(lambda _, context: contexts.append(context))
-    yield contexts
+    with structlog.testing.capture_logs() as logs:
+        yield contexts
     loop.set_exception_handler(previous)
+    assert [entry for entry in logs if entry["event"] == "store_task_failed"] == []
 
 
 def assert_none_lost(contexts: list[dict[str, Any]]) -> None:
