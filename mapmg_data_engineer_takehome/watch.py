@@ -77,8 +77,9 @@ async def changes(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             410,
             "unknown_revision",
-            f"Revision {since} is above the store's revision ({unknown.revision}): the store "
-            "was replaced or restored. List the keys again (GET /keys), then watch from the "
+            f"Revision {since} is not one of this store's (its revision is "
+            f"{unknown.revision}): the store was replaced or restored, or failed over to a "
+            "copy that did not have it. List the keys again (GET /keys), then watch from the "
             "listing's KV-Revision.",
             details={"revision": unknown.revision},
         ) from None

@@ -297,7 +297,8 @@ class Compacted(HistoryGone):
 
 
 class UnknownRevision(HistoryGone):
-    """``since`` is above the store's revision: the store was replaced or restored."""
+    """``since`` is not a revision of this store's: above its revision (the store was
+    replaced or restored), or one that a failover skipped (see store/postgres.py)."""
 
     def __init__(self, revision: int) -> None:
         super().__init__("the store has no such revision")
@@ -379,7 +380,7 @@ class Store(Protocol):
     async def changes(self, prefix: str, since: int, limit: int) -> Changes:
         """The changes to keys starting with ``prefix`` in revisions above ``since``, as
         take_changes cuts them. Raises Compacted when ``since`` is below the compact
-        revision, UnknownRevision when it is above the store's revision."""
+        revision, UnknownRevision when it is not one of the store's (above its revision)."""
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
         """One small transaction of trimming: mark the store's revision with the time now (see

@@ -58,6 +58,7 @@ from .base import (
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
+    UnknownRevision,
     Wake,
     check_since,
     prefix_upper_bound,
@@ -67,7 +68,7 @@ from .base import (
 log = structlog.get_logger("kv.store")
 Result = TypeVar("Result")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
 # schema, and one applies a seed while the others wait for it.
 _SCHEMA_LOCK = 0x4B565343
@@ -161,6 +162,57 @@ $$""",
     "CREATE TRIGGER kv_revision_moved AFTER UPDATE ON kv_meta FOR EACH ROW"
     " WHEN (NEW.name = 'revision') EXECUTE FUNCTION kv_notify()",
 )
+# How far the revision jumps when the store finds itself on a new timeline: past any
+# revision the old timeline can have reached without this one.
+TIMELINE_GAP = 1_000_000_000
+# Each time the store found itself on a new PostgreSQL timeline (a standby promoted, or a
+# point-in-time restore), from the revision it had there (forked_at) to the one it went on
+# from (resumed_at). With asynchronous replication the old timeline may have gone on past
+# forked_at with writes that this one never got, and watchers may have seen them: the
+# revisions in between are never given to a write here, and a watcher holding one is told
+# that it is not this store's (410 unknown_revision) rather than given other writes under it.
+_CREATE_TIMELINES = (
+    "CREATE TABLE IF NOT EXISTS kv_timelines (resumed_at bigint PRIMARY KEY,"
+    " forked_at bigint NOT NULL, timeline text NOT NULL)"
+)
+# Whether the server can take writes (not a standby in recovery, not made read-only, as a
+# failover manager fences an old primary); if so, the store is entered into its timeline
+# first, under the revision's lock, before anything is written on it.
+_CHECK_PRIMARY_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION kv_check_primary() RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    here text;
+    recorded text;
+    forked bigint;
+BEGIN
+    IF pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' THEN
+        RETURN false;
+    END IF;
+    BEGIN
+        -- A WAL file's name begins with its timeline: here, that of the WAL written now.
+        here := substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8);
+    EXCEPTION WHEN feature_not_supported OR insufficient_privilege THEN
+        RETURN true;  -- a service that keeps its WAL functions from us: no timeline to follow
+    END;
+    IF EXISTS (SELECT 1 FROM kv_meta WHERE name = 'timeline' AND value = here) THEN
+        RETURN true;
+    END IF;
+    SELECT value::bigint INTO forked FROM kv_meta WHERE name = 'revision' FOR UPDATE;
+    SELECT value INTO recorded FROM kv_meta WHERE name = 'timeline';
+    IF recorded = here THEN
+        RETURN true;  -- entered meanwhile, by another connection
+    END IF;
+    IF recorded IS NOT NULL THEN  -- (NULL: the store is new here, or from before timelines)
+        INSERT INTO kv_timelines (resumed_at, forked_at, timeline)
+             VALUES (forked + {TIMELINE_GAP}, forked, here);
+        UPDATE kv_meta SET value = (forked + {TIMELINE_GAP})::text WHERE name = 'revision';
+    END IF;
+    INSERT INTO kv_meta (name, value) VALUES ('timeline', here)
+        ON CONFLICT (name) DO UPDATE SET value = excluded.value;
+    RETURN true;
+END
+$$
+"""
 # One row per key and revision; the primary key's index is the feed's order.
 _CREATE_CHANGES = (
     "CREATE TABLE IF NOT EXISTS kv_changes (revision bigint NOT NULL,"
@@ -181,14 +233,17 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL",
     _CREATE_CHANGES,
     _CREATE_MARKS,
+    _CREATE_TIMELINES,
     _WRITE_FUNCTION,
+    _CHECK_PRIMARY_FUNCTION,
     *_NOTIFY,
     "INSERT INTO kv_meta (name, value) VALUES ('revision', '0'), ('keys', '0'),"
     " ('compact_revision', '0'), ('history_rows', '0'), ('history_counted', '0')"
     " ON CONFLICT (name) DO NOTHING",
 )
 # From each schema version to the next, in place. Schema 1 had no history: it starts empty,
-# whole above the revision the database was at.
+# whole above the revision the database was at. Schema 2 had no timelines: the server's is
+# recorded, as on a new store, by the first check of a connection.
 _UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         _CREATE_CHANGES,
@@ -201,6 +256,7 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
         "INSERT INTO kv_meta (name, value) VALUES ('history_rows', '0')"
         " ON CONFLICT (name) DO NOTHING",
     ),
+    2: (_CREATE_TIMELINES, _CHECK_PRIMARY_FUNCTION),
 }
 
 _LIVE = f"(expires_at IS NULL OR expires_at > {_NOW.format('$2')})"
@@ -251,8 +307,9 @@ _ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {_NOW.forma
 _READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
 # The changes above $1 under the prefix [$2, $3), as take_changes cuts them ($4 of them, fewer
 # once their values pass $5 characters, then the rest of the last one's revision), whether any
-# follow, and the revision and compact revision they were read at: one statement, so one
-# snapshot, in which they are every change up to that revision.
+# follow, the revision and compact revision they were read at, and whether $1 is one that a
+# new timeline skipped (see _CREATE_TIMELINES): one statement, so one snapshot, in which they
+# are every change up to that revision.
 _UNDER_PREFIX = "c.key >= $2 AND ($3::text IS NULL OR c.key < $3)"
 _CHANGES = f"""
 WITH meta AS (
@@ -274,10 +331,13 @@ tail AS (
      WHERE c.revision = cut.revision AND c.key > cut.key AND {_UNDER_PREFIX}),
 more AS (
     SELECT EXISTS (SELECT 1 FROM kv_changes c, cut
-                    WHERE c.revision > cut.revision AND {_UNDER_PREFIX}) AS more)
-SELECT meta.revision, meta.compact_revision, more.more,
+                    WHERE c.revision > cut.revision AND {_UNDER_PREFIX}) AS more),
+skipped AS (
+    SELECT EXISTS (SELECT 1 FROM kv_timelines t
+                    WHERE $1 > t.forked_at AND $1 < t.resumed_at) AS skipped)
+SELECT meta.revision, meta.compact_revision, more.more, skipped.skipped,
        events.revision, events.type, events.key, events.val, events.expires_at
-  FROM meta CROSS JOIN more
+  FROM meta CROSS JOIN more CROSS JOIN skipped
   LEFT JOIN (SELECT * FROM head UNION ALL SELECT * FROM tail) events ON true
  ORDER BY events.revision, events.key
 """
@@ -328,6 +388,7 @@ _READ_ONLY_TRANSACTION = "25006"
 # Whether a connection can write: a standby is in recovery; a primary may also be made
 # read-only (default_transaction_read_only), as a failover manager does to fence it.
 _WRITABLE = "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
+_CHECK_PRIMARY = "SELECT kv_check_primary()"
 
 
 def redacted_url(url: str) -> str:
@@ -359,6 +420,8 @@ def _translate(error: BaseException) -> StoreError:
             return StoreUnavailable(f"PostgreSQL is read-only (a standby?): {describe(error)}")
         if state[:2] not in _UNAVAILABLE_CLASSES:
             return StoreError(f"PostgreSQL: {describe(error)}")
+    if isinstance(error, _ReadOnly):
+        return StoreUnavailable(f"PostgreSQL {error}")
     return StoreUnavailable(f"PostgreSQL: {describe(error)}")
 
 
@@ -376,10 +439,17 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+class _ReadOnly(Exception):
+    """The server reached cannot write: a standby, or a primary made read-only."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is read-only (in recovery: a standby?)")
+
+
 # What a failed call to PostgreSQL can raise besides its own errors: no host of the URL is
 # what its target_session_attrs asks for; the connection's protocol is in a state it cannot
 # use (asyncpg's InternalClientError, as when the server ended the session while it was
-# idle).
+# idle); the server is not a primary.
 _FAILURES = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
@@ -387,6 +457,7 @@ _FAILURES = (
     asyncio.TimeoutError,
     asyncpg.exceptions.TargetServerAttributeNotMatched,
     asyncpg.exceptions.InternalClientError,
+    _ReadOnly,
 )
 
 
@@ -403,21 +474,22 @@ class _Connection(asyncpg.Connection):  # type: ignore[misc]
             self.terminate()  # already aborted by asyncpg; this only makes sure
 
 
-class _ReadOnly(Exception):
-    """The server reached cannot write: a standby, or a primary made read-only."""
+class _PrimaryCheck:
+    """The pool's check of each connection it makes (its ``init``), before any use: the
+    server must be a primary, and once the schema is there, kv_check_primary also enters the
+    store into the server's timeline. Every connection to a newly promoted standby is a new
+    one, so nothing is written there before the revision has jumped past the old timeline's
+    (see _CREATE_TIMELINES)."""
 
     def __init__(self) -> None:
-        super().__init__("the server is read-only (in recovery: a standby?)")
+        self.schema_ready = False
+
+    async def __call__(self, conn: Any) -> None:
+        await _check_primary(conn, _CHECK_PRIMARY if self.schema_ready else _WRITABLE)
 
 
-async def _check_writable(pool: asyncpg.Pool, timeout: float) -> None:
-    try:
-        writable = await pool.fetchval(_WRITABLE, timeout=timeout)
-    except BaseException:
-        pool.terminate()  # not close(): a server that hangs would hang that too
-        raise
-    if not writable:
-        pool.terminate()
+async def _check_primary(conn: Any, query: str = _CHECK_PRIMARY) -> None:
+    if not await conn.fetchval(query):
         raise _ReadOnly
 
 
@@ -544,6 +616,7 @@ class PostgresStore:
         """
         deadline = time.monotonic() + startup_wait
         delay, attempt = 0.25, 0
+        check = _PrimaryCheck()
         while True:
             attempt += 1
             try:
@@ -552,13 +625,13 @@ class PostgresStore:
                     min_size=1,
                     max_size=pool_size,
                     connect=_connect_any_host,
+                    init=check,
                     connection_class=_Connection,
                     timeout=timeout,  # to connect
                     command_timeout=timeout,
                 )
-                await _check_writable(pool, timeout)
                 break
-            except (*_FAILURES, ValueError, _ReadOnly) as error:
+            except (*_FAILURES, ValueError) as error:
                 if isinstance(error, ValueError):  # a malformed URL: no retry will mend it
                     raise StoreUnavailable(f"{redacted_url(url)}: {describe(error)}") from None
                 if time.monotonic() + delay > deadline:
@@ -586,6 +659,7 @@ class PostgresStore:
         except BaseException:
             await pool.close()
             raise
+        check.schema_ready = True
         return store
 
     async def _prepare_schema(self) -> None:
@@ -613,6 +687,8 @@ class PostgresStore:
                     if version != SCHEMA_VERSION:
                         await conn.execute(_WRITE_META, "schema_version", str(SCHEMA_VERSION))
                         log.info("store_schema", schema_from=version, schema_to=SCHEMA_VERSION)
+                    # This connection was made before the schema was there to check with.
+                    await _check_primary(conn)
             except _FAILURES as error:
                 raise _translate(error) from None
 
@@ -933,9 +1009,11 @@ class PostgresStore:
         rows = await self._fetch(
             _CHANGES, since, prefix, prefix_upper_bound(prefix), limit, PAGE_VALUE_CHARS
         )
-        revision, compact_revision, more = rows[0][0], rows[0][1], rows[0][2]
+        revision, compact_revision, more, skipped = rows[0][:4]
         check_since(since, revision, compact_revision)
-        events = [Change(*row[3:]) for row in rows if row[3] is not None]
+        if skipped:  # a revision of a timeline this one forked from, lost in the failover
+            raise UnknownRevision(revision)
+        events = [Change(*row[4:]) for row in rows if row[4] is not None]
         return Changes(events, revision, more)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
@@ -1074,6 +1152,7 @@ class PostgresStore:
         except _FAILURES as error:
             raise _translate(error) from None
         try:
+            await _check_primary(conn)  # as the pool checks its own
             async with conn.transaction():
                 if source.fingerprint is not None:
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", _SEED_LOCK)
@@ -1129,6 +1208,7 @@ class PostgresStore:
             raise _translate(error) from None
         try:
             try:
+                await _check_primary(conn)  # as the pool checks its own
                 transaction = conn.transaction(isolation="repeatable_read", readonly=True)
                 await transaction.start()
                 revision = int(await conn.fetchval(_READ_REVISION))  # the snapshot's first read

@@ -6,7 +6,10 @@ synchronous_standby_names cleared, as a failover manager does when no standby is
 
 Writers and a compare-and-set counter run on both replicas throughout: no acknowledged write
 is lost, nothing is answered 200 while there is no primary, both replicas write again soon
-after the promotion, and no replica logs an error nobody retrieved."""
+after the promotion, and no replica logs an error nobody retrieved.
+
+With an asynchronous standby instead, which lacks the last writes when it is promoted, the
+watchers that saw them are told so (410), and no revision is given to two writes."""
 
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from urllib.parse import quote
 
 import pytest
 
+from mapmg_data_engineer_takehome.client import Client as KvClient
+from mapmg_data_engineer_takehome.client import KVError
+
 from ..e2e_support import Server, ServerPool, free_port
 from ..linearizability import LOST, Operation, check
 from ..postgres_support import PASSWORD, SUPERUSER, PostgresCluster
@@ -42,17 +48,22 @@ BACKOFF = 0.2
 
 
 def replicated_pair(
-    bindir: Path, namespaces: dict[str, str], addresses: dict[str, str], port: int
+    bindir: Path,
+    namespaces: dict[str, str],
+    addresses: dict[str, str],
+    port: int,
+    synchronous: bool = True,
 ) -> tuple[PostgresCluster, PostgresCluster]:
-    """A primary on host db1 whose commits wait for the standby on db2, which streams from
-    it over the network."""
+    """A primary on host db1 and a standby on db2, which streams from it over the network;
+    ``synchronous``: the primary's commits wait for the standby."""
     primary = PostgresCluster(bindir, host=addresses["db1"], port=port)
     primary.run_as = ["ip", "netns", "exec", namespaces["db1"], *primary.run_as]
     replication = "host replication all 0.0.0.0/0 scram-sha-256\n"
     with (primary.data / "pg_hba.conf").open("a") as hba:
         hba.write(replication)
+    waits_for = "'*'" if synchronous else "''"
     with (primary.data / "postgresql.conf").open("a") as conf:
-        conf.write("synchronous_standby_names = '*'\nwal_sender_timeout = 5s\n")
+        conf.write(f"synchronous_standby_names = {waits_for}\nwal_sender_timeout = 5s\n")
     primary.start()
     standby = PostgresCluster(bindir, host=addresses["db2"], port=port, standby_of=primary)
     standby.run_as = ["ip", "netns", "exec", namespaces["db2"], *standby.run_as]
@@ -62,11 +73,13 @@ def replicated_pair(
             f" password={PASSWORD} application_name=standby'\n"
         )
     with (standby.data / "postgresql.conf").open("a") as conf:
-        conf.write("synchronous_standby_names = '*'\n")  # as the primary's, until cleared
+        # As the primary's, until a failover manager clears it.
+        conf.write(f"synchronous_standby_names = {waits_for}\n")
     standby.start()
     deadline = time.monotonic() + 30
-    while primary.psql("SELECT sync_state FROM pg_stat_replication") != "sync":
-        assert time.monotonic() < deadline, "the standby never became synchronous"
+    state = "sync" if synchronous else "async"
+    while primary.psql("SELECT sync_state FROM pg_stat_replication") != state:
+        assert time.monotonic() < deadline, f"the standby never streamed ({state})"
         time.sleep(0.1)
     return primary, standby
 
@@ -394,5 +407,135 @@ def test_a_failover_under_load_loses_no_acknowledged_write(tmp_path: Path, fault
         finally:
             for pool in pools.values():
                 pool.close()
+            primary.remove()
+            standby.remove()
+
+
+def test_a_failover_that_lost_writes_makes_their_watchers_list_again_and_reuses_no_revision(
+    tmp_path: Path,
+) -> None:
+    """Asynchronous replication: the standby, cut off from the primary, lacks the last
+    writes, acknowledged and watched, when the primary dies and the standby is promoted.
+    A watcher past them, resuming by long-poll or by SSE, and one that followed a stream
+    through the failover, are told 410 unknown_revision (list again). The new primary's
+    writes, more of them than were lost, take revisions above every one the watchers saw:
+    one from before the lost writes reads on with no gap, and what it reads, applied to its
+    listing, gives the store's final listing."""
+    bindir = hosts_and_postgres()
+    with hosts(["db1", "db2", "a"]) as (namespaces, addresses):
+        port = free_port()
+        primary, standby = replicated_pair(bindir, namespaces, addresses, port, synchronous=False)
+        pool = ServerPool(tmp_path / "a", launcher=["ip", "netns", "exec", namespaces["a"]])
+        try:
+            database = primary.create_database()
+            url = (
+                f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@"
+                f"{addresses['db1']}:{port},{addresses['db2']}:{port}/{database}"
+                "?target_session_attrs=read-write"
+            )
+            replica = pool.start(
+                "--host",
+                addresses["a"],
+                port=free_port(),
+                env=on_postgres(url, KV_POSTGRES_TIMEOUT=str(POSTGRES_TIMEOUT)),
+                host=addresses["a"],
+            )
+            host = addresses["a"]
+
+            def write(key: str, val: str) -> int:
+                return request(replica, host, "POST", "/set", {"key": key, "val": val})[0]
+
+            for number in range(20):
+                assert write(f"k{number}", "kept") == 200
+            deadline = time.monotonic() + 30
+            while revision(standby, database) != revision(primary, database):
+                assert time.monotonic() < deadline, "the standby never caught up"
+                time.sleep(0.05)
+            status, headers, body = request(replica, host, "GET", "/keys?values=true")
+            assert status == 200
+            listed_at = int({name.lower(): v for name, v in headers.items()}["kv-revision"])
+            listing = {item["key"]: item["val"] for item in json.loads(body)["items"]}
+
+            # A stream from the listing on, through the failover, by the Python client.
+            streamed: list[int] = []
+            stream_ended: list[BaseException] = []
+
+            def follow() -> None:
+                with KvClient(f"http://{host}:{replica.port}") as kv:
+                    try:
+                        for event in kv.watch(since=listed_at, reconnect_for=30):
+                            streamed.append(event.revision)
+                    except KVError as error:
+                        stream_ended.append(error)
+
+            follower = threading.Thread(target=follow, daemon=True)
+            follower.start()
+
+            set_link(namespaces["db2"], "down")  # the standby hears no more
+            lost = 20
+            for number in range(lost):
+                assert write(f"k{number}", "lost") == 200  # acknowledged: replication is async
+            status, _, body = request(replica, host, "GET", f"/changes?since={listed_at}&timeout=0")
+            last_seen = json.loads(body)["next"]
+            assert last_seen == listed_at + lost
+            deadline = time.monotonic() + 10
+            while streamed[-1:] != [last_seen]:
+                assert time.monotonic() < deadline, streamed
+                time.sleep(0.05)
+
+            kill_9(primary)
+            set_link(namespaces["db2"], "up")
+            standby.pg_ctl("-w", "promote")
+            deadline = time.monotonic() + 30
+            while write("probe", "x") != 200:
+                assert time.monotonic() < deadline, "no write after the promotion"
+                time.sleep(0.05)
+            # More writes than were lost: numbered on from the standby's revision, they would
+            # pass the watchers' positions, and give other writes the numbers they saw.
+            for number in range(2 * lost):
+                assert write(f"n{number}", "new") == 200
+
+            # Past the lost writes: told so, by long-poll and by SSE, before any stream starts.
+            for headers in ({}, {"Accept": "text/event-stream", "Last-Event-ID": str(last_seen)}):
+                status, _, body = request(
+                    replica, host, "GET", f"/changes?since={last_seen}&timeout=0", headers=headers
+                )
+                assert status == 410, body
+                assert json.loads(body)["error"] == "unknown_revision"
+            follower.join(timeout=30)
+            assert not follower.is_alive(), "the stream went on past the failover"
+            assert [getattr(error, "code", None) for error in stream_ended] == ["unknown_revision"]
+            assert streamed == list(range(listed_at + 1, last_seen + 1))  # nothing after them
+
+            # From before them: every change since, none under a revision the watchers saw,
+            # and the listing with them applied is the store's.
+            events: list[dict[str, str]] = []
+            since = listed_at
+            while True:
+                status, _, body = request(replica, host, "GET", f"/changes?since={since}&timeout=0")
+                assert status == 200, body
+                answer = json.loads(body)
+                events += answer["events"]
+                since = answer["next"]
+                if not answer["more"]:
+                    break
+            first_new = min(int(event["revision"]) for event in events)
+            assert first_new > last_seen
+            for event in events:
+                if event["type"] == "set":
+                    listing[event["key"]] = event["val"]
+                else:
+                    listing.pop(event["key"], None)
+            status, _, body = request(replica, host, "GET", "/keys?values=true&limit=1000")
+            final = {item["key"]: item["val"] for item in json.loads(body)["items"]}
+            assert listing == final
+            assert [final[f"k{number}"] for number in range(lost)] == ["kept"] * lost
+            print(  # the figure docs/high-availability.md quotes (pytest -s shows it)
+                f"asynchronous failover: {lost} acknowledged writes lost; the revision went"
+                f" from {last_seen} (the old primary's) to {first_new}"
+            )
+            assert "event_loop_error" not in replica.stdout(), replica.stdout()[-3000:]
+        finally:
+            pool.close()
             primary.remove()
             standby.remove()

@@ -8,8 +8,8 @@ import pytest
 
 from mapmg_data_engineer_takehome.settings import SettingsError, load_settings
 from mapmg_data_engineer_takehome.store import StoreCorrupt, StoreUnavailable
-from mapmg_data_engineer_takehome.store.base import Compacted
-from mapmg_data_engineer_takehome.store.postgres import PostgresStore, redacted_url
+from mapmg_data_engineer_takehome.store.base import Compacted, UnknownRevision
+from mapmg_data_engineer_takehome.store.postgres import TIMELINE_GAP, PostgresStore, redacted_url
 
 from ..postgres_support import PASSWORD, PostgresCluster
 from ..test_sqlite_store import FIXTURES, RELEASE_2_LISTING
@@ -69,9 +69,45 @@ async def test_a_database_of_the_release_before_the_history_is_upgraded_in_place
         await store.close()
     conn = await asyncpg.connect(url)
     try:
-        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "2"
+        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "3"
     finally:
         await conn.close()
+
+
+async def test_on_a_new_timeline_the_revisions_the_old_one_may_have_used_are_never_reused(
+    postgres_url: str,
+) -> None:
+    """A failover to a standby that lacked the last writes, as the store sees it, made by
+    hand: the timeline it recorded is not the server's. A server that connects then moves the
+    revision past any the old timeline can have reached before it writes; a watcher holding
+    one of those revisions is told it is not the store's, and one from before the fork, or
+    after it, reads on with nothing missed. tests/kv/slow/test_postgres_failover.py does it
+    with a real promotion."""
+    store = await PostgresStore.open(postgres_url)
+    try:
+        await store.set("before", "1")
+        forked = await store.revision()
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute("UPDATE kv_meta SET value = 'another' WHERE name = 'timeline'")
+    finally:
+        await conn.close()
+    stores = [await PostgresStore.open(postgres_url) for _ in range(2)]
+    try:
+        assert await stores[0].revision() == forked + TIMELINE_GAP  # once, not per server
+        assert (await stores[1].set("after", "2")).version == forked + TIMELINE_GAP + 1
+        for lost in (forked + 1, forked + TIMELINE_GAP - 1):
+            with pytest.raises(UnknownRevision):
+                await stores[0].changes("", lost, 100)
+        for since in (forked, forked + TIMELINE_GAP):
+            assert [event.key for event in (await stores[0].changes("", since, 100)).events] == [
+                "after"
+            ]
+    finally:
+        for store in stores:
+            await store.close()
 
 
 async def test_a_wrong_password_is_named_without_it(postgres_cluster: PostgresCluster) -> None:
