@@ -156,7 +156,10 @@ class ChangeFeed:
         self._bytes = 0
         self._waiters: dict[str, set[asyncio.Future[bool]]] = {}
         self._started: Optional[asyncio.Future[None]] = None
-        self._ready = False  # the tail holds what it says: floor and revision are set
+        # The tail holds what it says: floor and revision are set, and the last refresh did
+        # not fail. A store that failed may come back without revisions the tail holds (a
+        # failover to a standby that lacked them): until a refresh succeeds, ask the store.
+        self._ready = False
         self._listening: Optional[asyncio.Task[None]] = None
         self._refreshing: Optional[asyncio.Task[None]] = None
         self._next_refresh: Optional[asyncio.TimerHandle] = None
@@ -354,6 +357,7 @@ class ChangeFeed:
             else:
                 self._append(changes)
         except Exception as error:  # StoreError, or a bug: the next wake tries again
+            self._ready = False
             _log_failure("watch_refresh_failed", error)
             await asyncio.sleep(REFRESH_RETRY)
             self._stale = True
@@ -363,6 +367,7 @@ class ChangeFeed:
             self._wake()
 
     def _append(self, changes: Changes) -> None:
+        self._ready = True
         new = [encode(change) for change in changes.events]
         self._events += new
         self._revisions += (event.revision for event in new)
@@ -402,6 +407,7 @@ class ChangeFeed:
                     _resolve(stream.future, True)
         self._events, self._revisions, self._bytes = [], [], 0
         self.floor = self.revision = revision
+        self._ready = True
         for waiters in self._waiters.values():
             for future in waiters:
                 _resolve(future, True)

@@ -14,7 +14,7 @@ import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from mapmg_data_engineer_takehome.state import FEED_KEY, STORE_KEY
-from mapmg_data_engineer_takehome.store.base import Changes
+from mapmg_data_engineer_takehome.store.base import Changes, StoreUnavailable, UnknownRevision
 
 from .conftest import Client, FakeClock, MakeClient
 from .test_api import assert_error
@@ -249,6 +249,40 @@ async def test_many_waiting_watchers_cost_one_read_per_change(
         if not task.done():
             assert (await task)["events"] == []  # timed out, untouched by the write
     assert reads == [start]
+
+
+async def test_after_a_failed_refresh_the_feed_asks_the_store_until_one_succeeds(
+    client: Client, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feed's tail is this process's copy of the store's history, good only while the
+    store answers: a store that failed over to a standby may lack the last revisions the
+    tail holds. Once a refresh has failed, a watcher's first answer comes from the store
+    (here a 410: the revision is not the store's), not from the tail."""
+    revision = await write(client, "start")
+    feed = client.app[FEED_KEY]
+    await feed.start()
+    deadline = time.monotonic() + 10
+    while feed.revision != revision:
+        assert time.monotonic() < deadline, "the feed never caught up"
+        await asyncio.sleep(0.01)
+    refresh_failed = asyncio.Event()
+
+    async def failed_over(prefix: str, since: int, limit: int) -> Changes:
+        if prefix == "":  # the feed's refresh
+            refresh_failed.set()
+            raise StoreUnavailable("the database went away")
+        raise UnknownRevision(revision - 1)
+
+    monkeypatch.setattr(client.app[STORE_KEY], "changes", failed_over)
+    await write(client, "meanwhile")  # wakes a refresh
+    await asyncio.wait_for(refresh_failed.wait(), 10)
+    response = await http.get(
+        str(client.make_url("/changes")),
+        params={"prefix": "p/"},
+        headers={"Accept": "text/event-stream", "Last-Event-ID": str(revision)},
+    )
+    assert response.status_code == 410
+    assert response.json()["error"] == "unknown_revision"
 
 
 # --- streams --------------------------------------------------------------------------------
