@@ -84,6 +84,25 @@ def replicated_pair(
     return primary, standby
 
 
+def url_of_both(addresses: dict[str, str], port: int, database: str) -> str:
+    """The URL the replicas are given: both databases, the one that can write taken."""
+    return (
+        f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@"
+        f"{addresses['db1']}:{port},{addresses['db2']}:{port}/{database}"
+        "?target_session_attrs=read-write"
+    )
+
+
+def start_replica(pool: ServerPool, address: str, port: int, url: str) -> Server:
+    return pool.start(
+        "--host",
+        address,
+        port=port,
+        env=on_postgres(url, KV_POSTGRES_TIMEOUT=str(POSTGRES_TIMEOUT)),
+        host=address,
+    )
+
+
 Answer = tuple[int, dict[str, str], bytes]
 
 
@@ -273,20 +292,10 @@ def test_a_failover_under_load_loses_no_acknowledged_write(tmp_path: Path, fault
         }
         try:
             database = primary.create_database()
-            url = (
-                f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@"
-                f"{addresses['db1']}:{port},{addresses['db2']}:{port}/{database}"
-                "?target_session_attrs=read-write"
-            )
+            url = url_of_both(addresses, port, database)
             service_port = free_port()
             replicas = {
-                name: pools[name].start(
-                    "--host",
-                    addresses[name],
-                    port=service_port,
-                    env=on_postgres(url, KV_POSTGRES_TIMEOUT=str(POSTGRES_TIMEOUT)),
-                    host=addresses[name],
-                )
+                name: start_replica(pools[name], addresses[name], service_port, url)
                 for name in ("a", "b")
             }
             load, stop = Load(), threading.Event()
@@ -428,19 +437,8 @@ def test_a_failover_that_lost_writes_makes_their_watchers_list_again_and_reuses_
         pool = ServerPool(tmp_path / "a", launcher=["ip", "netns", "exec", namespaces["a"]])
         try:
             database = primary.create_database()
-            url = (
-                f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@"
-                f"{addresses['db1']}:{port},{addresses['db2']}:{port}/{database}"
-                "?target_session_attrs=read-write"
-            )
-            replica = pool.start(
-                "--host",
-                addresses["a"],
-                port=free_port(),
-                env=on_postgres(url, KV_POSTGRES_TIMEOUT=str(POSTGRES_TIMEOUT)),
-                host=addresses["a"],
-            )
             host = addresses["a"]
+            replica = start_replica(pool, host, free_port(), url_of_both(addresses, port, database))
 
             def write(key: str, val: str) -> int:
                 return request(replica, host, "POST", "/set", {"key": key, "val": val})[0]
