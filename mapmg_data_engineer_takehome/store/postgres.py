@@ -21,6 +21,11 @@ pool reconnects by itself once the database answers again.
 The history is the table ``kv_changes``, written by each write in its own transaction. A
 trigger on the revision's row NOTIFYs every server listening (see listen), as a hint: the
 table is the truth, and a server that misses a notification finds the change within a second.
+
+Every connection is checked before its first use: it must reach a primary, and a primary on a
+new timeline (a standby promoted) first moves the revision past the old timeline's, so that
+writes a lossy failover dropped never have their revision numbers reused (see
+_CREATE_TIMELINES).
 """
 
 from __future__ import annotations
@@ -421,7 +426,7 @@ def _translate(error: BaseException) -> StoreError:
         if state[:2] not in _UNAVAILABLE_CLASSES:
             return StoreError(f"PostgreSQL: {describe(error)}")
     if isinstance(error, _ReadOnly):
-        return StoreUnavailable(f"PostgreSQL {error}")
+        return StoreUnavailable(f"PostgreSQL: {error}")
     return StoreUnavailable(f"PostgreSQL: {describe(error)}")
 
 
