@@ -15,6 +15,15 @@ from ..postgres_support import PASSWORD, PostgresCluster
 from ..test_sqlite_store import FIXTURES, RELEASE_2_LISTING
 
 
+async def execute(url: str, sql: str) -> None:
+    """One statement on a connection of its own, as an operator's psql would run it."""
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 async def test_servers_opening_together_create_the_schema_once(postgres_url: str) -> None:
     import asyncio
 
@@ -32,11 +41,7 @@ async def test_servers_opening_together_create_the_schema_once(postgres_url: str
 async def test_a_database_of_a_newer_schema_is_refused(postgres_url: str) -> None:
     store = await PostgresStore.open(postgres_url)
     await store.close()
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await conn.execute("UPDATE kv_meta SET value = '99' WHERE name = 'schema_version'")
-    finally:
-        await conn.close()
+    await execute(postgres_url, "UPDATE kv_meta SET value = '99' WHERE name = 'schema_version'")
     with pytest.raises(StoreCorrupt, match="newer version"):
         await PostgresStore.open(postgres_url)
 
@@ -89,11 +94,7 @@ async def test_on_a_new_timeline_the_revisions_the_old_one_may_have_used_are_nev
         forked = await store.revision()
     finally:
         await store.close()
-    conn = await asyncpg.connect(postgres_url)
-    try:
-        await conn.execute("UPDATE kv_meta SET value = 'another' WHERE name = 'timeline'")
-    finally:
-        await conn.close()
+    await execute(postgres_url, "UPDATE kv_meta SET value = 'another' WHERE name = 'timeline'")
     stores = [await PostgresStore.open(postgres_url) for _ in range(2)]
     try:
         assert await stores[0].revision() == forked + TIMELINE_GAP  # once, not per server
