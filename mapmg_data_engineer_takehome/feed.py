@@ -11,17 +11,27 @@ watch.
 
 Each change is encoded once, as the JSON object the API sends (``Event.data``).
 
-Streams (``Stream``) take the fast way once they have caught up with the tail: they park on
-the hub (``follow``), and each refresh hands its events to the ``Pusher`` once per prefix for
-all the parked streams of that prefix, which writes them to their connections there and then.
-A thousand streams so cost one encoding and a thousand writes per refresh, not a thousand tasks
-woken to read and write the same bytes. A stream behind the tail, a long-poll, and a stream on
-a connection that cannot take direct writes wait instead (``wait``) and read for themselves.
+The tail answers exactly what the store would: what a ``since`` means (kept, compacted, in a
+gap a new life of the store skipped, or ahead) is decided by the store's own check_since, on
+the compact revision and gaps that each refresh brings. A refresh that finds the tail's
+revision gone from the store (a failover to a copy that lacked it, an import) begins the tail
+again, and every stream on it reads on from the store, which tells it to list again.
+
+The hub owns every stream's position (``Stream.position``): only its reads move it. Streams
+take the fast way once they have caught up with the tail: they park on the hub (``follow``),
+and each refresh hands its events to the ``Pusher`` once per prefix for all the parked streams
+of that prefix, which writes them to their connections there and then. A thousand streams so
+cost one encoding and a thousand writes per refresh, not a thousand tasks woken to read and
+write the same bytes. A parked stream whose connection cannot take the new events within its
+backlog goes back to its handler, which writes them as the watcher takes them (flow control).
+A stream behind the tail, a long-poll, and a stream on a connection that cannot take direct
+writes wait instead (``wait``) and read for themselves.
 
 The hub also sweeps its streams: it ends the wait of one whose connection is gone, closes one
-whose watcher has left more than its backlog unread (so that no slow consumer makes the server
-hold more than that for it), and has the Pusher write a heartbeat to a parked one that has been
-idle for the heartbeat interval.
+whose watcher has taken nothing of what waits for it for a heartbeat interval (``_stalled``: so
+that no consumer that stopped reading makes the server hold its backlog for ever, while one
+that is merely slower than the writers is never cut off), and has the Pusher write a heartbeat
+to a parked one that has been idle for the heartbeat interval.
 """
 
 from __future__ import annotations
@@ -38,7 +48,16 @@ import structlog
 
 from .errors import safe_message
 from .models import rfc3339
-from .store.base import Change, Changes, HistoryGone, Store, StoreError, take_changes
+from .store.base import (
+    Change,
+    Changes,
+    Gap,
+    HistoryGone,
+    Store,
+    StoreError,
+    check_since,
+    take_changes,
+)
 
 log = structlog.get_logger("kv.feed")
 
@@ -58,16 +77,18 @@ SWEEP_INTERVAL = 1.0
 
 
 class Event(NamedTuple):
-    """A change as /changes sends it: ``data`` is its JSON object."""
+    """A change as /changes sends it: ``data`` is its JSON object, ``chars`` its value's
+    characters (what the store sizes an answer by: take_changes)."""
 
     revision: int
     type: str
     key: str
     data: bytes
+    chars: int
 
 
-def encoded_size(event: Event) -> int:
-    return len(event.data)
+def value_chars(event: Event) -> int:
+    return event.chars
 
 
 def encode(change: Change) -> Event:
@@ -75,21 +96,59 @@ def encode(change: Change) -> Event:
     if change.type == "set":
         body["val"] = change.val
         body["expires_at"] = None if change.expires_at is None else rfc3339(change.expires_at)
-    return Event(change.revision, change.type, change.key, orjson.dumps(body))
+    chars = 0 if change.val is None else len(change.val)
+    return Event(change.revision, change.type, change.key, orjson.dumps(body), chars)
+
+
+class Position(NamedTuple):
+    """Where a watcher is: every change under its prefix up to ``revision``; or, with
+    ``taken`` above 0, those before ``revision`` and the first ``taken`` of its own (a stream
+    cut inside a revision resumes there: an event's id says so, as 17.2)."""
+
+    revision: int
+    taken: int = 0
+
+    @property
+    def since(self) -> int:
+        """The revision to read the history after, from here."""
+        return self.revision - 1 if self.taken else self.revision
 
 
 @dataclass(frozen=True)
 class Batch:
     """Events for a watcher, as Store.changes answers: with ``more`` False, every change under
-    its prefix up to ``revision``."""
+    its prefix up to ``revision``. ``next`` is where the watcher goes on from (``revision``,
+    or the last event's when the answer was cut short); ``taken`` how many of the first
+    revision's events the watcher had before these."""
 
     events: Sequence[Event]
     revision: int
     more: bool
+    next: int
+    taken: int = 0
 
 
 def encode_all(changes: Changes) -> Batch:
-    return Batch([encode(change) for change in changes.events], changes.revision, changes.more)
+    events = [encode(change) for change in changes.events]
+    return _batch(events, changes.revision, changes.more)
+
+
+def _batch(events: Sequence[Event], revision: int, more: bool) -> Batch:
+    return Batch(events, revision, more, events[-1].revision if more else revision)
+
+
+def _from(position: Position, batch: Batch) -> Batch:
+    """``batch`` (read after ``position.since``) without the events the watcher had."""
+    if not position.taken or not batch.events or batch.events[0].revision != position.revision:
+        return batch
+    taken = 0
+    while (
+        taken < position.taken
+        and taken < len(batch.events)
+        and batch.events[taken].revision == position.revision
+    ):
+        taken += 1
+    return Batch(batch.events[taken:], batch.revision, batch.more, batch.next, taken)
 
 
 class StreamTransport(Protocol):
@@ -110,26 +169,46 @@ class StreamTransport(Protocol):
 
 
 class Stream:
-    """A stream open on the feed: its connection and prefix, where it is (``position``, the
-    revision up to which it has every change under its prefix), when it last wrote (the
-    loop's clock), and the wait it is in, parked or not."""
+    """A stream open on the feed: its connection and prefix, where it is (``position``, which
+    only the feed moves), what it has written (bytes, and when last: the loop's clock), how
+    much of that its watcher has taken and since when (for ``ChangeFeed._stalled``), and the
+    wait it is in, parked or not."""
 
-    __slots__ = ("future", "gone", "last_write", "position", "prefix", "transport")
+    __slots__ = (
+        "future",
+        "gone",
+        "last_write",
+        "passed",
+        "passing_at",
+        "position",
+        "prefix",
+        "transport",
+        "written",
+    )
 
-    def __init__(self, transport: Optional[StreamTransport], prefix: str, position: int) -> None:
-        self.transport = transport
+    def __init__(self, prefix: str, position: Position) -> None:
+        self.transport: Optional[StreamTransport] = None
         self.prefix = prefix
         self.position = position
         self.last_write = 0.0
+        self.written = 0
+        self.passed = 0  # of ``written``, what the transport had passed on at the last sweep
+        self.passing_at = 0.0  # when that last grew
         self.future: Optional[asyncio.Future[bool]] = None
         self.gone = False  # the connection closed: the stream ends
+
+    def wrote(self, size: int, now: float) -> None:
+        """``size`` bytes went to the transport at ``now``."""
+        self.written += size
+        self.last_write = now
 
 
 class Pusher(Protocol):
     """Writes to parked streams, there and then (it must not wait)."""
 
-    def events(self, events: Sequence[Event], streams: Collection[Stream]) -> None:
-        """Send ``events`` (whole revisions, under the streams' prefix) to every stream."""
+    def events(self, events: Sequence[Event], streams: Collection[Stream]) -> list[Stream]:
+        """Send ``events`` (whole revisions, under the streams' prefix) to every stream that
+        can take them within its backlog; the others, sent nothing, are returned."""
 
     def progress(self, revision: int, streams: Collection[Stream]) -> None:
         """Send a heartbeat: nothing under the streams' prefix up to ``revision``."""
@@ -148,9 +227,12 @@ class ChangeFeed:
         self._streams: set[Stream] = set()
         self._parked: dict[str, set[Stream]] = {}  # by prefix; each at the tail's revision
         self._sweeping: Optional[asyncio.Task[None]] = None
-        # The tail: every change in revisions above ``floor`` up to ``revision``.
+        # The tail: every change in revisions above ``floor`` up to ``revision``, and what the
+        # store's last answer said of its history (see check_since).
         self.floor = 0
         self.revision = 0
+        self._compact_revision = 0
+        self._gaps: list[Gap] = []  # those ending above the floor, in order
         self._events: list[Event] = []
         self._revisions: list[int] = []  # the events' revisions, to bisect
         self._bytes = 0
@@ -169,20 +251,36 @@ class ChangeFeed:
 
     # --- reading ----------------------------------------------------------------------------
 
-    async def changes(self, prefix: str, since: int, limit: int) -> Batch:
-        """What Store.changes answers, from the tail when it holds ``since``; raises what
-        Store.changes raises (HistoryGone, StoreError) when it has to ask the store."""
+    async def revision_now(self) -> int:
+        """The store's revision now: where a watcher that gives none begins."""
+        return await self._store.revision()
+
+    async def poll(self, prefix: str, position: Position, limit: int) -> Batch:
+        """What the store answers now, exact to the moment (a long-poll that does not wait)."""
+        return _from(position, encode_all(await self._store.changes(prefix, position.since, limit)))
+
+    async def changes(self, prefix: str, position: Position, limit: int) -> Batch:
+        """What Store.changes answers after ``position``, from the tail when it holds it;
+        raises what Store.changes raises (HistoryGone, StoreError): the tail decides by the
+        same check_since, on what the store last told it."""
+        since = position.since
         if not self._ready or not self.floor <= since <= self.revision:
-            return encode_all(await self._store.changes(prefix, since, limit))
+            return await self.poll(prefix, position, limit)
+        check_since(since, self.revision, self._compact_revision, self._gaps)
         start = bisect.bisect_right(self._revisions, since)
         matching = (
             self._events[index]
             for index in range(start, len(self._events))
             if self._events[index].key.startswith(prefix)
         )
-        # Sized by their encoding: about the values' characters, as the store sizes them.
-        events, more = take_changes(matching, limit, encoded_size)
-        return Batch(events, self.revision, more)
+        events, more = take_changes(matching, limit, value_chars)
+        return _from(position, _batch(events, self.revision, more))
+
+    async def read(self, stream: Stream, limit: int) -> Batch:
+        """The events after ``stream``'s position (see ``changes``), which moves past them."""
+        batch = await self.changes(stream.prefix, stream.position, limit)
+        stream.position = Position(batch.next)
+        return batch
 
     async def wait(
         self, prefix: str, since: int, timeout: float, stream: Optional[Stream] = None
@@ -249,26 +347,32 @@ class ChangeFeed:
 
     # --- the streams ------------------------------------------------------------------------
 
-    def watch(self, transport: Optional[StreamTransport], prefix: str, position: int) -> Stream:
-        """Register a stream on ``transport``: it may leave at most ``backlog`` bytes unread,
-        which its transport may buffer without pausing the writer."""
-        stream = Stream(transport, prefix, position)
+    def stream(self, prefix: str, position: Position) -> Stream:
+        """A stream of ``prefix``'s changes after ``position``, not yet on a connection: its
+        first ``read`` may still be a 410, before anything is sent."""
+        return Stream(prefix, position)
+
+    def watch(self, stream: Stream, transport: Optional[StreamTransport]) -> None:
+        """Put ``stream`` on ``transport`` (its response has begun), under the feed's sweeps:
+        at most ``backlog`` bytes wait for the watcher before its writer waits for it."""
+        stream.transport = transport
         if transport is not None:
             transport.set_write_buffer_limits(high=self.backlog)
+        stream.passing_at = asyncio.get_running_loop().time()
         self._streams.add(stream)
-        return stream
 
     def unwatch(self, stream: Stream) -> None:
         self._streams.discard(stream)
 
     def can_follow(self, stream: Stream) -> bool:
         """Whether ``stream`` has every change up to the tail's revision, and may park."""
-        return self._ready and not self.closed and stream.position == self.revision
+        return self._ready and not self.closed and stream.position == (self.revision, 0)
 
     async def follow(self, stream: Stream) -> bool:
         """Park ``stream`` (see can_follow): the Pusher writes to it from now on. Returns
         False when the stream is to end (the feed closes, its connection is gone), True when
-        its handler is to read on from ``stream.position`` (the tail began again)."""
+        its handler is to read on from ``stream.position`` (the tail began again, or the
+        connection could not take the new events within its backlog)."""
         parked = self._parked.setdefault(stream.prefix, set())
         parked.add(stream)
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -290,8 +394,9 @@ class ChangeFeed:
                 _log_failure("watch_sweep_failed", error)
 
     def _sweep_once(self) -> None:
-        """End the waits of streams whose connection is gone, close those past their
-        backlog, and have the Pusher write a heartbeat to parked ones idle for its interval."""
+        """End the waits of streams whose connection is gone, close those whose watcher has
+        stopped taking what waits for it, and have the Pusher write a heartbeat to parked ones
+        idle for its interval (a parked stream has every change up to the tail's revision)."""
         now = asyncio.get_running_loop().time()
         due: list[Stream] = []
         for stream in list(self._streams):
@@ -300,28 +405,52 @@ class ChangeFeed:
                 stream.gone = True
                 if stream.future is not None:
                     _resolve(stream.future, False)
-            elif transport.get_write_buffer_size() > self.backlog:
-                log.info("watcher_too_slow", backlog=transport.get_write_buffer_size())
+            elif self._stalled(stream, transport, now):
+                log.info(
+                    "watcher_too_slow",
+                    waiting=transport.get_write_buffer_size(),
+                    stalled_for=round(now - stream.passing_at, 1),
+                )
                 transport.abort()  # its writer, waiting to drain, fails and ends
             elif now - stream.last_write >= self.heartbeat and self._is_parked(stream):
                 due.append(stream)
         if due:
             self._pusher.progress(self.revision, due)
-            for stream in due:
-                stream.last_write = now
+
+    def _stalled(self, stream: Stream, transport: StreamTransport, now: float) -> bool:
+        """Whether ``stream``'s watcher has taken none of the bytes waiting for it for a
+        heartbeat interval: the one rule that ends a slow stream. One that takes anything
+        goes on, however slowly; what waits for it is bounded by its backlog, since its
+        writers wait for it past that."""
+        waiting = transport.get_write_buffer_size()
+        passed = stream.written - waiting
+        if not waiting or passed > stream.passed:
+            stream.passed, stream.passing_at = passed, now
+            return False
+        return now - stream.passing_at >= self.heartbeat
 
     def _is_parked(self, stream: Stream) -> bool:
         return stream in self._parked.get(stream.prefix, ())
 
-    def _push(self, new: Sequence[Event]) -> None:
-        """Hand the new events to the parked streams, once per prefix."""
-        now = asyncio.get_running_loop().time()
+    def _unpark(self, stream: Stream, position: Position) -> None:
+        """Hand ``stream`` back to its handler, to read on from ``position``."""
+        parked = self._parked.get(stream.prefix)
+        if parked is not None:
+            parked.discard(stream)
+        stream.position = position
+        if stream.future is not None:
+            _resolve(stream.future, True)
+
+    def _push(self, new: Sequence[Event], before: int) -> None:
+        """Hand the new events (the tail was at ``before``) to the parked streams, once per
+        prefix; a stream that cannot take them within its backlog reads them for itself."""
+        full: list[Stream] = []
         for prefix, streams in self._parked.items():
             matching = new if not prefix else [e for e in new if e.key.startswith(prefix)]
             if matching and streams:
-                self._pusher.events(matching, streams)
-                for stream in streams:
-                    stream.last_write = now
+                full += self._pusher.events(matching, streams)
+        for stream in full:
+            self._unpark(stream, Position(before))
 
     # --- keeping the tail -------------------------------------------------------------------
 
@@ -368,16 +497,20 @@ class ChangeFeed:
 
     def _append(self, changes: Changes) -> None:
         self._ready = True
+        self._compact_revision = changes.compact_revision
+        newest = self._gaps[-1].resumed_at if self._gaps else self.floor
+        self._gaps += (gap for gap in changes.gaps if gap.resumed_at > newest)
         new = [encode(change) for change in changes.events]
         self._events += new
         self._revisions += (event.revision for event in new)
         self._bytes += sum(len(event.data) for event in new)
+        before = self.revision
         self.revision = new[-1].revision if changes.more else changes.revision
         if changes.more:
             self._stale = True
         self._drop_oldest()
         if new:
-            self._push(new)
+            self._push(new, before)
             self._notify(new)
 
     def _drop_oldest(self) -> None:
@@ -396,17 +529,19 @@ class ChangeFeed:
         self.floor = self._revisions[dropped - 1]
         self._bytes -= sum(len(event.data) for event in self._events[:dropped])
         del self._events[:dropped], self._revisions[:dropped]
+        self._gaps = [gap for gap in self._gaps if gap.resumed_at > self.floor]
 
     def _restart(self, revision: int) -> None:
         """Begin the tail again at ``revision``: every waiter reads, and every parked stream
-        reads on from where it was, from the store (which may tell it to list again)."""
-        for streams in self._parked.values():
-            for stream in streams:
-                stream.position = self.revision
-                if stream.future is not None:
-                    _resolve(stream.future, True)
+        reads on from where it was, from the store (which may tell it to list again). They
+        are unparked at once: a sweep in the same turn must not take them for streams at the
+        new revision."""
+        reached = Position(self.revision)
+        for stream in [stream for streams in self._parked.values() for stream in streams]:
+            self._unpark(stream, reached)
         self._events, self._revisions, self._bytes = [], [], 0
         self.floor = self.revision = revision
+        self._compact_revision, self._gaps = 0, []
         self._ready = True
         for waiters in self._waiters.values():
             for future in waiters:

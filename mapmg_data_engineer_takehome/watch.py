@@ -1,32 +1,35 @@
 """GET /changes: the change feed over HTTP, as a long-poll (JSON) or a stream of Server-Sent
 Events (``Accept: text/event-stream``).
 
-Both read through this process's ChangeFeed (feed.py), so that a change costs one query per
-process however many watch. Whether the history can answer is settled before anything is
-sent: a watcher too far behind, or ahead of the store, gets a 410, never a stream that stops.
+Both read only through this process's ChangeFeed (feed.py), so that a change costs one query
+per process however many watch, and the feed owns where each stream is. Whether the history can
+answer is settled before anything is sent: a watcher too far behind, ahead of the store, or
+holding a revision of another history, gets a 410, never a stream that stops.
 
 A stream is written here rather than with aiohttp-sse: each event is encoded once for every
-watcher (feed.Event.data), a revision's events go out in one write, its id is on its last event
-only, heartbeats carry the resume point, and a stream that has caught up is written to by the
-feed, without a task of its own (see docs/design.md).
+watcher (feed.Event.data), every event has an id that names its place (``17.2`` after the
+second of revision 17's events, the bare ``17`` on its last), so that an EventSource cut at any
+byte resumes from the last id it dispatched with nothing repeated or missed; heartbeats carry
+the resume point, a batch goes out as fast as the watcher takes it, and a stream that has
+caught up is written to by the feed, without a task of its own (see docs/design.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Optional
 
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
 
 from .errors import JSON_HEADERS, ApiError, safe_message
-from .feed import Batch, ChangeFeed, Event, Stream, encode_all
+from .feed import Batch, ChangeFeed, Event, Position, Stream
 from .metrics import Metrics
 from .models import ChangesQuery, parse_query
 from .protocol import chunk
-from .state import FEED_KEY, METRICS_KEY, SETTINGS_KEY, STORE_KEY
+from .state import FEED_KEY, METRICS_KEY, SETTINGS_KEY
 from .store.base import Compacted, HistoryGone, StoreError, UnknownRevision
 
 log = structlog.get_logger("kv.watch")
@@ -41,34 +44,38 @@ STREAM_HEADERS = {
 }
 # How long an EventSource waits before it reconnects, in ms: the stream's first line.
 RECONNECT_MS = 1000
-_REVISION_ID = re.compile(r"[0-9]{1,18}")
+# An event's id: its revision, and its place among the revision's events when not the last.
+_EVENT_ID = re.compile(r"([0-9]{1,18})(?:\.([0-9]{1,9}))?")
+# A stream's writes from its handler: about this many bytes each, the watcher's pace (a write
+# waits while the connection holds its backlog) setting theirs.
+STREAM_WRITE_BYTES = 64 * 1024
 
 
 async def changes(request: web.Request) -> web.StreamResponse:
     """GET /changes: the changes after ``since``, as a long-poll answer or a stream."""
     query = parse_query(ChangesQuery, request.query)
     streaming = EVENT_STREAM in request.headers.get(hdrs.ACCEPT, "")
-    since = _last_event_id(request)
-    if since is None:
-        since = query.since
-    store = request.app[STORE_KEY]
     feed = request.app[FEED_KEY]
-    if since is None:
-        since = await store.revision()
+    position = _last_event_id(request)
+    if position is None:
+        since = query.since if query.since is not None else await feed.revision_now()
+        position = Position(since)
     try:
-        if streaming or query.timeout > 0:
-            await feed.start()
-            first = await feed.changes(query.prefix, since, query.limit)
-        else:  # a poll that does not wait reads the store itself: exact to the moment
-            first = encode_all(await store.changes(query.prefix, since, query.limit))
         if streaming:
-            return await _stream(request, feed, query, first)
+            await feed.start()
+            stream = feed.stream(query.prefix, position)
+            return await _stream(request, feed, query, stream, await feed.read(stream, query.limit))
+        if query.timeout > 0:
+            await feed.start()
+            first = await feed.changes(query.prefix, position, query.limit)
+        else:  # a poll that does not wait reads the store itself: exact to the moment
+            first = await feed.poll(query.prefix, position, query.limit)
         return await _long_poll(request, feed, query, first)
     except Compacted as compacted:
         raise ApiError(
             410,
             "compacted",
-            f"The changes after revision {since} are no longer kept (the history is whole "
+            f"The changes after {_event_id(position)} are no longer kept (the history is whole "
             f"above revision {compacted.compact_revision}). List the keys again (GET /keys), "
             "then watch from the listing's KV-Revision.",
             details={"compact_revision": compacted.compact_revision},
@@ -77,30 +84,33 @@ async def changes(request: web.Request) -> web.StreamResponse:
         raise ApiError(
             410,
             "unknown_revision",
-            f"Revision {since} is not one of this store's (its revision is "
-            f"{unknown.revision}): the store was replaced or restored, or failed over to a "
-            "copy that did not have it. List the keys again (GET /keys), then watch from the "
-            "listing's KV-Revision.",
+            f"Revision {position.revision} is not one of this store's history (its revision "
+            f"is {unknown.revision}): it is from another store, or from a life of this one "
+            "that a restart, a restore or a failover left behind. List the keys again "
+            "(GET /keys), then watch from the listing's KV-Revision.",
             details={"revision": unknown.revision},
         ) from None
 
 
-def _last_event_id(request: web.Request) -> Optional[int]:
-    """Where a reconnecting EventSource resumes: the last id it saw. It wins over ``since``."""
+def _last_event_id(request: web.Request) -> Optional[Position]:
+    """Where a reconnecting EventSource resumes: the last id it dispatched. It wins over
+    ``since``."""
     value = request.headers.get(LAST_EVENT_ID)
     if value is None:
         return None
-    if not _REVISION_ID.fullmatch(value.strip()):
+    matched = _EVENT_ID.fullmatch(value.strip())
+    if matched is None:
         raise ApiError(
-            400, "invalid_header", "Last-Event-ID must be a revision, as a stream's id gives it."
+            400,
+            "invalid_header",
+            "Last-Event-ID must be an event id as a stream gives it: a revision (17), or a "
+            "revision and a place in it (17.2).",
         )
-    return int(value)
+    return Position(int(matched[1]), int(matched[2] or 0))
 
 
-def _next(batch: Batch) -> int:
-    """Where the watcher goes on from: the store's revision, or the last event's when the
-    answer was cut short."""
-    return batch.events[-1].revision if batch.more else batch.revision
+def _event_id(position: Position) -> str:
+    return f"{position.revision}.{position.taken}" if position.taken else str(position.revision)
 
 
 async def _long_poll(
@@ -119,8 +129,8 @@ async def _long_poll(
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                woke = await feed.wait(query.prefix, batch.revision, remaining)
-                batch = await feed.changes(query.prefix, batch.revision, query.limit)
+                woke = await feed.wait(query.prefix, batch.next, remaining)
+                batch = await feed.changes(query.prefix, Position(batch.next), query.limit)
                 if not woke:
                     break
         finally:
@@ -130,27 +140,50 @@ async def _long_poll(
         metrics.observe_events_sent("longpoll", len(batch.events))
     body = b'{"events":[%s],"next":%d,"more":%s}' % (
         b",".join(event.data for event in batch.events),
-        _next(batch),
+        batch.next,
         b"true" if batch.more else b"false",
     )
     return web.Response(body=body, headers=JSON_HEADERS)
 
 
-def event_stream(events: Sequence[Event]) -> bytes:
-    """Events as Server-Sent Events: each ``event: <type>`` with its JSON as ``data``, and
-    ``id: <revision>`` on the last event of each revision only, so that a watcher resuming
-    from the last id it saw never lands inside a batch."""
-    parts = []
+def event_stream(events: Sequence[Event], taken: int = 0) -> bytes:
+    """Events (whole revisions but for the first, of which the watcher had ``taken``) as
+    Server-Sent Events: each ``event: <type>`` with its JSON as ``data``."""
+    return b"".join(event_pieces(events, taken, piece_bytes=0))
+
+
+def event_pieces(events: Sequence[Event], taken: int = 0, piece_bytes: int = 0) -> Iterator[bytes]:
+    """``event_stream``, in pieces of about ``piece_bytes`` (0: one), encoded as they are
+    asked for. Each event's id names its place: the bare revision on a revision's last event
+    (a watcher resuming from it has the whole revision), and ``<revision>.<n>`` on the n-th
+    before it, under the stream's prefix (a watcher resuming from it has those n)."""
+    parts: list[bytes] = []
+    size = 0
+    place = taken  # the events of the current revision before this one
     last = len(events) - 1
     for index, event in enumerate(events):
+        place += 1
         if index == last or events[index + 1].revision != event.revision:
-            parts.append(
-                b"event: %s\nid: %d\ndata: %s\n\n"
-                % (event.type.encode(), event.revision, event.data)
+            part = b"event: %s\nid: %d\ndata: %s\n\n" % (
+                event.type.encode(),
+                event.revision,
+                event.data,
             )
+            place = 0
         else:
-            parts.append(b"event: %s\ndata: %s\n\n" % (event.type.encode(), event.data))
-    return b"".join(parts)
+            part = b"event: %s\nid: %d.%d\ndata: %s\n\n" % (
+                event.type.encode(),
+                event.revision,
+                place,
+                event.data,
+            )
+        parts.append(part)
+        size += len(part)
+        if piece_bytes and size >= piece_bytes:
+            yield b"".join(parts)
+            parts, size = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 def progress(revision: int) -> bytes:
@@ -159,13 +192,14 @@ def progress(revision: int) -> bytes:
 
 
 async def _stream(
-    request: web.Request, feed: ChangeFeed, query: ChangesQuery, batch: Batch
+    request: web.Request, feed: ChangeFeed, query: ChangesQuery, stream: Stream, batch: Batch
 ) -> web.StreamResponse:
     """Stream the changes until the watcher leaves, the server stops, or the history moves
     past the stream (then the watcher reconnects, and is told to list again).
 
     Caught up with the feed's tail, the stream parks on the feed, which writes to it from
-    then on (see StreamPusher); behind it, its handler reads and writes for itself."""
+    then on (see StreamPusher); behind it, its handler reads and writes for itself, as fast as
+    the watcher takes what it writes."""
     heartbeat = request.app[SETTINGS_KEY].changes_heartbeat
     metrics = request.app[METRICS_KEY]
     response = web.StreamResponse(headers=STREAM_HEADERS)
@@ -176,43 +210,48 @@ async def _stream(
     if parks:
         response.enable_chunked_encoding()
     await response.prepare(request)
-    position = _next(batch)
-    stream = feed.watch(request.transport, query.prefix, position)
+    feed.watch(stream, request.transport)
     if metrics is not None:
         metrics.watchers.labels("sse").inc()
     loop = asyncio.get_running_loop()
 
-    async def send(chunk: bytes, events: int = 0) -> None:
-        await response.write(chunk)
-        stream.last_write = loop.time()
-        if metrics is not None and events:
-            metrics.observe_events_sent("sse", events)
+    async def send(chunk: bytes) -> None:
+        await response.write(chunk)  # waits while the connection holds its backlog
+        stream.wrote(len(chunk), loop.time())
+
+    async def send_batch(batch: Batch, opening: bytes = b"") -> None:
+        for piece in event_pieces(batch.events, batch.taken, STREAM_WRITE_BYTES):
+            await send(opening + piece)
+            opening = b""
+        if metrics is not None and batch.events:
+            metrics.observe_events_sent("sse", len(batch.events))
 
     try:
         # The first write says where the stream is, events or not: a watcher that came
         # without since resumes from there. The retry field goes with the first event's, not
         # in a block of its own: some clients take a block without data for an event.
-        opening = event_stream(batch.events) if batch.events else progress(position)
-        await send(b"retry: %d\n%s" % (RECONNECT_MS, opening), len(batch.events))
+        opening = b"retry: %d\n" % RECONNECT_MS
+        if batch.events:
+            await send_batch(batch, opening)
+        else:
+            await send(opening + progress(stream.position.revision))
         while not feed.closed and not stream.gone:
             if not batch.more:
-                stream.position = position
                 if parks and feed.can_follow(stream):
                     if not await feed.follow(stream):
                         break
-                    position = stream.position
                 else:
                     idle = loop.time() - stream.last_write
                     if idle >= heartbeat:
-                        await send(progress(position))
+                        await send(progress(stream.position.revision))
                         continue
-                    await feed.wait(query.prefix, position, heartbeat - idle, stream)
+                    revision = stream.position.revision
+                    await feed.wait(query.prefix, revision, heartbeat - idle, stream)
                     if feed.closed or stream.gone:
                         break
-            batch = await feed.changes(query.prefix, position, query.limit)
+            batch = await feed.read(stream, query.limit)
             if batch.events:
-                await send(event_stream(batch.events), len(batch.events))
-            position = _next(batch)
+                await send_batch(batch)
     except ConnectionResetError:
         pass  # the watcher left
     except HistoryGone:
@@ -228,27 +267,38 @@ async def _stream(
 
 class StreamPusher:
     """Writes to the streams parked on the feed: one encoding of the events for all of them,
-    then a chunk to each stream's transport, without waiting; a stream that has left more
-    than its backlog unread is closed (it resumes from its last id)."""
+    then a chunk to each stream's transport, without waiting. A stream whose transport cannot
+    take the events within its backlog is sent nothing, and handed back (its handler writes
+    them at the watcher's pace)."""
 
     def __init__(self, backlog: int, metrics: Optional[Metrics]) -> None:
         self._backlog = backlog
         self._metrics = metrics
 
-    def events(self, events: Sequence[Event], streams: Collection[Stream]) -> None:
-        self._write(chunk(event_stream(events)), streams)
-        if self._metrics is not None:
-            self._metrics.observe_events_sent("sse", len(events) * len(streams))
-
-    def progress(self, revision: int, streams: Collection[Stream]) -> None:
-        self._write(chunk(progress(revision)), streams)
-
-    def _write(self, data: bytes, streams: Collection[Stream]) -> None:
+    def events(self, events: Sequence[Event], streams: Collection[Stream]) -> list[Stream]:
+        data = chunk(event_stream(events))
+        full = []
+        sent = 0
+        now = asyncio.get_running_loop().time()
         for stream in streams:
             transport = stream.transport
             if transport is None or transport.is_closing():
                 continue
+            if transport.get_write_buffer_size() + len(data) > self._backlog:
+                full.append(stream)
+                continue
             transport.write(data)
-            if transport.get_write_buffer_size() > self._backlog:
-                log.info("watcher_too_slow", backlog=transport.get_write_buffer_size())
-                transport.abort()
+            stream.wrote(len(data), now)
+            sent += 1
+        if self._metrics is not None:
+            self._metrics.observe_events_sent("sse", len(events) * sent)
+        return full
+
+    def progress(self, revision: int, streams: Collection[Stream]) -> None:
+        data = chunk(progress(revision))
+        now = asyncio.get_running_loop().time()
+        for stream in streams:
+            transport = stream.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+                stream.wrote(len(data), now)

@@ -21,6 +21,15 @@ revision.
 A change carries no time: each pass of trim_history marks the revision it found with the time
 it ran, and a change is old once a mark at or above its revision is (so it goes at most one
 pass after it has aged).
+
+A revision names one history, forever: the same number never stands for two different writes,
+across restarts, restores, moves and failovers. Each life of a store (a memory store's start,
+every opening of a sqlite file, a PostgreSQL server that restarted, was restored or failed over,
+and every bulk load) begins at ``life_start``: above the revision it had, and at least the clock
+in microseconds. Within a life the revision grows by one per commit, far slower than that clock,
+so a life never reaches the numbers of a later one. The numbers a new life skips are a Gap: never
+given to a write here, they answer UnknownRevision (a watcher holding one followed another
+history), and a bulk load marks everything below its revision compacted (see check_since).
 """
 
 from __future__ import annotations
@@ -138,16 +147,38 @@ class Change(NamedTuple):
     expires_at: Optional[int] = None
 
 
+class Gap(NamedTuple):
+    """Revisions no write of this store was given: those above ``forked_at`` and below
+    ``resumed_at``, skipped when a new life began at ``resumed_at`` (see the module
+    docstring)."""
+
+    forked_at: int
+    resumed_at: int
+
+
+def life_start(revision: int, now: float) -> int:
+    """Where a new life of a store begins, its next write taking one more: at ``revision`` or
+    above, and at least ``now`` (seconds since the epoch) in microseconds. The numbers in
+    between, if any, are a Gap."""
+    return max(revision, int(now * 1_000_000))
+
+
 @dataclass(frozen=True)
 class Changes:
     """An answer of ``Store.changes``: ``events`` in revision order (a revision's keys in
     UTF-8 byte order), never ending inside a revision. With ``more`` False, they are every
     change up to ``revision``, the store's revision when they were read; with ``more`` True,
-    the limit, or their values' size, cut them short after their last revision."""
+    the limit, or their values' size, cut them short after their last revision.
+
+    ``compact_revision`` and ``gaps`` (those ending above ``since``) are what check_since
+    decided by, for a reader that keeps a copy of the history (the feed's tail) to decide as
+    the store does."""
 
     events: Sequence[Change]
     revision: int
     more: bool
+    compact_revision: int = 0
+    gaps: Sequence[Gap] = ()
 
 
 @dataclass(frozen=True)
@@ -212,11 +243,15 @@ def expiry_of(ttl: Optional[float], now: float) -> Optional[int]:
 # --- the history, store-neutral ----------------------------------------------------------------
 
 
-def check_since(since: int, revision: int, compact_revision: int) -> None:
-    """Compacted or UnknownRevision when the history cannot answer from ``since``."""
+def check_since(since: int, revision: int, compact_revision: int, gaps: Iterable[Gap] = ()) -> None:
+    """What ``since`` means to a history at ``revision``, whole above ``compact_revision``,
+    that skipped ``gaps``: nothing when it can answer the changes after it; Compacted when
+    they are no longer kept; UnknownRevision when ``since`` is ahead of it, or one of the
+    numbers a new life skipped (so never this history's). Every store, and the feed's tail,
+    decide by this one function."""
     if since < compact_revision:
         raise Compacted(compact_revision)
-    if since > revision:
+    if since > revision or any(gap.forked_at < since < gap.resumed_at for gap in gaps):
         raise UnknownRevision(revision)
 
 
@@ -298,7 +333,7 @@ class Compacted(HistoryGone):
 
 class UnknownRevision(HistoryGone):
     """``since`` is not a revision of this store's: above its revision (the store was
-    replaced or restored), or one that a failover skipped (see store/postgres.py)."""
+    replaced or restored), or in a Gap that a new life skipped."""
 
     def __init__(self, revision: int) -> None:
         super().__init__("the store has no such revision")
@@ -379,8 +414,9 @@ class Store(Protocol):
 
     async def changes(self, prefix: str, since: int, limit: int) -> Changes:
         """The changes to keys starting with ``prefix`` in revisions above ``since``, as
-        take_changes cuts them. Raises Compacted when ``since`` is below the compact
-        revision, UnknownRevision when it is not one of the store's (above its revision)."""
+        take_changes cuts them, with the gaps ending above ``since``. Raises what check_since
+        raises: Compacted when ``since`` is below the compact revision, UnknownRevision when
+        it is not one of the store's (ahead of it, or in a gap)."""
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
         """One small transaction of trimming: mark the store's revision with the time now (see
@@ -399,7 +435,8 @@ class Store(Protocol):
 
     async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
         """Apply the source's rows in order (last wins, one revision for all, no changes
-        recorded: the compact revision moves to the load's) all at once or not at all: the
+        recorded: the compact revision moves to the load's, which begins a life, at
+        life_start above the store's) all at once or not at all: the
         seed and the import. With ``replace``, a prefix ("" for the whole store), the live and
         expired keys under it that the source lacks are removed in the same transaction.
 

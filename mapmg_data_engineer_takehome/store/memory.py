@@ -1,4 +1,8 @@
-"""The memory store: a dict. Fast, and everything in it is lost when the process exits."""
+"""The memory store: a dict. Fast, and everything in it is lost when the process exits.
+
+Each start is a new life of the store, whose revisions begin at the clock in microseconds
+(base.life_start): a watcher holding a revision of an earlier life gets 410, never this
+life's changes under its numbers."""
 
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from .base import (
     Clock,
     Condition,
     Entry,
+    Gap,
     HistoryStats,
     ListedKey,
     Loaded,
@@ -31,6 +36,7 @@ from .base import (
     check_since,
     condition_holds,
     expiry_of,
+    life_start,
     prefix_upper_bound,
     take_changes,
     trim_cut,
@@ -50,7 +56,10 @@ class MemoryStore:
     def __init__(self, clock: Clock = time.time) -> None:
         self._clock = clock
         self._data: dict[str, Entry] = {}
-        self._revision = 0
+        self._revision = life_start(0, clock())
+        # Every revision below this life's start was never this store's (0 is "from the
+        # beginning", which it is).
+        self._gaps = [Gap(0, self._revision)] if self._revision > 1 else []
         self._sorted: Optional[list[str]] = []
         self._history: list[Change] = []
         self._history_revisions: list[int] = []
@@ -218,7 +227,8 @@ class MemoryStore:
         return self._revision
 
     async def changes(self, prefix: str, since: int, limit: int) -> Changes:
-        check_since(since, self._revision, self._compact_revision)
+        gaps = [gap for gap in self._gaps if gap.resumed_at > since]
+        check_since(since, self._revision, self._compact_revision, gaps)
         start = bisect.bisect_right(self._history_revisions, since)
         matching = (
             self._history[index]
@@ -226,7 +236,7 @@ class MemoryStore:
             if self._history[index].key.startswith(prefix)
         )
         events, more = take_changes(matching, limit)
-        return Changes(events, self._revision, more)
+        return Changes(events, self._revision, more, self._compact_revision, gaps)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
         now_ms = self._clock() * 1000
@@ -238,6 +248,8 @@ class MemoryStore:
         oldest = self._history_revisions[:batch]
         cut = trim_cut(oldest, self._compact_revision, excess, aged[-1][1] if aged else 0)
         self._compact_revision = cut
+        # A since below the compact revision is answered "compacted" before any gap counts.
+        self._gaps = [gap for gap in self._gaps if gap.resumed_at > cut]
         dropped = bisect.bisect_right(self._history_revisions, cut)
         del self._history[:dropped], self._history_revisions[:dropped]
         return dropped
@@ -268,7 +280,7 @@ class MemoryStore:
             removed = [key for key in self._keys_under(replace) if key not in staged]
         if not applied and not removed:
             return Loaded(0, 0, self._revision)
-        self._revision += 1
+        self._revision = life_start(self._revision + 1, self._clock())
         for key in removed:
             self._remove(key)
         data, revision = self._data, self._revision

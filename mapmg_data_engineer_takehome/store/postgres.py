@@ -22,10 +22,11 @@ The history is the table ``kv_changes``, written by each write in its own transa
 trigger on the revision's row NOTIFYs every server listening (see listen), as a hint: the
 table is the truth, and a server that misses a notification finds the change within a second.
 
-Every connection is checked before its first use: it must reach a primary, and a primary on a
-new timeline (a standby promoted) first moves the revision past the old timeline's, so that
-writes a lossy failover dropped never have their revision numbers reused (see
-_CREATE_TIMELINES).
+Every connection is checked before its first use: it must reach a primary, and a server that
+began a new life since the store last looked (a standby promoted, a point-in-time restore, a
+restart, a restored copy of its files) first moves the revision to where the store's new life
+begins, so that writes a lossy failover or a restore dropped never have their revision numbers
+reused (see _CREATE_TIMELINES).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .base import (
     Clock,
     Condition,
     Entry,
+    Gap,
     HistoryStats,
     IfAbsent,
     IfExists,
@@ -63,9 +65,9 @@ from .base import (
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
-    UnknownRevision,
     Wake,
     check_since,
+    life_start,
     prefix_upper_bound,
     trim_cut,
 )
@@ -73,7 +75,7 @@ from .base import (
 log = structlog.get_logger("kv.store")
 Result = TypeVar("Result")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
 # schema, and one applies a seed while the others wait for it.
 _SCHEMA_LOCK = 0x4B565343
@@ -87,6 +89,11 @@ CHANNEL = "kv_changes"
 WATCH_POLL_INTERVAL = 1.0
 # The listening connection's application_name, which pg_stat_activity shows.
 LISTENER_NAME = "kv-listen"
+# After the listening connection failed, the pause before the next try: the first, doubled on
+# each failure up to the last, and the first again once a connection has listened (so that a
+# few dropped connections in a process's life do not leave the others' commits waiting 5 s).
+LISTEN_RETRY_FIRST = 0.25
+LISTEN_RETRY_MAX = 5.0
 # Milliseconds since the epoch by the database's clock, unless the caller passes its own
 # (the tests' clock): every statement below takes it as a parameter that may be NULL.
 _NOW = "coalesce({}::bigint, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)"
@@ -167,15 +174,17 @@ $$""",
     "CREATE TRIGGER kv_revision_moved AFTER UPDATE ON kv_meta FOR EACH ROW"
     " WHEN (NEW.name = 'revision') EXECUTE FUNCTION kv_notify()",
 )
-# How far the revision jumps when the store finds itself on a new timeline: past any
-# revision the old timeline can have reached without this one.
+# How far the revision jumps at least when the store finds itself on a new timeline: past any
+# revision the old timeline can have reached without this one, were the clocks wrong.
 TIMELINE_GAP = 1_000_000_000
-# Each time the store found itself on a new PostgreSQL timeline (a standby promoted, or a
-# point-in-time restore), from the revision it had there (forked_at) to the one it went on
-# from (resumed_at). With asynchronous replication the old timeline may have gone on past
-# forked_at with writes that this one never got, and watchers may have seen them: the
-# revisions in between are never given to a write here, and a watcher holding one is told
-# that it is not this store's (410 unknown_revision) rather than given other writes under it.
+# Each new life of the store (base.py's life_start): a new PostgreSQL timeline (a standby
+# promoted, or a point-in-time restore) or a server started anew (a restart, or a copy of its
+# files put back), from the revision it had there (forked_at) to the one it went on from
+# (resumed_at). With asynchronous replication the old timeline may have gone on past forked_at
+# with writes that this one never got, and a restored copy lacks those made after it; watchers
+# may have seen them: the revisions in between are never given to a write here, and a watcher
+# holding one is told that it is not this store's (410 unknown_revision) rather than given
+# other writes under it.
 _CREATE_TIMELINES = (
     "CREATE TABLE IF NOT EXISTS kv_timelines (resumed_at bigint PRIMARY KEY,"
     " forked_at bigint NOT NULL, timeline text NOT NULL)"
@@ -187,8 +196,11 @@ _CHECK_PRIMARY_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION kv_check_primary() RETURNS boolean LANGUAGE plpgsql AS $$
 DECLARE
     here text;
+    -- When the server started, as a number: text of a time would follow the session's zone.
+    started text := extract(epoch FROM pg_postmaster_start_time())::text;
     recorded text;
     forked bigint;
+    resumed bigint;
 BEGIN
     IF pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' THEN
         RETURN false;
@@ -197,22 +209,27 @@ BEGIN
         -- A WAL file's name begins with its timeline: here, that of the WAL written now.
         here := substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8);
     EXCEPTION WHEN feature_not_supported OR insufficient_privilege THEN
-        RETURN true;  -- a service that keeps its WAL functions from us: no timeline to follow
+        here := '';  -- a service that keeps its WAL functions from us: no timeline to follow
     END;
-    IF EXISTS (SELECT 1 FROM kv_meta WHERE name = 'timeline' AND value = here) THEN
+    IF (SELECT count(*) FROM kv_meta WHERE (name, value) IN
+            (('timeline', here), ('server_started', started))) = 2 THEN
         RETURN true;
     END IF;
     SELECT value::bigint INTO forked FROM kv_meta WHERE name = 'revision' FOR UPDATE;
-    SELECT value INTO recorded FROM kv_meta WHERE name = 'timeline';
-    IF recorded = here THEN
+    IF (SELECT count(*) FROM kv_meta WHERE (name, value) IN
+            (('timeline', here), ('server_started', started))) = 2 THEN
         RETURN true;  -- entered meanwhile, by another connection
     END IF;
-    IF recorded IS NOT NULL THEN  -- (NULL: the store is new here, or from before timelines)
-        INSERT INTO kv_timelines (resumed_at, forked_at, timeline)
-             VALUES (forked + {TIMELINE_GAP}, forked, here);
-        UPDATE kv_meta SET value = (forked + {TIMELINE_GAP})::text WHERE name = 'revision';
+    SELECT value INTO recorded FROM kv_meta WHERE name = 'timeline';
+    resumed := greatest(forked, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
+    IF recorded IS DISTINCT FROM here AND recorded IS NOT NULL THEN
+        resumed := greatest(resumed, forked + {TIMELINE_GAP});
     END IF;
-    INSERT INTO kv_meta (name, value) VALUES ('timeline', here)
+    IF resumed > forked THEN
+        INSERT INTO kv_timelines (resumed_at, forked_at, timeline) VALUES (resumed, forked, here);
+        UPDATE kv_meta SET value = resumed::text WHERE name = 'revision';
+    END IF;
+    INSERT INTO kv_meta (name, value) VALUES ('timeline', here), ('server_started', started)
         ON CONFLICT (name) DO UPDATE SET value = excluded.value;
     RETURN true;
 END
@@ -248,7 +265,8 @@ _SCHEMA = (
 )
 # From each schema version to the next, in place. Schema 1 had no history: it starts empty,
 # whole above the revision the database was at. Schema 2 had no timelines: the server's is
-# recorded, as on a new store, by the first check of a connection.
+# recorded, as on a new store, by the first check of a connection. Schema 3 did not notice a
+# server started anew: its first check here begins a life.
 _UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         _CREATE_CHANGES,
@@ -262,6 +280,7 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
         " ON CONFLICT (name) DO NOTHING",
     ),
     2: (_CREATE_TIMELINES, _CHECK_PRIMARY_FUNCTION),
+    3: (_CHECK_PRIMARY_FUNCTION,),
 }
 
 _LIVE = f"(expires_at IS NULL OR expires_at > {_NOW.format('$2')})"
@@ -312,9 +331,9 @@ _ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {_NOW.forma
 _READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
 # The changes above $1 under the prefix [$2, $3), as take_changes cuts them ($4 of them, fewer
 # once their values pass $5 characters, then the rest of the last one's revision), whether any
-# follow, the revision and compact revision they were read at, and whether $1 is one that a
-# new timeline skipped (see _CREATE_TIMELINES): one statement, so one snapshot, in which they
-# are every change up to that revision.
+# follow, the revision and compact revision they were read at, and the gaps that new lives
+# skipped above $1 (see _CREATE_TIMELINES): one statement, so one snapshot, in which they are
+# every change up to that revision.
 _UNDER_PREFIX = "c.key >= $2 AND ($3::text IS NULL OR c.key < $3)"
 _CHANGES = f"""
 WITH meta AS (
@@ -337,12 +356,13 @@ tail AS (
 more AS (
     SELECT EXISTS (SELECT 1 FROM kv_changes c, cut
                     WHERE c.revision > cut.revision AND {_UNDER_PREFIX}) AS more),
-skipped AS (
-    SELECT EXISTS (SELECT 1 FROM kv_timelines t
-                    WHERE $1 > t.forked_at AND $1 < t.resumed_at) AS skipped)
-SELECT meta.revision, meta.compact_revision, more.more, skipped.skipped,
+gaps AS (
+    SELECT array_agg(t.forked_at ORDER BY t.resumed_at) AS forked,
+           array_agg(t.resumed_at ORDER BY t.resumed_at) AS resumed
+      FROM kv_timelines t WHERE t.resumed_at > $1)
+SELECT meta.revision, meta.compact_revision, more.more, gaps.forked, gaps.resumed,
        events.revision, events.type, events.key, events.val, events.expires_at
-  FROM meta CROSS JOIN more CROSS JOIN skipped
+  FROM meta CROSS JOIN more CROSS JOIN gaps
   LEFT JOIN (SELECT * FROM head UNION ALL SELECT * FROM tail) events ON true
  ORDER BY events.revision, events.key
 """
@@ -553,6 +573,15 @@ def _close_unused(attempt: asyncio.Future[Any]) -> None:
         return
     if attempt.exception() is None:
         attempt.result().terminate()
+
+
+class _Listening:
+    """Whether one listening connection got as far as LISTEN."""
+
+    __slots__ = ("worked",)
+
+    def __init__(self) -> None:
+        self.worked = False
 
 
 class _Write:
@@ -1014,12 +1043,11 @@ class PostgresStore:
         rows = await self._fetch(
             _CHANGES, since, prefix, prefix_upper_bound(prefix), limit, PAGE_VALUE_CHARS
         )
-        revision, compact_revision, more, skipped = rows[0][:4]
-        check_since(since, revision, compact_revision)
-        if skipped:  # a revision of a timeline this one forked from, lost in the failover
-            raise UnknownRevision(revision)
-        events = [Change(*row[4:]) for row in rows if row[4] is not None]
-        return Changes(events, revision, more)
+        revision, compact_revision, more, forked, resumed = rows[0][:5]
+        gaps = [Gap(*gap) for gap in zip(forked or (), resumed or ())]
+        check_since(since, revision, compact_revision, gaps)
+        events = [Change(*row[5:]) for row in rows if row[5] is not None]
+        return Changes(events, revision, more, compact_revision, gaps)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
         """One transaction, under a lock that the other servers' trims skip rather than wait
@@ -1071,6 +1099,8 @@ class PostgresStore:
             if oldest and oldest[0] <= cut:
                 status = await conn.execute("DELETE FROM kv_changes WHERE revision <= $1", cut)
                 dropped = int(status.split()[-1])
+            # A since below the compact revision is answered "compacted" before any gap counts.
+            await conn.execute("DELETE FROM kv_timelines WHERE resumed_at <= $1", cut)
             # greatest: a seed may have moved the compact revision meanwhile.
             await conn.execute(
                 "UPDATE kv_meta SET value = greatest(value::bigint, $1)::text"
@@ -1105,21 +1135,25 @@ class PostgresStore:
         revision this process has not woken for. When that connection drops it is made
         again, and ``wake`` called, since changes may have come meanwhile."""
         self._wake = wake
-        delay = 0.25
+        delay = LISTEN_RETRY_FIRST
         try:
             while True:
+                listening = _Listening()
                 try:
-                    await self._listen_once(wake)
+                    await self._listen_once(wake, listening)
                 except _FAILURES as error:
+                    if listening.worked:  # a connection that worked: the next try is soon
+                        delay = LISTEN_RETRY_FIRST
                     log.warning("watch_connection_lost", reason=describe(error), retry_in=delay)
                 wake()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, LISTEN_RETRY_MAX)
         finally:
             self._wake = None
 
-    async def _listen_once(self, wake: Wake) -> None:
-        """LISTEN and poll until the connection fails (raising what it raised)."""
+    async def _listen_once(self, wake: Wake, listening: _Listening) -> None:
+        """LISTEN and poll until the connection fails (raising what it raised); ``listening``
+        is told once LISTEN has taken effect."""
         conn = await _connect_any_host(
             self._url, timeout=self._timeout, server_settings={"application_name": LISTENER_NAME}
         )
@@ -1133,6 +1167,7 @@ class PostgresStore:
                     self._moved(int(revision))
 
             await conn.add_listener(CHANNEL, notified)
+            listening.worked = True
             wake()  # whatever committed before LISTEN took effect
             while True:
                 revision = int(await conn.fetchval(_READ_REVISION, timeout=self._timeout))
@@ -1176,7 +1211,8 @@ class PostgresStore:
                 )
                 applied = int(status.split()[-1])
                 first = int(await conn.fetchval(_LOCK_REVISION))
-                revision = first + 1
+                now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
+                revision = life_start(first + 1, now_ms / 1000)
                 inserted = int((await conn.execute(_APPLY_BULK, revision)).split()[-1])
                 removed = 0
                 if replace is not None:

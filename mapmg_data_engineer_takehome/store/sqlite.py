@@ -12,6 +12,11 @@ few MiB however long the writes go on.
 The history is the table ``changes``, written in each write's transaction: a set's change by
 a trigger on ``kv`` (inside the set's own statement, the cheapest way measured: see
 bench/results.md), a delete's or an expiry's by the writer (_Transaction.record).
+
+Every opening of the file begins a new life of the store (see base.py): a copy put back in its
+place cannot tell that it is one, so the revision moves to the clock in microseconds each time,
+and the numbers skipped are recorded in ``gaps``. A plain restart skips only numbers nobody was
+given; a restored copy skips those its lost writes were given.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from .base import (
     Clock,
     Condition,
     Entry,
+    Gap,
     HistoryStats,
     ListedKey,
     Loaded,
@@ -56,6 +62,7 @@ from .base import (
     check_since,
     condition_holds,
     expiry_of,
+    life_start,
     prefix_upper_bound,
     take_changes,
     trim_cut,
@@ -65,7 +72,7 @@ log = structlog.get_logger("kv.store")
 
 # Stamped into the file header so that a foreign SQLite file is recognised and left alone.
 APPLICATION_ID = 0x4B565354  # "KVST"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Every setting explicit, none left to a library default by accident.
@@ -117,6 +124,12 @@ _CREATE_MARKS = (
     "CREATE TABLE IF NOT EXISTS history_marks (at INTEGER PRIMARY KEY, revision INTEGER NOT NULL)"
 )
 _COMPACT_REVISION = "compact_revision"
+# The revisions each new life skipped (see the module docstring): none was given to a write
+# here, and a watcher holding one is told it is not this store's.
+_CREATE_GAPS = (
+    "CREATE TABLE IF NOT EXISTS gaps (resumed_at INTEGER PRIMARY KEY, forked_at INTEGER NOT NULL)"
+)
+_GAPS_ABOVE = "SELECT forked_at, resumed_at FROM gaps WHERE resumed_at > ? ORDER BY resumed_at"
 # The history's rows, counted by trim_history up to the revision in _HISTORY_COUNTED: writes
 # pay nothing to keep a count, and the rows above that revision are few to count.
 _HISTORY_ROWS = "history_rows"
@@ -146,12 +159,14 @@ _SCHEMA = (
     _CREATE_META,
     _CREATE_CHANGES,
     _CREATE_MARKS,
+    _CREATE_GAPS,
     f"INSERT INTO meta (name, value) VALUES ('{_REVISION}', 0), ('{_KEYS}', 0),"
     f" ('{_COMPACT_REVISION}', 0), ('{_HISTORY_ROWS}', 0), ('{_HISTORY_COUNTED}', 0)",
 )
 # From each schema version to the next, in place. Schema 1 (release 1.0.0) had neither
 # versions nor expiry: its keys take revision 1, and never expire. Schema 2 had no history:
-# it starts empty, complete above the revision the file was at.
+# it starts empty, complete above the revision the file was at. Schema 3 had no lives: its
+# first opening here begins one.
 _UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         "ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
@@ -168,6 +183,7 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
         f" SELECT '{_HISTORY_COUNTED}', value FROM meta WHERE name = '{_REVISION}' UNION ALL"
         f" SELECT '{_HISTORY_ROWS}', 0)",
     ),
+    3: (_CREATE_GAPS,),
 }
 # The GETs of one event-loop iteration, in one query: key IN (?, ?, ...) with as many marks as
 # a power of two (a short list is padded with its first key), so a handful of statements serve
@@ -295,6 +311,20 @@ def _upgrade(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
     if version < SCHEMA_VERSION:
         log.info("store_upgraded", path=str(path), schema_from=version, schema_to=SCHEMA_VERSION)
+
+
+def _begin_life(conn: sqlite3.Connection, now: float) -> None:
+    """Move the revision to where this opening's life begins (base.life_start), recording the
+    numbers skipped: under the write lock, so that a worker opening the file meanwhile, or one
+    already writing, never has its revisions skipped."""
+    with _transaction(conn):
+        revision = _meta(conn, _REVISION)
+        start = life_start(revision, now)
+        if start > revision:
+            conn.execute(
+                "INSERT INTO gaps (resumed_at, forked_at) VALUES (?, ?)", (start, revision)
+            )
+            conn.execute(_WRITE_META, (_REVISION, start))
 
 
 def _key_range(prefix: str) -> tuple[str, tuple[str, ...]]:
@@ -476,6 +506,8 @@ class _TrimHistory:
         dropped = 0
         if oldest and oldest[0] <= cut:
             dropped = conn.execute("DELETE FROM changes WHERE revision <= ?", (cut,)).rowcount
+        # A since below the compact revision is answered "compacted" before any gap counts.
+        conn.execute("DELETE FROM gaps WHERE resumed_at <= ?", (cut,))
         conn.executemany(
             _WRITE_META,
             (
@@ -707,9 +739,10 @@ class _BulkLoad:
     ``apply_staged`` or ``apply_seed``, which run on a thread (the committer runs them between
     its groups: see run_alone) and close the connection when they are done."""
 
-    def __init__(self, path: Path, durability: str, replace: Optional[str]) -> None:
+    def __init__(self, path: Path, durability: str, replace: Optional[str], clock: Clock) -> None:
         self.path = path
         self.replace = replace
+        self.clock = clock
         self.conn = _connect(path, durability, bulk=True)
         self._staging = False
 
@@ -772,7 +805,7 @@ class _BulkLoad:
                 if row is not None and row[0] == fingerprint:
                     return None, _meta(conn, _REVISION)
             first = _meta(conn, _REVISION)
-            revision = first + 1
+            revision = life_start(first + 1, self.clock())
             applied = conn.execute(_BULK_INSERT.format(select=select), (revision,)).rowcount
             if misses is not None and misses():
                 raise _FastSeedMissed  # rolls the insert back
@@ -886,6 +919,7 @@ class SqliteStore:
             finally:
                 inspector.close()
             self._conn = _connect(path, durability)
+            _begin_life(self._conn, clock())
         except sqlite3.Error as error:
             raise _translate(error, path) from None
         # One cursor for every point read: a new one per get costs more than the lookup's
@@ -1068,7 +1102,8 @@ class SqliteStore:
         revision = await self.revision()  # begins the snapshot the scan below shares
         try:
             compact = int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0])
-            check_since(since, revision, compact)
+            gaps = [Gap(*row) for row in self._read(_GAPS_ABOVE, (since,))]
+            check_since(since, revision, compact, gaps)
             # Its own cursor, closed at the end: an unfinished statement keeps its read lock.
             with contextlib.closing(
                 self._conn.execute(
@@ -1080,7 +1115,7 @@ class SqliteStore:
                 events, more = take_changes((Change(*row) for row in rows), limit)
         except sqlite3.Error as error:
             raise _translate(error, self.path) from None
-        return Changes(events, revision, more)
+        return Changes(events, revision, more, compact, gaps)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
         return await self._committer.submit(_TrimHistory(max_age, max_rows, batch))
@@ -1138,7 +1173,7 @@ class SqliteStore:
         committer holds this process's other writes back (see _GroupCommitter.run_alone)."""
         sql = source.as_sql()
         try:
-            bulk = _BulkLoad(self.path, self.durability, replace)
+            bulk = _BulkLoad(self.path, self.durability, replace, self._clock)
             apply: Callable[[], tuple[Optional[Loaded], int]]
             if sql is not None:
                 assert source.fingerprint is not None  # a seed's file has one

@@ -16,6 +16,7 @@ from mapmg_data_engineer_takehome.store.base import (
     Change,
     Compacted,
     SetItem,
+    UnknownRevision,
 )
 from mapmg_data_engineer_takehome.store.sqlite import SCHEMA_VERSION
 
@@ -160,7 +161,8 @@ async def test_a_file_of_release_1_is_upgraded_in_place_losing_nothing(tmp_path:
             "550a18265d3d11a31c58eec88a4183a6cf5ac74c3b36bd628a9c83d6b73df423"
         )
         written = await store.set("new", "after the upgrade", ttl=60)
-        assert written.version == 2 and written.expires_at is not None
+        # The first write of the store's new life, which began above the file's revision (1).
+        assert written.version > 2 and written.expires_at is not None
     finally:
         await store.close()
     assert_current_and_intact(path)
@@ -189,13 +191,15 @@ async def test_a_file_of_the_release_before_the_history_is_upgraded_in_place(
 ) -> None:
     """tests/kv/fixtures/kv-schema-2.sqlite3 has versions and expiry but no history: the
     upgrade keeps every key, version and expiry, and starts a history that is whole above the
-    revision the file was at (8), so a watcher from before it is told to list again."""
+    revision the file was at (8), so a watcher from before it is told to list again. Its
+    opening here begins a life at the clock in microseconds, above 8."""
     path = tmp_path / "kv.sqlite3"
     shutil.copyfile(FIXTURES / "kv-schema-2.sqlite3", path)
     store = SqliteStore(path, clock=lambda: 1_800_000_100.0)
+    life = 1_800_000_100_000_000
     try:
         page = await store.list_keys("", None, 100, values=True)
-        assert page.revision == 8
+        assert page.revision == life
         listing = [(item.key, item.val, item.version, item.expires_at) for item in page.keys]
         assert listing == RELEASE_2_LISTING
         assert await store.seed_fingerprint() == "schema-2-fixture-seed"
@@ -207,7 +211,9 @@ async def test_a_file_of_the_release_before_the_history_is_upgraded_in_place(
         await store.set("new", "after the upgrade")
         assert await store.delete("deleted") is False
         changes = await store.changes("", 8, 100)
-        assert changes.events == [Change(9, "set", "new", "after the upgrade", None)]
+        assert changes.events == [Change(life + 1, "set", "new", "after the upgrade", None)]
+        with pytest.raises(UnknownRevision):  # a number this life skipped
+            await store.changes("", 9, 100)
         assert (await store.history()).rows == 1
     finally:
         await store.close()

@@ -4,7 +4,9 @@ The server is the real app, in-process, on a clock the machine moves. The model 
 answer: values, versions (the ETag), expiry, conditional writes, listings page by page,
 batches, exports and imports (merge and replace), and the history of changes. A restart
 closes the app (store included) and opens a new one on the same data file: the sqlite store
-must then still hold everything acknowledged, the memory store nothing.
+must then still hold everything acknowledged, the memory store nothing. Each opening of a
+store begins a new life, whose revisions start at the clock in microseconds or above (the
+numbers skipped answer 410 unknown_revision), and so does each import.
 
 Watchers list their prefix, then follow /changes, each poll on either of two servers that
 share the store (two workers on the sqlite file, two replicas on the database; the memory
@@ -77,9 +79,6 @@ class Watcher:
     prefix: str
     position: int
     mirror: dict[str, tuple[int, str]]
-    # Following a memory store that has since restarted empty: once the new store's
-    # revision has caught up with its position, nobody can tell it was another store.
-    orphaned: bool = False
 
 
 class KeyValueMachine(RuleBasedStateMachine):
@@ -105,12 +104,15 @@ class KeyValueMachine(RuleBasedStateMachine):
         # (revision, type, key, val, expires_at), as /changes gives them.
         self.history: list[dict[str, Any]] = []
         self.compact_revision = 0
+        # The revisions each new life skipped: (forked_at, resumed_at), both excluded.
+        self.gaps: list[tuple[int, int]] = []
         self.watchers: dict[int, Watcher] = {}
         self.steps = 0
         self.client: Optional[TestClient[Any, Any]] = None
         # Another server on the same store, for the watchers: none for the memory store.
         self.other: Optional[TestClient[Any, Any]] = None
         self.run(self.start())
+        self.begin_life()
 
     def run(self, coroutine: Any) -> Any:
         return self.loop.run_until_complete(coroutine)
@@ -129,6 +131,21 @@ class KeyValueMachine(RuleBasedStateMachine):
         for client in (self.client, self.other):
             if client is not None:
                 await client.close()
+
+    def begin_life(self) -> None:
+        """The store was opened: its revision is where its new life begins, at the clock in
+        microseconds or above (PostgreSQL's is the database's, and begins a life only when
+        the database server did, not when a replica did)."""
+        status, _, answer = self.request("GET", self.url("/changes"), params={"timeout": "0"})
+        assert status == 200
+        start = answer["next"]
+        if self.store == "postgres":
+            assert start >= self.revision
+        else:
+            assert start == max(self.revision, int(self.clock.now * 1_000_000))
+        if start > self.revision:
+            self.gaps.append((self.revision, start))
+        self.revision = start
 
     def url(self, route: str, key: str = "", other: bool = False) -> URL:
         client = self.other if other and self.other is not None else self.client
@@ -329,12 +346,15 @@ class KeyValueMachine(RuleBasedStateMachine):
         params = {"prefix": prefix, "mode": "replace" if replace else "merge"}
         status, _, answer = self.request("POST", self.url("/import"), data=body, params=params)
         applied = [(key, val, self.expiry(e)) for key, val, e in lines if e is None or e > 0]
-        staged = {key: Held(val, self.revision + 1, expiry) for key, val, expiry in applied}
+        revision = max(self.revision + 1, int(self.clock.now * 1_000_000))
+        staged = {key: Held(val, revision, expiry) for key, val, expiry in applied}
         removed = [
             key for key in self.model if replace and key.startswith(prefix) and key not in staged
         ]
         if applied or removed:
-            self.revision += 1
+            # An import begins a life too (above the revision and at the clock), all of it
+            # below compacted.
+            self.revision = max(self.revision + 1, int(self.clock.now * 1_000_000))
             for key in removed:
                 del self.model[key]
             self.model.update(staged)
@@ -431,12 +451,11 @@ class KeyValueMachine(RuleBasedStateMachine):
             assert answer["compact_revision"] == self.compact_revision
             del self.watchers[watcher]  # it lists again
             return
-        if following.position > self.revision:  # the memory store restarted empty
+        if following.position > self.revision or any(
+            forked < following.position < resumed for forked, resumed in self.gaps
+        ):  # a revision of an earlier life, which this one never gave to a write
             assert (status, answer["error"]) == (410, "unknown_revision")
             del self.watchers[watcher]
-            return
-        if following.orphaned and following.position > 0:
-            del self.watchers[watcher]  # its answer cannot be predicted; it lists again
             return
         assert status == 200, answer
         matching = [
@@ -482,14 +501,17 @@ class KeyValueMachine(RuleBasedStateMachine):
     @rule()
     def restart(self) -> None:
         self.run(self.stop())
+        # A restart takes time: a life's revisions grow far slower than the clock in
+        # microseconds, which a clock standing still through it would not be.
+        self.clock.advance(1)
         if self.store == "memory":  # the memory store keeps nothing, not even its revision
-            for following in self.watchers.values():
-                following.orphaned = True
             self.model.clear()
             self.revision = 0
             self.history.clear()
             self.compact_revision = 0
+            self.gaps.clear()
         self.run(self.start())
+        self.begin_life()
 
     @precondition(lambda self: self.client is not None)
     @invariant()

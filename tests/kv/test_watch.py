@@ -179,13 +179,12 @@ async def test_a_last_event_id_that_is_not_a_revision_is_400(client: Client) -> 
 
 
 async def test_a_since_the_history_no_longer_holds_is_410_compacted(client: Client) -> None:
-    for index in range(3):
-        await write(client, f"k{index}")
+    first, second, _ = [await write(client, f"k{index}") for index in range(3)]
     assert await client.app[STORE_KEY].trim_history(3600, 1, 100) == 2
-    for params in ({"since": "1", "timeout": "0"}, {"since": "0", "timeout": "5"}):
+    for params in ({"since": str(first), "timeout": "0"}, {"since": "0", "timeout": "5"}):
         body = await assert_gone(await client.get("/changes", params=params), "compacted")
-        assert body["compact_revision"] == 2
-    assert len((await poll(client, since=2, timeout=0))["events"]) == 1
+        assert body["compact_revision"] == second
+    assert len((await poll(client, since=second, timeout=0))["events"]) == 1
 
 
 async def test_a_since_above_the_store_is_410_unknown_revision(client: Client) -> None:
@@ -198,8 +197,9 @@ async def test_a_since_above_the_store_is_410_unknown_revision(client: Client) -
 
 async def test_a_listing_says_its_revision(client: Client) -> None:
     response = await client.get("/keys")
-    assert response.headers["KV-Revision"] == "0"
+    before = int(response.headers["KV-Revision"])
     revision = await write(client, "a")
+    assert revision == before + 1
     response = await client.get("/keys", params={"prefix": "none"})
     assert response.headers["KV-Revision"] == str(revision)
 
@@ -342,9 +342,8 @@ async def test_a_stream_is_server_sent_events_that_a_real_client_reads(
         ("set", event(batch, "c", "3")),
         ("delete", event(batch + 1, "a", kind="delete")),
     ]
-    # The last id the client saw after each event, where it would resume: never inside a
-    # batch, since only a revision's last event has an id.
-    assert [sse.id for sse in received] == [str(first), str(first), str(batch), str(batch + 1)]
+    # Each event's id, where the client would resume: inside a batch, its place in it.
+    assert [sse.id for sse in received] == [str(first), f"{batch}.1", str(batch), str(batch + 1)]
 
 
 async def test_the_stream_on_the_wire(client: Client, http: httpx.AsyncClient) -> None:
@@ -363,7 +362,7 @@ async def test_the_stream_on_the_wire(client: Client, http: httpx.AsyncClient) -
         "retry: 1000\n"
         f"event: set\nid: {first}\n"
         f'data: {{"revision":{first},"type":"set","key":"a","val":"1","expires_at":null}}\n\n'
-        "event: set\n"
+        f"event: set\nid: {batch}.1\n"
         f'data: {{"revision":{batch},"type":"set","key":"b","val":"2",'
         '"expires_at":"2026-11-18T11:07:40.000Z"}\n\n'
         f"event: set\nid: {batch}\n"
@@ -400,12 +399,11 @@ async def test_an_idle_stream_sends_progress_that_moves_its_resume_point(
 
 
 async def test_last_event_id_wins_over_since(client: Client, http: httpx.AsyncClient) -> None:
-    for key in ("a", "b", "c"):
-        await write(client, key)
+    _, second, third = [await write(client, key) for key in ("a", "b", "c")]
     _, received = await read_stream(
-        http, client, 1, params={"since": "0"}, headers={"Last-Event-ID": "2"}
+        http, client, 1, params={"since": "0"}, headers={"Last-Event-ID": str(second)}
     )
-    assert as_tuples(received) == [("set", "3", event(3, "c", "v"))]
+    assert as_tuples(received) == [("set", str(third), event(third, "c", "v"))]
 
 
 async def test_a_stream_of_a_prefix_ids_the_last_event_of_its_own(
@@ -414,7 +412,10 @@ async def test_a_stream_of_a_prefix_ids_the_last_event_of_its_own(
     items = [{"key": key, "val": "1"} for key in ("a/1", "b/1", "a/2", "c")]
     batch = (await (await client.post("/mset", json={"items": items})).json())["version"]
     _, received = await read_stream(http, client, 2, params={"since": "0", "prefix": "a/"})
-    assert [(sse.id, sse.json()["key"]) for sse in received] == [("", "a/1"), (str(batch), "a/2")]
+    assert [(sse.id, sse.json()["key"]) for sse in received] == [
+        (f"{batch}.1", "a/1"),
+        (str(batch), "a/2"),
+    ]
 
 
 async def test_closing_the_server_ends_streams_and_polls_at_once(
