@@ -423,15 +423,16 @@ class Store(Protocol):
         the module docstring), then drop up to about ``batch`` of the oldest changes that are
         older than ``max_age`` seconds, are beyond the newest ``max_rows``, or are at or below
         the compact revision, whole revisions at a time, and move the compact revision up to
-        the last one dropped; how many rows were dropped."""
+        the last one dropped; how many rows were dropped. When it dropped any, the listener is
+        woken (see listen), so that the feed's tail learns the new compact revision."""
 
     async def history(self) -> HistoryStats:
         """The history's size and compact revision, for metrics."""
 
     async def listen(self, wake: Wake) -> None:
         """Call ``wake`` whenever the revision may have moved: once at the start, at once
-        after this process's commits, and soon after another process's. Runs until
-        cancelled."""
+        after this process's commits (and its trims), and soon after another process's
+        commits. Runs until cancelled."""
 
     async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
         """Apply the source's rows in order (last wins, one revision for all, no changes

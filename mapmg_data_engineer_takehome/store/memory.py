@@ -252,6 +252,8 @@ class MemoryStore:
         self._gaps = [gap for gap in self._gaps if gap.resumed_at > cut]
         dropped = bisect.bisect_right(self._history_revisions, cut)
         del self._history[:dropped], self._history_revisions[:dropped]
+        if dropped and self._wake is not None:
+            self._wake()  # the feed's tail learns the compact revision as the store moved it
         return dropped
 
     async def history(self) -> HistoryStats:

@@ -1113,7 +1113,10 @@ class PostgresStore:
             )
             return dropped
 
-        return await self._in_transaction(trim)
+        dropped = await self._in_transaction(trim)
+        if dropped and self._wake is not None:
+            self._wake()  # this process's feed learns the compact revision it moved
+        return dropped
 
     async def history(self) -> HistoryStats:
         rows = await self._fetch(

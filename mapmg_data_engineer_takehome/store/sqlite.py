@@ -1118,7 +1118,10 @@ class SqliteStore:
         return Changes(events, revision, more, compact, gaps)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
-        return await self._committer.submit(_TrimHistory(max_age, max_rows, batch))
+        dropped = await self._committer.submit(_TrimHistory(max_age, max_rows, batch))
+        if dropped and self._committer.wake is not None:
+            self._committer.wake()  # the feed's tail learns the compact revision it moved
+        return dropped
 
     async def history(self) -> HistoryStats:
         counted = int(self._read(_READ_META, (_HISTORY_ROWS,))[0][0])
