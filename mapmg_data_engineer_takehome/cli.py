@@ -51,7 +51,7 @@ exit status:
   1    the key was not found
   2    usage: a wrong command line, a file that cannot be read or written, or a request
        the server refused as invalid (a bad --ttl, key or import line; a watch --since
-       that the server's history no longer holds)
+       that the server's history does not hold)
   3    a precondition failed (--if-version, --create)
   4    the server is unreachable, or unavailable (it answered 5xx)
   5    unauthorized: no token, or a wrong one
@@ -390,8 +390,10 @@ def build_parser() -> Parser:
     )
     watch.epilog = (
         "A line is revision, type (set, delete, expire), key and, for a set, value, "
-        "tab-separated. A watch resumes by itself after a lost connection or a server restart, "
-        "missing nothing and repeating nothing. Exit status: see kv --help."
+        "tab-separated, printed as it comes. A watch resumes by itself after a lost connection "
+        "or a server restart, right after the last change it printed (even inside a revision), "
+        "missing nothing and repeating nothing; when the server's history does not hold that "
+        "point, exit 2: list again. Exit status: see kv --help."
     )
 
     export = command("export", run_export, "Write every key under a prefix as NDJSON.")

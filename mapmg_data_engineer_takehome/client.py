@@ -167,8 +167,10 @@ class InvalidRequest(KVError):
 
 
 class HistoryGone(KVError):
-    """410: the change history no longer holds the revision a watch resumes from (or the
-    store was replaced). List again, then watch from the listing's revision."""
+    """410: the change history does not hold the point a watch resumes from: it was compacted
+    away (``compacted``), or it is of another history (``unknown_revision``: another store,
+    or a life of this one that a restart, a restore or a failover left behind). List again,
+    then watch from the listing's revision."""
 
 
 def _error(response: httpx.Response) -> KVError:
@@ -360,37 +362,35 @@ def _backoff(attempt: int) -> float:
 
 
 class _Resume:
-    """Where a watch is: the last revision it delivered whole. The stream marks the last
-    event of each revision with ``id:``; the events of a revision are held until that mark,
-    so that a stream cut inside a revision resumes without repeating half of it."""
+    """Where a watch is: the id of the last event it delivered. Every event of the stream has
+    an id that names its place (``17.2`` after the second of revision 17's events under the
+    prefix, the bare ``17`` after its last, or a heartbeat's), so each event is delivered as
+    it comes, and a reconnection sends that id as ``Last-Event-ID``: a stream cut inside a
+    revision resumes right after the last event delivered, repeating none of it."""
 
     def __init__(self, since: int) -> None:
         self.since = since
-        self._pending: list[Event] = []
+        self.last_id: Optional[str] = None
 
     def params(self, prefix: str) -> dict[str, Any]:
-        return {"prefix": prefix, "since": self.since}
+        if self.last_id is None:  # no id yet: the revision the watch began at
+            return {"prefix": prefix, "since": self.since}
+        return {"prefix": prefix}
 
-    def take(self, sse: ServerSentEvent) -> list[Event]:
-        """The events that ``sse`` completes (none for most)."""
-        if sse.event == "progress":
-            self.since = int(sse.id)
-            return []
-        if sse.event not in ("set", "delete", "expire"):
-            return []  # the opening "retry:" line, or an event type this client predates
-        event = _event(json.loads(sse.data))
-        self._pending.append(event)
-        # httpx-sse carries the last id over to the events after it: an event ends its
-        # revision when the id it comes with is its own.
-        if sse.id != str(event.revision):
-            return []
-        self.since = event.revision
-        done, self._pending = self._pending, []
-        return done
+    def headers(self) -> dict[str, str]:
+        return {} if self.last_id is None else {"Last-Event-ID": self.last_id}
 
-    def lost(self) -> None:
-        """The stream ended: the events of a revision it did not finish come again."""
-        self._pending = []
+    def take(self, sse: ServerSentEvent) -> Optional[Event]:
+        """The event that ``sse`` carries, if it is a change (a heartbeat only moves the
+        resume point)."""
+        if sse.event not in ("set", "delete", "expire", "progress"):
+            return None  # the opening "retry:" line, or an event type this client predates
+        event = None if sse.event == "progress" else _event(json.loads(sse.data))
+        # httpx-sse carries the last id over to a block without one, as an EventSource does;
+        # it is empty only before the stream's first id.
+        if sse.id:
+            self.last_id = sse.id
+        return event
 
 
 async def _async_sleep(seconds: float) -> None:
@@ -545,9 +545,10 @@ class Client:
         """The changes under ``prefix`` after revision ``since`` as they happen, for as long
         as the caller iterates (closing the generator closes the stream). With ``since`` None,
         from the store's revision when the iteration begins: the first ``next`` asks for it.
-        A lost stream is resumed where it was, with nothing missed or repeated; after
-        ``reconnect_for`` seconds of failing, Unavailable. HistoryGone when the history no
-        longer holds ``since``: list again, then watch from the listing's revision."""
+        Each event is yielded as it comes; a lost stream is resumed right after the last one
+        yielded, inside a revision too, with nothing missed or repeated; after
+        ``reconnect_for`` seconds of failing, Unavailable. HistoryGone when the history does
+        not hold where it resumes: list again, then watch from the listing's revision."""
         if since is None:
             since = self._revision()
         resume = _Resume(since)
@@ -560,6 +561,7 @@ class Client:
                     "GET",
                     "/changes",
                     params=resume.params(prefix),
+                    headers=resume.headers(),
                     timeout=_stream_timeouts(self.timeout),
                 ) as source:
                     if not source.response.is_success:
@@ -567,14 +569,15 @@ class Client:
                         raise _error(source.response)
                     failing_since, attempt = None, 0
                     for sse in source.iter_sse():
-                        yield from resume.take(sse)
+                        event = resume.take(sse)
+                        if event is not None:
+                            yield event
             except (httpx.TransportError, Unavailable) as error:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > reconnect_for:
                     if isinstance(error, httpx.TransportError):
                         raise _unreachable(error, self._http.base_url) from None
                     raise
-            resume.lost()
             time.sleep(_backoff(attempt))
             attempt += 1
 
@@ -762,6 +765,7 @@ class AsyncClient:
                     "GET",
                     "/changes",
                     params=resume.params(prefix),
+                    headers=resume.headers(),
                     timeout=_stream_timeouts(self.timeout),
                 ) as source:
                     if not source.response.is_success:
@@ -769,7 +773,8 @@ class AsyncClient:
                         raise _error(source.response)
                     failing_since, attempt = None, 0
                     async for sse in source.aiter_sse():
-                        for event in resume.take(sse):
+                        event = resume.take(sse)
+                        if event is not None:
                             yield event
             except (httpx.TransportError, Unavailable) as error:
                 failing_since = failing_since or time.monotonic()
@@ -777,7 +782,6 @@ class AsyncClient:
                     if isinstance(error, httpx.TransportError):
                         raise _unreachable(error, self._http.base_url) from None
                     raise
-            resume.lost()
             await _async_sleep(_backoff(attempt))
             attempt += 1
 

@@ -411,8 +411,10 @@ $("create-form").addEventListener("submit", async (event) => {
 // --- live -----------------------------------------------------------------------------------
 // List, then watch from the listing's revision: an event changes a shown key only when it is
 // newer than the version the listing gave; a new key appears in its place among the loaded
-// ones (keys beyond them come with "Load more"). A dropped stream resumes from the last id it
-// saw; one the server no longer has history for (410) lists again.
+// ones (keys beyond them come with "Load more"). Every event's id names its place (17.2 after
+// the second of revision 17's events, 17 after its last), so a dropped stream resumes right
+// after the last event applied, even inside a revision; one the server no longer has history
+// for (410) lists again.
 
 const encoder = new TextEncoder();
 

@@ -1,11 +1,13 @@
 """The Python client, both flavours, against live servers on both stores: every method, the
 typed exceptions for each error the server gives, the retry rules (against a scripted server
 that counts what it is sent), compare_and_set under contention, and a watch that resumes
-across a server killed and restarted with nothing missed or repeated."""
+across a server killed and restarted, and from inside a revision its stream was cut in, with
+nothing missed or repeated."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import io
 import json
@@ -17,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional, Union
 
+import httpx
 import pytest
 
 from mapmg_data_engineer_takehome.client import (
@@ -36,6 +39,8 @@ from mapmg_data_engineer_takehome.client import (
 from ..e2e_support import Server, ServerPool, free_port
 
 ODD_KEYS = [".", "..", "a/b", "%2F", "?x=1", "#top", "two\nlines", "🔑 key", "sp ace", "\u2028"]
+# The lines that make a Server-Sent Event a change of the feed.
+CHANGE_FIELDS = frozenset({"event: set", "event: delete", "event: expire"})
 
 
 class Blocking:
@@ -252,6 +257,25 @@ def test_every_error_the_server_gives_is_a_typed_exception(
         assert str(server.port) in down.value.message and down.value.status is None
 
 
+class QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args: Any) -> None:
+        pass  # not every request on stderr: a failing test shows its own output
+
+
+class LocalHTTPServer:
+    """An HTTP server on a free port of 127.0.0.1, its requests handled in threads."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 class Scripted:
     """An HTTP server that answers from a script, a status a request, and counts requests."""
 
@@ -260,7 +284,7 @@ class Scripted:
         self.requests: list[str] = []
         scripted = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def handle_one(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(length)
@@ -279,17 +303,11 @@ class Scripted:
 
             do_GET = do_POST = do_DELETE = handle_one
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.http = LocalHTTPServer(Handler)
+        self.url = self.http.url
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture
@@ -426,3 +444,102 @@ def test_a_watch_resumes_across_a_restart_with_nothing_missed_or_repeated(
     revisions = [event.revision for event in seen]
     assert revisions == sorted(revisions)
     assert len(set(revisions)) == 41  # two per batch, one for every other write
+
+
+class CuttingProxy:
+    """Passes GET /changes streams through to ``upstream`` block by block, and ends the n-th
+    stream after ``cuts[n]`` change events (the streams after the last cut go on). Records
+    each request's Last-Event-ID and path."""
+
+    def __init__(self, upstream: str, cuts: list[int]) -> None:
+        self.cuts = cuts
+        self.requests: list[tuple[Optional[str], str]] = []
+        proxy = self
+
+        class Handler(QuietHandler):
+            # HTTP/1.0: the body ends when the connection does, which is how a stream is cut.
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self) -> None:
+                last_event_id = self.headers.get("Last-Event-ID")
+                proxy.requests.append((last_event_id, self.path))
+                cut = proxy.cuts.pop(0) if proxy.cuts else None
+                headers = {"Accept": self.headers.get("Accept", "")}
+                if last_event_id is not None:
+                    headers["Last-Event-ID"] = last_event_id
+                # The last stream ends when its watcher leaves, or with the server.
+                with contextlib.suppress(httpx.TransportError, OSError):
+                    self.forward(upstream + self.path, headers, cut)
+
+            def forward(self, target: str, headers: dict[str, str], cut: Optional[int]) -> None:
+                timeout = httpx.Timeout(10.0, read=None)
+                with httpx.stream("GET", target, headers=headers, timeout=timeout) as answer:
+                    self.send_response(answer.status_code)
+                    self.send_header("Content-Type", answer.headers["Content-Type"])
+                    self.end_headers()
+                    changes = 0
+                    block: list[str] = []
+                    for line in answer.iter_lines():
+                        block.append(line)
+                        if line:
+                            continue
+                        self.wfile.write("\n".join(block).encode() + b"\n")
+                        self.wfile.flush()
+                        changes += any(field in CHANGE_FIELDS for field in block)
+                        block = []
+                        if cut is not None and changes >= cut:
+                            return
+
+        self.http = LocalHTTPServer(Handler)
+        self.url = self.http.url
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def test_a_watch_cut_inside_a_revision_resumes_after_the_last_event_it_delivered(
+    server: Server, make_client: MakeClient
+) -> None:
+    writer = Client(url(server))
+    # The first stream ends after the batch's first event, the second after one more.
+    proxy = CuttingProxy(url(server), cuts=[1, 1])
+    watcher = make_client(proxy.url)
+    try:
+        since = writer.set("m/gone", "0")
+        batch = writer.mset({"m/a": "1", "m/b": "2", "m/c": "3"})
+        writer.delete("m/gone")
+        writer.set("m/a", "4")
+        writer.set("m/end", "5")  # read up to: a missed or repeated event is in the log
+        log: list[tuple[int, str, str, Optional[str]]] = []
+        mirror = {"m/gone": "0"}
+        events = watcher.watch("m/", since=since)
+        try:
+            for event in events:
+                log.append((event.revision, event.type, event.key, event.val))
+                if event.type == "set":
+                    assert event.val is not None
+                    mirror[event.key] = event.val
+                else:
+                    del mirror[event.key]  # a delete applied twice fails here
+                if event.key == "m/end":
+                    break
+        finally:
+            events.close()
+        history = server.request("GET", f"/changes?prefix=m%2F&since={since}&timeout=0").json()
+        assert log == [
+            (event["revision"], event["type"], event["key"], event.get("val"))
+            for event in history["events"]
+        ]
+        assert [key for _, _, key, _ in log] == ["m/a", "m/b", "m/c", "m/gone", "m/a", "m/end"]
+        assert mirror == {entry.key: entry.val for entry in writer.keys("m/", values=True)}
+        # Each reconnection named the last event delivered: inside the batch's revision.
+        assert [last_event_id for last_event_id, _ in proxy.requests[:3]] == [
+            None,
+            f"{batch}.1",
+            f"{batch}.2",
+        ]
+        assert f"since={since}" in proxy.requests[0][1]
+        assert "since=" not in proxy.requests[1][1]
+    finally:
+        proxy.close()
+        writer.close()
