@@ -161,7 +161,8 @@ class Settings(BaseSettings):
         le=3600,
         description="Seconds an idle /changes stream (Server-Sent Events) waits before it "
         "writes a progress event: proxies keep the stream open, and the watcher's resume "
-        "point moves forward.",
+        "point moves forward. A stream whose watcher takes nothing of what waits for it for "
+        "this long is closed.",
     )
     changes_retention: float = Field(
         default=3600.0,
@@ -177,8 +178,9 @@ class Settings(BaseSettings):
     changes_backlog: int = Field(
         default=1024 * 1024,
         ge=64 * 1024,
-        description="Bytes of a /changes stream that a watcher has not yet taken, at most; "
-        "past it the stream is closed, and the watcher resumes from its last event id.",
+        description="Bytes of a /changes stream that wait for a watcher to take them, at "
+        "most: past it the stream waits for the watcher (one that takes nothing for "
+        "KV_CHANGES_HEARTBEAT seconds is closed, and resumes from its last event id).",
     )
     shutdown_timeout: float = Field(
         default=5.0,

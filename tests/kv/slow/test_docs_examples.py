@@ -66,6 +66,9 @@ MARKER_LIKE = re.compile(r"<!--\s*(not run|runs until stopped)", re.IGNORECASE)
 LOCAL_ADDRESS = re.compile(r"\b(localhost|127\.0\.0\.1|\[::1\]):(800[01])\b")
 DOCUMENTED_PORT = re.compile(r"\b800[01]\b")
 TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
+# A revision (a version, an event id) as it really is: a life of a store begins at the clock
+# in microseconds, so revisions have 16 digits, and which ones depends on when the page runs.
+REVISION = re.compile(r"\b[1-9]\d{15}\b")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 ENDPOINTS_HEADER = "| Method and path | Success | Errors |"
 
@@ -258,7 +261,8 @@ def shell_steps(block: Block, text: str) -> list[Step]:
 
 
 def matches(expected: Any, actual: Any) -> bool:
-    """Equal as JSON data; a documented timestamp matches any timestamp."""
+    """Equal as JSON data; a documented timestamp matches any timestamp, and a documented
+    revision (16 digits, alone or in a string) any revision."""
     if isinstance(expected, dict):
         return (
             isinstance(actual, dict)
@@ -273,6 +277,11 @@ def matches(expected: Any, actual: Any) -> bool:
         )
     if isinstance(expected, str) and TIMESTAMP.fullmatch(expected):
         return isinstance(actual, str) and TIMESTAMP.fullmatch(actual) is not None
+    if isinstance(expected, int) and REVISION.fullmatch(str(expected)):
+        return isinstance(actual, int) and REVISION.fullmatch(str(actual)) is not None
+    if isinstance(expected, str) and REVISION.search(expected):
+        pattern = REVISION.sub(r"\\d{16}", re.escape(expected).replace(r"\ ", " "))
+        return isinstance(actual, str) and re.fullmatch(pattern, actual) is not None
     return type(expected) is type(actual) and bool(expected == actual)
 
 

@@ -52,14 +52,15 @@ async def test_a_database_of_the_release_before_the_history_is_upgraded_in_place
     """tests/kv/fixtures/kv-postgres-schema-1.sql is a pg_dump of a database written by the
     release before the change feed (schema 1), with the same writes as the sqlite fixture of
     schema 2 (see the fixtures' README): every key, version and expiry is kept, and the history
-    starts empty, whole above the revision the database was at."""
+    starts empty, whole above the revision the database was at (8). The first connection's
+    check then begins a life at the database's clock in microseconds, above it."""
     database = postgres_cluster.create_database()
     postgres_cluster.load(FIXTURES / "kv-postgres-schema-1.sql", database)
     url = postgres_cluster.url(database)
     store = await PostgresStore.open(url, clock=lambda: 1_800_000_100.0)
     try:
         page = await store.list_keys("", None, 100, values=True)
-        assert page.revision == 8
+        assert page.revision > 1_000_000_000_000_000  # the life begun at the clock, past 8
         listing = [(item.key, item.val, item.version, item.expires_at) for item in page.keys]
         assert listing == RELEASE_2_LISTING
         assert await store.seed_fingerprint() == "schema-1-fixture-seed"
@@ -69,12 +70,14 @@ async def test_a_database_of_the_release_before_the_history_is_upgraded_in_place
         assert compacted.value.compact_revision == 8
         await store.set("new", "after the upgrade")
         assert [event.key for event in (await store.changes("", 8, 100)).events] == ["new"]
+        with pytest.raises(UnknownRevision):  # a number the new life skipped
+            await store.changes("", 9, 100)
         assert (await store.history()).rows == 1
     finally:
         await store.close()
     conn = await asyncpg.connect(url)
     try:
-        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "3"
+        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "4"
     finally:
         await conn.close()
 
