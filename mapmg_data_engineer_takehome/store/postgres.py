@@ -762,15 +762,22 @@ class PostgresStore:
             result = run.result()
         except _FAILURES as error:
             failure = await self._failed(error)
-            if isinstance(failure, StoreUnavailable):
-                conn.terminate()
-            await self._pool.release(conn)
+            await self._give_back(conn, close=isinstance(failure, StoreUnavailable))
             raise failure from None
         except BaseException:
-            await self._pool.release(conn)
+            await self._give_back(conn)
             raise
-        await self._pool.release(conn)
+        await self._give_back(conn)
         return result
+
+    async def _give_back(self, conn: Any, close: bool = False) -> None:
+        """Return ``conn`` to the pool, closed first when it failed. A connection that the
+        server ended under a call is one asyncpg has already taken back: its proxy then
+        raises InterfaceError for either, and there is nothing left to do."""
+        with contextlib.suppress(asyncpg.InterfaceError):
+            if close:
+                conn.terminate()
+            await self._pool.release(conn)
 
     @staticmethod
     async def _run(
@@ -784,11 +791,12 @@ class PostgresStore:
     def _abandon(self, conn: Any, run: asyncio.Future[Any]) -> None:
         """Close ``conn`` under a call still running on it (which then fails at once) and
         give it back to the pool once that call has ended, its outcome retrieved."""
-        conn.terminate()
+        with contextlib.suppress(asyncpg.InterfaceError):  # already taken back: closed
+            conn.terminate()
 
         def ended(run: asyncio.Future[Any]) -> None:
             _retrieve(run)
-            self._spawn(self._pool.release(conn))
+            self._spawn(self._give_back(conn))
 
         run.add_done_callback(ended)
 

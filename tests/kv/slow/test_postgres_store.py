@@ -3,6 +3,9 @@ secrets, and its answers when the database is wrong or gone."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import asyncpg
 import pytest
 
@@ -112,6 +115,28 @@ async def test_on_a_new_timeline_the_revisions_the_old_one_may_have_used_are_nev
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_connection_that_closes_under_a_call_is_unavailable_not_a_crash(
+    postgres_url: str,
+) -> None:
+    """The server ends a pooled connection after it was handed out and before its query runs
+    (a failover manager's restart, a pooler): asyncpg takes the connection back under its
+    proxy, whose query, terminate and release then raise InterfaceError. The call is
+    StoreUnavailable (a 503), not an exception that escapes the store, and the store goes on."""
+    store = await PostgresStore.open(postgres_url, timeout=2.0)
+    try:
+
+        async def ended_under_the_call(conn: Any) -> Any:
+            await execute(postgres_url, f"SELECT pg_terminate_backend({conn.get_server_pid()})")
+            await asyncio.sleep(0.2)  # asyncpg reads the server's goodbye and lets go
+            return await conn.fetchval("SELECT 1")
+
+        with pytest.raises(StoreUnavailable):
+            await store._use(ended_under_the_call)
+        assert (await store.set("after", "1")).val == "1"
+    finally:
+        await store.close()
 
 
 async def test_a_wrong_password_is_named_without_it(postgres_cluster: PostgresCluster) -> None:
