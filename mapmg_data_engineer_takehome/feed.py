@@ -41,13 +41,14 @@ import bisect
 import contextlib
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Protocol
+from typing import Any, NamedTuple, Optional, Protocol
 
 import orjson
 import structlog
 
 from .errors import safe_message
 from .models import rfc3339
+from .protocol import unsent_bytes
 from .store.base import (
     Change,
     Changes,
@@ -166,6 +167,8 @@ class StreamTransport(Protocol):
     def abort(self) -> None: ...
 
     def write(self, data: bytes) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
 
 class Stream:
@@ -408,7 +411,7 @@ class ChangeFeed:
             elif self._stalled(stream, transport, now):
                 log.info(
                     "watcher_too_slow",
-                    waiting=transport.get_write_buffer_size(),
+                    waiting=unsent_bytes(transport),
                     stalled_for=round(now - stream.passing_at, 1),
                 )
                 transport.abort()  # its writer, waiting to drain, fails and ends
@@ -418,11 +421,12 @@ class ChangeFeed:
             self._pusher.progress(self.revision, due)
 
     def _stalled(self, stream: Stream, transport: StreamTransport, now: float) -> bool:
-        """Whether ``stream``'s watcher has taken none of the bytes waiting for it for a
-        heartbeat interval: the one rule that ends a slow stream. One that takes anything
-        goes on, however slowly; what waits for it is bounded by its backlog, since its
-        writers wait for it past that."""
-        waiting = transport.get_write_buffer_size()
+        """Whether ``stream``'s watcher has taken none of the bytes waiting for it (in this
+        process or in the kernel: protocol.unsent_bytes) for a heartbeat interval: the one
+        rule that ends a slow stream. One that takes anything goes on, however slowly; what
+        waits for it here is bounded by its backlog, since its writers wait for it past
+        that."""
+        waiting = unsent_bytes(transport)
         passed = stream.written - waiting
         if not waiting or passed > stream.passed:
             stream.passed, stream.passing_at = passed, now

@@ -1,13 +1,22 @@
 """What happens below the application, per connection: requests aiohttp cannot parse get the
-same JSON errors as the rest, clients that are too slow to send a request are cut off, and a
-stream's chunks can be written without a task per stream (``chunk``).
+same JSON errors as the rest, clients that are too slow to send a request are cut off, a
+stream's chunks can be written without a task per stream (``chunk``), and what a peer has not
+yet taken of a connection's writes can be told (``unsent_bytes``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
+import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
+
+try:  # not on Windows, where the kernel's share is not asked for
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = termios = None  # type: ignore[assignment]
 
 import structlog
 from aiohttp import web
@@ -134,3 +143,33 @@ def chunk(data: bytes) -> bytes:
     body with the last chunk. tests/kv/test_protocol.py fails if any of that changes.
     """
     return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class WriteTransport(Protocol):
+    def get_write_buffer_size(self) -> int: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+
+# Linux's SIOCOUTQ, which for a TCP socket is the bytes sent or queued that the peer has not
+# acknowledged (TIOCOUTQ is the same request number).
+_OUTQ = getattr(termios, "TIOCOUTQ", None) if sys.platform.startswith("linux") else None
+
+
+def unsent_bytes(transport: WriteTransport) -> int:
+    """Bytes written to ``transport`` that its peer has not yet taken: those in the
+    transport's buffer, and, on Linux, those in the kernel's send queue not yet acknowledged.
+    The kernel's queue grows to megabytes for a slow reader and is written to again only once
+    a good part of it is free, so the transport's buffer alone can stand still for seconds
+    while the reader is reading."""
+    waiting = transport.get_write_buffer_size()
+    if _OUTQ is None:
+        return waiting
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return waiting
+    try:
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):  # closed meanwhile, or not a socket the kernel tells of
+        return waiting
+    return waiting + int(queued)

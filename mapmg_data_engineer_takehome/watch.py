@@ -25,7 +25,7 @@ import structlog
 from aiohttp import HttpVersion11, hdrs, web
 
 from .errors import JSON_HEADERS, ApiError, safe_message
-from .feed import Batch, ChangeFeed, Event, Position, Stream
+from .feed import Batch, ChangeFeed, Event, Position, Stream, StreamTransport
 from .metrics import Metrics
 from .models import ChangesQuery, parse_query
 from .protocol import chunk
@@ -276,22 +276,27 @@ class StreamPusher:
         self._metrics = metrics
 
     def events(self, events: Sequence[Event], streams: Collection[Stream]) -> list[Stream]:
-        data = chunk(event_stream(events))
-        full = []
-        sent = 0
-        now = asyncio.get_running_loop().time()
+        # What the events take, but for their framing: enough to tell who can take them
+        # before encoding them (none can, when they alone pass the backlog).
+        size = sum(len(event.data) for event in events)
+        full: list[Stream] = []
+        taking: list[tuple[Stream, StreamTransport]] = []
         for stream in streams:
             transport = stream.transport
             if transport is None or transport.is_closing():
                 continue
-            if transport.get_write_buffer_size() + len(data) > self._backlog:
+            if transport.get_write_buffer_size() + size > self._backlog:
                 full.append(stream)
-                continue
-            transport.write(data)
-            stream.wrote(len(data), now)
-            sent += 1
+            else:
+                taking.append((stream, transport))
+        if taking:
+            data = chunk(event_stream(events))
+            now = asyncio.get_running_loop().time()
+            for stream, transport in taking:
+                transport.write(data)
+                stream.wrote(len(data), now)
         if self._metrics is not None:
-            self._metrics.observe_events_sent("sse", len(events) * sent)
+            self._metrics.observe_events_sent("sse", len(events) * len(taking))
         return full
 
     def progress(self, revision: int, streams: Collection[Stream]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import sys
 from collections.abc import AsyncIterator, Collection, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -48,6 +50,9 @@ class FakeTransport:
     def write(self, data: bytes) -> None:
         self.written.append(data)
         self.waiting += len(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default  # no socket: what waits is what ``waiting`` says
 
 
 class RecordingPusher:
@@ -251,8 +256,9 @@ def test_only_a_watcher_that_takes_nothing_for_a_heartbeat_is_cut_off() -> None:
     feed = ChangeFeed(MemoryStore(FakeClock()), BACKLOG, HEARTBEAT, RecordingPusher())
     slow, stalled = Stream("", Position(0)), Stream("", Position(0))
     for stream in (slow, stalled):
-        stream.transport = FakeTransport()
-        stream.transport.write(b"x" * BACKLOG)
+        transport = FakeTransport()
+        transport.write(b"x" * BACKLOG)
+        stream.transport = transport
         stream.wrote(BACKLOG, 0.0)
     now = 0.0
     for _ in range(100):  # 100 heartbeats' time
@@ -268,3 +274,44 @@ def test_only_a_watcher_that_takes_nothing_for_a_heartbeat_is_cut_off() -> None:
     assert feed._stalled(stalled, stalled.transport, HEARTBEAT)
     stalled.transport.waiting = 0  # it took everything after all: not stalled, nothing waits
     assert not feed._stalled(stalled, stalled.transport, 2 * HEARTBEAT)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the kernel's send queue is asked of Linux only"
+)
+async def test_a_reader_that_takes_a_little_at_a_time_is_not_taken_for_one_that_stopped() -> None:
+    """A real connection whose reader takes 300 KB between sweeps: the kernel holds megabytes
+    for it and asks the transport for more only once much of that is free, so the
+    transport's own buffer stands still for several sweeps; what the kernel still holds
+    moves, and the stream is not ended. Once the reader stops, it is, a heartbeat after the
+    last it took."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    transport, _ = await asyncio.get_running_loop().create_connection(
+        asyncio.Protocol, *listener.getsockname()
+    )
+    peer, _ = listener.accept()
+    try:
+        feed = ChangeFeed(MemoryStore(FakeClock()), BACKLOG, HEARTBEAT, RecordingPusher())
+        stream = feed.stream("", Position(0))
+        stream.transport = transport
+        size = 10_000_000
+        transport.write(b"x" * size)
+        stream.wrote(size, 0.0)
+        await asyncio.sleep(0.2)
+        buffered, now = [], 0.0
+        for _ in range(6):
+            taken = 0
+            while taken < 300_000:
+                taken += len(peer.recv(300_000 - taken))
+            await asyncio.sleep(0.1)
+            buffered.append(transport.get_write_buffer_size())
+            now += HEARTBEAT * 0.75
+            assert not feed._stalled(stream, transport, now)
+        assert len(set(buffered)) < len(buffered)  # the transport's buffer stood still
+        last_taken = stream.passing_at
+        assert not feed._stalled(stream, transport, last_taken + HEARTBEAT - 0.1)
+        assert feed._stalled(stream, transport, last_taken + HEARTBEAT)
+    finally:
+        transport.abort()
+        peer.close()
+        listener.close()
