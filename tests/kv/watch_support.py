@@ -33,7 +33,11 @@ class Follower(threading.Thread):
         self.since = since
         self.changes: list[dict[str, Any]] = []  # every change event's data, in order
         self.arrivals: list[float] = []  # when each arrived (time.monotonic())
+        # The follower has every change up to this revision: the revision of the last id
+        # seen, or the one before it when that id is inside a revision (17.2: 16).
         self.last_id: Optional[int] = None
+        # That id as the stream gave it, sent back as Last-Event-ID on a reconnection.
+        self.last_event_id: Optional[str] = None
         self.connections = 0  # streams opened with 200
         self.refusals: list[tuple[int, str]] = []  # answers other than 200
         self._stopping = threading.Event()
@@ -51,8 +55,8 @@ class Follower(threading.Thread):
             attempt += 1
             params = {"prefix": self.prefix}
             headers = {}
-            if self.last_id is not None:
-                headers["Last-Event-ID"] = str(self.last_id)
+            if self.last_event_id is not None:
+                headers["Last-Event-ID"] = self.last_event_id
             elif self.since is not None:
                 params["since"] = str(self.since)
             with contextlib.suppress(httpx.HTTPError, OSError):  # resume on the next
@@ -77,7 +81,8 @@ class Follower(threading.Thread):
                         self.changes.append(json.loads(sse.data))
                         self.arrivals.append(now)
                     if sse.id:  # the last id seen, which httpx-sse keeps as the spec says
-                        self.last_id = int(sse.id)
+                        self.last_event_id = sse.id
+                        self.last_id = whole_revisions(sse.id)
                 if self._stopping.is_set():
                     return
 
@@ -93,6 +98,14 @@ class Follower(threading.Thread):
     def revisions(self) -> list[int]:
         with self._lock:
             return [change["revision"] for change in self.changes]
+
+
+def whole_revisions(event_id: str) -> int:
+    """The revision up to which a watcher resuming from ``event_id`` has every change: the
+    id's own (``17``, a revision's last event, or a heartbeat), or the one before it when the
+    id names a place inside a revision (``17.2``: the first two of 17's events)."""
+    revision, _, place = event_id.partition(".")
+    return int(revision) - 1 if place else int(revision)
 
 
 _client: Optional[httpx.Client] = None
