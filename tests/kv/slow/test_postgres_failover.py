@@ -9,7 +9,9 @@ is lost, nothing is answered 200 while there is no primary, both replicas write 
 after the promotion, and no replica logs an error nobody retrieved.
 
 With an asynchronous standby instead, which lacks the last writes when it is promoted, the
-watchers that saw them are told so (410), and no revision is given to two writes."""
+watchers that saw them are told so (410), and no revision is given to two writes; a replica
+that slept through the failover, and so never saw them, answers 410 for their revisions
+from its memory too."""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import pytest
 
 from mapmg_data_engineer_takehome.client import Client as KvClient
 from mapmg_data_engineer_takehome.client import KVError
+from mapmg_data_engineer_takehome.store.postgres import TIMELINE_GAP
 
 from ..e2e_support import Server, ServerPool, free_port
 from ..linearizability import LOST, Operation, check
@@ -546,5 +549,178 @@ def test_a_failover_that_lost_writes_makes_their_watchers_list_again_and_reuses_
             assert "event_loop_error" not in replica.stdout(), replica.stdout()[-3000:]
         finally:
             pool.close()
+            primary.remove()
+            standby.remove()
+
+
+def version_of(headers: dict[str, str]) -> int:
+    """The version an answer's ETag names: the revision of the write."""
+    return int({name.lower(): value for name, value in headers.items()}["etag"].strip('"'))
+
+
+def test_a_replica_asleep_through_a_lossy_failover_answers_410_for_the_lost_revisions_from_its_tail(
+    tmp_path: Path,
+) -> None:
+    """The issue's case 4. Two replicas, A and B, on one URL; a primary and an asynchronous
+    standby. B sees five writes, then is stopped (SIGSTOP), the standby cut off, and three
+    writes through A acknowledged by the primary alone; the primary dies, the standby is
+    promoted, B goes on, and two writes follow. B never saw the lost writes, so the tail of
+    the history that its feed keeps in memory reaches, once it has read the new primary's,
+    from before the fork to after it, across the revisions the promotion skipped. For a since
+    among them, every way in answers 410 unknown_revision on both replicas: a poll of the
+    store, a long-poll and a resuming SSE stream, which B answers from that tail. From the
+    fork, both replicas answer the two new writes and nothing else."""
+    bindir = hosts_and_postgres()
+    with hosts(["db1", "db2", "a", "b"]) as (namespaces, addresses):
+        port = free_port()
+        primary, standby = replicated_pair(bindir, namespaces, addresses, port, synchronous=False)
+        pools = {
+            name: ServerPool(tmp_path / name, launcher=["ip", "netns", "exec", namespaces[name]])
+            for name in ("a", "b")
+        }
+        try:
+            database = primary.create_database()
+            url = url_of_both(addresses, port, database)
+            service_port = free_port()
+            replicas = {
+                name: start_replica(pools[name], addresses[name], service_port, url)
+                for name in ("a", "b")
+            }
+            b_group = replicas["b"].process.pid  # its session: SIGSTOP takes every process
+
+            def get(name: str, path: str, headers: Optional[dict[str, str]] = None) -> Answer:
+                return request(replicas[name], addresses[name], "GET", path, headers=headers)
+
+            def write(key: str, headers: Optional[dict[str, str]] = None) -> Answer:
+                body = {"key": key, "val": key}
+                return request(replicas["a"], addresses["a"], "POST", "/set", body, headers)
+
+            def read(name: str, since: int, until: int) -> list[tuple[int, str]]:
+                """The changes after ``since`` up to ``until``, by long-polls of ``name``."""
+                events: list[tuple[int, str]] = []
+                deadline = time.monotonic() + 30
+                while since < until:
+                    assert time.monotonic() < deadline, (name, events)
+                    status, _, body = get(name, f"/changes?since={since}&timeout=5")
+                    assert status == 200, body
+                    answer = json.loads(body)
+                    events += [(event["revision"], event["key"]) for event in answer["events"]]
+                    since = answer["next"]
+                return events
+
+            # Both replicas' feeds begin, below every write: a long-poll that waits starts a
+            # replica's tail.
+            start = max(json.loads(get(name, "/changes?timeout=0.1")[2])["next"] for name in "ab")
+            kept = []
+            for number in range(5):
+                status, headers, body = write(f"kept{number}")
+                assert status == 200, body
+                kept.append(version_of(headers))
+            fork = kept[-1]
+            deadline = time.monotonic() + 30
+            while revision(standby, database) != str(fork):
+                assert time.monotonic() < deadline, "the standby never caught up"
+                time.sleep(0.05)
+            assert read("b", start, fork) == [(v, f"kept{n}") for n, v in enumerate(kept)]
+
+            os.killpg(b_group, signal.SIGSTOP)
+            set_link(namespaces["db2"], "down")  # the standby hears no more
+            lost = []
+            for number in range(3):
+                status, headers, body = write(f"lost{number}")
+                assert status == 200, body  # acknowledged: replication is async
+                lost.append(version_of(headers))
+            assert lost == [fork + 1, fork + 2, fork + 3]
+            assert read("a", fork, lost[-1]) == [(v, f"lost{n}") for n, v in enumerate(lost)]
+            kill_9(primary)
+            # Promoted while still cut off, as in the test above.
+            standby.pg_ctl("-w", "promote")
+            set_link(namespaces["db2"], "up")
+            os.killpg(b_group, signal.SIGCONT)
+
+            for name in replicas:
+                deadline = time.monotonic() + 30
+                while get(name, "/health")[0] != 200:
+                    assert time.monotonic() < deadline, f"{name}: no primary after the promotion"
+                    time.sleep(0.05)
+            new = []
+            for number in range(2):
+                # A create, so that a retry of a write that took effect unseen adds nothing.
+                key, deadline = f"new{number}", time.monotonic() + 30
+                status, headers, body = write(key, {"If-None-Match": "*"})
+                while status in UNKNOWN:
+                    assert time.monotonic() < deadline, f"{key}: {status} {body!r}"
+                    time.sleep(BACKOFF)
+                    status, headers, body = write(key, {"If-None-Match": "*"})
+                if status == 412:  # an earlier try took effect
+                    status, headers, body = get("a", f"/get/{key}")
+                assert status == 200, body
+                new.append(version_of(headers))
+            assert new[0] > fork + TIMELINE_GAP and new[1] == new[0] + 1
+            gone = lost[-1]
+            after_fork = [(v, f"new{n}") for n, v in enumerate(new)]
+
+            def unknown(answer: Answer) -> bool:
+                """A 410 unknown_revision in JSON: no stream began."""
+                status, headers, body = answer
+                media = {name.lower(): value for name, value in headers.items()}.get("content-type")
+                return (
+                    status == 410
+                    and str(media).startswith("application/json")
+                    and json.loads(body)["error"] == "unknown_revision"
+                )
+
+            def from_fork(answer: Answer) -> bool:
+                status, _, body = answer
+                if status != 200:
+                    return False
+                events = json.loads(body)
+                found = [(event["revision"], event["key"]) for event in events["events"]]
+                return found == after_fork and events["next"] == new[1] and not events["more"]
+
+            resume_at_gone = {"Accept": "text/event-stream", "Last-Event-ID": str(gone)}
+            for name in replicas:
+                for timeout in (0, 1):
+                    answer = get(name, f"/changes?since={gone}&timeout={timeout}")
+                    assert unknown(answer), (name, timeout, answer)
+                    answer = get(name, f"/changes?since={fork}&timeout={timeout}")
+                    assert from_fork(answer), (name, timeout, answer)
+                answer = get(name, "/changes", resume_at_gone)
+                assert unknown(answer), (name, "sse", answer)
+
+            # The same of B with the new primary frozen: a read of the store would wait
+            # KV_POSTGRES_TIMEOUT and answer 503, so whatever is not a 503 is B's tail's answer.
+            # The tail is trusted until a refresh of it fails, a KV_POSTGRES_TIMEOUT after the
+            # freeze at the soonest. A 503 means that it was not trusted then (the first
+            # refresh after B went on can fail, on a connection to the dead primary; the next
+            # is half a second later), and the check is made again.
+            frozen: list[Answer] = []  # every answer B gave with the new primary frozen
+
+            def from_tail(path: str, headers: Optional[dict[str, str]] = None) -> Answer:
+                deadline = time.monotonic() + 30
+                while True:
+                    standby.freeze()
+                    try:
+                        frozen.append(get("b", path, headers))
+                    finally:
+                        standby.thaw()
+                    if frozen[-1][0] not in UNKNOWN:
+                        return frozen[-1]
+                    assert time.monotonic() < deadline, "B's tail never answered"
+                    time.sleep(1)
+
+            assert unknown(from_tail(f"/changes?since={gone}&timeout=1"))
+            assert unknown(from_tail("/changes", resume_at_gone))
+            assert from_fork(from_tail(f"/changes?since={fork}&timeout=1"))
+            print(  # the figures docs/high-availability.md quotes (pytest -s shows them)
+                f"asleep through a failover: forked at {fork}, lost up to {gone}, new from"
+                f" {new[0]}; B's answers with it frozen: {[answer[0] for answer in frozen]}"
+            )
+            for replica in replicas.values():
+                assert "event_loop_error" not in replica.stdout(), replica.stdout()[-3000:]
+                assert "never retrieved" not in replica.stdout() + replica.stderr()
+        finally:
+            for pool in pools.values():  # SIGKILL, which ends a stopped process too
+                pool.close()
             primary.remove()
             standby.remove()
