@@ -165,7 +165,10 @@ class Watcher(asyncio.Protocol):
         mark = whole.rfind(b"\nid: ")
         if mark < 0:
             return
-        last = int(whole[mark + 5 : whole.index(b"\n", mark + 5)])
+        # An id is the bare revision on a revision's last event (the revision is whole), and
+        # "<revision>.<n>" on an event before it: then the revision before is the last whole.
+        number, dot, _ = whole[mark + 5 : whole.index(b"\n", mark + 5)].partition(b".")
+        last = int(number) - 1 if dot else int(number)
         for revision in range(self.last + 1, last + 1):
             self.arrivals.setdefault(revision, array("d")).append(now)
         self.last = max(self.last, last)
