@@ -22,6 +22,9 @@ ENV_FILE_VARIABLE = "KV_ENV_FILE"
 
 StoreKind = Literal["sqlite", "memory", "postgres"]
 Durability = Literal["normal", "full"]
+# How PostgreSQL is reached: directly (or through a pooler in session mode), or through a
+# pooler in transaction mode (see store/postgres.py).
+PostgresPooler = Literal["none", "transaction"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 
@@ -79,6 +82,21 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds a request waits for PostgreSQL (a connection, then a query) "
         "before it is answered 503.",
+    )
+    postgres_pooler: PostgresPooler = Field(
+        default="none",
+        description="'transaction' when KV_POSTGRES_URL reaches PostgreSQL through a pooler in "
+        "transaction mode (PgBouncer's pool_mode = transaction, most hosted poolers): no "
+        "statement stays prepared, and other servers' writes are found by polling every "
+        "0.2 s, or by LISTEN on KV_POSTGRES_LISTEN_URL. 'none' directly, or through a pooler "
+        "in session mode.",
+    )
+    postgres_listen_url: Optional[SecretStr] = Field(
+        default=None,
+        description="A URL of the same database (and schema) that reaches PostgreSQL itself, "
+        "not through a pooler in transaction mode, for the one connection per server that "
+        "LISTENs for other servers' writes. By default KV_POSTGRES_URL, or none (polling) with "
+        "KV_POSTGRES_POOLER=transaction. A secret: never logged or shown.",
     )
     postgres_startup_wait: float = Field(
         default=30.0,
@@ -229,6 +247,7 @@ class Settings(BaseSettings):
         view = self.model_dump(mode="json")
         view["auth_token"] = None if self.auth_token is None else "**********"
         view["postgres_url"] = None if self.postgres_url is None else "**********"
+        view["postgres_listen_url"] = None if self.postgres_listen_url is None else "**********"
         return view
 
 

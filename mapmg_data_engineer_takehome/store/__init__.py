@@ -38,5 +38,11 @@ async def open_store(settings: Settings, clock: Optional[Clock] = None) -> Store
             timeout=settings.postgres_timeout,
             startup_wait=settings.postgres_startup_wait,
             clock=clock,
+            pooler=settings.postgres_pooler,
+            listen_url=(
+                None
+                if settings.postgres_listen_url is None
+                else settings.postgres_listen_url.get_secret_value()
+            ),
         )
     return SqliteStore(settings.data_path, settings.durability, clock or time.time)

@@ -22,6 +22,14 @@ The history is the table ``kv_changes``, written by each write in its own transa
 trigger on the revision's row NOTIFYs every server listening (see listen), as a hint: the
 table is the truth, and a server that misses a notification finds the change within a second.
 
+Behind a connection pooler in transaction mode (PgBouncer's ``pool_mode = transaction``, most
+hosted poolers), each transaction may run on another server connection, so nothing may rely on
+a session: with ``pooler="transaction"`` no prepared statement outlives its query
+(asyncpg's ``statement_cache_size=0``), an export pages with queries rather than a cursor (as
+it does everywhere), every lock, setting and temporary table is the transaction's own, and the
+listener does not LISTEN through the pooler: it listens on ``listen_url`` (straight to the
+database), or polls the revision every POLL_WITHOUT_LISTEN seconds.
+
 Every connection is checked before its first use: it must reach a primary, and a server that
 began a new life since the store last looked (a standby promoted, a point-in-time restore, a
 restart, a restored copy of its files) first moves the revision to where the store's new life
@@ -40,6 +48,7 @@ from typing import Any, Callable, Optional, TypeVar
 import asyncpg
 import structlog
 
+from ..settings import PostgresPooler
 from .base import (
     EXPORT_BATCH_CHARS,
     EXPORT_BATCH_ROWS,
@@ -87,6 +96,11 @@ _TRIM_LOCK = 0x4B565448
 CHANNEL = "kv_changes"
 # How often a listening server reads the revision, in case a notification went missing.
 WATCH_POLL_INTERVAL = 1.0
+# How often a server that cannot LISTEN (behind a pooler in transaction mode, given no
+# listen_url) reads the revision: other servers' writes reach its watchers within this.
+POLL_WITHOUT_LISTEN = 0.2
+# The settings that say how PostgreSQL is reached (see the module docstring).
+POOLER_SETTING = "KV_POSTGRES_POOLER"
 # The listening connection's application_name, which pg_stat_activity shows.
 LISTENER_NAME = "kv-listen"
 # After the listening connection failed, the pause before the next try: the first, doubled on
@@ -392,16 +406,20 @@ _REMOVE_OTHERS = (
     "DELETE FROM kv WHERE version <> $1 AND key >= $2 AND ($3::text IS NULL OR key < $3)"
 )
 # An export's rows: values up to this many characters come with their row; longer ones are
-# read one at a time in the same snapshot, so that a fetch of _EXPORT_FETCH rows holds at
-# most about 16 MiB whatever the values are.
+# read one at a time in the same snapshot, so that a page of _EXPORT_FETCH rows holds at most
+# about 16 MiB whatever the values are. A page is the live keys after the last one read ($2,
+# with $5 false for the first page, which starts at the prefix itself), in the export's
+# REPEATABLE READ snapshot: pages rather than a cursor, whose named statement a pooler in
+# transaction mode could leave on a server connection that another client then uses.
 _EXPORT_INLINE_CHARS = 16_384
-_EXPORT = f"""
+_EXPORT_PAGE = f"""
 SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END, expires_at FROM kv
- WHERE (expires_at IS NULL OR expires_at > $1) AND key >= $2 AND ($3::text IS NULL OR key < $3)
- ORDER BY key
+ WHERE (expires_at IS NULL OR expires_at > $1) AND (key > $2 OR (NOT $5 AND key = $2))
+   AND ($3::text IS NULL OR key < $3)
+ ORDER BY key LIMIT $4
 """
 _EXPORT_VALUE = "SELECT val FROM kv WHERE key = $1"
-# Rows per round trip of an export's cursor: several batches' worth.
+# Rows per page of an export: several batches' worth.
 _EXPORT_FETCH = 1024
 _CONDITION_NAMES = {IfExists: "exists", IfAbsent: "absent", IfVersion: "version"}
 # SQLSTATE classes that mean "not now" rather than "a bug": connection exceptions,
@@ -410,6 +428,10 @@ _UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
 # A write on a server in recovery (a standby) or in a read-only session: not the primary,
 # which a failover may have moved; the next connection goes through the URL's hosts again.
 _READ_ONLY_TRANSACTION = "25006"
+# A prepared statement that is not on this server connection (invalid_sql_statement_name), or
+# one of another client's already is (duplicate_prepared_statement): the session changed
+# under the connection, as a pooler in transaction mode does.
+_LOST_STATEMENT = ("26000", "42P05")
 # Whether a connection can write: a standby is in recovery; a primary may also be made
 # read-only (default_transaction_read_only), as a failover manager does to fence it.
 _WRITABLE = "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
@@ -443,10 +465,26 @@ def _translate(error: BaseException) -> StoreError:
         state = getattr(error, "sqlstate", "") or ""
         if state == _READ_ONLY_TRANSACTION:
             return StoreUnavailable(f"PostgreSQL is read-only (a standby?): {describe(error)}")
+        if state in _LOST_STATEMENT:
+            return StoreUnavailable(
+                f"PostgreSQL: {describe(error)}. A connection pooler in transaction mode "
+                f"(PgBouncer's pool_mode = transaction) is in between? Set "
+                f"{POOLER_SETTING}=transaction."
+            )
         if state[:2] not in _UNAVAILABLE_CLASSES:
             return StoreError(f"PostgreSQL: {describe(error)}")
     if isinstance(error, _ReadOnly):
         return StoreUnavailable(f"PostgreSQL: {error}")
+    return StoreUnavailable(f"PostgreSQL: {describe(error)}")
+
+
+def _answerable(error: Exception) -> StoreError:
+    """What the requests waiting on a grouped call that failed are told: its StoreError, or
+    for anything else (a bug, or a failure of asyncpg's that _use does not know) a 503 at once,
+    rather than the timeout; the unknown is logged with its traceback."""
+    if isinstance(error, StoreError):
+        return error
+    log.error("store_call_failed", exc_info=error)
     return StoreUnavailable(f"PostgreSQL: {describe(error)}")
 
 
@@ -563,6 +601,12 @@ async def _connect_any_host(url: str, **options: Any) -> asyncpg.Connection:
                 attempt.add_done_callback(_close_unused)
 
 
+def _connect_options(pooler: PostgresPooler) -> dict[str, Any]:
+    """asyncpg's options for every connection: behind a pooler in transaction mode, no
+    statement is kept prepared past its own query."""
+    return {"statement_cache_size": 0} if pooler == "transaction" else {}
+
+
 def _failure_of(attempt: asyncio.Future[Any]) -> Optional[BaseException]:
     return asyncio.CancelledError() if attempt.cancelled() else attempt.exception()
 
@@ -608,12 +652,21 @@ class PostgresStore:
     name = "postgres"
 
     def __init__(
-        self, pool: asyncpg.Pool, url: str, timeout: float, clock: Optional[Clock] = None
+        self,
+        pool: asyncpg.Pool,
+        url: str,
+        timeout: float,
+        clock: Optional[Clock] = None,
+        pooler: PostgresPooler = "none",
+        listen_url: Optional[str] = None,
     ) -> None:
         self._pool = pool
         self._url = url
         self._timeout = timeout
         self._clock = clock
+        self._connect_options = _connect_options(pooler)
+        # Where to LISTEN: never through a pooler in transaction mode (None: poll instead).
+        self._listen_url = listen_url or (None if pooler == "transaction" else url)
         self._reads: dict[str, list[asyncio.Future[Optional[Entry]]]] = {}
         self._reads_scheduled = False
         self._writes: list[_Write] = []
@@ -641,9 +694,12 @@ class PostgresStore:
         timeout: float = 2.0,
         startup_wait: float = 30.0,
         clock: Optional[Clock] = None,
+        pooler: PostgresPooler = "none",
+        listen_url: Optional[str] = None,
     ) -> PostgresStore:
         """Connect (retrying with backoff for up to ``startup_wait`` seconds, logging each
-        failed attempt), create or upgrade the schema, and return the store.
+        failed attempt), create or upgrade the schema, and return the store. ``pooler`` and
+        ``listen_url``: see the module docstring.
 
         ``clock`` replaces the database's for expiry: for tests only, since replicas would
         then disagree on what has expired.
@@ -663,11 +719,14 @@ class PostgresStore:
                     connection_class=_Connection,
                     timeout=timeout,  # to connect
                     command_timeout=timeout,
+                    **_connect_options(pooler),
                 )
                 break
             except (*_FAILURES, ValueError) as error:
                 if isinstance(error, ValueError):  # a malformed URL: no retry will mend it
                     raise StoreUnavailable(f"{redacted_url(url)}: {describe(error)}") from None
+                if getattr(error, "sqlstate", None) in _LOST_STATEMENT:  # nor will it mend this
+                    raise _translate(error) from None
                 if time.monotonic() + delay > deadline:
                     if isinstance(error, _ReadOnly):
                         raise StoreUnavailable(
@@ -687,7 +746,7 @@ class PostgresStore:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        store = cls(pool, url, timeout, clock)
+        store = cls(pool, url, timeout, clock, pooler, listen_url)
         try:
             await store._prepare_schema()
         except BaseException:
@@ -850,11 +909,12 @@ class PostgresStore:
     async def _read(self, reads: Mapping[str, list[asyncio.Future[Optional[Entry]]]]) -> None:
         try:
             rows = await self._fetch(_GET_MANY, list(reads), self._now())
-        except StoreError as error:
+        except Exception as error:  # every waiting request gets an answer
+            failure = _answerable(error)
             for futures in reads.values():
                 for future in futures:
                     if not future.done():
-                        future.set_exception(error)
+                        future.set_exception(failure)
             return
         found = {row[0]: Entry(row[1], row[2], row[3]) for row in rows}
         for key, futures in reads.items():
@@ -967,10 +1027,11 @@ class PostgresStore:
                         [_condition_version(write.condition) for write in group],
                         self._now(),
                     )
-                except StoreError as error:
+                except Exception as error:  # every waiting write gets an answer
+                    failure = _answerable(error)
                     for write in group:
                         if not write.future.done():
-                            write.future.set_exception(error)
+                            write.future.set_exception(failure)
                     continue
                 if self.on_commit is not None:
                     self.on_commit(len(group))
@@ -1146,6 +1207,12 @@ class PostgresStore:
         revision this process has not woken for. When that connection drops it is made
         again, and ``wake`` called, since changes may have come meanwhile."""
         self._wake = wake
+        if self._listen_url is None:
+            try:
+                await self._poll(wake)
+            finally:
+                self._wake = None
+            return
         delay = LISTEN_RETRY_FIRST
         try:
             while True:
@@ -1162,11 +1229,31 @@ class PostgresStore:
         finally:
             self._wake = None
 
+    async def _poll(self, wake: Wake) -> None:
+        """Where LISTEN cannot work (a pooler in transaction mode hands each transaction to
+        any server connection, and notifications to whoever holds one then): read the
+        revision every POLL_WITHOUT_LISTEN seconds, through the pool."""
+        wake()
+        while True:
+            try:
+                revision = int((await self._fetch(_READ_REVISION))[0][0])
+            except StoreError:
+                wake()  # changes may come meanwhile; the feed finds the store down itself
+            else:
+                if revision != self._known_revision:  # newer, or the database was restored
+                    self._known_revision = revision
+                    wake()
+            await asyncio.sleep(POLL_WITHOUT_LISTEN)
+
     async def _listen_once(self, wake: Wake, listening: _Listening) -> None:
         """LISTEN and poll until the connection fails (raising what it raised); ``listening``
         is told once LISTEN has taken effect."""
+        assert self._listen_url is not None
         conn = await _connect_any_host(
-            self._url, timeout=self._timeout, server_settings={"application_name": LISTENER_NAME}
+            self._listen_url,
+            timeout=self._timeout,
+            server_settings={"application_name": LISTENER_NAME},
+            **self._connect_options,
         )
         try:
             schema = await conn.fetchval("SELECT current_schema()", timeout=self._timeout)
@@ -1199,7 +1286,9 @@ class PostgresStore:
         wait on."""
         try:
             # Its own connection, without the requests' timeout: a load takes its time.
-            conn = await _connect_any_host(self._url, timeout=self._timeout)
+            conn = await _connect_any_host(
+                self._url, timeout=self._timeout, **self._connect_options
+            )
         except _FAILURES as error:
             raise _translate(error) from None
         try:
@@ -1255,7 +1344,9 @@ class PostgresStore:
     @contextlib.asynccontextmanager
     async def export(self, prefix: str) -> AsyncIterator[_PostgresSnapshot]:
         try:
-            conn = await _connect_any_host(self._url, timeout=self._timeout)
+            conn = await _connect_any_host(
+                self._url, timeout=self._timeout, **self._connect_options
+            )
         except _FAILURES as error:
             raise _translate(error) from None
         try:
@@ -1265,10 +1356,9 @@ class PostgresStore:
                 await transaction.start()
                 revision = int(await conn.fetchval(_READ_REVISION))  # the snapshot's first read
                 now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
-                cursor = await conn.cursor(_EXPORT, now_ms, prefix, prefix_upper_bound(prefix))
             except _FAILURES as error:
                 raise _translate(error) from None
-            yield _PostgresSnapshot(conn, revision, cursor)
+            yield _PostgresSnapshot(conn, revision, now_ms, prefix)
         finally:
             await conn.close()  # ends the transaction too
 
@@ -1328,23 +1418,29 @@ async def _numbered(
 
 
 class _PostgresSnapshot:
-    """An export's REPEATABLE READ transaction and its cursor, fetched a batch at a time."""
+    """An export's REPEATABLE READ transaction, read a page at a time (_EXPORT_PAGE)."""
 
-    def __init__(self, conn: Any, revision: int, cursor: Any) -> None:
+    def __init__(self, conn: Any, revision: int, now_ms: int, prefix: str) -> None:
         self._conn = conn
         self.revision = revision
-        self._cursor = cursor
+        self._now_ms = now_ms
+        self._prefix = prefix
 
     async def batches(self) -> AsyncIterator[list[BulkRow]]:
         batch: list[BulkRow] = []
         chars = 0
+        after, started = self._prefix, False
+        bound = prefix_upper_bound(self._prefix)
         while True:
             try:
-                rows = await self._cursor.fetch(_EXPORT_FETCH)
+                rows = await self._conn.fetch(
+                    _EXPORT_PAGE, self._now_ms, after, bound, _EXPORT_FETCH, started
+                )
             except _FAILURES as error:
                 raise _translate(error) from None
             if not rows:
                 break
+            after, started = rows[-1][0], True
             for key, val, expires_at in rows:
                 if val is None:  # too long to come with its row
                     try:
