@@ -168,6 +168,9 @@ async def keep_up(store: Store, settings: Settings, metrics: Optional[Metrics] =
         except StoreError as error:  # a full disk, say: the next sweep tries again
             log.warning("upkeep_failed", reason=safe_message(error))
             continue
+        except Exception as error:  # a bug: said, with its traceback; the purge must go on
+            log.error("upkeep_failed", exc_info=error)
+            continue
         if purged:
             log.info("expired_keys_purged", count=purged)
             if metrics is not None:

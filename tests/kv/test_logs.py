@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from mapmg_data_engineer_takehome.app import log_loop_error
+from mapmg_data_engineer_takehome.app import keep_up, log_loop_error
 from mapmg_data_engineer_takehome.errors import WITHHELD
 from mapmg_data_engineer_takehome.logs import configure_logging
 from mapmg_data_engineer_takehome.state import STORE_KEY
-from mapmg_data_engineer_takehome.store import StoreUnavailable
+from mapmg_data_engineer_takehome.store import MemoryStore, StoreUnavailable
 
 from .conftest import MakeClient, MakeSettings
 
@@ -164,3 +164,32 @@ async def test_safe_messages_are_kept_in_tracebacks(
     assert link["exc_type"] == "ZeroDivisionError" and link["exc_value"] == WITHHELD
     assert {"filename", "lineno", "name"} == set(link["frames"][-1])
     assert link["frames"][-1]["name"] == "<lambda>"
+
+
+async def test_a_bug_in_the_purge_is_logged_and_the_purge_goes_on(
+    make_settings: MakeSettings, log_stream: io.StringIO
+) -> None:
+    """The background purge meets an exception that is no store failure (a bug): it is logged
+    with its traceback, and the next sweep runs as before, rather than the task ending with an
+    exception nobody retrieves."""
+    sweeps = 0
+    purged = asyncio.Event()
+
+    class BuggyOnce(MemoryStore):
+        async def purge_expired(self, limit: int) -> int:
+            nonlocal sweeps
+            sweeps += 1
+            if sweeps == 1:
+                raise RuntimeError("a bug in the purge")
+            purged.set()
+            return 0
+
+    task = asyncio.ensure_future(
+        keep_up(BuggyOnce(), make_settings(purge_interval=0.01, log_format="json"))
+    )
+    try:
+        await asyncio.wait_for(purged.wait(), 5)
+    finally:
+        task.cancel()
+    failed = [line for line in lines(log_stream) if line["event"] == "upkeep_failed"]
+    assert len(failed) == 1 and failed[0]["exception"][0]["exc_type"] == "RuntimeError"
