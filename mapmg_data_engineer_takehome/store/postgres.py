@@ -466,10 +466,12 @@ def _translate(error: BaseException) -> StoreError:
         if state == _READ_ONLY_TRANSACTION:
             return StoreUnavailable(f"PostgreSQL is read-only (a standby?): {describe(error)}")
         if state in _LOST_STATEMENT:
+            # The hint first, in words without a quote: a log line keeps a message only up to
+            # its first quote (errors.safe_message), and asyncpg's quotes the statement's name.
             return StoreUnavailable(
-                f"PostgreSQL: {describe(error)}. A connection pooler in transaction mode "
-                f"(PgBouncer's pool_mode = transaction) is in between? Set "
-                f"{POOLER_SETTING}=transaction."
+                f"PostgreSQL: {type(error).__name__} (SQLSTATE {state}): a connection pooler in "
+                f"transaction mode (PgBouncer with pool_mode = transaction) in between? Set "
+                f"{POOLER_SETTING}=transaction. {describe(error)}"
             )
         if state[:2] not in _UNAVAILABLE_CLASSES:
             return StoreError(f"PostgreSQL: {describe(error)}")

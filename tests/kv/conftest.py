@@ -28,7 +28,7 @@ from mapmg_data_engineer_takehome.store.base import BulkRow, Clock
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
 from .e2e_support import ServerPool
-from .postgres_support import PostgresCluster, server_binaries
+from .postgres_support import PgBouncer, PostgresCluster, pgbouncer_binary, server_binaries
 
 if TYPE_CHECKING:
     Client = TestClient[web.Request, web.Application]
@@ -230,13 +230,53 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
     return postgres_cluster.url(search_path=postgres_cluster.create_schema())
 
 
+StartPgBouncer = Callable[..., PgBouncer]
+
+
+@pytest.fixture
+def pgbouncers(postgres_cluster: PostgresCluster) -> Iterator[StartPgBouncer]:
+    """Start PgBouncers (``pool_mode`` "transaction", "session" or "statement", and PgBouncer's
+    keyword arguments) in front of the test cluster; every one is stopped and removed at
+    teardown, whether the test passed or not."""
+    if pgbouncer_binary() is None:
+        pytest.skip("PgBouncer is not installed (Debian: apt-get install pgbouncer)")
+    started: list[PgBouncer] = []
+
+    def start(pool_mode: str = "transaction", **options: Any) -> PgBouncer:
+        bouncer = PgBouncer(postgres_cluster, pool_mode, **options)
+        started.append(bouncer)
+        bouncer.start()
+        return bouncer
+
+    try:
+        yield start
+    finally:
+        for bouncer in started:
+            bouncer.remove()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_transaction(postgres_cluster: PostgresCluster) -> Iterator[PgBouncer]:
+    """One PgBouncer in transaction mode in front of the test cluster, for the whole run."""
+    if pgbouncer_binary() is None:
+        pytest.skip("PgBouncer is not installed (Debian: apt-get install pgbouncer)")
+    bouncer = PgBouncer(postgres_cluster, "transaction")
+    try:
+        bouncer.start()
+        yield bouncer
+    finally:
+        bouncer.remove()
+
+
 OpenStore = Callable[..., Awaitable[Store]]
 
 
 @pytest.fixture
 def open_test_store(request: pytest.FixtureRequest) -> OpenStore:
-    """Open a store of a kind ("memory", "sqlite", "sqlite-full", "postgres") in a directory,
-    on a clock; each call to it for postgres gets a fresh schema."""
+    """Open a store of a kind ("memory", "sqlite", "sqlite-full", "postgres",
+    "postgres-pgbouncer") in a directory, on a clock; each call to it for postgres gets a fresh
+    schema, and for postgres-pgbouncer a fresh database reached through PgBouncer in
+    transaction mode (which refuses a search_path), opened with pooler="transaction"."""
 
     async def open_store(kind: str, directory: Path, clock: Optional[Clock] = None) -> Store:
         if kind == "memory":
@@ -245,6 +285,10 @@ def open_test_store(request: pytest.FixtureRequest) -> OpenStore:
             cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
             url = cluster.url(search_path=cluster.create_schema())
             return await PostgresStore.open(url, clock=clock)
+        if kind == "postgres-pgbouncer":
+            bouncer: PgBouncer = request.getfixturevalue("pgbouncer_transaction")
+            url = bouncer.url(bouncer.cluster.create_database())
+            return await PostgresStore.open(url, clock=clock, pooler="transaction")
         durability = "full" if kind == "sqlite-full" else "normal"
         return SqliteStore(directory / "kv.sqlite3", durability, clock or time.time)
 

@@ -1,9 +1,10 @@
 """A throwaway PostgreSQL cluster for the tests: initdb in a temporary directory, started on a
 free port, run by an unprivileged user (``postgres`` when the tests run as root, as PostgreSQL
-refuses to run as root), and removed afterwards.
+refuses to run as root), and removed afterwards; and PgBouncer in front of one, run the same way.
 
-Needs PostgreSQL's server binaries (Debian: ``apt-get install postgresql``); without them the
-tests that need it skip, and CI, which installs them, fails on any skip.
+Needs PostgreSQL's server binaries (Debian: ``apt-get install postgresql``), and PgBouncer for
+the pooler's tests (``apt-get install pgbouncer``); without them the tests that need them
+skip, and CI, which installs them, fails on any skip.
 """
 
 from __future__ import annotations
@@ -38,10 +39,34 @@ def server_binaries() -> Optional[Path]:
     return None if found is None else Path(found).parent
 
 
+def pgbouncer_binary() -> Optional[Path]:
+    """PgBouncer's executable: PATH's, else Debian's (in /usr/sbin, which a user's PATH lacks)."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    return None if found is None else Path(found)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def connection_url(host: str, port: int, database: str, **query: str) -> str:
+    """The test user's URL for ``database`` at ``host:port``, with ``query`` parameters."""
+    base = f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@{host}:{port}"
+    suffix = "&".join(f"{name}={quote(value, safe='')}" for name, value in query.items())
+    return f"{base}/{database}" + (f"?{suffix}" if suffix else "")
+
+
+def unprivileged_prefix(root: Path) -> list[str]:
+    """What runs a command as ``postgres`` when the tests run as root (PostgreSQL and PgBouncer
+    both refuse to run as root), with ``root`` made that user's; nothing otherwise."""
+    if os.geteuid() != 0:
+        return []
+    user = pwd.getpwnam("postgres")
+    os.chown(root, user.pw_uid, user.pw_gid)
+    root.chmod(0o700)
+    return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
 
 
 class PostgresCluster:
@@ -64,19 +89,11 @@ class PostgresCluster:
         self.root = Path(tempfile.mkdtemp(prefix="kv-postgres-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
-        self.run_as = self._unprivileged_prefix()
+        self.run_as = unprivileged_prefix(self.root)
         if standby_of is None:
             self._initdb()
         else:
             self._base_backup(standby_of)
-
-    def _unprivileged_prefix(self) -> list[str]:
-        if os.geteuid() != 0:
-            return []
-        user = pwd.getpwnam("postgres")
-        os.chown(self.root, user.pw_uid, user.pw_gid)
-        self.root.chmod(0o700)
-        return ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
 
     def _run(self, *command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -162,9 +179,7 @@ class PostgresCluster:
         self.pg_ctl("-w", "-m", mode, "restart")
 
     def url(self, database: str = "postgres", **query: str) -> str:
-        base = f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@{self.host}:{self.port}"
-        suffix = "&".join(f"{name}={quote(value, safe='')}" for name, value in query.items())
-        return f"{base}/{database}" + (f"?{suffix}" if suffix else "")
+        return connection_url(self.host, self.port, database, **query)
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         result = self._run(
@@ -210,3 +225,107 @@ def wait_until_down(cluster: PostgresCluster, timeout: float = 30.0) -> None:
         except OSError:
             return
         time.sleep(0.1)
+
+
+class PgBouncer:
+    """PgBouncer in front of a running cluster: ``start``, ``url``, ``stop``, ``remove``.
+
+    It listens on a free loopback port; clients authenticate with the cluster's user and
+    password (scram-sha-256, the password in a userlist file), and any database name reaches
+    the cluster's database of that name (``*`` in ``[databases]``). PgBouncer refuses startup
+    parameters it does not know, ``search_path`` among them: a store of its own through it is
+    a database of its own (``cluster.create_database()``), not a schema.
+    """
+
+    def __init__(
+        self,
+        cluster: PostgresCluster,
+        pool_mode: str = "transaction",
+        pool_size: int = 20,
+        server_idle_timeout: int = 5,
+    ) -> None:
+        """``pool_size`` server connections at most per database; a server connection idle
+        for ``server_idle_timeout`` seconds is closed (a suite that makes a database per test
+        would otherwise keep every old database's connections and run out of the cluster's)."""
+        binary = pgbouncer_binary()
+        if binary is None:
+            raise RuntimeError("PgBouncer is not installed (Debian: apt-get install pgbouncer)")
+        self.binary = binary
+        self.cluster = cluster
+        self.pool_mode = pool_mode
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.root = Path(tempfile.mkdtemp(prefix="kv-pgbouncer-"))
+        self.log = self.root / "pgbouncer.log"
+        self.config = self.root / "pgbouncer.ini"
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.run_as = unprivileged_prefix(self.root)
+        userlist = self.root / "userlist.txt"
+        userlist.write_text(f'"{SUPERUSER}" "{PASSWORD}"\n')
+        self.config.write_text(
+            "[databases]\n"
+            f"* = host={cluster.host} port={cluster.port}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = {self.host}\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = scram-sha-256\nauth_file = {userlist}\n"
+            f"pool_mode = {pool_mode}\ndefault_pool_size = {pool_size}\n"
+            f"max_client_conn = 2000\nserver_idle_timeout = {server_idle_timeout}\n"
+            f"logfile = {self.log}\nlog_connections = 0\nlog_disconnections = 0\n"
+        )
+        if self.run_as:
+            user = pwd.getpwnam("postgres")
+            for path in (userlist, self.config):
+                os.chown(path, user.pw_uid, user.pw_gid)
+                path.chmod(0o600)
+
+    def start(self) -> None:
+        """Start it and return once its port accepts connections."""
+        self.process = subprocess.Popen(
+            [*self.run_as, str(self.binary), str(self.config)],
+            cwd=str(self.root),
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"pgbouncer exited with {self.process.returncode}:\n{self.log_text()}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.5),
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pgbouncer not listening after {READY_TIMEOUT} s")
+            time.sleep(0.02)
+
+    def url(self, database: str = "postgres", **query: str) -> str:
+        """The cluster's URL for ``database``, through PgBouncer."""
+        return connection_url(self.host, self.port, database, **query)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """An immediate shutdown (SIGTERM; SIGKILL if it lingers): clients are cut off."""
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def remove(self) -> None:
+        """Stop it, whatever state it is in, and remove its directory."""
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)

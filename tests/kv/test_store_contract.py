@@ -40,6 +40,8 @@ BACKENDS = [
     pytest.param("memory", marks=pytest.mark.slow),
     pytest.param("sqlite-full", marks=pytest.mark.slow),
     pytest.param("postgres", marks=pytest.mark.slow),
+    # PostgreSQL through PgBouncer in transaction mode, with the store's pooler="transaction".
+    pytest.param("postgres-pgbouncer", marks=pytest.mark.slow),
 ]
 
 
@@ -588,7 +590,11 @@ async def second_handle(store: Store, clock: FakeClock) -> Store:
     if isinstance(store, SqliteStore):
         return SqliteStore(store.path, store.durability, clock)
     if isinstance(store, PostgresStore):
-        return await PostgresStore.open(store._url, clock=clock)
+        # As the first was opened: through the same pooler, with the same pooler setting.
+        transaction = store._connect_options.get("statement_cache_size") == 0
+        return await PostgresStore.open(
+            store._url, clock=clock, pooler="transaction" if transaction else "none"
+        )
     return store
 
 
