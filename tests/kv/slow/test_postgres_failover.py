@@ -15,6 +15,7 @@ from its memory too."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -107,6 +109,49 @@ def start_replica(pool: ServerPool, address: str, port: int, url: str) -> Server
 
 
 Answer = tuple[int, dict[str, str], bytes]
+
+
+@dataclass
+class Deployment:
+    """A primary (db1) and its standby (db2), and a replica of the service on each of hosts
+    a and b, on the URL of both databases: each host a network namespace of its own."""
+
+    namespaces: dict[str, str]
+    addresses: dict[str, str]
+    primary: PostgresCluster
+    standby: PostgresCluster
+    database: str
+    replicas: dict[str, Server]
+
+
+@contextlib.contextmanager
+def two_replicas(tmp_path: Path, synchronous: bool = True) -> Iterator[Deployment]:
+    """A Deployment, torn down at the end whatever happened (its replicas SIGKILLed, which
+    ends a stopped process too)."""
+    bindir = hosts_and_postgres()
+    with hosts(["db1", "db2", "a", "b"]) as (namespaces, addresses):
+        port = free_port()
+        primary, standby = replicated_pair(
+            bindir, namespaces, addresses, port, synchronous=synchronous
+        )
+        pools = {
+            name: ServerPool(tmp_path / name, launcher=["ip", "netns", "exec", namespaces[name]])
+            for name in ("a", "b")
+        }
+        try:
+            database = primary.create_database()
+            url = url_of_both(addresses, port, database)
+            service_port = free_port()
+            replicas = {
+                name: start_replica(pools[name], addresses[name], service_port, url)
+                for name in ("a", "b")
+            }
+            yield Deployment(namespaces, addresses, primary, standby, database, replicas)
+        finally:
+            for pool in pools.values():
+                pool.close()
+            primary.remove()
+            standby.remove()
 
 
 def request(
@@ -288,147 +333,130 @@ def test_a_failover_under_load_loses_no_acknowledged_write(tmp_path: Path, fault
     """kill -9: every process of the primary killed. partition: its network cut instead
     (it lives on, its connections open and silent), and, as a failover manager's fencing
     does, made read-only before it comes back: it takes no write of ours after the cut."""
-    bindir = hosts_and_postgres()
-    with hosts(["db1", "db2", "a", "b"]) as (namespaces, addresses):
-        port = free_port()
-        primary, standby = replicated_pair(bindir, namespaces, addresses, port)
-        pools = {
-            name: ServerPool(tmp_path / name, launcher=["ip", "netns", "exec", namespaces[name]])
-            for name in ("a", "b")
-        }
-        try:
-            database = primary.create_database()
-            url = url_of_both(addresses, port, database)
-            service_port = free_port()
-            replicas = {
-                name: start_replica(pools[name], addresses[name], service_port, url)
-                for name in ("a", "b")
-            }
-            load, stop = Load(), threading.Event()
-            clients = {name: Client(replicas[name], addresses[name], load) for name in replicas}
-            status, headers, _ = clients["a"].set("counter", "0")
-            assert status == 200
-            load.history.clear()  # the counter's start is the checker's initial state
-            etag = {name.lower(): value for name, value in headers.items()}["etag"]
-            initial = {"counter": ("0", int(etag.strip('"')))}
-            workers = [
-                threading.Thread(target=work, args=args)
-                for name, client in clients.items()
-                for work, args in (
-                    (write_keys, (client, f"{name}1", stop)),
-                    (write_keys, (client, f"{name}2", stop)),
-                    (increment, (client, stop)),
-                    (lock_and_unlock, (client, name, stop)),
-                )
-            ]
-            # A watcher on each replica, from the counter's start on.
-            watched: dict[str, list[tuple[int, str]]] = {"a": [], "b": []}
-            caught_up = threading.Event()
-            watchers = [
-                threading.Thread(
-                    target=watch,
-                    args=(
-                        replicas[name],
-                        addresses[name],
-                        initial["counter"][1],
-                        events,
-                        caught_up,
-                    ),
-                )
-                for name, events in watched.items()
-            ]
-            for worker in [*workers, *watchers]:
-                worker.start()
-            try:
-                time.sleep(2)
-                if fault == "kill -9":
-                    kill_9(primary)
-                else:
-                    set_link(namespaces["db1"], "down")
-                killed = time.monotonic()  # the fault in place: from here nothing commits
-                if fault == "partition":
-                    # Its own socket still works: fenced, as Patroni's leader demotes itself
-                    # once it cannot renew its lock.
-                    primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")
-                    primary.psql("SELECT pg_reload_conf()")
-                    fenced_at = revision(primary, database)
-                time.sleep(1)
-                promoting = time.monotonic()
-                standby.pg_ctl("-w", "promote")
-                standby.psql("ALTER SYSTEM SET synchronous_standby_names = ''")
-                standby.psql("SELECT pg_reload_conf()")
-                promoted = time.monotonic()
-                # Both replicas write again soon: a write of each, from here on.
-                recovered: dict[str, float] = {}
-                while len(recovered) < 2 and time.monotonic() < promoted + 30:
-                    for name in ("a", "b"):
-                        if (
-                            name not in recovered
-                            and request(
-                                replicas[name],
-                                addresses[name],
-                                "POST",
-                                "/set",
-                                {"key": f"probe/{name}", "val": "x"},
-                            )[0]
-                            == 200
-                        ):
-                            recovered[name] = time.monotonic() - promoted
-                    time.sleep(0.02)
-                if fault == "partition":
-                    set_link(namespaces["db1"], "up")  # back, fenced
-                time.sleep(1)
-            finally:
-                stop.set()
-                for worker in workers:
-                    worker.join(timeout=30)
-
-            # The writes that committed: each answered with its new version.
-            acknowledged = [op for op in load.history if isinstance(op.outcome, int)]
-            print(  # the figures docs/high-availability.md quotes (pytest -s shows them)
-                f"failover: recovered {recovered} s after the promotion;"
-                f" {len(acknowledged)} writes acknowledged,"
-                f" {sum(op.outcome is LOST for op in load.history)} answers lost"
+    with two_replicas(tmp_path) as deployment:
+        namespaces, addresses = deployment.namespaces, deployment.addresses
+        primary, standby = deployment.primary, deployment.standby
+        database, replicas = deployment.database, deployment.replicas
+        load, stop = Load(), threading.Event()
+        clients = {name: Client(replicas[name], addresses[name], load) for name in replicas}
+        status, headers, _ = clients["a"].set("counter", "0")
+        assert status == 200
+        load.history.clear()  # the counter's start is the checker's initial state
+        etag = {name.lower(): value for name, value in headers.items()}["etag"]
+        initial = {"counter": ("0", int(etag.strip('"')))}
+        workers = [
+            threading.Thread(target=work, args=args)
+            for name, client in clients.items()
+            for work, args in (
+                (write_keys, (client, f"{name}1", stop)),
+                (write_keys, (client, f"{name}2", stop)),
+                (increment, (client, stop)),
+                (lock_and_unlock, (client, name, stop)),
             )
-            assert load.errors == []
+        ]
+        # A watcher on each replica, from the counter's start on.
+        watched: dict[str, list[tuple[int, str]]] = {"a": [], "b": []}
+        caught_up = threading.Event()
+        watchers = [
+            threading.Thread(
+                target=watch,
+                args=(
+                    replicas[name],
+                    addresses[name],
+                    initial["counter"][1],
+                    events,
+                    caught_up,
+                ),
+            )
+            for name, events in watched.items()
+        ]
+        for worker in [*workers, *watchers]:
+            worker.start()
+        try:
+            time.sleep(2)
+            if fault == "kill -9":
+                kill_9(primary)
+            else:
+                set_link(namespaces["db1"], "down")
+            killed = time.monotonic()  # the fault in place: from here nothing commits
             if fault == "partition":
-                assert revision(primary, database) == fenced_at, "the old primary took writes"
-            assert not [op for op in load.history[-50:] if op.outcome is LOST], "still failing"
-            assert set(recovered) == {"a", "b"}, recovered
-            bound = RECOVERY_BOUND if fault == "kill -9" else PARTITION_BOUND
-            assert max(recovered.values()) < bound, recovered
-            # Nothing acknowledged while no primary existed: no write sent after the fault was
-            # answered before the promotion (one sent before it may have committed then, and
-            # been answered late, on a busy machine).
-            assert [
-                op for op in load.acknowledged_writes() if killed < op.start and op.end < promoting
-            ] == []
-            assert len(acknowledged) >= 100, "too few writes to test"
-            # Nothing acknowledged is lost, every answer is one a single copy could have
-            # given, and the counter holds every acknowledged increment: all of it is
-            # linearizability, with a last read of every key after the load.
-            reader = clients["b"]
-            for key in sorted({op.key for op in load.history}):
-                reader.get(key)
-            assert check(load.history, initial) == []
-            # Every acknowledged write, once, in revision order, on both replicas' feeds.
-            caught_up.set()
-            for watcher in watchers:
-                watcher.join(timeout=30)
-            written = {(op.outcome, op.key) for op in acknowledged}
-            for name, events in watched.items():
-                revisions = [revision for revision, _ in events]
-                assert revisions == sorted(revisions), name
-                assert len(events) == len(set(events)), f"{name}: an event twice"
-                assert written - set(events) == set(), f"{name}: acknowledged writes missed"
-            for replica in replicas.values():
-                assert "event_loop_error" not in replica.stdout(), replica.stdout()[-3000:]
-                assert "never retrieved" not in replica.stdout() + replica.stderr()
+                # Its own socket still works: fenced, as Patroni's leader demotes itself
+                # once it cannot renew its lock.
+                primary.psql("ALTER SYSTEM SET default_transaction_read_only = on")
+                primary.psql("SELECT pg_reload_conf()")
+                fenced_at = revision(primary, database)
+            time.sleep(1)
+            promoting = time.monotonic()
+            standby.pg_ctl("-w", "promote")
+            standby.psql("ALTER SYSTEM SET synchronous_standby_names = ''")
+            standby.psql("SELECT pg_reload_conf()")
+            promoted = time.monotonic()
+            # Both replicas write again soon: a write of each, from here on.
+            recovered: dict[str, float] = {}
+            while len(recovered) < 2 and time.monotonic() < promoted + 30:
+                for name in ("a", "b"):
+                    if (
+                        name not in recovered
+                        and request(
+                            replicas[name],
+                            addresses[name],
+                            "POST",
+                            "/set",
+                            {"key": f"probe/{name}", "val": "x"},
+                        )[0]
+                        == 200
+                    ):
+                        recovered[name] = time.monotonic() - promoted
+                time.sleep(0.02)
+            if fault == "partition":
+                set_link(namespaces["db1"], "up")  # back, fenced
+            time.sleep(1)
         finally:
-            for pool in pools.values():
-                pool.close()
-            primary.remove()
-            standby.remove()
+            stop.set()
+            for worker in workers:
+                worker.join(timeout=30)
+
+        # The writes that committed: each answered with its new version.
+        acknowledged = [op for op in load.history if isinstance(op.outcome, int)]
+        print(  # the figures docs/high-availability.md quotes (pytest -s shows them)
+            f"failover: recovered {recovered} s after the promotion;"
+            f" {len(acknowledged)} writes acknowledged,"
+            f" {sum(op.outcome is LOST for op in load.history)} answers lost"
+        )
+        assert load.errors == []
+        if fault == "partition":
+            assert revision(primary, database) == fenced_at, "the old primary took writes"
+        assert not [op for op in load.history[-50:] if op.outcome is LOST], "still failing"
+        assert set(recovered) == {"a", "b"}, recovered
+        bound = RECOVERY_BOUND if fault == "kill -9" else PARTITION_BOUND
+        assert max(recovered.values()) < bound, recovered
+        # Nothing acknowledged while no primary existed: no write sent after the fault was
+        # answered before the promotion (one sent before it may have committed then, and
+        # been answered late, on a busy machine).
+        assert [
+            op for op in load.acknowledged_writes() if killed < op.start and op.end < promoting
+        ] == []
+        assert len(acknowledged) >= 100, "too few writes to test"
+        # Nothing acknowledged is lost, every answer is one a single copy could have
+        # given, and the counter holds every acknowledged increment: all of it is
+        # linearizability, with a last read of every key after the load.
+        reader = clients["b"]
+        for key in sorted({op.key for op in load.history}):
+            reader.get(key)
+        assert check(load.history, initial) == []
+        # Every acknowledged write, once, in revision order, on both replicas' feeds.
+        caught_up.set()
+        for watcher in watchers:
+            watcher.join(timeout=30)
+        written = {(op.outcome, op.key) for op in acknowledged}
+        for name, events in watched.items():
+            revisions = [revision for revision, _ in events]
+            assert revisions == sorted(revisions), name
+            assert len(events) == len(set(events)), f"{name}: an event twice"
+            assert written - set(events) == set(), f"{name}: acknowledged writes missed"
+        for replica in replicas.values():
+            assert "event_loop_error" not in replica.stdout(), replica.stdout()[-3000:]
+            assert "never retrieved" not in replica.stdout() + replica.stderr()
 
 
 def test_a_failover_that_lost_writes_makes_their_watchers_list_again_and_reuses_no_revision(
@@ -570,157 +598,140 @@ def test_a_replica_asleep_through_a_lossy_failover_answers_410_for_the_lost_revi
     among them, every way in answers 410 unknown_revision on both replicas: a poll of the
     store, a long-poll and a resuming SSE stream, which B answers from that tail. From the
     fork, both replicas answer the two new writes and nothing else."""
-    bindir = hosts_and_postgres()
-    with hosts(["db1", "db2", "a", "b"]) as (namespaces, addresses):
-        port = free_port()
-        primary, standby = replicated_pair(bindir, namespaces, addresses, port, synchronous=False)
-        pools = {
-            name: ServerPool(tmp_path / name, launcher=["ip", "netns", "exec", namespaces[name]])
-            for name in ("a", "b")
-        }
-        try:
-            database = primary.create_database()
-            url = url_of_both(addresses, port, database)
-            service_port = free_port()
-            replicas = {
-                name: start_replica(pools[name], addresses[name], service_port, url)
-                for name in ("a", "b")
-            }
-            b_group = replicas["b"].process.pid  # its session: SIGSTOP takes every process
+    with two_replicas(tmp_path, synchronous=False) as deployment:
+        namespaces, addresses = deployment.namespaces, deployment.addresses
+        primary, standby = deployment.primary, deployment.standby
+        database, replicas = deployment.database, deployment.replicas
+        b_group = replicas["b"].process.pid  # its session: SIGSTOP takes every process
 
-            def get(name: str, path: str, headers: Optional[dict[str, str]] = None) -> Answer:
-                return request(replicas[name], addresses[name], "GET", path, headers=headers)
+        def get(name: str, path: str, headers: Optional[dict[str, str]] = None) -> Answer:
+            return request(replicas[name], addresses[name], "GET", path, headers=headers)
 
-            def write(key: str, headers: Optional[dict[str, str]] = None) -> Answer:
-                body = {"key": key, "val": key}
-                return request(replicas["a"], addresses["a"], "POST", "/set", body, headers)
+        def write(key: str, headers: Optional[dict[str, str]] = None) -> Answer:
+            body = {"key": key, "val": key}
+            return request(replicas["a"], addresses["a"], "POST", "/set", body, headers)
 
-            def read(name: str, since: int, until: int) -> list[tuple[int, str]]:
-                """The changes after ``since`` up to ``until``, by long-polls of ``name``."""
-                events: list[tuple[int, str]] = []
-                deadline = time.monotonic() + 30
-                while since < until:
-                    assert time.monotonic() < deadline, (name, events)
-                    status, _, body = get(name, f"/changes?since={since}&timeout=5")
-                    assert status == 200, body
-                    answer = json.loads(body)
-                    events += [(event["revision"], event["key"]) for event in answer["events"]]
-                    since = answer["next"]
-                return events
-
-            # Both replicas' feeds begin, below every write: a long-poll that waits starts a
-            # replica's tail.
-            start = max(json.loads(get(name, "/changes?timeout=0.1")[2])["next"] for name in "ab")
-            kept = []
-            for number in range(5):
-                status, headers, body = write(f"kept{number}")
-                assert status == 200, body
-                kept.append(version_of(headers))
-            fork = kept[-1]
+        def read(name: str, since: int, until: int) -> list[tuple[int, str]]:
+            """The changes after ``since`` up to ``until``, by long-polls of ``name``."""
+            events: list[tuple[int, str]] = []
             deadline = time.monotonic() + 30
-            while revision(standby, database) != str(fork):
-                assert time.monotonic() < deadline, "the standby never caught up"
-                time.sleep(0.05)
-            assert read("b", start, fork) == [(v, f"kept{n}") for n, v in enumerate(kept)]
-
-            os.killpg(b_group, signal.SIGSTOP)
-            set_link(namespaces["db2"], "down")  # the standby hears no more
-            lost = []
-            for number in range(3):
-                status, headers, body = write(f"lost{number}")
-                assert status == 200, body  # acknowledged: replication is async
-                lost.append(version_of(headers))
-            assert lost == [fork + 1, fork + 2, fork + 3]
-            assert read("a", fork, lost[-1]) == [(v, f"lost{n}") for n, v in enumerate(lost)]
-            kill_9(primary)
-            # Promoted while still cut off, as in the test above.
-            standby.pg_ctl("-w", "promote")
-            set_link(namespaces["db2"], "up")
-            os.killpg(b_group, signal.SIGCONT)
-
-            for name in replicas:
-                deadline = time.monotonic() + 30
-                while get(name, "/health")[0] != 200:
-                    assert time.monotonic() < deadline, f"{name}: no primary after the promotion"
-                    time.sleep(0.05)
-            new = []
-            for number in range(2):
-                # A create, so that a retry of a write that took effect unseen adds nothing.
-                key, deadline = f"new{number}", time.monotonic() + 30
-                status, headers, body = write(key, {"If-None-Match": "*"})
-                while status in UNKNOWN:
-                    assert time.monotonic() < deadline, f"{key}: {status} {body!r}"
-                    time.sleep(BACKOFF)
-                    status, headers, body = write(key, {"If-None-Match": "*"})
-                if status == 412:  # an earlier try took effect
-                    status, headers, body = get("a", f"/get/{key}")
+            while since < until:
+                assert time.monotonic() < deadline, (name, events)
+                status, _, body = get(name, f"/changes?since={since}&timeout=5")
                 assert status == 200, body
-                new.append(version_of(headers))
-            assert new[0] > fork + TIMELINE_GAP and new[1] == new[0] + 1
-            gone = lost[-1]
-            after_fork = [(v, f"new{n}") for n, v in enumerate(new)]
+                answer = json.loads(body)
+                events += [(event["revision"], event["key"]) for event in answer["events"]]
+                since = answer["next"]
+            return events
 
-            def unknown(answer: Answer) -> bool:
-                """A 410 unknown_revision in JSON: no stream began."""
-                status, headers, body = answer
-                media = {name.lower(): value for name, value in headers.items()}.get("content-type")
-                return (
-                    status == 410
-                    and str(media).startswith("application/json")
-                    and json.loads(body)["error"] == "unknown_revision"
-                )
+        # Both replicas' feeds begin, below every write: a long-poll that waits starts a
+        # replica's tail.
+        start = max(json.loads(get(name, "/changes?timeout=0.1")[2])["next"] for name in "ab")
+        kept = []
+        for number in range(5):
+            status, headers, body = write(f"kept{number}")
+            assert status == 200, body
+            kept.append(version_of(headers))
+        fork = kept[-1]
+        deadline = time.monotonic() + 30
+        while revision(standby, database) != str(fork):
+            assert time.monotonic() < deadline, "the standby never caught up"
+            time.sleep(0.05)
+        assert read("b", start, fork) == [(v, f"kept{n}") for n, v in enumerate(kept)]
 
-            def from_fork(answer: Answer) -> bool:
-                status, _, body = answer
-                if status != 200:
-                    return False
-                events = json.loads(body)
-                found = [(event["revision"], event["key"]) for event in events["events"]]
-                return found == after_fork and events["next"] == new[1] and not events["more"]
+        os.killpg(b_group, signal.SIGSTOP)
+        set_link(namespaces["db2"], "down")  # the standby hears no more
+        lost = []
+        for number in range(3):
+            status, headers, body = write(f"lost{number}")
+            assert status == 200, body  # acknowledged: replication is async
+            lost.append(version_of(headers))
+        assert lost == [fork + 1, fork + 2, fork + 3]
+        assert read("a", fork, lost[-1]) == [(v, f"lost{n}") for n, v in enumerate(lost)]
+        kill_9(primary)
+        # Promoted while still cut off, as in the test above.
+        standby.pg_ctl("-w", "promote")
+        set_link(namespaces["db2"], "up")
+        os.killpg(b_group, signal.SIGCONT)
 
-            resume_at_gone = {"Accept": "text/event-stream", "Last-Event-ID": str(gone)}
-            for name in replicas:
-                for timeout in (0, 1):
-                    answer = get(name, f"/changes?since={gone}&timeout={timeout}")
-                    assert unknown(answer), (name, timeout, answer)
-                    answer = get(name, f"/changes?since={fork}&timeout={timeout}")
-                    assert from_fork(answer), (name, timeout, answer)
-                answer = get(name, "/changes", resume_at_gone)
-                assert unknown(answer), (name, "sse", answer)
+        for name in replicas:
+            deadline = time.monotonic() + 30
+            while get(name, "/health")[0] != 200:
+                assert time.monotonic() < deadline, f"{name}: no primary after the promotion"
+                time.sleep(0.05)
+        new = []
+        for number in range(2):
+            # A create, so that a retry of a write that took effect unseen adds nothing.
+            key, deadline = f"new{number}", time.monotonic() + 30
+            status, headers, body = write(key, {"If-None-Match": "*"})
+            while status in UNKNOWN:
+                assert time.monotonic() < deadline, f"{key}: {status} {body!r}"
+                time.sleep(BACKOFF)
+                status, headers, body = write(key, {"If-None-Match": "*"})
+            if status == 412:  # an earlier try took effect
+                status, headers, body = get("a", f"/get/{key}")
+            assert status == 200, body
+            new.append(version_of(headers))
+        assert new[0] > fork + TIMELINE_GAP and new[1] == new[0] + 1
+        gone = lost[-1]
+        after_fork = [(v, f"new{n}") for n, v in enumerate(new)]
 
-            # The same of B with the new primary frozen: a read of the store would wait
-            # KV_POSTGRES_TIMEOUT and answer 503, so whatever is not a 503 is B's tail's answer.
-            # The tail is trusted until a refresh of it fails, a KV_POSTGRES_TIMEOUT after the
-            # freeze at the soonest. A 503 means that it was not trusted then (the first
-            # refresh after B went on can fail, on a connection to the dead primary; the next
-            # is half a second later), and the check is made again.
-            frozen: list[Answer] = []  # every answer B gave with the new primary frozen
-
-            def from_tail(path: str, headers: Optional[dict[str, str]] = None) -> Answer:
-                deadline = time.monotonic() + 30
-                while True:
-                    standby.freeze()
-                    try:
-                        frozen.append(get("b", path, headers))
-                    finally:
-                        standby.thaw()
-                    if frozen[-1][0] not in UNKNOWN:
-                        return frozen[-1]
-                    assert time.monotonic() < deadline, "B's tail never answered"
-                    time.sleep(1)
-
-            assert unknown(from_tail(f"/changes?since={gone}&timeout=1"))
-            assert unknown(from_tail("/changes", resume_at_gone))
-            assert from_fork(from_tail(f"/changes?since={fork}&timeout=1"))
-            print(  # the figures docs/high-availability.md quotes (pytest -s shows them)
-                f"asleep through a failover: forked at {fork}, lost up to {gone}, new from"
-                f" {new[0]}; B's answers with it frozen: {[answer[0] for answer in frozen]}"
+        def unknown(answer: Answer) -> bool:
+            """A 410 unknown_revision in JSON: no stream began."""
+            status, headers, body = answer
+            media = {name.lower(): value for name, value in headers.items()}.get("content-type")
+            return (
+                status == 410
+                and str(media).startswith("application/json")
+                and json.loads(body)["error"] == "unknown_revision"
             )
-            for replica in replicas.values():
-                assert "event_loop_error" not in replica.stdout(), replica.stdout()[-3000:]
-                assert "never retrieved" not in replica.stdout() + replica.stderr()
-        finally:
-            for pool in pools.values():  # SIGKILL, which ends a stopped process too
-                pool.close()
-            primary.remove()
-            standby.remove()
+
+        def from_fork(answer: Answer) -> bool:
+            status, _, body = answer
+            if status != 200:
+                return False
+            events = json.loads(body)
+            found = [(event["revision"], event["key"]) for event in events["events"]]
+            return found == after_fork and events["next"] == new[1] and not events["more"]
+
+        resume_at_gone = {"Accept": "text/event-stream", "Last-Event-ID": str(gone)}
+        for name in replicas:
+            for timeout in (0, 1):
+                answer = get(name, f"/changes?since={gone}&timeout={timeout}")
+                assert unknown(answer), (name, timeout, answer)
+                answer = get(name, f"/changes?since={fork}&timeout={timeout}")
+                assert from_fork(answer), (name, timeout, answer)
+            answer = get(name, "/changes", resume_at_gone)
+            assert unknown(answer), (name, "sse", answer)
+
+        # The same of B with the new primary frozen: a read of the store would wait
+        # KV_POSTGRES_TIMEOUT and answer 503, so whatever is not a 503 is B's tail's answer.
+        # The tail is trusted until a refresh of it fails, a KV_POSTGRES_TIMEOUT after the
+        # freeze at the soonest. A 503 means that it was not trusted then (the first
+        # refresh after B went on can fail, on a connection to the dead primary; the next
+        # is half a second later), and the check is made again.
+        frozen: list[Answer] = []  # every answer B gave with the new primary frozen
+
+        def from_tail(path: str, headers: Optional[dict[str, str]] = None) -> Answer:
+            deadline = time.monotonic() + 30
+            while True:
+                standby.freeze()
+                try:
+                    frozen.append(get("b", path, headers))
+                finally:
+                    standby.thaw()
+                if frozen[-1][0] not in UNKNOWN:
+                    return frozen[-1]
+                assert time.monotonic() < deadline, "B's tail never answered"
+                time.sleep(1)
+
+        assert unknown(from_tail(f"/changes?since={gone}&timeout=1"))
+        assert unknown(from_tail("/changes", resume_at_gone))
+        assert from_fork(from_tail(f"/changes?since={fork}&timeout=1"))
+        print(  # the figures docs/high-availability.md quotes (pytest -s shows them)
+            f"asleep through a failover: forked at {fork}, lost up to {gone}, new from"
+            f" {new[0]}; B's answers with it frozen: {[answer[0] for answer in frozen]}"
+        )
+        for replica in replicas.values():
+            assert "event_loop_error" not in replica.stdout(), replica.stdout()[-3000:]
+            assert "never retrieved" not in replica.stdout() + replica.stderr()
