@@ -35,8 +35,10 @@ READ_SIZE = 4096
 # The server's default KV_CHANGES_BACKLOG, what it may hold for a watcher.
 BACKLOG = 1024 * 1024
 SLOW_READERS = 4
-# Revisions written before the measured one, at most (see the test).
-MAX_WARM_UP_ROUNDS = 6
+# Revisions written before the measured one, at most, until one grows the server by less
+# than WARM_UP_SETTLED_MIB (see the test): one CI run needed more than 6.
+MAX_WARM_UP_ROUNDS = 10
+WARM_UP_SETTLED_MIB = 3
 
 
 @pytest.fixture(autouse=True)
@@ -186,9 +188,11 @@ def test_slow_readers_get_a_revision_far_bigger_than_their_backlog_on_one_connec
         # Revisions of the same size first, read by the follower only, until one leaves the
         # server's memory where it was: its page cache, its feed's tail and its allocator's
         # arenas grow with them to where they stay (measured: +90, +66 to +80, +0 to +13,
-        # then +0 MiB), so that what the slow round adds is what its readers cost.
+        # then +0 MiB; on a busy CI machine +59, +47, +16, +14, +3, ...), so that what the slow
+        # round adds is what its readers cost. What is left to settle, under 3 MiB, is small
+        # beside what the test guards against (+53 MiB).
         warm_up = [anonymous_rss_mib(server.process.pid)]
-        while len(warm_up) < 3 or warm_up[-1] - warm_up[-2] > 1:
+        while len(warm_up) < 3 or warm_up[-1] - warm_up[-2] >= WARM_UP_SETTLED_MIB:
             assert len(warm_up) <= MAX_WARM_UP_ROUNDS, warm_up
             follower.wait_for(mset(writer, items(f"warm{len(warm_up)}/")), timeout=60)
             time.sleep(1)
