@@ -230,6 +230,20 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
     return postgres_cluster.url(search_path=postgres_cluster.create_schema())
 
 
+def fresh_postgres_urls(kind: str, request: pytest.FixtureRequest) -> Callable[[], Optional[str]]:
+    """For a state machine run on store ``kind``: a function that gives each example a fresh
+    schema's URL for "postgres", and None for any other kind (whose machine needs none). The
+    cluster is only asked for, and so started, when a postgres example runs."""
+
+    def new_url() -> Optional[str]:
+        if kind != "postgres":
+            return None
+        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+        return cluster.url(search_path=cluster.create_schema())
+
+    return new_url
+
+
 StartPgBouncer = Callable[..., PgBouncer]
 
 

@@ -36,8 +36,7 @@ from mapmg_data_engineer_takehome.models import rfc3339
 from mapmg_data_engineer_takehome.settings import Settings, StoreKind
 from mapmg_data_engineer_takehome.state import FEED_KEY, STORE_KEY
 
-from .conftest import STORE_KINDS, FakeClock
-from .postgres_support import PostgresCluster
+from .conftest import STORE_KINDS, FakeClock, fresh_postgres_urls
 from .test_feed import caught_up
 
 KEYS = st.sampled_from(["a", "a/1", "a/2", "b", "b/1"])
@@ -497,12 +496,7 @@ def _place(ident: str) -> tuple[int, int]:
 def test_the_feed_answers_every_read_as_its_model_across_lives(
     kind: StoreKind, request: pytest.FixtureRequest
 ) -> None:
-    def new_postgres_url() -> Optional[str]:
-        if kind != "postgres":
-            return None
-        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
-        return cluster.url(search_path=cluster.create_schema())
-
+    new_postgres_url = fresh_postgres_urls(kind, request)
     # The quick suite runs a few examples; the full one (--run-slow, as CI) more.
     examples = 60 if request.config.getoption("--run-slow") else 8
     stateful.run_state_machine_as_test(

@@ -41,8 +41,7 @@ from mapmg_data_engineer_takehome.models import rfc3339
 from mapmg_data_engineer_takehome.settings import Settings, StoreKind
 from mapmg_data_engineer_takehome.state import STORE_KEY
 
-from .conftest import STORE_KINDS, FakeClock
-from .postgres_support import PostgresCluster
+from .conftest import STORE_KINDS, FakeClock, fresh_postgres_urls
 
 # A small key space, so that rules collide on keys; dots and slashes test the path handling.
 KEYS = st.sampled_from(["a", "b", "a/b", "ab", "..", "ключ", "with space", "%41", "\n"])
@@ -535,12 +534,7 @@ def _milliseconds(moment: Optional[str]) -> Optional[int]:
 
 @pytest.mark.parametrize("store", STORE_KINDS)
 def test_the_api_behaves_like_its_model(store: StoreKind, request: pytest.FixtureRequest) -> None:
-    def postgres_url() -> Optional[str]:
-        if store != "postgres":
-            return None
-        cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
-        return cluster.url(search_path=cluster.create_schema())
-
+    postgres_url = fresh_postgres_urls(store, request)
     # The quick suite runs a few examples; the full one (--run-slow, as CI) ten times more.
     examples = 100 if request.config.getoption("--run-slow") else 10
     # A factory, not the class: each example's machine gets its own database. (Hypothesis
