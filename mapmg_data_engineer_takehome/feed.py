@@ -47,7 +47,7 @@ import orjson
 import structlog
 
 from .errors import safe_message
-from .models import rfc3339
+from .models import MAX_EVENTS, rfc3339
 from .protocol import unsent_bytes
 from .store.base import (
     Change,
@@ -136,6 +136,15 @@ def encode_all(changes: Changes) -> Batch:
 
 def _batch(events: Sequence[Event], revision: int, more: bool) -> Batch:
     return Batch(events, revision, more, events[-1].revision if more else revision)
+
+
+def _to_read(position: Position, limit: int) -> int:
+    """How many events to read after ``position.since`` for an answer of ``limit`` events: the
+    ``taken`` that the watcher had come first, and _from drops them. Counted up to MAX_EVENTS
+    of them: a place deep inside a bigger revision (which is read whole anyway) may then get
+    fewer than ``limit`` events, with ``more``, rather than have a client's claim of one make
+    a read reach far past it."""
+    return limit + min(position.taken, MAX_EVENTS)
 
 
 def _from(position: Position, batch: Batch) -> Batch:
@@ -260,7 +269,8 @@ class ChangeFeed:
 
     async def poll(self, prefix: str, position: Position, limit: int) -> Batch:
         """What the store answers now, exact to the moment (a long-poll that does not wait)."""
-        return _from(position, encode_all(await self._store.changes(prefix, position.since, limit)))
+        since, count = position.since, _to_read(position, limit)
+        return _from(position, encode_all(await self._store.changes(prefix, since, count)))
 
     async def changes(self, prefix: str, position: Position, limit: int) -> Batch:
         """What Store.changes answers after ``position``, from the tail when it holds it;
@@ -276,7 +286,7 @@ class ChangeFeed:
             for index in range(start, len(self._events))
             if self._events[index].key.startswith(prefix)
         )
-        events, more = take_changes(matching, limit, value_chars)
+        events, more = take_changes(matching, _to_read(position, limit), value_chars)
         return _from(position, _batch(events, self.revision, more))
 
     async def read(self, stream: Stream, limit: int) -> Batch:

@@ -110,6 +110,26 @@ async def test_a_limit_never_splits_a_revision_and_says_more(client: Client) -> 
     assert len(whole["events"]) == 6 and whole["more"] is False
 
 
+async def test_a_resume_inside_a_revision_counts_the_limit_from_there(client: Client) -> None:
+    """Last-Event-ID R.1, one of R's two events had: an answer of limit 2 is the rest of R and
+    then the next revision, from the store (no wait) and from the feed's tail (a wait) alike;
+    the events the watcher had count for nothing."""
+    items = [{"key": "a", "val": "1"}, {"key": "a/1", "val": "2"}]
+    batch = (await (await client.post("/mset", json={"items": items})).json())["version"]
+    last = await write(client, "a", "3")
+    for timeout in ("0", "0.01"):
+        response = await client.get(
+            "/changes",
+            params={"limit": "2", "timeout": timeout},
+            headers={"Last-Event-ID": f"{batch}.1"},
+        )
+        assert await response.json() == {
+            "events": [event(batch, "a/1", "2"), event(last, "a", "3")],
+            "next": last,
+            "more": False,
+        }
+
+
 async def test_without_since_the_feed_starts_now(client: Client) -> None:
     now = await write(client, "old")
     assert await poll(client, timeout=0) == {"events": [], "next": now, "more": False}
