@@ -4,7 +4,7 @@ secrets, and its answers when the database is wrong or gone."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Optional
 
 import asyncpg
 import pytest
@@ -12,7 +12,13 @@ import pytest
 from mapmg_data_engineer_takehome.settings import SettingsError, load_settings
 from mapmg_data_engineer_takehome.store import StoreCorrupt, StoreUnavailable
 from mapmg_data_engineer_takehome.store.base import Compacted, UnknownRevision
-from mapmg_data_engineer_takehome.store.postgres import TIMELINE_GAP, PostgresStore, redacted_url
+from mapmg_data_engineer_takehome.store.postgres import (
+    _GET_MANY,
+    READS_IN_FLIGHT_BEHIND_POOLER,
+    TIMELINE_GAP,
+    PostgresStore,
+    redacted_url,
+)
 
 from ..postgres_support import PASSWORD, PostgresCluster
 from ..test_sqlite_store import FIXTURES, RELEASE_2_LISTING
@@ -135,6 +141,48 @@ async def test_a_connection_that_closes_under_a_call_is_unavailable_not_a_crash(
         with pytest.raises(StoreUnavailable):
             await store._use(ended_under_the_call)
         assert (await store.set("after", "1")).val == "1"
+    finally:
+        await store.close()
+
+
+async def test_behind_a_pooler_gets_of_many_turns_go_in_few_groups_each_answered(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With pooler="transaction" (here straight to PostgreSQL, which that mode also works
+    on), at most READS_IN_FLIGHT_BEHIND_POOLER read groups are in flight: the GETs of the
+    turns meanwhile wait, and go as one group when one ends. GETs spread over 50 turns, some
+    of them for the same key or a missing one, each get their own answer, in fewer groups."""
+    store = await PostgresStore.open(postgres_url, pooler="transaction")
+    try:
+        await asyncio.gather(*(store.set(f"k{n}", f"v{n}") for n in range(100)))
+        in_flight, peak, groups = 0, 0, 0
+        fetch = store._fetch
+
+        async def counted(query: str, *args: Any) -> Any:
+            nonlocal in_flight, peak, groups
+            if query != _GET_MANY:
+                return await fetch(query, *args)
+            groups += 1
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                return await fetch(query, *args)
+            finally:
+                in_flight -= 1
+
+        monkeypatch.setattr(store, "_fetch", counted)
+
+        async def get_after(turns: int, key: str) -> Optional[str]:
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            entry = await store.get(key)
+            return None if entry is None else entry.val
+
+        keys = [f"k{n % 120}" for n in range(300)]  # k100 to k119 are missing
+        answers = await asyncio.gather(*(get_after(n % 50, key) for n, key in enumerate(keys)))
+        assert answers == [f"v{key[1:]}" if int(key[1:]) < 100 else None for key in keys]
+        assert peak == READS_IN_FLIGHT_BEHIND_POOLER
+        assert groups < 50
     finally:
         await store.close()
 
