@@ -140,10 +140,10 @@ def _batch(events: Sequence[Event], revision: int, more: bool) -> Batch:
 
 def _to_read(position: Position, limit: int) -> int:
     """How many events to read after ``position.since`` for an answer of ``limit`` events: the
-    ``taken`` that the watcher had come first, and _from drops them. Counted up to MAX_EVENTS
-    of them: a place deep inside a bigger revision (which is read whole anyway) may then get
-    fewer than ``limit`` events, with ``more``, rather than have a client's claim of one make
-    a read reach far past it."""
+    ``taken`` events of ``position.revision`` that the watcher had come first, and _from drops
+    them. They count up to MAX_EVENTS: a place deep inside a bigger revision (read whole
+    anyway) may then get fewer than ``limit`` events, with ``more``, rather than a client's
+    claim of one making a read reach far past it."""
     return limit + min(position.taken, MAX_EVENTS)
 
 
