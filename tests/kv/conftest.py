@@ -29,6 +29,7 @@ from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
 from .e2e_support import ServerPool
 from .postgres_support import PgBouncer, PostgresCluster, pgbouncer_binary, server_binaries
+from .watch_support import close_client
 
 if TYPE_CHECKING:
     Client = TestClient[web.Request, web.Application]
@@ -89,6 +90,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.filterwarnings("error"), append=False)
         if SLOW in item.path.parents:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def watch_client() -> Iterator[None]:
+    """watch_support's shared HTTP client (followers', and some tests' own requests), closed
+    after each test with its connections."""
+    yield
+    close_client()
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +24,7 @@ import pytest
 
 from ..e2e_support import Server, ServerPool, free_port
 from ..postgres_support import PostgresCluster
-from ..watch_support import client, close_client, poll, post, set_key
+from ..watch_support import client, poll, post, set_key
 
 KV = str(Path(sys.executable).with_name("kv"))
 TOKEN = "s3cret-token"
@@ -129,13 +129,6 @@ def events_since(server: Server, since: int) -> list[dict[str, Any]]:
         since = answer["next"]
         if not answer["more"]:
             return events
-
-
-@pytest.fixture(autouse=True)
-def http_client() -> Iterator[None]:
-    """The watch support's client (which the tests' own requests use), closed after each."""
-    yield
-    close_client()
 
 
 @pytest.fixture

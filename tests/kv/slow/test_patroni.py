@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from ..patroni_support import (
     missing_tools,
     patroni_cluster,
 )
-from ..watch_support import Follower, close_client
+from ..watch_support import Follower
 from .test_postgres import on_postgres
 from .test_postgres_failover import Client, Load, increment, request, version_of, write_keys
 
@@ -57,13 +56,6 @@ POSTGRES_TIMEOUT = 1.0
 # How long the surviving node may take to be promoted: ttl, a loop, and slack for a busy
 # machine; a failure here is Patroni's, and the message shows its log.
 PROMOTION_TIMEOUT = 30.0
-
-
-@pytest.fixture(autouse=True)
-def http_client() -> Iterator[None]:
-    """The followers' client, closed after the test with its connections."""
-    yield
-    close_client()
 
 
 def changes_since(server: Server, since: int) -> list[dict[str, Any]]:

@@ -7,10 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Optional
-
-import pytest
 
 from ..e2e_support import Server, ServerPool
 from ..test_eventsource import (
@@ -20,7 +17,7 @@ from ..test_eventsource import (
     MessageEvent,
     as_changes,
 )
-from ..watch_support import Follower, close_client, post
+from ..watch_support import Follower, post
 from .test_watch_e2e import anonymous_rss_mib
 
 KEYS = 9_000
@@ -39,12 +36,6 @@ SLOW_READERS = 4
 # than WARM_UP_SETTLED_MIB (see the test): one CI run needed more than 6.
 MAX_WARM_UP_ROUNDS = 10
 WARM_UP_SETTLED_MIB = 3
-
-
-@pytest.fixture(autouse=True)
-def http_client() -> Iterator[None]:
-    yield
-    close_client()
 
 
 def items(prefix: str) -> list[dict[str, str]]:

@@ -12,7 +12,6 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -21,17 +20,10 @@ import pytest
 
 from ..e2e_support import Server, ServerPool
 from ..postgres_support import PostgresCluster
-from ..watch_support import Follower, client, close_client, poll, post, set_key
+from ..watch_support import Follower, client, poll, post, set_key
 
 # Streams write a heartbeat this often, so that followers notice a stop soon.
 QUICK = {"KV_CHANGES_HEARTBEAT": "0.5"}
-
-
-@pytest.fixture(autouse=True)
-def http_client() -> Iterator[None]:
-    """The watch support's client, closed after each test with its connections."""
-    yield
-    close_client()
 
 
 @pytest.fixture
