@@ -673,6 +673,7 @@ class PostgresStore:
         self._url = url
         self._timeout = timeout
         self._clock = clock
+        self._pooler = pooler
         self._connect_options = _connect_options(pooler)
         # Where to LISTEN: never through a pooler in transaction mode (None: poll instead).
         self._listen_url = listen_url or (None if pooler == "transaction" else url)

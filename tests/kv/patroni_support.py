@@ -25,10 +25,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import quote
 
 from .e2e_support import LOOPBACK_V4, accepts_connections, free_port
-from .postgres_support import PASSWORD, SUPERUSER, server_binaries
+from .postgres_support import PASSWORD, SUPERUSER, connection_url, server_binaries
 
 READY_TIMEOUT = 60.0
 REPLICATION_USER = "replicator"
@@ -405,10 +404,7 @@ class PatroniCluster:
     def url(self, database: str) -> str:
         """The URL the service is given: every node, the one that can write taken."""
         hosts = ",".join(f"{LOOPBACK_V4}:{node.pg_port}" for node in self.nodes.values())
-        return (
-            f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@{hosts}/{database}"
-            "?target_session_attrs=read-write"
-        )
+        return connection_url(hosts, database, target_session_attrs="read-write")
 
     def describe(self) -> str:
         etcd = self.etcd.output()[-2000:] if self.etcd else ""

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
 
+from .e2e_support import accepts_connections
+
 SUPERUSER = "kv_admin"
 # A password with characters a URL must escape: the tests check that it never leaks.
 PASSWORD = "s3cret/p@ss:word"
@@ -51,9 +53,10 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def connection_url(host: str, port: int, database: str, **query: str) -> str:
-    """The test user's URL for ``database`` at ``host:port``, with ``query`` parameters."""
-    base = f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@{host}:{port}"
+def connection_url(hosts: str, database: str, **query: str) -> str:
+    """The test user's URL for ``database`` at ``hosts`` ("host:port", or several of them
+    joined by commas, which libpq tries in turn), with ``query`` parameters."""
+    base = f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@{hosts}"
     suffix = "&".join(f"{name}={quote(value, safe='')}" for name, value in query.items())
     return f"{base}/{database}" + (f"?{suffix}" if suffix else "")
 
@@ -179,7 +182,7 @@ class PostgresCluster:
         self.pg_ctl("-w", "-m", mode, "restart")
 
     def url(self, database: str = "postgres", **query: str) -> str:
-        return connection_url(self.host, self.port, database, **query)
+        return connection_url(f"{self.host}:{self.port}", database, **query)
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         result = self._run(
@@ -295,10 +298,7 @@ class PgBouncer:
                 raise RuntimeError(
                     f"pgbouncer exited with {self.process.returncode}:\n{self.log_text()}"
                 )
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=0.5),
-            ):
+            if accepts_connections(self.host, self.port):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"pgbouncer not listening after {READY_TIMEOUT} s")
@@ -306,7 +306,7 @@ class PgBouncer:
 
     def url(self, database: str = "postgres", **query: str) -> str:
         """The cluster's URL for ``database``, through PgBouncer."""
-        return connection_url(self.host, self.port, database, **query)
+        return connection_url(f"{self.host}:{self.port}", database, **query)
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

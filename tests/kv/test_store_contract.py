@@ -591,10 +591,7 @@ async def second_handle(store: Store, clock: FakeClock) -> Store:
         return SqliteStore(store.path, store.durability, clock)
     if isinstance(store, PostgresStore):
         # As the first was opened: through the same pooler, with the same pooler setting.
-        transaction = store._connect_options.get("statement_cache_size") == 0
-        return await PostgresStore.open(
-            store._url, clock=clock, pooler="transaction" if transaction else "none"
-        )
+        return await PostgresStore.open(store._url, clock=clock, pooler=store._pooler)
     return store
 
 

@@ -38,7 +38,7 @@ from mapmg_data_engineer_takehome.store.postgres import TIMELINE_GAP
 
 from ..e2e_support import Server, ServerPool, free_port
 from ..linearizability import LOST, Operation, check
-from ..postgres_support import PASSWORD, SUPERUSER, PostgresCluster
+from ..postgres_support import PASSWORD, SUPERUSER, PostgresCluster, connection_url
 from .test_postgres import JSON_HEADERS, hosts, hosts_and_postgres, on_postgres
 
 # How soon after the promotion both replicas must write again: the issue's bound after a
@@ -91,11 +91,8 @@ def replicated_pair(
 
 def url_of_both(addresses: dict[str, str], port: int, database: str) -> str:
     """The URL the replicas are given: both databases, the one that can write taken."""
-    return (
-        f"postgresql://{SUPERUSER}:{quote(PASSWORD, safe='')}@"
-        f"{addresses['db1']}:{port},{addresses['db2']}:{port}/{database}"
-        "?target_session_attrs=read-write"
-    )
+    hosts = f"{addresses['db1']}:{port},{addresses['db2']}:{port}"
+    return connection_url(hosts, database, target_session_attrs="read-write")
 
 
 def start_replica(pool: ServerPool, address: str, port: int, url: str) -> Server:
