@@ -221,10 +221,12 @@ def test_slow_readers_get_a_revision_far_bigger_than_their_backlog_on_one_connec
         assert source.last_event_id == str(revision)
     assert body > 6 * BACKLOG
     assert took < body / RATE + 15  # about as long as the bytes take at their pace
-    # What the server holds for each reader: at most its backlog and a piece being written;
-    # the revision's events are in its tail once, for every watcher. Measured: +0.0 to +0.2
-    # MiB; with each reader's batch encoded whole (one write, not 64 KiB pieces), +53 MiB.
-    assert grew < size + 4, (grew, size)
+    # What the server holds: the revision's events in its tail once, for every watcher, and
+    # for each reader at most its backlog and a piece being written (1.06 MiB), with what the
+    # allocator keeps. Measured: +0.0 to +15.7 MiB over CI runs. Holding the revision for each
+    # reader instead (each one's batch encoded whole, one write, not 64 KiB pieces) measured
+    # +53 MiB: the bound is less than the revision once per reader.
+    assert grew < SLOW_READERS * size, (grew, size)
     assert "watcher_too_slow" not in server.stdout()
 
 
