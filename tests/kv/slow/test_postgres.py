@@ -5,12 +5,14 @@ nothing but a network (network namespaces, when run as root)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.client
 import json
 import os
 import random
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -281,41 +283,64 @@ def test_an_unreachable_database_at_startup_is_retried_then_exit_1(servers: Serv
 
 # --- across hosts ---------------------------------------------------------------------------
 
-# A /24 of this run's own: two runs at once (a developer's and CI's) must not route to each
-# other's bridges.
-NETWORK = f"10.77.{os.getpid() % 250}"
+# Every test that makes hosts claims a number of its own for its /24 and its bridge, so that
+# tests at once (xdist's workers, a developer's run beside CI's) never route to each other's
+# bridges. The claim is an flock, which the kernel drops if the test's process dies.
+NETWORK_CLAIMS = Path(tempfile.gettempdir()) / "kv-test-networks"
+NETWORKS = 250
+
+
+@contextlib.contextmanager
+def claimed_network() -> Iterator[int]:
+    """A number below NETWORKS that no other test on this machine holds until we leave."""
+    NETWORK_CLAIMS.mkdir(exist_ok=True)
+    for number in range(NETWORKS):
+        with open(NETWORK_CLAIMS / f"{number}.lock", "w") as claim:
+            try:
+                fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            yield number
+            return
+    raise RuntimeError(f"all {NETWORKS} test networks are in use")
 
 
 @contextlib.contextmanager
 def hosts(names: list[str]) -> Iterator[tuple[dict[str, str], dict[str, str]]]:
     """One network namespace per name, each joined by a veth pair to a bridge that this
     namespace (the test's) is on too: ({name: namespace}, {name: address})."""
-    bridge = f"kvbr{os.getpid() % 10000}"
-    namespaces = {name: f"{bridge}-{name}" for name in names}
-    addresses = {name: f"{NETWORK}.{index + 1}" for index, name in enumerate(names)}
+    with claimed_network() as number:
+        network, bridge = f"10.77.{number}", f"kvbr{number}"
+        namespaces = {name: f"{bridge}-{name}" for name in names}
+        addresses = {name: f"{network}.{index + 1}" for index, name in enumerate(names)}
 
-    def ip(*args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True)
+        def ip(*args: str) -> None:
+            subprocess.run(["ip", *args], check=True, capture_output=True)
 
-    try:
-        ip("link", "add", bridge, "type", "bridge")
-        ip("addr", "add", f"{NETWORK}.254/24", "dev", bridge)
-        ip("link", "set", bridge, "up")
-        for index, name in enumerate(names):
-            namespace, outside, inside = namespaces[name], f"{bridge}o{index}", f"{bridge}i{index}"
-            ip("netns", "add", namespace)
-            ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-            ip("link", "set", outside, "master", bridge)
-            ip("link", "set", outside, "up")
-            ip("link", "set", inside, "netns", namespace)
-            ip("-n", namespace, "addr", "add", f"{addresses[name]}/24", "dev", inside)
-            ip("-n", namespace, "link", "set", inside, "up")
-            ip("-n", namespace, "link", "set", "lo", "up")
-        yield namespaces, addresses
-    finally:
-        for namespace in namespaces.values():
-            subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
-        subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
+        def remove() -> None:
+            for namespace in namespaces.values():
+                subprocess.run(["ip", "netns", "delete", namespace], capture_output=True)
+            subprocess.run(["ip", "link", "delete", bridge], capture_output=True)
+
+        remove()  # what a test killed while it held this number left behind
+        try:
+            ip("link", "add", bridge, "type", "bridge")
+            ip("addr", "add", f"{network}.254/24", "dev", bridge)
+            ip("link", "set", bridge, "up")
+            for index, name in enumerate(names):
+                namespace = namespaces[name]
+                outside, inside = f"{bridge}o{index}", f"{bridge}i{index}"
+                ip("netns", "add", namespace)
+                ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+                ip("link", "set", outside, "master", bridge)
+                ip("link", "set", outside, "up")
+                ip("link", "set", inside, "netns", namespace)
+                ip("-n", namespace, "addr", "add", f"{addresses[name]}/24", "dev", inside)
+                ip("-n", namespace, "link", "set", inside, "up")
+                ip("-n", namespace, "link", "set", "lo", "up")
+            yield namespaces, addresses
+        finally:
+            remove()
 
 
 def hosts_and_postgres() -> Path:
