@@ -6,13 +6,12 @@ import time
 from typing import Optional
 
 from ..settings import Settings
-from .base import Clock, Row, Store, StoreCorrupt, StoreError, StoreUnavailable
+from .base import Clock, Store, StoreCorrupt, StoreError, StoreUnavailable
 from .memory import MemoryStore
 from .sqlite import SqliteStore
 
 __all__ = [
     "MemoryStore",
-    "Row",
     "SqliteStore",
     "Store",
     "StoreCorrupt",

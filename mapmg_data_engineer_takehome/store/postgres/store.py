@@ -15,8 +15,6 @@ import structlog
 
 from ...settings import PostgresPooler
 from ..base import (
-    EXPORT_BATCH_CHARS,
-    EXPORT_BATCH_ROWS,
     PAGE_VALUE_CHARS,
     BulkRow,
     BulkSource,
@@ -43,8 +41,11 @@ from ..base import (
     check_since,
     life_start,
     prefix_upper_bound,
-    trim_cut,
 )
+from ..batches import BatchCut
+from ..notify import RevisionWake
+from ..reads import ReadGroups, Waiting, answer, fail
+from ..trim import TrimPolicy
 from .connect import (
     _FAILURES,
     _LOST_STATEMENT,
@@ -142,10 +143,13 @@ class _Write:
         val: Optional[str],
         ttl_ms: Optional[int],
         condition: Optional[Condition],
-        future: asyncio.Future[Any],
     ) -> None:
         self.kind, self.key, self.val, self.ttl_ms = kind, key, val, ttl_ms
-        self.condition, self.future = condition, future
+        self.condition = condition
+        # Its answer: kv_write's row (outcome, new version, new expiry).
+        self.future: asyncio.Future[tuple[str, Any, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
 
 
 class PostgresStore:
@@ -170,26 +174,14 @@ class PostgresStore:
         self._connect_options = _connect_options(pooler)
         # Where to LISTEN: never through a pooler in transaction mode (None: poll instead).
         self._listen_url = listen_url or (None if pooler == "transaction" else url)
-        self._reads: dict[str, list[asyncio.Future[Optional[Entry]]]] = {}
-        self._reads_scheduled = False
-        self._reads_in_flight = 0
-        self._max_reads_in_flight = (
-            READS_IN_FLIGHT_BEHIND_POOLER if pooler == "transaction" else None
+        self._reads = ReadGroups(
+            self._start_read, READS_IN_FLIGHT_BEHIND_POOLER if pooler == "transaction" else None
         )
         self._writes: list[_Write] = []
         self._draining: Optional[asyncio.Task[None]] = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_commit: Optional[Callable[[int], None]] = None
-        self._wake: Optional[Wake] = None
-        # The newest revision this process has woken its listener for.
-        self._known_revision = 0
-
-    def _moved(self, revision: int) -> None:
-        """The store is at ``revision``: wake the listener if that is news."""
-        if revision > self._known_revision:
-            self._known_revision = revision
-            if self._wake is not None:
-                self._wake()
+        self._revisions = RevisionWake()
 
     # --- opening ------------------------------------------------------------------------
 
@@ -378,25 +370,7 @@ class PostgresStore:
 
     async def get(self, key: str) -> Optional[Entry]:
         """Joins the GETs of this event-loop turn in one query."""
-        future: asyncio.Future[Optional[Entry]] = asyncio.get_running_loop().create_future()
-        waiting = self._reads.get(key)
-        if waiting is None:
-            self._reads[key] = [future]
-        else:
-            waiting.append(future)
-        self._schedule_reads()
-        return await self._within(future)
-
-    def _schedule_reads(self) -> None:
-        """Start a group at the end of this turn, unless one is to start already or as many
-        are in flight as may be (then the first of them to end starts it)."""
-        if self._reads_scheduled or (
-            self._max_reads_in_flight is not None
-            and self._reads_in_flight >= self._max_reads_in_flight
-        ):
-            return
-        self._reads_scheduled = True
-        asyncio.get_running_loop().call_soon(self._start_reads)
+        return await self._within(self._reads.join(key))
 
     async def _within(self, future: asyncio.Future[Result]) -> Result:
         """The answer of a grouped call, or StoreUnavailable after the timeout: a request
@@ -411,10 +385,7 @@ class PostgresStore:
             if not future.done():  # answered without it (a timeout, a cancellation)
                 future.add_done_callback(_retrieve)
 
-    def _start_reads(self) -> None:
-        reads, self._reads = self._reads, {}
-        self._reads_scheduled = False
-        self._reads_in_flight += 1
+    def _start_read(self, reads: Waiting) -> None:
         self._spawn(self._read(reads))
 
     def _spawn(self, coroutine: Any) -> None:
@@ -423,26 +394,15 @@ class PostgresStore:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_crash)
 
-    async def _read(self, reads: Mapping[str, list[asyncio.Future[Optional[Entry]]]]) -> None:
+    async def _read(self, reads: Waiting) -> None:
         try:
             rows = await self._fetch(_GET_MANY, list(reads), self._now())
-        except Exception as error:  # every waiting request gets an answer
-            failure = _answerable(error)
-            for futures in reads.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(failure)
+        except Exception as error:
+            fail(reads, _answerable(error))
             return
         finally:
-            self._reads_in_flight -= 1
-            if self._reads:  # GETs that waited for a group to end
-                self._schedule_reads()
-        found = {row[0]: Entry(row[1], row[2], row[3]) for row in rows}
-        for key, futures in reads.items():
-            entry = found.get(key)
-            for future in futures:
-                if not future.done():
-                    future.set_result(entry)
+            self._reads.ended()
+        answer(reads, {row[0]: Entry(row[1], row[2], row[3]) for row in rows})
 
     async def get_many(self, keys: Sequence[str]) -> Mapping[str, str]:
         rows = await self._fetch(_GET_MANY, list(dict.fromkeys(keys)), self._now())
@@ -505,32 +465,26 @@ class PostgresStore:
         condition: Optional[Condition] = None,
     ) -> Entry:
         ttl_ms = None if ttl is None else round(ttl * 1000)
-        outcome, version, expires_at = await self._submit("set", key, val, ttl_ms, condition)
+        outcome, version, expires_at = await self._submit(
+            _Write("set", key, val, ttl_ms, condition)
+        )
         if outcome == "failed":
             raise PreconditionFailed(version)
         return Entry(val, version, expires_at)
 
     async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
-        outcome, version, _ = await self._submit("delete", key, None, None, condition)
+        outcome, version, _ = await self._submit(_Write("delete", key, None, None, condition))
         if outcome == "failed":
             raise PreconditionFailed(version)
         return outcome == "deleted"
 
-    async def _submit(
-        self,
-        kind: str,
-        key: str,
-        val: Optional[str],
-        ttl_ms: Optional[int],
-        condition: Optional[Condition],
-    ) -> tuple[str, Any, Any]:
-        future: asyncio.Future[tuple[str, Any, Any]] = asyncio.get_running_loop().create_future()
-        self._writes.append(_Write(kind, key, val, ttl_ms, condition, future))
+    async def _submit(self, write: _Write) -> tuple[str, Any, Any]:
+        self._writes.append(write)
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
             self._draining.add_done_callback(_log_crash)
         # A 503 for a write that then commits is a "maybe"; a 200 is only ever a commit.
-        return await self._within(future)
+        return await self._within(write.future)
 
     async def _drain(self) -> None:
         """Send the waiting writes as one group; those arriving meanwhile go in the next."""
@@ -558,7 +512,7 @@ class PostgresStore:
                     self.on_commit(len(group))
                 moved = [row[1] for row in rows if row[0] in ("written", "deleted")]
                 if moved:
-                    self._moved(max(moved))
+                    self._revisions.moved(max(moved))
                 for write, row in zip(group, rows):
                     if not write.future.done():
                         write.future.set_result((row[0], row[1], row[2]))
@@ -590,7 +544,7 @@ class PostgresStore:
         revision = await self._in_transaction(write)
         if self.on_commit is not None:
             self.on_commit(1)
-        self._moved(revision)
+        self._revisions.moved(revision)
         return revision
 
     async def _remove(self, statement: str, first: Any) -> int:
@@ -609,7 +563,7 @@ class PostgresStore:
 
         removed = await self._in_transaction(remove)
         if removed:
-            self._moved(revision)
+            self._revisions.moved(revision)
         return removed
 
     async def delete_many(self, keys: Sequence[str]) -> int:
@@ -644,6 +598,8 @@ class PostgresStore:
         for. The rows are counted up to a revision read first: every change up to it has
         committed (revisions commit in order), so none is counted twice."""
 
+        policy = TrimPolicy(max_age, max_rows, batch)
+
         async def trim(conn: Any) -> int:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _TRIM_LOCK):
                 return 0
@@ -662,7 +618,7 @@ class PostgresStore:
                 )
             )
             now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
-            cutoff = round(now_ms - max_age * 1000)
+            cutoff = round(policy.cutoff(now_ms))
             await conn.execute(
                 "INSERT INTO kv_history_marks (at, revision) VALUES ($1, $2)"
                 " ON CONFLICT (at) DO UPDATE SET revision = excluded.revision",
@@ -672,7 +628,6 @@ class PostgresStore:
             aged = await conn.fetchval(
                 "SELECT max(revision) FROM kv_history_marks WHERE at <= $1", cutoff
             )
-            # The newest mark at or before the cutoff decides; the older ones are needed no more.
             await conn.execute(
                 "DELETE FROM kv_history_marks WHERE at <"
                 " (SELECT max(at) FROM kv_history_marks WHERE at <= $1)",
@@ -684,9 +639,9 @@ class PostgresStore:
                     "SELECT revision FROM kv_changes ORDER BY revision, key LIMIT $1", batch
                 )
             ]
-            cut = trim_cut(oldest, meta["compact_revision"], rows - max_rows, aged or 0)
+            cut = policy.cut(oldest, meta["compact_revision"], rows, aged)
             dropped = 0
-            if oldest and oldest[0] <= cut:
+            if policy.drops(oldest, cut):
                 status = await conn.execute("DELETE FROM kv_changes WHERE revision <= $1", cut)
                 dropped = int(status.split()[-1])
             # A since below the compact revision is answered "compacted" before any gap counts.
@@ -704,8 +659,8 @@ class PostgresStore:
             return dropped
 
         dropped = await self._in_transaction(trim)
-        if dropped and self._wake is not None:
-            self._wake()  # this process's feed learns the compact revision it moved
+        if dropped:
+            self._revisions.poke()  # this process's feed learns the compact revision it moved
         return dropped
 
     async def history(self) -> HistoryStats:
@@ -727,28 +682,26 @@ class PostgresStore:
         WATCH_POLL_INTERVAL seconds in case a notification was lost; either wakes only for a
         revision this process has not woken for. When that connection drops it is made
         again, and ``wake`` called, since changes may have come meanwhile."""
-        self._wake = wake
-        if self._listen_url is None:
-            try:
+        with self._revisions.listening(wake):
+            if self._listen_url is None:
                 await self._poll(wake)
-            finally:
-                self._wake = None
-            return
+            else:
+                await self._listen(wake)
+
+    async def _listen(self, wake: Wake) -> None:
+        """Listen on connections made one after the other, until cancelled (see listen)."""
         delay = LISTEN_RETRY_FIRST
-        try:
-            while True:
-                listening = _Listening()
-                try:
-                    await self._listen_once(wake, listening)
-                except _FAILURES as error:
-                    if listening.worked:  # a connection that worked: the next try is soon
-                        delay = LISTEN_RETRY_FIRST
-                    log.warning("watch_connection_lost", reason=describe(error), retry_in=delay)
-                wake()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, LISTEN_RETRY_MAX)
-        finally:
-            self._wake = None
+        while True:
+            listening = _Listening()
+            try:
+                await self._listen_once(wake, listening)
+            except _FAILURES as error:
+                if listening.worked:  # a connection that worked: the next try is soon
+                    delay = LISTEN_RETRY_FIRST
+                log.warning("watch_connection_lost", reason=describe(error), retry_in=delay)
+            wake()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY_MAX)
 
     async def _poll(self, wake: Wake) -> None:
         """Where LISTEN cannot work (a pooler in transaction mode hands each transaction to
@@ -761,9 +714,7 @@ class PostgresStore:
             except StoreError:
                 wake()  # changes may come meanwhile; the feed finds the store down itself
             else:
-                if revision != self._known_revision:  # newer, or the database was restored
-                    self._known_revision = revision
-                    wake()
+                self._revisions.seen(revision)
             await asyncio.sleep(POLL_WITHOUT_LISTEN)
 
     async def _listen_once(self, wake: Wake, listening: _Listening) -> None:
@@ -783,16 +734,14 @@ class PostgresStore:
                 notified_schema, _, revision = str(args[-1]).rpartition(" ")
                 # A write to this store, not another's (nor anyone else's notification).
                 if notified_schema == schema and revision.isdigit():
-                    self._moved(int(revision))
+                    self._revisions.moved(int(revision))
 
             await conn.add_listener(CHANNEL, notified)
             listening.worked = True
             wake()  # whatever committed before LISTEN took effect
             while True:
                 revision = int(await conn.fetchval(_READ_REVISION, timeout=self._timeout))
-                if revision != self._known_revision:  # newer, or the database was restored
-                    self._known_revision = revision
-                    wake()
+                self._revisions.seen(revision)
                 await asyncio.sleep(WATCH_POLL_INTERVAL)
         finally:
             await conn.close(timeout=self._timeout)
@@ -805,13 +754,7 @@ class PostgresStore:
         connection of its own. The revision's lock, which every write waits for, is taken
         only once the rows are in; a seed first takes a lock that servers starting together
         wait on."""
-        try:
-            # Its own connection, without the requests' timeout: a load takes its time.
-            conn = await _connect_any_host(
-                self._url, timeout=self._timeout, **self._connect_options
-            )
-        except _FAILURES as error:
-            raise _translate(error) from None
+        conn = await self._connect_alone()
         try:
             await _check_primary(conn)  # as the pool checks its own
             async with conn.transaction():
@@ -851,7 +794,7 @@ class PostgresStore:
                 if source.fingerprint is not None:
                     await conn.execute(_WRITE_META, _SEED_FINGERPRINT, source.fingerprint)
             if applied or removed:
-                self._moved(revision)
+                self._revisions.moved(revision)
                 if self.on_commit is not None:
                     self.on_commit(1)
             return Loaded(applied, removed, revision)
@@ -862,14 +805,19 @@ class PostgresStore:
         finally:
             await conn.close()
 
-    @contextlib.asynccontextmanager
-    async def export(self, prefix: str) -> AsyncIterator[_PostgresSnapshot]:
+    async def _connect_alone(self) -> Any:
+        """A connection of its own, outside the pool, for a load or an export: without the
+        requests' timeout once connected, since those take their time."""
         try:
-            conn = await _connect_any_host(
+            return await _connect_any_host(
                 self._url, timeout=self._timeout, **self._connect_options
             )
         except _FAILURES as error:
             raise _translate(error) from None
+
+    @contextlib.asynccontextmanager
+    async def export(self, prefix: str) -> AsyncIterator[_PostgresSnapshot]:
+        conn = await self._connect_alone()
         try:
             try:
                 await _check_primary(conn)  # as the pool checks its own
@@ -948,8 +896,7 @@ class _PostgresSnapshot:
         self._prefix = prefix
 
     async def batches(self) -> AsyncIterator[list[BulkRow]]:
-        batch: list[BulkRow] = []
-        chars = 0
+        cut: BatchCut[BulkRow] = BatchCut()
         after, started = self._prefix, False
         bound = prefix_upper_bound(self._prefix)
         while True:
@@ -968,13 +915,10 @@ class _PostgresSnapshot:
                         val = await self._conn.fetchval(_EXPORT_VALUE, key)
                     except _FAILURES as error:
                         raise _translate(error) from None
-                batch.append(BulkRow(key, val, expires_at))
-                chars += len(val)
-                if len(batch) == EXPORT_BATCH_ROWS or chars >= EXPORT_BATCH_CHARS:
-                    yield batch
-                    batch, chars = [], 0
-        if batch:
-            yield batch
+                if (full := cut.add(BulkRow(key, val, expires_at), len(val))) is not None:
+                    yield full
+        if (rest := cut.rest()) is not None:
+            yield rest
 
 
 def _condition_name(condition: Optional[Condition]) -> Optional[str]:

@@ -21,7 +21,15 @@ given; a restored copy skips those its lost writes were given.
 
 from __future__ import annotations
 
+from .bulk import SqlSeed, SqlSeedSource
 from .schema import SCHEMA_VERSION, sqlite_uri
 from .store import WATCH_POLL_INTERVAL, SqliteStore
 
-__all__ = ["SCHEMA_VERSION", "WATCH_POLL_INTERVAL", "SqliteStore", "sqlite_uri"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "WATCH_POLL_INTERVAL",
+    "SqlSeed",
+    "SqlSeedSource",
+    "SqliteStore",
+    "sqlite_uri",
+]

@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional, Protocol, runtime_checkable
 
 import structlog
 
 from ..base import (
-    EXPORT_BATCH_CHARS,
-    EXPORT_BATCH_ROWS,
     Clock,
     Loaded,
     LoadRow,
-    SqlSeed,
     life_start,
 )
+from ..batches import batched
 from .schema import (
     _COMPACT_REVISION,
     _KEYS,
@@ -39,6 +39,35 @@ from .schema import (
 )
 
 log = structlog.get_logger("kv.store")
+
+
+@dataclass(frozen=True)
+class SqlSeed:
+    """A seed's rows as SQL over its SQLite file, for a store that can ATTACH it and copy the
+    rows without one passing through Python."""
+
+    # The schema name the seed database is attached under; the queries read from it.
+    SCHEMA: ClassVar[str] = "seed"
+    uri: str  # a URI of the seed database that SQLite can ATTACH
+    # SELECT (key, val, expires_at) of every row in the order to apply them, key or val NULL
+    # (or an empty key) where a row is skipped: a store applies it with constraints that
+    # ignore those rows.
+    select: str
+    # The same, exact where ``select`` has a blind spot (see seed._text_of), at a cost.
+    exact_select: str
+    # SELECT count(*) of the rows ``select`` gets wrong; when it is not 0, use exact_select.
+    misses: str
+    functions: Mapping[str, Callable[..., Any]]  # SQL functions the queries call
+
+
+@runtime_checkable
+class SqlSeedSource(Protocol):
+    """A BulkSource that the sqlite store can take faster than by its batches: its rows as SQL
+    over a SQLite file (a seed's input.db), which the store ATTACHes and copies itself. The
+    store checks for it at its load; other stores take the batches."""
+
+    def as_sql(self) -> Optional[SqlSeed]:
+        """The same rows as SQL over a SQLite file, or None when there is no such file."""
 
 
 class _FastSeedMissed(Exception):
@@ -218,32 +247,24 @@ class _SqliteSnapshot:
             raise
 
     async def batches(self) -> AsyncIterator[list[LoadRow]]:
-        pending: list[Any] = []  # rows read but not yet in a batch
-        while True:
-            batch: list[LoadRow] = []
-            chars = 0
-            try:
-                # The query's rows as they come (a tuple each, no object of ours), but for
-                # the long values, read on their own; a batch ends at the row that takes its
-                # values past EXPORT_BATCH_CHARS.
-                while len(batch) < EXPORT_BATCH_ROWS and chars < EXPORT_BATCH_CHARS:
-                    rows, pending = pending or self._rows.fetchmany(_EXPORT_FETCH), []
-                    if not rows:
-                        break
-                    for position, (key, val, expires_at) in enumerate(rows):
-                        if val is None:
-                            val = self._conn.execute(_EXPORT_VALUE, (key,)).fetchone()[0]
-                            rows[position] = (key, val, expires_at)
-                        chars += len(val)
-                        if chars >= EXPORT_BATCH_CHARS:
-                            rows, pending = rows[: position + 1], rows[position + 1 :]
-                            break
-                    batch += rows
-            except sqlite3.Error as error:
-                raise _translate(error, self._path) from None
-            if not batch:
-                return
+        for batch in batched(self._rows_with_values()):
             yield batch
+
+    def _rows_with_values(self) -> Iterator[LoadRow]:
+        """The query's rows as they come (a tuple each, no object of ours), but for the long
+        values, read on their own."""
+        try:
+            for rows in iter(partial(self._rows.fetchmany, _EXPORT_FETCH), []):
+                for row in rows:
+                    if row[1] is None:
+                        row = (
+                            row[0],
+                            self._conn.execute(_EXPORT_VALUE, (row[0],)).fetchone()[0],
+                            row[2],
+                        )
+                    yield row
+        except sqlite3.Error as error:
+            raise _translate(error, self._path) from None
 
     def close(self) -> None:
         self._conn.close()  # ends the read transaction: the WAL can be rewound again

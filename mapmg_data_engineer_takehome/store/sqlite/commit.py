@@ -17,10 +17,10 @@ from ..base import (
     Condition,
     Entry,
     PreconditionFailed,
-    Wake,
     condition_holds,
-    trim_cut,
 )
+from ..notify import RevisionWake
+from ..trim import TrimPolicy
 from .schema import (
     _CHUNK,
     _COMPACT_REVISION,
@@ -135,15 +135,18 @@ class _SetMany:
         return version
 
 
-def _remove(tx: _Transaction, keys: Sequence[str], kind: ChangeType) -> None:
+def _remove(tx: _Transaction, keys: Sequence[str], kind: ChangeType) -> int:
     """Delete the rows of ``keys`` (live or expired, each once) in a new revision, recording
-    each as a change of ``kind``."""
+    each as a change of ``kind``; how many. No revision is taken when there are none."""
+    if not keys:
+        return 0
     tx.revision += 1
     for start in range(0, len(keys), _CHUNK):
         chunk = keys[start : start + _CHUNK]
         tx.conn.execute(f"DELETE FROM kv WHERE key IN ({','.join('?' * len(chunk))})", chunk)
     for key in keys:
         tx.record(kind, key)
+    return len(keys)
 
 
 class _DeleteMany:
@@ -164,9 +167,7 @@ class _DeleteMany:
                     f"SELECT key FROM kv WHERE key IN ({marks}) AND {_LIVE}", (*chunk, tx.now_ms)
                 )
             )
-        if live:  # expired rows stay, for the purge to report
-            _remove(tx, live, "delete")
-        return len(live)
+        return _remove(tx, live, "delete")  # expired rows stay, for the purge to report
 
 
 class _Purge:
@@ -177,18 +178,16 @@ class _Purge:
 
     def apply(self, tx: _Transaction) -> int:
         expired = [key for (key,) in tx.conn.execute(_EXPIRED, (tx.now_ms, self.limit))]
-        if expired:
-            _remove(tx, expired, "expire")
-        return len(expired)
+        return _remove(tx, expired, "expire")
 
 
 class _TrimHistory:
     """One step of trimming the history (see Store.trim_history); takes no revision."""
 
-    __slots__ = ("batch", "max_age", "max_rows")
+    __slots__ = ("policy",)
 
-    def __init__(self, max_age: float, max_rows: int, batch: int) -> None:
-        self.max_age, self.max_rows, self.batch = max_age, max_rows, batch
+    def __init__(self, policy: TrimPolicy) -> None:
+        self.policy = policy
 
     def apply(self, tx: _Transaction) -> int:
         conn = tx.conn
@@ -197,19 +196,19 @@ class _TrimHistory:
         # Every change up to tx.first is in the table (this group's own are not yet).
         rows = _meta(conn, _HISTORY_ROWS) + _count_changes_above(conn, counted_through)
         conn.execute(_MARK, (int(tx.now_ms), tx.first))
-        cutoff = tx.now_ms - self.max_age * 1000
+        policy = self.policy
+        cutoff = policy.cutoff(tx.now_ms)
         aged = conn.execute(_AGED, (cutoff,)).fetchone()[0]
-        # The newest mark at or before the cutoff decides; the older ones are needed no more.
         conn.execute(_UNMARK, (cutoff,))
         oldest = [
             revision
             for (revision,) in conn.execute(
-                "SELECT revision FROM changes ORDER BY revision, key LIMIT ?", (self.batch,)
+                "SELECT revision FROM changes ORDER BY revision, key LIMIT ?", (policy.batch,)
             )
         ]
-        cut = trim_cut(oldest, compact, rows - self.max_rows, aged or 0)
+        cut = policy.cut(oldest, compact, rows, aged)
         dropped = 0
-        if oldest and oldest[0] <= cut:
+        if policy.drops(oldest, cut):
             dropped = conn.execute("DELETE FROM changes WHERE revision <= ?", (cut,)).rowcount
         # A since below the compact revision is answered "compacted" before any gap counts.
         conn.execute("DELETE FROM gaps WHERE resumed_at <= ?", (cut,))
@@ -282,10 +281,8 @@ class _GroupCommitter:
         self._draining: Optional[asyncio.Task[None]] = None
         self._alone_queued = 0  # bulk loads in _pending
         self.on_commit: Optional[Callable[[int], None]] = None
-        # Told after each commit that took a revision (see SqliteStore.listen).
-        self.wake: Optional[Wake] = None
-        # The newest revision this process has woken its listener for.
-        self.known_revision = 0
+        # Woken after each commit that took a revision (see SqliteStore.listen).
+        self.revisions = RevisionWake()
 
     async def submit(self, operation: _Operation[Result]) -> Result:
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
@@ -323,10 +320,7 @@ class _GroupCommitter:
     def _committed(self, writes: int, revision: int) -> None:
         if self.on_commit is not None:
             self.on_commit(writes)
-        if revision > self.known_revision:
-            self.known_revision = revision
-            if self.wake is not None:
-                self.wake()
+        self.revisions.moved(revision)
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()

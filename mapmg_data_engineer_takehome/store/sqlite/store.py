@@ -15,27 +15,11 @@ from typing import Any, Callable, Optional
 
 import structlog
 
-from ..base import (
-    PAGE_VALUE_CHARS,
-    BulkSource,
-    Change,
-    Changes,
-    Clock,
-    Condition,
-    Entry,
-    Gap,
-    HistoryStats,
-    ListedKey,
-    Loaded,
-    Page,
-    SetItem,
-    Wake,
-    check_since,
-    expiry_of,
-    prefix_upper_bound,
-    take_changes,
-)
+from .. import base
+from ..reads import ReadGroups, Waiting, answer, fail
+from ..trim import TrimPolicy
 from .bulk import (
+    SqlSeedSource,
     _BulkLoad,
     _SqliteSnapshot,
 )
@@ -90,7 +74,9 @@ class SqliteStore:
 
     name = "sqlite"
 
-    def __init__(self, path: Path, durability: str = "normal", clock: Clock = time.time) -> None:
+    def __init__(
+        self, path: Path, durability: str = "normal", clock: base.Clock = time.time
+    ) -> None:
         self.path = path
         self.durability = durability
         self._clock = clock
@@ -110,8 +96,8 @@ class SqliteStore:
         # One cursor for every point read: a new one per get costs more than the lookup's
         # parsing.
         self._reader = self._conn.cursor()
-        # The GETs waiting for this iteration's query: key -> the futures of its requests.
-        self._gets: dict[str, list[asyncio.Future[Optional[Entry]]]] = {}
+        # The GETs waiting for this iteration's query.
+        self._gets = ReadGroups(self._read_gets)
         self._committer = _GroupCommitter(path, durability, self._conn, clock)
         self._closed = False
 
@@ -135,27 +121,20 @@ class SqliteStore:
         except sqlite3.Error as error:
             raise _translate(error, self.path) from None
 
-    async def get(self, key: str) -> Optional[Entry]:
+    async def get(self, key: str) -> Optional[base.Entry]:
         """Joins the GETs of this event-loop iteration in one query (``_read_gets``).
 
         One query for many keys costs less CPU than a query per key: the sqlite3 module's
         per-statement work is paid once, and SQLite looks the keys up in order, so the
         b-tree pages they share stay in the CPU's caches (bench/results.md has the figures).
         """
-        future: asyncio.Future[Optional[Entry]] = asyncio.get_running_loop().create_future()
-        waiting = self._gets.get(key)
-        if waiting is not None:
-            waiting.append(future)
-        else:
-            self._gets[key] = [future]
-            if len(self._gets) == 1:
-                asyncio.get_running_loop().call_soon(self._read_gets)
-        return await future
+        return await self._gets.join(key)
 
-    def _read_gets(self) -> None:
-        gets, self._gets = self._gets, {}
+    def _read_gets(self, gets: Waiting) -> None:
+        """One query for a group's keys, in this loop iteration's read snapshot (see _read),
+        padded to a size of _GET_GROUP; answered before it returns."""
         keys = list(gets)
-        found: dict[str, Entry] = {}
+        found: dict[str, base.Entry] = {}
         try:
             rows: list[Any] = []
             for start in range(0, len(keys), _GET_GROUP_MAX):
@@ -171,18 +150,13 @@ class SqliteStore:
                         now_ms = self._clock() * 1000
                     if expires_at <= now_ms:
                         continue
-                found[key] = Entry(val, version, expires_at)
-        except Exception as error:  # every waiting request gets it, or they would wait forever
-            for futures in gets.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(error)
-            return
-        for key, futures in gets.items():
-            entry = found.get(key)
-            for future in futures:
-                if not future.done():  # its request may have been cancelled meanwhile
-                    future.set_result(entry)
+                found[key] = base.Entry(val, version, expires_at)
+        except Exception as error:
+            fail(gets, error)
+        else:
+            answer(gets, found)
+        finally:
+            self._gets.ended()
 
     async def get_many(self, keys: Sequence[str]) -> Mapping[str, str]:
         found: dict[str, str] = {}
@@ -197,7 +171,9 @@ class SqliteStore:
             found.update((str(key), str(val)) for key, val in rows)
         return found
 
-    async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:
+    async def list_keys(
+        self, prefix: str, after: Optional[str], limit: int, values: bool
+    ) -> base.Page:
         """One range scan of the key's b-tree: O(log n) to the start, then the page."""
         conditions = [_LIVE]
         parameters: list[object] = [self._clock() * 1000]
@@ -207,14 +183,14 @@ class SqliteStore:
         else:
             conditions.append("key >= ?")
             parameters.append(prefix)
-        bound = prefix_upper_bound(prefix)
+        bound = base.prefix_upper_bound(prefix)
         if bound is not None:
             conditions.append("key < ?")
             parameters.append(bound)
         columns = "key, version, expires_at, val" if values else "key, version, expires_at"
         sql = f"SELECT {columns} FROM kv WHERE {' AND '.join(conditions)} ORDER BY key LIMIT ?"
         parameters.append(limit + 1)
-        keys: list[ListedKey] = []
+        keys: list[base.ListedKey] = []
         value_chars = 0
         more = False
         try:
@@ -225,16 +201,16 @@ class SqliteStore:
             # and an unfinished statement would keep its read lock.
             with contextlib.closing(self._conn.execute(sql, parameters)) as rows:
                 for row in rows:
-                    if len(keys) == limit or (values and value_chars > PAGE_VALUE_CHARS):
+                    if len(keys) == limit or (values and value_chars > base.PAGE_VALUE_CHARS):
                         more = True
                         break
-                    listed = ListedKey(*row)
+                    listed = base.ListedKey(*row)
                     if values:
                         value_chars += len(listed.val or "")
                     keys.append(listed)
         except sqlite3.Error as error:
             raise _translate(error, self.path) from None
-        return Page(keys, more=more, revision=revision)
+        return base.Page(keys, more=more, revision=revision)
 
     def _begin_read_snapshot(self) -> None:
         """Open a read transaction that the reads of this event-loop iteration share.
@@ -258,17 +234,17 @@ class SqliteStore:
         key: str,
         val: str,
         ttl: Optional[float] = None,
-        condition: Optional[Condition] = None,
-    ) -> Entry:
-        expires_at = None if ttl is None else expiry_of(ttl, self._clock())
+        condition: Optional[base.Condition] = None,
+    ) -> base.Entry:
+        expires_at = None if ttl is None else base.expiry_of(ttl, self._clock())
         return await self._committer.submit(_SetOne(key, val, expires_at, condition))
 
-    async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
+    async def delete(self, key: str, condition: Optional[base.Condition] = None) -> bool:
         return await self._committer.submit(_DeleteOne(key, condition))
 
-    async def set_many(self, items: Sequence[SetItem]) -> int:
+    async def set_many(self, items: Sequence[base.SetItem]) -> int:
         now = self._clock()
-        rows = [(item.key, item.val, expiry_of(item.ttl, now)) for item in items]
+        rows = [(item.key, item.val, base.expiry_of(item.ttl, now)) for item in items]
         return await self._committer.submit(_SetMany(rows))
 
     async def delete_many(self, keys: Sequence[str]) -> int:
@@ -280,15 +256,15 @@ class SqliteStore:
     async def revision(self) -> int:
         return int(self._read(_READ_META, (_REVISION,))[0][0])
 
-    async def changes(self, prefix: str, since: int, limit: int) -> Changes:
+    async def changes(self, prefix: str, since: int, limit: int) -> base.Changes:
         """One range scan of the history's b-tree, in the loop's read snapshot, read only as
         far as take_changes takes it."""
         key_range, key_parameters = _key_range(prefix)
         revision = await self.revision()  # begins the snapshot the scan below shares
         try:
             compact = int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0])
-            gaps = [Gap(*row) for row in self._read(_GAPS_ABOVE, (since,))]
-            check_since(since, revision, compact, gaps)
+            gaps = [base.Gap(*row) for row in self._read(_GAPS_ABOVE, (since,))]
+            base.check_since(since, revision, compact, gaps)
             # Its own cursor, closed at the end: an unfinished statement keeps its read lock.
             with contextlib.closing(
                 self._conn.execute(
@@ -297,72 +273,73 @@ class SqliteStore:
                     (since, *key_parameters),
                 )
             ) as rows:
-                events, more = take_changes((Change(*row) for row in rows), limit)
+                events, more = base.take_changes((base.Change(*row) for row in rows), limit)
         except sqlite3.Error as error:
             raise _translate(error, self.path) from None
-        return Changes(events, revision, more, compact, gaps)
+        return base.Changes(events, revision, more, compact, gaps)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
-        dropped = await self._committer.submit(_TrimHistory(max_age, max_rows, batch))
-        if dropped and self._committer.wake is not None:
-            self._committer.wake()  # the feed's tail learns the compact revision it moved
+        dropped = await self._committer.submit(_TrimHistory(TrimPolicy(max_age, max_rows, batch)))
+        if dropped:
+            self._committer.revisions.poke()  # the feed's tail learns the compact revision
         return dropped
 
-    async def history(self) -> HistoryStats:
+    async def history(self) -> base.HistoryStats:
         counted = int(self._read(_READ_META, (_HISTORY_ROWS,))[0][0])
         counted_through = int(self._read(_READ_META, (_HISTORY_COUNTED,))[0][0])
         above = self._read("SELECT count(*) FROM changes WHERE revision > ?", (counted_through,))
         compact = int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0])
-        return HistoryStats(counted + int(above[0][0]), compact)
+        return base.HistoryStats(counted + int(above[0][0]), compact)
 
-    async def listen(self, wake: Wake) -> None:
+    async def listen(self, wake: base.Wake) -> None:
         """This process's commits wake at once (the committer calls ``wake``); another
         process's (a worker's) are noticed by polling PRAGMA data_version, which changes when
         another connection commits, every WATCH_POLL_INTERVAL seconds on a connection of its
         own: a read of the WAL index, no I/O. Then the revision is read, and ``wake`` called
         only when it is one this process has not woken for: its own commits change
         data_version too."""
-        self._committer.wake = wake
-        try:
-            poller = sqlite3.connect(
-                sqlite_uri(self.path.resolve()), uri=True, isolation_level=None
-            )
-        except sqlite3.Error as error:
-            self._committer.wake = None
-            raise _translate(error, self.path) from None
-        try:
-            wake()
-            seen = None
-            failing = False
-            while True:
-                try:
-                    version = poller.execute("PRAGMA data_version").fetchone()[0]
-                    if version != seen:
-                        seen = version
-                        revision = _meta(poller, _REVISION)
-                        if revision != self._committer.known_revision:  # or restored
-                            self._committer.known_revision = revision
-                            wake()
-                    failing = False
-                except sqlite3.Error as error:  # a passing lock, say: wake to be safe
-                    if not failing:  # said once, not every few ms while it lasts
-                        log.warning("watch_poll_failed", reason=str(error))
-                    failing, seen = True, None
-                    wake()
-                await asyncio.sleep(WATCH_POLL_INTERVAL)
-        finally:
-            self._committer.wake = None
-            poller.close()
+        with self._committer.revisions.listening(wake):
+            try:
+                poller = sqlite3.connect(
+                    sqlite_uri(self.path.resolve()), uri=True, isolation_level=None
+                )
+            except sqlite3.Error as error:
+                raise _translate(error, self.path) from None
+            try:
+                await self._poll(poller, wake)
+            finally:
+                poller.close()
 
-    async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
+    async def _poll(self, poller: sqlite3.Connection, wake: base.Wake) -> None:
+        """Wake once, then poll on ``poller`` until cancelled (see listen)."""
+        wake()
+        seen = None
+        failing = False
+        while True:
+            try:
+                version = poller.execute("PRAGMA data_version").fetchone()[0]
+                if version != seen:
+                    seen = version
+                    self._committer.revisions.seen(_meta(poller, _REVISION))
+                failing = False
+            except sqlite3.Error as error:  # a passing lock, say: wake to be safe
+                if not failing:  # said once, not every few ms while it lasts
+                    log.warning("watch_poll_failed", reason=str(error))
+                failing, seen = True, None
+                wake()
+            await asyncio.sleep(WATCH_POLL_INTERVAL)
+
+    async def load(
+        self, source: base.BulkSource, replace: Optional[str] = None
+    ) -> Optional[base.Loaded]:
         """A seed's file is copied inside SQLite (ATTACH, then one INSERT ... SELECT); an
         import's rows are staged in a temporary table as they come, then copied the same way.
         Either way in one transaction on a connection of its own, on a thread, while the
         committer holds this process's other writes back (see _GroupCommitter.run_alone)."""
-        sql = source.as_sql()
+        sql = source.as_sql() if isinstance(source, SqlSeedSource) else None
         try:
             bulk = _BulkLoad(self.path, self.durability, replace, self._clock)
-            apply: Callable[[], tuple[Optional[Loaded], int]]
+            apply: Callable[[], tuple[Optional[base.Loaded], int]]
             if sql is not None:
                 assert source.fingerprint is not None  # a seed's file has one
                 apply = partial(bulk.apply_seed, sql, source.fingerprint)
