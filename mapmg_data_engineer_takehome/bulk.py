@@ -29,7 +29,8 @@ from .models import ExportQuery, ImportQuery, is_text, parse_query, rfc3339
 from .protocol import stop_request_clock
 from .settings import Settings
 from .state import CLOCK_KEY, METRICS_KEY, SETTINGS_KEY, STORE_KEY
-from .store.base import MAX_TTL_SECONDS, LoadRow, SqlSeed, StoreError
+from .store.base import MAX_TTL_SECONDS, LoadRow, StoreError
+from .store.batches import BatchCut
 
 log = structlog.get_logger("kv.bulk")
 
@@ -154,9 +155,6 @@ class NdjsonSource:
         self.lines = 0
         self.skipped = 0
 
-    def as_sql(self) -> Optional[SqlSeed]:
-        return None
-
     async def _chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: a 413 once it passes the limit, and a 408 when the client
         sends nothing for KV_CLIENT_TIMEOUT (a whole import may take longer than that)."""
@@ -182,8 +180,7 @@ class NdjsonSource:
             yield data
 
     async def batches(self) -> AsyncIterator[list[LoadRow]]:
-        batch: list[LoadRow] = []
-        chars = 0
+        cut: BatchCut[LoadRow] = BatchCut(_BATCH_ROWS, _BATCH_CHARS)
         pending = bytearray()
         async for data in self._chunks():
             if b"\n" not in data:
@@ -196,20 +193,16 @@ class NdjsonSource:
             pending = bytearray(rest)
             for line in complete:
                 row = self._parse(line)
-                if row is not None:
-                    batch.append(row)
-                    chars += len(row[1])
-                    if len(batch) == _BATCH_ROWS or chars >= _BATCH_CHARS:
-                        yield batch
-                        batch, chars = [], 0
+                if row is not None and (full := cut.add(row, len(row[1]))) is not None:
+                    yield full
             if len(pending) > self._max_line:
                 self._too_long()
         if pending:
             row = self._parse(pending)  # a last line without its newline
-            if row is not None:
-                batch.append(row)
-        if batch:
-            yield batch
+            if row is not None and (full := cut.add(row, len(row[1]))) is not None:
+                yield full
+        if (last := cut.rest()) is not None:
+            yield last
 
     def _too_long(self) -> NoReturn:
         self._invalid(

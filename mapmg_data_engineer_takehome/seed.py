@@ -30,8 +30,8 @@ from typing import Callable, Optional
 import structlog
 
 from .errors import StartupError
-from .store.base import LoadRow, SqlSeed, Store
-from .store.sqlite import sqlite_uri
+from .store.base import LoadRow, Store
+from .store.sqlite import SqlSeed, sqlite_uri
 
 log = structlog.get_logger("kv.seed")
 

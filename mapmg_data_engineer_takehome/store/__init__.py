@@ -1,4 +1,10 @@
-"""Storage backends behind one async interface; ``open_store`` picks one from the settings."""
+"""Storage backends behind one async interface; ``open_store`` picks one from the settings.
+
+base.py is the protocol, store-neutral; memory.py, sqlite/ and postgres/ implement it. What
+more than one backend needs is written once beside them: reads.py (a loop turn's GETs as one
+group), notify.py (waking the listener for a new revision), batches.py (the batch cut of
+imports and exports) and trim.py (the history's trimming policy).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +12,12 @@ import time
 from typing import Optional
 
 from ..settings import Settings
-from .base import Clock, Row, Store, StoreCorrupt, StoreError, StoreUnavailable
+from .base import Clock, Store, StoreCorrupt, StoreError, StoreUnavailable
 from .memory import MemoryStore
 from .sqlite import SqliteStore
 
 __all__ = [
     "MemoryStore",
-    "Row",
     "SqliteStore",
     "Store",
     "StoreCorrupt",

@@ -38,9 +38,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import (
-    Any,
     Callable,
-    ClassVar,
     Literal,
     NamedTuple,
     Optional,
@@ -48,8 +46,6 @@ from typing import (
     TypeVar,
     Union,
 )
-
-Row = tuple[str, str]
 
 # The longest expiry a write may ask for: ten years, in seconds.
 MAX_TTL_SECONDS = 315_360_000
@@ -290,19 +286,6 @@ def take_changes(
     return events, False
 
 
-def trim_cut(oldest: Iterable[int], compact_revision: int, excess: int, aged: int) -> int:
-    """The revision to trim through, from the oldest changes' revisions in order: the last of
-    a run from the first that are each at or below ``compact_revision``, at or below ``aged``
-    (every change up to it is older than the retention), or among the first ``excess`` rows.
-    A revision is trimmed whole, so a cut may take a few rows more than ``excess``."""
-    cut = compact_revision
-    for position, revision in enumerate(oldest):
-        if revision > compact_revision and revision > aged and position >= excess:
-            break
-        cut = max(cut, revision)
-    return cut
-
-
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -482,36 +465,14 @@ def prefix_upper_bound(prefix: str) -> Optional[str]:
     return stripped[:-1] + chr(following)
 
 
-@dataclass(frozen=True)
-class SqlSeed:
-    """A seed's rows as SQL over its SQLite file, for a store that can ATTACH it and copy the
-    rows without one passing through Python."""
-
-    # The schema name the seed database is attached under; the queries read from it.
-    SCHEMA: ClassVar[str] = "seed"
-    uri: str  # a URI of the seed database that SQLite can ATTACH
-    # SELECT (key, val, expires_at) of every row in the order to apply them, key or val NULL
-    # (or an empty key) where a row is skipped: a store applies it with constraints that
-    # ignore those rows.
-    select: str
-    # The same, exact where ``select`` has a blind spot (see seed._text_of), at a cost.
-    exact_select: str
-    # SELECT count(*) of the rows ``select`` gets wrong; when it is not 0, use exact_select.
-    misses: str
-    functions: Mapping[str, Callable[..., Any]]  # SQL functions the queries call
-
-
 class BulkSource(Protocol):
-    """The rows of a bulk load: what every store can take (``batches``), what a SQLite store
-    can take faster (``as_sql``, an input.db), and a seed's fingerprint (None for an import).
+    """The rows of a bulk load (``batches``) and a seed's fingerprint (None for an import).
     Every key and value is valid text without NUL, within the limits: the source checked it.
-    A failure while ``batches`` runs (a bad line, a client gone) aborts the load."""
+    A failure while ``batches`` runs (a bad line, a client gone) aborts the load. A store
+    may take some sources faster (the sqlite store: store.sqlite.SqlSeedSource)."""
 
     @property
     def fingerprint(self) -> Optional[str]: ...
 
     def batches(self) -> AsyncIterator[Sequence[LoadRow]]:
         """The rows to apply, in order, a batch at a time; the last one for a key wins."""
-
-    def as_sql(self) -> Optional[SqlSeed]:
-        """The same rows as SQL over a SQLite file, or None when there is no such file."""

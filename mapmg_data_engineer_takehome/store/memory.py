@@ -14,8 +14,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Callable, Optional
 
 from .base import (
-    EXPORT_BATCH_CHARS,
-    EXPORT_BATCH_ROWS,
     PAGE_VALUE_CHARS,
     BulkRow,
     BulkSource,
@@ -39,8 +37,10 @@ from .base import (
     life_start,
     prefix_upper_bound,
     take_changes,
-    trim_cut,
 )
+from .batches import batched
+from .notify import RevisionWake
+from .trim import TrimPolicy
 
 
 class MemoryStore:
@@ -65,25 +65,22 @@ class MemoryStore:
         self._history_revisions: list[int] = []
         self._marks: list[tuple[float, int]] = []
         self._compact_revision = 0
-        self._wake: Optional[Wake] = None
+        self._revisions = RevisionWake()
         self.on_commit: Optional[Callable[[int], None]] = None
 
     def _committed(self, writes: int = 1) -> None:
         """Each write is its own commit here (a purge's counts none)."""
         if writes and self.on_commit is not None:
             self.on_commit(writes)
-        if self._wake is not None:
-            self._wake()
+        self._revisions.moved(self._revision)
 
-    def _record(
-        self,
-        kind: ChangeType,
-        key: str,
-        val: Optional[str] = None,
-        expires_at: Optional[int] = None,
-    ) -> None:
-        """Record a change of the revision now being written (``self._revision``)."""
-        self._history.append(Change(self._revision, kind, key, val, expires_at))
+    def _record(self, kind: ChangeType, key: str, entry: Optional[Entry] = None) -> None:
+        """Record a change of the revision now being written (``self._revision``): a set's
+        with the ``entry`` it wrote."""
+        if entry is None:
+            self._history.append(Change(self._revision, kind, key))
+        else:
+            self._history.append(Change(self._revision, kind, key, entry.val, entry.expires_at))
         self._history_revisions.append(self._revision)
 
     def _live(self, key: str) -> Optional[Entry]:
@@ -133,7 +130,7 @@ class MemoryStore:
         self._revision += 1
         entry = Entry(val, self._revision, expiry_of(ttl, self._clock()))
         self._put(key, entry)
-        self._record("set", key, val, entry.expires_at)
+        self._record("set", key, entry)
         self._committed()
         return entry
 
@@ -155,7 +152,7 @@ class MemoryStore:
             item = last[key]
             entry = Entry(item.val, self._revision, expiry_of(item.ttl, now))
             self._put(key, entry)
-            self._record("set", key, item.val, entry.expires_at)
+            self._record("set", key, entry)
         self._committed()
         return self._revision
 
@@ -239,21 +236,24 @@ class MemoryStore:
         return Changes(events, self._revision, more, self._compact_revision, gaps)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
+        policy = TrimPolicy(max_age, max_rows, batch)
         now_ms = self._clock() * 1000
         self._marks.append((now_ms, self._revision))
-        aged = [mark for mark in self._marks if mark[0] <= now_ms - max_age * 1000]
-        if aged:  # the newest aged mark decides; the older ones are needed no more
+        cutoff = policy.cutoff(now_ms)
+        aged = [mark for mark in self._marks if mark[0] <= cutoff]
+        if aged:
             del self._marks[: len(aged) - 1]
-        excess = len(self._history) - max_rows
         oldest = self._history_revisions[:batch]
-        cut = trim_cut(oldest, self._compact_revision, excess, aged[-1][1] if aged else 0)
+        cut = policy.cut(
+            oldest, self._compact_revision, len(self._history), aged[-1][1] if aged else None
+        )
         self._compact_revision = cut
         # A since below the compact revision is answered "compacted" before any gap counts.
         self._gaps = [gap for gap in self._gaps if gap.resumed_at > cut]
         dropped = bisect.bisect_right(self._history_revisions, cut)
         del self._history[:dropped], self._history_revisions[:dropped]
-        if dropped and self._wake is not None:
-            self._wake()  # the feed's tail learns the compact revision as the store moved it
+        if dropped:
+            self._revisions.poke()  # the feed's tail learns the compact revision as it moved
         return dropped
 
     async def history(self) -> HistoryStats:
@@ -261,12 +261,9 @@ class MemoryStore:
 
     async def listen(self, wake: Wake) -> None:
         # No other process shares this store: its own commits are all there is to hear.
-        self._wake = wake
-        wake()
-        try:
+        with self._revisions.listening(wake):
+            wake()
             await asyncio.Event().wait()
-        finally:
-            self._wake = None
 
     async def load(self, source: BulkSource, replace: Optional[str] = None) -> Optional[Loaded]:
         # Staged in a dict of their own (last wins), then applied without a pause in between,
@@ -326,13 +323,5 @@ class _Snapshot:
         self._rows = rows
 
     async def batches(self) -> AsyncIterator[list[BulkRow]]:
-        batch: list[BulkRow] = []
-        chars = 0
-        for row in self._rows:
-            batch.append(row)
-            chars += len(row.val)
-            if len(batch) == EXPORT_BATCH_ROWS or chars >= EXPORT_BATCH_CHARS:
-                yield batch
-                batch, chars = [], 0
-        if batch:
+        for batch in batched(self._rows):
             yield batch

@@ -23,7 +23,7 @@ from mapmg_data_engineer_takehome import seed
 from mapmg_data_engineer_takehome.app import create_app
 from mapmg_data_engineer_takehome.seed import SeedError, SeedReport, find_input_db, seed_store
 from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
-from mapmg_data_engineer_takehome.store import sqlite as sqlite_store
+from mapmg_data_engineer_takehome.store.sqlite import bulk as sqlite_bulk
 
 from .conftest import MakeClient, MakeSettings, OpenStore, value_of, write_input_db
 
@@ -812,7 +812,7 @@ async def test_text_that_is_not_utf8_is_skipped_however_it_hides(
     count, which the sqlite store's fast seed query cannot see: with two cores it finds out
     on a second thread and applies the exact rules instead, with one it applies them from
     the start. No store ever holds such text."""
-    monkeypatch.setattr(sqlite_store, "_cores", lambda: cores)
+    monkeypatch.setattr(sqlite_bulk, "_cores", lambda: cores)
     path = write_input_sql(
         tmp_path / "input.db",
         [

@@ -1,41 +1,5 @@
-"""The PostgreSQL store: any number of servers (stateless replicas) share one database.
-
-The same contract as the sqlite store, kept by the database:
-- One revision for the whole database, in ``kv_meta``, read and advanced under a row lock by
-  every write transaction: versions order writes across keys and replicas, and a condition
-  is checked in the same transaction as the write it guards.
-- Expiry uses one clock, the database's (``clock_timestamp()``), so that replicas whose
-  clocks disagree agree on what has expired.
-- Every write is committed (``synchronous_commit`` is left as the database has it, on by
-  default) before it is answered.
-
-Round trips are the cost of a networked store, so requests are grouped as the sqlite store
-groups its commits: the writes that arrive while a group is in flight go together into one
-call of the ``kv_write`` function (one round trip, one transaction), and the GETs of one
-event-loop turn into one ``WHERE key = ANY($1)`` query.
-
-Every call waits at most ``timeout`` seconds for a connection and as long for its answer;
-then, or when PostgreSQL is gone, the request is answered 503 (StoreUnavailable) and the
-pool reconnects by itself once the database answers again.
-
-The history is the table ``kv_changes``, written by each write in its own transaction. A
-trigger on the revision's row NOTIFYs every server listening (see listen), as a hint: the
-table is the truth, and a server that misses a notification finds the change within a second.
-
-Behind a connection pooler in transaction mode (PgBouncer's ``pool_mode = transaction``, most
-hosted poolers), each transaction may run on another server connection, so nothing may rely on
-a session: with ``pooler="transaction"`` no prepared statement outlives its query
-(asyncpg's ``statement_cache_size=0``), an export pages with queries rather than a cursor (as
-it does everywhere), every lock, setting and temporary table is the transaction's own, and the
-listener does not LISTEN through the pooler: it listens on ``listen_url`` (straight to the
-database), or polls the revision every POLL_WITHOUT_LISTEN seconds. Since each query then
-costs two round trips, GETs go in fewer, bigger groups (READS_IN_FLIGHT_BEHIND_POOLER).
-
-Every connection is checked before its first use: it must reach a primary, and a server that
-began a new life since the store last looked (a standby promoted, a point-in-time restore, a
-restart, a restored copy of its files) first moves the revision to where the store's new life
-begins, so that writes a lossy failover or a restore dropped never have their revision numbers
-reused (see _CREATE_TIMELINES).
+"""The PostgresStore class: the pool and its calls, grouped GETs and writes, the history,
+the listener, and the bulk loads and exports.
 """
 
 from __future__ import annotations
@@ -49,10 +13,8 @@ from typing import Any, Callable, Optional, TypeVar
 import asyncpg
 import structlog
 
-from ..settings import PostgresPooler
-from .base import (
-    EXPORT_BATCH_CHARS,
-    EXPORT_BATCH_ROWS,
+from ...settings import PostgresPooler
+from ..base import (
     PAGE_VALUE_CHARS,
     BulkRow,
     BulkSource,
@@ -79,22 +41,64 @@ from .base import (
     check_since,
     life_start,
     prefix_upper_bound,
-    trim_cut,
+)
+from ..batches import BatchCut
+from ..notify import RevisionWake
+from ..reads import ReadGroups, Waiting, answer, fail
+from ..trim import TrimPolicy
+from .connect import (
+    _FAILURES,
+    _LOST_STATEMENT,
+    _WRITABLE,
+    _answerable,
+    _check_primary,
+    _connect_any_host,
+    _connect_options,
+    _Connection,
+    _log_crash,
+    _PrimaryCheck,
+    _ReadOnly,
+    _retrieve,
+    _translate,
+    describe,
+    redacted_url,
+)
+from .sql import (
+    _ANY_EXPIRED,
+    _APPLY_BULK,
+    _BULK_TABLE,
+    _CHANGES,
+    _COUNT_KEYS,
+    _DELETE_MANY,
+    _EXPORT_FETCH,
+    _EXPORT_PAGE,
+    _EXPORT_VALUE,
+    _GET_MANY,
+    _LIVE,
+    _LOCK_REVISION,
+    _NOW,
+    _PURGE,
+    _READ_META,
+    _READ_REVISION,
+    _REMOVE_OTHERS,
+    _SCHEMA,
+    _SCHEMA_LOCK,
+    _SEED_FINGERPRINT,
+    _SEED_LOCK,
+    _SET_MANY,
+    _TAKE_REVISION,
+    _TRIM_LOCK,
+    _UPGRADES,
+    _WRITE,
+    _WRITE_META,
+    CHANNEL,
+    SCHEMA_VERSION,
 )
 
 log = structlog.get_logger("kv.store")
+
 Result = TypeVar("Result")
 
-SCHEMA_VERSION = 4
-# pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
-# schema, and one applies a seed while the others wait for it.
-_SCHEMA_LOCK = 0x4B565343
-_SEED_LOCK = 0x4B565345
-# ("KVTH"): one server at a time trims the history; the others skip their turn.
-_TRIM_LOCK = 0x4B565448
-# The channel every write's commit notifies, with "<schema> <revision>" as the payload: servers
-# of other stores in the same database ignore it.
-CHANNEL = "kv_changes"
 # How often a listening server reads the revision, in case a notification went missing.
 WATCH_POLL_INTERVAL = 1.0
 # How often a server that cannot LISTEN (behind a pooler in transaction mode, given no
@@ -106,8 +110,7 @@ POLL_WITHOUT_LISTEN = 0.2
 # Measured (bench/pooler.py, 5 rounds, through PgBouncer): 0.86x the direct GET rate and
 # 74 µs of CPU per GET on the whole path, against 0.76x and 91 µs with no bound.
 READS_IN_FLIGHT_BEHIND_POOLER = 2
-# The settings that say how PostgreSQL is reached (see the module docstring).
-POOLER_SETTING = "KV_POSTGRES_POOLER"
+
 # The listening connection's application_name, which pg_stat_activity shows.
 LISTENER_NAME = "kv-listen"
 # After the listening connection failed, the pause before the next try: the first, doubled on
@@ -115,517 +118,8 @@ LISTENER_NAME = "kv-listen"
 # few dropped connections in a process's life do not leave the others' commits waiting 5 s).
 LISTEN_RETRY_FIRST = 0.25
 LISTEN_RETRY_MAX = 5.0
-# Milliseconds since the epoch by the database's clock, unless the caller passes its own
-# (the tests' clock): every statement below takes it as a parameter that may be NULL.
-_NOW = "coalesce({}::bigint, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)"
 
-_WRITE_FUNCTION = """
-CREATE OR REPLACE FUNCTION kv_write(
-    p_kinds text[], p_keys text[], p_vals text[], p_ttls bigint[],
-    p_conditions text[], p_versions bigint[], p_now bigint)
-RETURNS TABLE (outcome text, new_version bigint, new_expires_at bigint)
-LANGUAGE plpgsql AS $$
--- A group of single-key writes, in order, in the caller's transaction: each 'set' or
--- 'delete' whose condition holds takes the next revision and records its change.
-DECLARE
-    now_ms bigint := coalesce(p_now, (extract(epoch FROM clock_timestamp()) * 1000)::bigint);
-    current_revision bigint;
-    first_revision bigint;
-    live bigint;
-    expiry bigint;
-    inserted boolean;
-    added bigint := 0;  -- keys inserted less keys deleted, for the count in kv_meta
-BEGIN
-    SELECT m.value::bigint INTO current_revision FROM kv_meta m
-     WHERE m.name = 'revision' FOR UPDATE;
-    first_revision := current_revision;
-    FOR i IN 1 .. coalesce(array_length(p_keys, 1), 0) LOOP
-        live := NULL;
-        IF p_conditions[i] IS NOT NULL OR p_kinds[i] = 'delete' THEN
-            SELECT k.version INTO live FROM kv k
-             WHERE k.key = p_keys[i] AND (k.expires_at IS NULL OR k.expires_at > now_ms);
-        END IF;
-        IF (p_conditions[i] = 'version' AND live IS DISTINCT FROM p_versions[i])
-           OR (p_conditions[i] = 'exists' AND live IS NULL)
-           OR (p_conditions[i] = 'absent' AND live IS NOT NULL) THEN
-            outcome := 'failed'; new_version := live; new_expires_at := NULL;
-        ELSIF p_kinds[i] = 'set' THEN
-            current_revision := current_revision + 1;
-            expiry := CASE WHEN p_ttls[i] IS NULL THEN NULL ELSE now_ms + p_ttls[i] END;
-            -- xmax is 0 on a row this statement inserted, not on one it updated.
-            INSERT INTO kv (key, val, version, expires_at)
-                 VALUES (p_keys[i], p_vals[i], current_revision, expiry)
-            ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
-                                            expires_at = excluded.expires_at
-            RETURNING (kv.xmax = 0) INTO inserted;
-            IF inserted THEN added := added + 1; END IF;
-            INSERT INTO kv_changes (revision, key, type, val, expires_at)
-                 VALUES (current_revision, p_keys[i], 'set', p_vals[i], expiry);
-            outcome := 'written'; new_version := current_revision; new_expires_at := expiry;
-        ELSIF live IS NULL THEN  -- an expired row stays, for the purge to report
-            outcome := 'absent'; new_version := NULL; new_expires_at := NULL;
-        ELSE
-            DELETE FROM kv k WHERE k.key = p_keys[i];
-            added := added - 1;
-            current_revision := current_revision + 1;
-            INSERT INTO kv_changes (revision, key, type)
-                 VALUES (current_revision, p_keys[i], 'delete');
-            outcome := 'deleted'; new_version := current_revision; new_expires_at := NULL;
-        END IF;
-        RETURN NEXT;
-    END LOOP;
-    IF current_revision <> first_revision THEN
-        UPDATE kv_meta m SET value = current_revision::text WHERE m.name = 'revision';
-    END IF;
-    IF added <> 0 THEN
-        UPDATE kv_meta m SET value = (m.value::bigint + added)::text WHERE m.name = 'keys';
-    END IF;
-END
-$$
-"""
-# Every commit that moves the revision tells the listening servers (see listen).
-_NOTIFY = (
-    f"""CREATE OR REPLACE FUNCTION kv_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('{CHANNEL}', current_schema() || ' ' || NEW.value);
-    RETURN NULL;
-END
-$$""",
-    "DROP TRIGGER IF EXISTS kv_revision_moved ON kv_meta",
-    "CREATE TRIGGER kv_revision_moved AFTER UPDATE ON kv_meta FOR EACH ROW"
-    " WHEN (NEW.name = 'revision') EXECUTE FUNCTION kv_notify()",
-)
-# How far the revision jumps at least when the store finds itself on a new timeline: past any
-# revision the old timeline can have reached without this one, were the clocks wrong.
-TIMELINE_GAP = 1_000_000_000
-# Each new life of the store (base.py's life_start): a new PostgreSQL timeline (a standby
-# promoted, or a point-in-time restore) or a server started anew (a restart, or a copy of its
-# files put back), from the revision it had there (forked_at) to the one it went on from
-# (resumed_at). With asynchronous replication the old timeline may have gone on past forked_at
-# with writes that this one never got, and a restored copy lacks those made after it; watchers
-# may have seen them: the revisions in between are never given to a write here, and a watcher
-# holding one is told that it is not this store's (410 unknown_revision) rather than given
-# other writes under it.
-_CREATE_TIMELINES = (
-    "CREATE TABLE IF NOT EXISTS kv_timelines (resumed_at bigint PRIMARY KEY,"
-    " forked_at bigint NOT NULL, timeline text NOT NULL)"
-)
-# Whether the server can take writes (not a standby in recovery, not made read-only, as a
-# failover manager fences an old primary); if so, the store is entered into its timeline
-# first, under the revision's lock, before anything is written on it.
-_CHECK_PRIMARY_FUNCTION = f"""
-CREATE OR REPLACE FUNCTION kv_check_primary() RETURNS boolean LANGUAGE plpgsql AS $$
-DECLARE
-    here text;
-    -- When the server started, as a number: text of a time would follow the session's zone.
-    started text := extract(epoch FROM pg_postmaster_start_time())::text;
-    recorded text;
-    forked bigint;
-    resumed bigint;
-BEGIN
-    IF pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' THEN
-        RETURN false;
-    END IF;
-    BEGIN
-        -- A WAL file's name begins with its timeline: here, that of the WAL written now.
-        here := substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8);
-    EXCEPTION WHEN feature_not_supported OR insufficient_privilege THEN
-        here := '';  -- a service that keeps its WAL functions from us: no timeline to follow
-    END;
-    IF (SELECT count(*) FROM kv_meta WHERE (name, value) IN
-            (('timeline', here), ('server_started', started))) = 2 THEN
-        RETURN true;
-    END IF;
-    SELECT value::bigint INTO forked FROM kv_meta WHERE name = 'revision' FOR UPDATE;
-    IF (SELECT count(*) FROM kv_meta WHERE (name, value) IN
-            (('timeline', here), ('server_started', started))) = 2 THEN
-        RETURN true;  -- entered meanwhile, by another connection
-    END IF;
-    SELECT value INTO recorded FROM kv_meta WHERE name = 'timeline';
-    resumed := greatest(forked, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint);
-    IF recorded IS DISTINCT FROM here AND recorded IS NOT NULL THEN
-        resumed := greatest(resumed, forked + {TIMELINE_GAP});
-    END IF;
-    IF resumed > forked THEN
-        INSERT INTO kv_timelines (resumed_at, forked_at, timeline) VALUES (resumed, forked, here);
-        UPDATE kv_meta SET value = resumed::text WHERE name = 'revision';
-    END IF;
-    INSERT INTO kv_meta (name, value) VALUES ('timeline', here), ('server_started', started)
-        ON CONFLICT (name) DO UPDATE SET value = excluded.value;
-    RETURN true;
-END
-$$
-"""
-# One row per key and revision; the primary key's index is the feed's order.
-_CREATE_CHANGES = (
-    "CREATE TABLE IF NOT EXISTS kv_changes (revision bigint NOT NULL,"
-    ' key text COLLATE "C" NOT NULL, type text NOT NULL, val text, expires_at bigint,'
-    " PRIMARY KEY (revision, key))"
-)
-# The trimming's marks: at this time (ms), the store was at this revision (see base.py).
-_CREATE_MARKS = (
-    "CREATE TABLE IF NOT EXISTS kv_history_marks (at bigint PRIMARY KEY, revision bigint NOT NULL)"
-)
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS kv_meta (name text PRIMARY KEY, value text NOT NULL)",
-    # COLLATE "C": keys compare by their UTF-8 bytes, the order listings promise (and the
-    # sqlite store's), whatever the database's own collation is.
-    "CREATE TABLE IF NOT EXISTS kv (key text COLLATE \"C\" PRIMARY KEY CHECK (key <> ''),"
-    " val text NOT NULL, version bigint NOT NULL, expires_at bigint)",
-    "CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL",
-    _CREATE_CHANGES,
-    _CREATE_MARKS,
-    _CREATE_TIMELINES,
-    _WRITE_FUNCTION,
-    _CHECK_PRIMARY_FUNCTION,
-    *_NOTIFY,
-    "INSERT INTO kv_meta (name, value) VALUES ('revision', '0'), ('keys', '0'),"
-    " ('compact_revision', '0'), ('history_rows', '0'), ('history_counted', '0')"
-    " ON CONFLICT (name) DO NOTHING",
-)
-# From each schema version to the next, in place. Schema 1 had no history: it starts empty,
-# whole above the revision the database was at. Schema 2 had no timelines: the server's is
-# recorded, as on a new store, by the first check of a connection. Schema 3 did not notice a
-# server started anew: its first check here begins a life.
-_UPGRADES: dict[int, tuple[str, ...]] = {
-    1: (
-        _CREATE_CHANGES,
-        _CREATE_MARKS,
-        _WRITE_FUNCTION,
-        *_NOTIFY,
-        "INSERT INTO kv_meta (name, value) SELECT unnest(ARRAY['compact_revision',"
-        " 'history_counted']), value FROM kv_meta WHERE name = 'revision'"
-        " ON CONFLICT (name) DO NOTHING",
-        "INSERT INTO kv_meta (name, value) VALUES ('history_rows', '0')"
-        " ON CONFLICT (name) DO NOTHING",
-    ),
-    2: (_CREATE_TIMELINES, _CHECK_PRIMARY_FUNCTION),
-    3: (_CHECK_PRIMARY_FUNCTION,),
-}
-
-_LIVE = f"(expires_at IS NULL OR expires_at > {_NOW.format('$2')})"
-_GET_MANY = f"SELECT key, val, version, expires_at FROM kv WHERE key = ANY($1::text[]) AND {_LIVE}"
-_WRITE = "SELECT outcome, new_version, new_expires_at FROM kv_write($1, $2, $3, $4, $5, $6, $7)"
-_TAKE_REVISION = (
-    "UPDATE kv_meta SET value = (value::bigint + 1)::text WHERE name = 'revision'"
-    " RETURNING value::bigint"
-)
-# Each statement that adds or removes rows moves the key count in kv_meta by as many.
-_COUNT_KEYS = "UPDATE kv_meta SET value = (value::bigint + ({}))::text WHERE name = 'keys'"
-_SET_MANY = f"""
-WITH clock AS (SELECT {_NOW.format("$5")} AS now_ms),
-items AS (
-    SELECT k, v, CASE WHEN t IS NULL THEN NULL ELSE clock.now_ms + t END AS e
-      FROM unnest($1::text[], $2::text[], $3::bigint[]) AS item(k, v, t), clock),
-written AS (
-    INSERT INTO kv (key, val, version, expires_at) SELECT k, v, $4, e FROM items
-    ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
-                                    expires_at = excluded.expires_at
-    RETURNING (kv.xmax = 0) AS inserted),
-recorded AS (
-    INSERT INTO kv_changes (revision, key, type, val, expires_at)
-    SELECT $4, k, 'set', v, e FROM items)
-{_COUNT_KEYS.format("SELECT count(*) FILTER (WHERE inserted) FROM written")}
-"""
-
-
-def _remove(where: str, kind: str) -> str:
-    """A statement deleting the rows ``where`` selects ($2 is the time, for expiry), recording
-    each as a change of ``kind`` in revision $3, and answering how many went."""
-    return f"""
-WITH gone AS (DELETE FROM kv WHERE {where} RETURNING key),
-recorded AS (INSERT INTO kv_changes (revision, key, type) SELECT $3, key, '{kind}' FROM gone),
-counted AS ({_COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
-SELECT count(*) FROM gone
-"""
-
-
-# Expired rows stay, for the purge to report.
-_DELETE_MANY = _remove(f"key = ANY($1::text[]) AND {_LIVE}", "delete")
-_PURGE = _remove(
-    f"""key IN (SELECT key FROM kv WHERE expires_at <= {_NOW.format("$2")}
-                 ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)""",
-    "expire",
-)
-_ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {_NOW.format('$1')})"
-_READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
-# The changes above $1 under the prefix [$2, $3), as take_changes cuts them ($4 of them, fewer
-# once their values pass $5 characters, then the rest of the last one's revision), whether any
-# follow, the revision and compact revision they were read at, and the gaps that new lives
-# skipped above $1 (see _CREATE_TIMELINES): one statement, so one snapshot, in which they are
-# every change up to that revision.
-_UNDER_PREFIX = "c.key >= $2 AND ($3::text IS NULL OR c.key < $3)"
-_CHANGES = f"""
-WITH meta AS (
-    SELECT max(value::bigint) FILTER (WHERE name = 'revision') AS revision,
-           max(value::bigint) FILTER (WHERE name = 'compact_revision') AS compact_revision
-      FROM kv_meta),
-first AS (
-    SELECT c.revision, c.key, c.type, c.val, c.expires_at FROM kv_changes c
-     WHERE c.revision > $1 AND {_UNDER_PREFIX} ORDER BY c.revision, c.key LIMIT $4),
-head AS (
-    SELECT revision, key, type, val, expires_at FROM (
-        SELECT *, sum(coalesce(length(val), 0)) OVER (ORDER BY revision
-                  RANGE BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS earlier_chars
-          FROM first) sized
-     WHERE coalesce(earlier_chars, 0) <= $5),
-cut AS (SELECT revision, key FROM head ORDER BY revision DESC, key DESC LIMIT 1),
-tail AS (
-    SELECT c.revision, c.key, c.type, c.val, c.expires_at FROM kv_changes c, cut
-     WHERE c.revision = cut.revision AND c.key > cut.key AND {_UNDER_PREFIX}),
-more AS (
-    SELECT EXISTS (SELECT 1 FROM kv_changes c, cut
-                    WHERE c.revision > cut.revision AND {_UNDER_PREFIX}) AS more),
-gaps AS (
-    SELECT array_agg(t.forked_at ORDER BY t.resumed_at) AS forked,
-           array_agg(t.resumed_at ORDER BY t.resumed_at) AS resumed
-      FROM kv_timelines t WHERE t.resumed_at > $1)
-SELECT meta.revision, meta.compact_revision, more.more, gaps.forked, gaps.resumed,
-       events.revision, events.type, events.key, events.val, events.expires_at
-  FROM meta CROSS JOIN more CROSS JOIN gaps
-  LEFT JOIN (SELECT * FROM head UNION ALL SELECT * FROM tail) events ON true
- ORDER BY events.revision, events.key
-"""
-_LOCK_REVISION = "SELECT value FROM kv_meta WHERE name = 'revision' FOR UPDATE"
-_READ_META = "SELECT value FROM kv_meta WHERE name = $1"
-_WRITE_META = (
-    "INSERT INTO kv_meta (name, value) VALUES ($1, $2)"
-    " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
-)
-_SEED_FINGERPRINT = "seed_fingerprint"
-_BULK_TABLE = "kv_bulk"
-# The last row for each key: keys already stored are updated, the others inserted. Not one
-# INSERT ... ON CONFLICT, whose speculative insertion costs more for a large load (see
-# bench/results.md); no other write can come between, since the load holds the revision's
-# lock (taken just before it).
-_APPLY_BULK = f"""
-WITH latest AS (
-    SELECT DISTINCT ON (key) key, val, expires_at FROM {_BULK_TABLE} ORDER BY key, ordinal DESC),
-updated AS (
-    UPDATE kv SET val = latest.val, version = $1, expires_at = latest.expires_at
-      FROM latest WHERE kv.key = latest.key RETURNING kv.key)
-INSERT INTO kv (key, val, version, expires_at)
-SELECT key, val, $1, expires_at FROM latest WHERE key NOT IN (SELECT key FROM updated)
-"""
-# A replace: every key the load wrote has its revision ($1); the others under the prefix go.
-_REMOVE_OTHERS = (
-    "DELETE FROM kv WHERE version <> $1 AND key >= $2 AND ($3::text IS NULL OR key < $3)"
-)
-# An export's rows: values up to this many characters come with their row; longer ones are
-# read one at a time in the same snapshot, so that a page of _EXPORT_FETCH rows holds at most
-# about 16 MiB whatever the values are. A page is the live keys after the last one read ($2,
-# with $5 false for the first page, which starts at the prefix itself), in the export's
-# REPEATABLE READ snapshot: pages rather than a cursor, whose named statement a pooler in
-# transaction mode could leave on a server connection that another client then uses.
-_EXPORT_INLINE_CHARS = 16_384
-_EXPORT_PAGE = f"""
-SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END, expires_at FROM kv
- WHERE (expires_at IS NULL OR expires_at > $1) AND (key > $2 OR (NOT $5 AND key = $2))
-   AND ($3::text IS NULL OR key < $3)
- ORDER BY key LIMIT $4
-"""
-_EXPORT_VALUE = "SELECT val FROM kv WHERE key = $1"
-# Rows per page of an export: several batches' worth.
-_EXPORT_FETCH = 1024
 _CONDITION_NAMES = {IfExists: "exists", IfAbsent: "absent", IfVersion: "version"}
-# SQLSTATE classes that mean "not now" rather than "a bug": connection exceptions,
-# insufficient resources, operator intervention (a shutdown, a restart), system errors.
-_UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
-# A write on a server in recovery (a standby) or in a read-only session: not the primary,
-# which a failover may have moved; the next connection goes through the URL's hosts again.
-_READ_ONLY_TRANSACTION = "25006"
-# A prepared statement that is not on this server connection (invalid_sql_statement_name), or
-# one of another client's already is (duplicate_prepared_statement): the session changed
-# under the connection, as a pooler in transaction mode does.
-_LOST_STATEMENT = ("26000", "42P05")
-# Whether a connection can write: a standby is in recovery; a primary may also be made
-# read-only (default_transaction_read_only), as a failover manager does to fence it.
-_WRITABLE = "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
-_CHECK_PRIMARY = "SELECT kv_check_primary()"
-
-
-def redacted_url(url: str) -> str:
-    """``url`` with its password replaced, for messages: postgresql://kv:***@db:5432/kv.
-
-    Cut at the last "@" rather than parsed: a password that was not percent-encoded (a "/"
-    or "@" in it) must not slip through a parser's idea of where the host begins.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator or "@" not in rest:
-        return url
-    credentials, _, location = rest.rpartition("@")
-    user, has_password, _ = credentials.partition(":")
-    return f"{scheme}://{user}{':***' if has_password else ''}@{location}"
-
-
-def describe(error: BaseException) -> str:
-    """What went wrong, in words that never hold the URL's password (asyncpg's messages
-    name the host and port, and the server's quote the SQL, which holds no data)."""
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    name = type(error).__name__
-    return f"{name}: {detail}" if detail else name
-
-
-def _translate(error: BaseException) -> StoreError:
-    if isinstance(error, asyncpg.PostgresError):
-        state = getattr(error, "sqlstate", "") or ""
-        if state == _READ_ONLY_TRANSACTION:
-            return StoreUnavailable(f"PostgreSQL is read-only (a standby?): {describe(error)}")
-        if state in _LOST_STATEMENT:
-            # The hint first, in words without a quote: a log line keeps a message only up to
-            # its first quote (errors.safe_message), and asyncpg's quotes the statement's name.
-            return StoreUnavailable(
-                f"PostgreSQL: {type(error).__name__} (SQLSTATE {state}): a connection pooler in "
-                f"transaction mode (PgBouncer with pool_mode = transaction) in between? Set "
-                f"{POOLER_SETTING}=transaction. {describe(error)}"
-            )
-        if state[:2] not in _UNAVAILABLE_CLASSES:
-            return StoreError(f"PostgreSQL: {describe(error)}")
-    if isinstance(error, _ReadOnly):
-        return StoreUnavailable(f"PostgreSQL: {error}")
-    return StoreUnavailable(f"PostgreSQL: {describe(error)}")
-
-
-def _answerable(error: Exception) -> StoreError:
-    """What the requests waiting on a grouped call that failed are told: its StoreError, or
-    for anything else (a bug, or a failure of asyncpg's that _use does not know) a 503 at once,
-    rather than the timeout; the unknown is logged with its traceback."""
-    if isinstance(error, StoreError):
-        return error
-    log.error("store_call_failed", exc_info=error)
-    return StoreUnavailable(f"PostgreSQL: {describe(error)}")
-
-
-def _log_crash(task: asyncio.Future[Any]) -> None:
-    """A background task of the store ended by an exception: a bug (its failures are the
-    requests' to answer), logged with its traceback rather than left for asyncio to find."""
-    if not task.cancelled() and task.exception() is not None:
-        log.error("store_task_failed", exc_info=task.exception())
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a finished future's exception as seen: for futures whose waiter has already
-    answered (a 503 after the timeout), so that asyncio does not report it as lost."""
-    if not future.cancelled():
-        future.exception()
-
-
-class _ReadOnly(Exception):
-    """The server reached cannot write: a standby, or a primary made read-only."""
-
-    def __init__(self) -> None:
-        super().__init__("the server is read-only (in recovery: a standby?)")
-
-
-# What a failed call to PostgreSQL can raise besides its own errors: no host of the URL is
-# what its target_session_attrs asks for; the connection's protocol is in a state it cannot
-# use (asyncpg's InternalClientError, as when the server ended the session while it was
-# idle); the server is not a primary.
-_FAILURES = (
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.TargetServerAttributeNotMatched,
-    asyncpg.exceptions.InternalClientError,
-    _ReadOnly,
-)
-
-
-class _Connection(asyncpg.Connection):  # type: ignore[misc]
-    """asyncpg's connection, whose close ends it whatever the server does. The pool closes
-    the connections expire_connections() outdated in tasks of its own that nobody awaits;
-    on a server that hangs that close times out, asyncpg aborts the connection, and the
-    error it raises would be one nobody retrieves."""
-
-    async def close(self, *, timeout: Optional[float] = None) -> None:
-        try:
-            await super().close(timeout=timeout)
-        except _FAILURES:
-            self.terminate()  # already aborted by asyncpg; this only makes sure
-
-
-class _PrimaryCheck:
-    """The pool's check of each connection it makes (its ``init``), before any use: the
-    server must be a primary, and once the schema is there, kv_check_primary also enters the
-    store into the server's timeline. Every connection to a newly promoted standby is a new
-    one, so nothing is written there before the revision has jumped past the old timeline's
-    (see _CREATE_TIMELINES)."""
-
-    def __init__(self) -> None:
-        self.schema_ready = False
-
-    async def __call__(self, conn: Any) -> None:
-        await _check_primary(conn, _CHECK_PRIMARY if self.schema_ready else _WRITABLE)
-
-
-async def _check_primary(conn: Any, query: str = _CHECK_PRIMARY) -> None:
-    if not await conn.fetchval(query):
-        raise _ReadOnly
-
-
-def _host_urls(url: str) -> list[str]:
-    """One URL per host of a multi-host URL (postgresql://u:p@a:5432,b:5432/kv?...), in its
-    order; the URL alone when it names one host (or gives its hosts another way)."""
-    scheme, separator, rest = url.partition("://")
-    at = rest.rfind("@")  # the password may hold an unencoded "@"; hosts never do
-    credentials, hosts_and_path = rest[: at + 1], rest[at + 1 :]
-    end = len(hosts_and_path)
-    for delimiter in "/?":
-        found = hosts_and_path.find(delimiter)
-        if found != -1:
-            end = min(end, found)
-    hosts, path = hosts_and_path[:end].split(","), hosts_and_path[end:]
-    if not separator or len(hosts) < 2:
-        return [url]
-    return [f"{scheme}://{credentials}{host}{path}" for host in hosts]
-
-
-async def _connect_any_host(url: str, **options: Any) -> asyncpg.Connection:
-    """The pool's connect: every host of the URL at once, each within the connect timeout,
-    the first usable one taken (one that its target_session_attrs accepts). asyncpg's own
-    tries them one after the other within one timeout for all, so an old primary that a
-    partition made hang, listed first, would take every attempt's whole time, and the new
-    primary after it would never be reached."""
-    urls = _host_urls(url)
-    if len(urls) == 1:
-        return await asyncpg.connect(url, **options)
-    attempts = [asyncio.ensure_future(asyncpg.connect(host, **options)) for host in urls]
-    chosen: Optional[asyncio.Future[Any]] = None
-    try:
-        pending = set(attempts)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for attempt in attempts:  # in the URL's order, among those done together
-                if attempt in done and not attempt.cancelled() and attempt.exception() is None:
-                    chosen = attempt
-                    return attempt.result()
-        # None could be used: the first host's failure, as asyncpg would report it.
-        raise next(error for error in map(_failure_of, attempts) if error is not None)
-    finally:
-        for attempt in attempts:
-            if attempt is not chosen:
-                attempt.cancel()
-                attempt.add_done_callback(_close_unused)
-
-
-def _connect_options(pooler: PostgresPooler) -> dict[str, Any]:
-    """asyncpg's options for every connection: behind a pooler in transaction mode, no
-    statement is kept prepared past its own query."""
-    return {"statement_cache_size": 0} if pooler == "transaction" else {}
-
-
-def _failure_of(attempt: asyncio.Future[Any]) -> Optional[BaseException]:
-    return asyncio.CancelledError() if attempt.cancelled() else attempt.exception()
-
-
-def _close_unused(attempt: asyncio.Future[Any]) -> None:
-    """A connection that lost the race (or that nobody waited for): closed at once."""
-    if attempt.cancelled():
-        return
-    if attempt.exception() is None:
-        attempt.result().terminate()
 
 
 class _Listening:
@@ -649,10 +143,13 @@ class _Write:
         val: Optional[str],
         ttl_ms: Optional[int],
         condition: Optional[Condition],
-        future: asyncio.Future[Any],
     ) -> None:
         self.kind, self.key, self.val, self.ttl_ms = kind, key, val, ttl_ms
-        self.condition, self.future = condition, future
+        self.condition = condition
+        # Its answer: kv_write's row (outcome, new version, new expiry).
+        self.future: asyncio.Future[tuple[str, Any, Any]] = (
+            asyncio.get_running_loop().create_future()
+        )
 
 
 class PostgresStore:
@@ -677,26 +174,14 @@ class PostgresStore:
         self._connect_options = _connect_options(pooler)
         # Where to LISTEN: never through a pooler in transaction mode (None: poll instead).
         self._listen_url = listen_url or (None if pooler == "transaction" else url)
-        self._reads: dict[str, list[asyncio.Future[Optional[Entry]]]] = {}
-        self._reads_scheduled = False
-        self._reads_in_flight = 0
-        self._max_reads_in_flight = (
-            READS_IN_FLIGHT_BEHIND_POOLER if pooler == "transaction" else None
+        self._reads = ReadGroups(
+            self._start_read, READS_IN_FLIGHT_BEHIND_POOLER if pooler == "transaction" else None
         )
         self._writes: list[_Write] = []
         self._draining: Optional[asyncio.Task[None]] = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_commit: Optional[Callable[[int], None]] = None
-        self._wake: Optional[Wake] = None
-        # The newest revision this process has woken its listener for.
-        self._known_revision = 0
-
-    def _moved(self, revision: int) -> None:
-        """The store is at ``revision``: wake the listener if that is news."""
-        if revision > self._known_revision:
-            self._known_revision = revision
-            if self._wake is not None:
-                self._wake()
+        self._revisions = RevisionWake()
 
     # --- opening ------------------------------------------------------------------------
 
@@ -713,7 +198,7 @@ class PostgresStore:
     ) -> PostgresStore:
         """Connect (retrying with backoff for up to ``startup_wait`` seconds, logging each
         failed attempt), create or upgrade the schema, and return the store. ``pooler`` and
-        ``listen_url``: see the module docstring.
+        ``listen_url``: see the package docstring.
 
         ``clock`` replaces the database's for expiry: for tests only, since replicas would
         then disagree on what has expired.
@@ -885,25 +370,7 @@ class PostgresStore:
 
     async def get(self, key: str) -> Optional[Entry]:
         """Joins the GETs of this event-loop turn in one query."""
-        future: asyncio.Future[Optional[Entry]] = asyncio.get_running_loop().create_future()
-        waiting = self._reads.get(key)
-        if waiting is None:
-            self._reads[key] = [future]
-        else:
-            waiting.append(future)
-        self._schedule_reads()
-        return await self._within(future)
-
-    def _schedule_reads(self) -> None:
-        """Start a group at the end of this turn, unless one is to start already or as many
-        are in flight as may be (then the first of them to end starts it)."""
-        if self._reads_scheduled or (
-            self._max_reads_in_flight is not None
-            and self._reads_in_flight >= self._max_reads_in_flight
-        ):
-            return
-        self._reads_scheduled = True
-        asyncio.get_running_loop().call_soon(self._start_reads)
+        return await self._within(self._reads.join(key))
 
     async def _within(self, future: asyncio.Future[Result]) -> Result:
         """The answer of a grouped call, or StoreUnavailable after the timeout: a request
@@ -918,10 +385,7 @@ class PostgresStore:
             if not future.done():  # answered without it (a timeout, a cancellation)
                 future.add_done_callback(_retrieve)
 
-    def _start_reads(self) -> None:
-        reads, self._reads = self._reads, {}
-        self._reads_scheduled = False
-        self._reads_in_flight += 1
+    def _start_read(self, reads: Waiting) -> None:
         self._spawn(self._read(reads))
 
     def _spawn(self, coroutine: Any) -> None:
@@ -930,26 +394,15 @@ class PostgresStore:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_log_crash)
 
-    async def _read(self, reads: Mapping[str, list[asyncio.Future[Optional[Entry]]]]) -> None:
+    async def _read(self, reads: Waiting) -> None:
         try:
             rows = await self._fetch(_GET_MANY, list(reads), self._now())
-        except Exception as error:  # every waiting request gets an answer
-            failure = _answerable(error)
-            for futures in reads.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(failure)
+        except Exception as error:
+            fail(reads, _answerable(error))
             return
         finally:
-            self._reads_in_flight -= 1
-            if self._reads:  # GETs that waited for a group to end
-                self._schedule_reads()
-        found = {row[0]: Entry(row[1], row[2], row[3]) for row in rows}
-        for key, futures in reads.items():
-            entry = found.get(key)
-            for future in futures:
-                if not future.done():
-                    future.set_result(entry)
+            self._reads.ended()
+        answer(reads, {row[0]: Entry(row[1], row[2], row[3]) for row in rows})
 
     async def get_many(self, keys: Sequence[str]) -> Mapping[str, str]:
         rows = await self._fetch(_GET_MANY, list(dict.fromkeys(keys)), self._now())
@@ -1012,32 +465,26 @@ class PostgresStore:
         condition: Optional[Condition] = None,
     ) -> Entry:
         ttl_ms = None if ttl is None else round(ttl * 1000)
-        outcome, version, expires_at = await self._submit("set", key, val, ttl_ms, condition)
+        outcome, version, expires_at = await self._submit(
+            _Write("set", key, val, ttl_ms, condition)
+        )
         if outcome == "failed":
             raise PreconditionFailed(version)
         return Entry(val, version, expires_at)
 
     async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
-        outcome, version, _ = await self._submit("delete", key, None, None, condition)
+        outcome, version, _ = await self._submit(_Write("delete", key, None, None, condition))
         if outcome == "failed":
             raise PreconditionFailed(version)
         return outcome == "deleted"
 
-    async def _submit(
-        self,
-        kind: str,
-        key: str,
-        val: Optional[str],
-        ttl_ms: Optional[int],
-        condition: Optional[Condition],
-    ) -> tuple[str, Any, Any]:
-        future: asyncio.Future[tuple[str, Any, Any]] = asyncio.get_running_loop().create_future()
-        self._writes.append(_Write(kind, key, val, ttl_ms, condition, future))
+    async def _submit(self, write: _Write) -> tuple[str, Any, Any]:
+        self._writes.append(write)
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
             self._draining.add_done_callback(_log_crash)
         # A 503 for a write that then commits is a "maybe"; a 200 is only ever a commit.
-        return await self._within(future)
+        return await self._within(write.future)
 
     async def _drain(self) -> None:
         """Send the waiting writes as one group; those arriving meanwhile go in the next."""
@@ -1065,7 +512,7 @@ class PostgresStore:
                     self.on_commit(len(group))
                 moved = [row[1] for row in rows if row[0] in ("written", "deleted")]
                 if moved:
-                    self._moved(max(moved))
+                    self._revisions.moved(max(moved))
                 for write, row in zip(group, rows):
                     if not write.future.done():
                         write.future.set_result((row[0], row[1], row[2]))
@@ -1097,7 +544,7 @@ class PostgresStore:
         revision = await self._in_transaction(write)
         if self.on_commit is not None:
             self.on_commit(1)
-        self._moved(revision)
+        self._revisions.moved(revision)
         return revision
 
     async def _remove(self, statement: str, first: Any) -> int:
@@ -1116,7 +563,7 @@ class PostgresStore:
 
         removed = await self._in_transaction(remove)
         if removed:
-            self._moved(revision)
+            self._revisions.moved(revision)
         return removed
 
     async def delete_many(self, keys: Sequence[str]) -> int:
@@ -1151,6 +598,8 @@ class PostgresStore:
         for. The rows are counted up to a revision read first: every change up to it has
         committed (revisions commit in order), so none is counted twice."""
 
+        policy = TrimPolicy(max_age, max_rows, batch)
+
         async def trim(conn: Any) -> int:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _TRIM_LOCK):
                 return 0
@@ -1169,7 +618,7 @@ class PostgresStore:
                 )
             )
             now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
-            cutoff = round(now_ms - max_age * 1000)
+            cutoff = round(policy.cutoff(now_ms))
             await conn.execute(
                 "INSERT INTO kv_history_marks (at, revision) VALUES ($1, $2)"
                 " ON CONFLICT (at) DO UPDATE SET revision = excluded.revision",
@@ -1179,7 +628,6 @@ class PostgresStore:
             aged = await conn.fetchval(
                 "SELECT max(revision) FROM kv_history_marks WHERE at <= $1", cutoff
             )
-            # The newest mark at or before the cutoff decides; the older ones are needed no more.
             await conn.execute(
                 "DELETE FROM kv_history_marks WHERE at <"
                 " (SELECT max(at) FROM kv_history_marks WHERE at <= $1)",
@@ -1191,9 +639,9 @@ class PostgresStore:
                     "SELECT revision FROM kv_changes ORDER BY revision, key LIMIT $1", batch
                 )
             ]
-            cut = trim_cut(oldest, meta["compact_revision"], rows - max_rows, aged or 0)
+            cut = policy.cut(oldest, meta["compact_revision"], rows, aged)
             dropped = 0
-            if oldest and oldest[0] <= cut:
+            if policy.drops(oldest, cut):
                 status = await conn.execute("DELETE FROM kv_changes WHERE revision <= $1", cut)
                 dropped = int(status.split()[-1])
             # A since below the compact revision is answered "compacted" before any gap counts.
@@ -1211,8 +659,8 @@ class PostgresStore:
             return dropped
 
         dropped = await self._in_transaction(trim)
-        if dropped and self._wake is not None:
-            self._wake()  # this process's feed learns the compact revision it moved
+        if dropped:
+            self._revisions.poke()  # this process's feed learns the compact revision it moved
         return dropped
 
     async def history(self) -> HistoryStats:
@@ -1234,28 +682,26 @@ class PostgresStore:
         WATCH_POLL_INTERVAL seconds in case a notification was lost; either wakes only for a
         revision this process has not woken for. When that connection drops it is made
         again, and ``wake`` called, since changes may have come meanwhile."""
-        self._wake = wake
-        if self._listen_url is None:
-            try:
+        with self._revisions.listening(wake):
+            if self._listen_url is None:
                 await self._poll(wake)
-            finally:
-                self._wake = None
-            return
+            else:
+                await self._listen(wake)
+
+    async def _listen(self, wake: Wake) -> None:
+        """Listen on connections made one after the other, until cancelled (see listen)."""
         delay = LISTEN_RETRY_FIRST
-        try:
-            while True:
-                listening = _Listening()
-                try:
-                    await self._listen_once(wake, listening)
-                except _FAILURES as error:
-                    if listening.worked:  # a connection that worked: the next try is soon
-                        delay = LISTEN_RETRY_FIRST
-                    log.warning("watch_connection_lost", reason=describe(error), retry_in=delay)
-                wake()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, LISTEN_RETRY_MAX)
-        finally:
-            self._wake = None
+        while True:
+            listening = _Listening()
+            try:
+                await self._listen_once(wake, listening)
+            except _FAILURES as error:
+                if listening.worked:  # a connection that worked: the next try is soon
+                    delay = LISTEN_RETRY_FIRST
+                log.warning("watch_connection_lost", reason=describe(error), retry_in=delay)
+            wake()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, LISTEN_RETRY_MAX)
 
     async def _poll(self, wake: Wake) -> None:
         """Where LISTEN cannot work (a pooler in transaction mode hands each transaction to
@@ -1268,9 +714,7 @@ class PostgresStore:
             except StoreError:
                 wake()  # changes may come meanwhile; the feed finds the store down itself
             else:
-                if revision != self._known_revision:  # newer, or the database was restored
-                    self._known_revision = revision
-                    wake()
+                self._revisions.seen(revision)
             await asyncio.sleep(POLL_WITHOUT_LISTEN)
 
     async def _listen_once(self, wake: Wake, listening: _Listening) -> None:
@@ -1290,16 +734,14 @@ class PostgresStore:
                 notified_schema, _, revision = str(args[-1]).rpartition(" ")
                 # A write to this store, not another's (nor anyone else's notification).
                 if notified_schema == schema and revision.isdigit():
-                    self._moved(int(revision))
+                    self._revisions.moved(int(revision))
 
             await conn.add_listener(CHANNEL, notified)
             listening.worked = True
             wake()  # whatever committed before LISTEN took effect
             while True:
                 revision = int(await conn.fetchval(_READ_REVISION, timeout=self._timeout))
-                if revision != self._known_revision:  # newer, or the database was restored
-                    self._known_revision = revision
-                    wake()
+                self._revisions.seen(revision)
                 await asyncio.sleep(WATCH_POLL_INTERVAL)
         finally:
             await conn.close(timeout=self._timeout)
@@ -1312,13 +754,7 @@ class PostgresStore:
         connection of its own. The revision's lock, which every write waits for, is taken
         only once the rows are in; a seed first takes a lock that servers starting together
         wait on."""
-        try:
-            # Its own connection, without the requests' timeout: a load takes its time.
-            conn = await _connect_any_host(
-                self._url, timeout=self._timeout, **self._connect_options
-            )
-        except _FAILURES as error:
-            raise _translate(error) from None
+        conn = await self._connect_alone()
         try:
             await _check_primary(conn)  # as the pool checks its own
             async with conn.transaction():
@@ -1358,7 +794,7 @@ class PostgresStore:
                 if source.fingerprint is not None:
                     await conn.execute(_WRITE_META, _SEED_FINGERPRINT, source.fingerprint)
             if applied or removed:
-                self._moved(revision)
+                self._revisions.moved(revision)
                 if self.on_commit is not None:
                     self.on_commit(1)
             return Loaded(applied, removed, revision)
@@ -1369,14 +805,19 @@ class PostgresStore:
         finally:
             await conn.close()
 
-    @contextlib.asynccontextmanager
-    async def export(self, prefix: str) -> AsyncIterator[_PostgresSnapshot]:
+    async def _connect_alone(self) -> Any:
+        """A connection of its own, outside the pool, for a load or an export: without the
+        requests' timeout once connected, since those take their time."""
         try:
-            conn = await _connect_any_host(
+            return await _connect_any_host(
                 self._url, timeout=self._timeout, **self._connect_options
             )
         except _FAILURES as error:
             raise _translate(error) from None
+
+    @contextlib.asynccontextmanager
+    async def export(self, prefix: str) -> AsyncIterator[_PostgresSnapshot]:
+        conn = await self._connect_alone()
         try:
             try:
                 await _check_primary(conn)  # as the pool checks its own
@@ -1455,8 +896,7 @@ class _PostgresSnapshot:
         self._prefix = prefix
 
     async def batches(self) -> AsyncIterator[list[BulkRow]]:
-        batch: list[BulkRow] = []
-        chars = 0
+        cut: BatchCut[BulkRow] = BatchCut()
         after, started = self._prefix, False
         bound = prefix_upper_bound(self._prefix)
         while True:
@@ -1475,13 +915,10 @@ class _PostgresSnapshot:
                         val = await self._conn.fetchval(_EXPORT_VALUE, key)
                     except _FAILURES as error:
                         raise _translate(error) from None
-                batch.append(BulkRow(key, val, expires_at))
-                chars += len(val)
-                if len(batch) == EXPORT_BATCH_ROWS or chars >= EXPORT_BATCH_CHARS:
-                    yield batch
-                    batch, chars = [], 0
-        if batch:
-            yield batch
+                if (full := cut.add(BulkRow(key, val, expires_at), len(val))) is not None:
+                    yield full
+        if (rest := cut.rest()) is not None:
+            yield rest
 
 
 def _condition_name(condition: Optional[Condition]) -> Optional[str]:

@@ -1,0 +1,391 @@
+"""The sqlite store's writes: each operation applied inside a group's transaction, and the
+group committer that runs them (see _GroupCommitter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, TypeVar, Union, cast
+
+from ..base import (
+    ChangeType,
+    Clock,
+    Condition,
+    Entry,
+    PreconditionFailed,
+    condition_holds,
+)
+from ..notify import RevisionWake
+from ..trim import TrimPolicy
+from .schema import (
+    _CHUNK,
+    _COMPACT_REVISION,
+    _HISTORY_COUNTED,
+    _HISTORY_ROWS,
+    _LIVE,
+    _REVISION,
+    _WRITE_META,
+    _connect,
+    _meta,
+    _transaction,
+    _translate,
+)
+
+_GET_LIVE_VERSION = "SELECT version, expires_at FROM kv WHERE key = ?"
+_SET = (
+    "INSERT INTO kv (key, val, version, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT (key)"
+    " DO UPDATE SET val = excluded.val, version = excluded.version,"
+    " expires_at = excluded.expires_at"
+)
+_DELETE = "DELETE FROM kv WHERE key = ?"
+_EXPIRED = "SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?"
+_RECORD_REMOVAL = "INSERT INTO changes (revision, key, type) VALUES (?, ?, ?)"
+
+
+class _Transaction:
+    """One group's write transaction: its connection, its clock reading, the revision (read
+    once under the write lock and written back once, if any write took one: each write that
+    changes something adds one to ``revision``) and the removals to record with it."""
+
+    def __init__(self, conn: sqlite3.Connection, now_ms: float) -> None:
+        self.conn = conn
+        self.now_ms = now_ms
+        self.first = _meta(conn, _REVISION)
+        self.revision = self.first
+        self.removals: list[tuple[int, str, ChangeType]] = []
+
+    def record(self, kind: ChangeType, key: str) -> None:
+        """A key's delete or expiry in the current revision (the trigger records sets)."""
+        self.removals.append((self.revision, key, kind))
+
+    def live_version(self, key: str) -> Optional[int]:
+        row = self.conn.execute(_GET_LIVE_VERSION, (key,)).fetchone()
+        if row is None or (row[1] is not None and row[1] <= self.now_ms):
+            return None
+        return int(row[0])
+
+    def check(self, key: str, condition: Optional[Condition]) -> Optional[int]:
+        """The key's live version; PreconditionFailed when ``condition`` does not hold."""
+        current = self.live_version(key)
+        if not condition_holds(condition, current):
+            raise PreconditionFailed(current)
+        return current
+
+    def finish(self) -> None:
+        if self.removals:
+            self.conn.executemany(_RECORD_REMOVAL, self.removals)
+        if self.revision != self.first:
+            self.conn.execute(_WRITE_META, (_REVISION, self.revision))
+
+
+# The operations below are plain classes with __slots__: one is made per write, and a frozen
+# dataclass costs three times as much to make.
+
+
+class _SetOne:
+    __slots__ = ("condition", "expires_at", "key", "val")
+
+    def __init__(
+        self, key: str, val: str, expires_at: Optional[int], condition: Optional[Condition]
+    ) -> None:
+        self.key, self.val, self.expires_at, self.condition = key, val, expires_at, condition
+
+    def apply(self, tx: _Transaction) -> Entry:
+        if self.condition is not None:
+            tx.check(self.key, self.condition)
+        tx.revision += 1
+        version = tx.revision
+        tx.conn.execute(_SET, (self.key, self.val, version, self.expires_at))
+        return Entry(self.val, version, self.expires_at)
+
+
+class _DeleteOne:
+    __slots__ = ("condition", "key")
+
+    def __init__(self, key: str, condition: Optional[Condition]) -> None:
+        self.key, self.condition = key, condition
+
+    def apply(self, tx: _Transaction) -> bool:
+        if tx.check(self.key, self.condition) is None:
+            return False  # an expired row stays, for the purge to report
+        tx.conn.execute(_DELETE, (self.key,))
+        tx.revision += 1
+        tx.record("delete", self.key)
+        return True
+
+
+class _SetMany:
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: Sequence[tuple[str, str, Optional[int]]]) -> None:
+        self.rows = rows  # key, val, expires_at
+
+    def apply(self, tx: _Transaction) -> int:
+        tx.revision += 1
+        version = tx.revision
+        # The last row for a key wins: one write (and one change) per key.
+        last = {key: (val, expires_at) for key, val, expires_at in self.rows}
+        tx.conn.executemany(
+            _SET, ((key, val, version, expires_at) for key, (val, expires_at) in last.items())
+        )
+        return version
+
+
+def _remove(tx: _Transaction, keys: Sequence[str], kind: ChangeType) -> int:
+    """Delete the rows of ``keys`` (live or expired, each once) in a new revision, recording
+    each as a change of ``kind``; how many. No revision is taken when there are none."""
+    if not keys:
+        return 0
+    tx.revision += 1
+    for start in range(0, len(keys), _CHUNK):
+        chunk = keys[start : start + _CHUNK]
+        tx.conn.execute(f"DELETE FROM kv WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+    for key in keys:
+        tx.record(kind, key)
+    return len(keys)
+
+
+class _DeleteMany:
+    __slots__ = ("keys",)
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = keys
+
+    def apply(self, tx: _Transaction) -> int:
+        live: list[str] = []
+        unique = list(dict.fromkeys(self.keys))
+        for start in range(0, len(unique), _CHUNK):
+            chunk = unique[start : start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            live += (
+                key
+                for (key,) in tx.conn.execute(
+                    f"SELECT key FROM kv WHERE key IN ({marks}) AND {_LIVE}", (*chunk, tx.now_ms)
+                )
+            )
+        return _remove(tx, live, "delete")  # expired rows stay, for the purge to report
+
+
+class _Purge:
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def apply(self, tx: _Transaction) -> int:
+        expired = [key for (key,) in tx.conn.execute(_EXPIRED, (tx.now_ms, self.limit))]
+        return _remove(tx, expired, "expire")
+
+
+class _TrimHistory:
+    """One step of trimming the history (see Store.trim_history); takes no revision."""
+
+    __slots__ = ("policy",)
+
+    def __init__(self, policy: TrimPolicy) -> None:
+        self.policy = policy
+
+    def apply(self, tx: _Transaction) -> int:
+        conn = tx.conn
+        compact = _meta(conn, _COMPACT_REVISION)
+        counted_through = _meta(conn, _HISTORY_COUNTED)
+        # Every change up to tx.first is in the table (this group's own are not yet).
+        rows = _meta(conn, _HISTORY_ROWS) + _count_changes_above(conn, counted_through)
+        conn.execute(_MARK, (int(tx.now_ms), tx.first))
+        policy = self.policy
+        cutoff = policy.cutoff(tx.now_ms)
+        aged = conn.execute(_AGED, (cutoff,)).fetchone()[0]
+        conn.execute(_UNMARK, (cutoff,))
+        oldest = [
+            revision
+            for (revision,) in conn.execute(
+                "SELECT revision FROM changes ORDER BY revision, key LIMIT ?", (policy.batch,)
+            )
+        ]
+        cut = policy.cut(oldest, compact, rows, aged)
+        dropped = 0
+        if policy.drops(oldest, cut):
+            dropped = conn.execute("DELETE FROM changes WHERE revision <= ?", (cut,)).rowcount
+        # A since below the compact revision is answered "compacted" before any gap counts.
+        conn.execute("DELETE FROM gaps WHERE resumed_at <= ?", (cut,))
+        conn.executemany(
+            _WRITE_META,
+            (
+                (_COMPACT_REVISION, cut),
+                (_HISTORY_ROWS, rows - dropped),
+                (_HISTORY_COUNTED, tx.first),
+            ),
+        )
+        return int(dropped)
+
+
+def _count_changes_above(conn: sqlite3.Connection, revision: int) -> int:
+    return int(
+        conn.execute("SELECT count(*) FROM changes WHERE revision > ?", (revision,)).fetchone()[0]
+    )
+
+
+_MARK = "INSERT OR REPLACE INTO history_marks (at, revision) VALUES (?, ?)"
+_AGED = "SELECT max(revision) FROM history_marks WHERE at <= ?"
+_UNMARK = "DELETE FROM history_marks WHERE at < (SELECT max(at) FROM history_marks WHERE at <= ?)"
+
+
+# Operations that are the store's upkeep, not a client's write: metrics count no write for them.
+_UPKEEP = (_Purge, _TrimHistory)
+Result = TypeVar("Result", covariant=True)
+
+
+class _Operation(Protocol[Result]):
+    """A write, applied inside a group's transaction; raises PreconditionFailed to decline."""
+
+    def apply(self, tx: _Transaction) -> Result: ...
+
+
+class _Alone:
+    """A bulk load waiting in the committer's queue (see _GroupCommitter.run_alone)."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[], tuple[Any, int]]) -> None:
+        self.run = run
+
+
+class _GroupCommitter:
+    """Commits writes in groups: each commit takes every write that arrived before it began.
+
+    durability="normal": the commit runs on the event loop's thread, scheduled behind the
+    handlers already queued, so the writes of one loop iteration share a transaction.
+    durability="full": the commit (and its fsync) runs on a writer thread with its own
+    connection, and the writes arriving meanwhile wait for the next one.
+    A write is answered only when its group has committed. A write whose precondition fails
+    is answered with PreconditionFailed and does not hold back the others of its group.
+    """
+
+    def __init__(
+        self, path: Path, durability: str, loop_conn: sqlite3.Connection, clock: Clock
+    ) -> None:
+        self._path = path
+        self._durability = durability
+        self._clock = clock
+        self._conn: Optional[sqlite3.Connection] = None
+        self._executor: Optional[ThreadPoolExecutor] = None
+        if durability == "full":
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-commit")
+        else:
+            self._conn = loop_conn
+        self._pending: list[tuple[Union[_Operation[Any], _Alone], asyncio.Future[Any]]] = []
+        self._draining: Optional[asyncio.Task[None]] = None
+        self._alone_queued = 0  # bulk loads in _pending
+        self.on_commit: Optional[Callable[[int], None]] = None
+        # Woken after each commit that took a revision (see SqliteStore.listen).
+        self.revisions = RevisionWake()
+
+    async def submit(self, operation: _Operation[Result]) -> Result:
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((operation, future))
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def run_alone(self, run: Callable[[], tuple[Result, int]]) -> Result:
+        """Run ``run`` (a bulk load: it commits on a connection of its own and returns its
+        result and the store's revision after it) on a thread, between two groups: this
+        process's writes that arrive meanwhile wait for it, and its reads go on. Once
+        queued, it runs to its end, even if the caller stops waiting."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((_Alone(run), future))
+        self._alone_queued += 1
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        return await future
+
+    async def _run_alone(self, alone: _Alone, future: asyncio.Future[Any]) -> None:
+        try:
+            result, revision = await asyncio.get_running_loop().run_in_executor(None, alone.run)
+        except Exception as error:
+            if isinstance(error, sqlite3.Error):
+                error = _translate(error, self._path)
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: a caller gone no longer awaits it
+            return
+        self._committed(1, revision)
+        if not future.done():
+            future.set_result(result)
+
+    def _committed(self, writes: int, revision: int) -> None:
+        if self.on_commit is not None:
+            self.on_commit(writes)
+        self.revisions.moved(revision)
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                if self._alone_queued:  # a group ends before a bulk load
+                    first, future = self._pending[0]
+                    if isinstance(first, _Alone):
+                        del self._pending[0]
+                        self._alone_queued -= 1
+                        await self._run_alone(first, future)
+                        continue
+                    cut = next(
+                        index
+                        for index, (operation, _) in enumerate(self._pending)
+                        if isinstance(operation, _Alone)
+                    )
+                    batch, self._pending = self._pending[:cut], self._pending[cut:]
+                else:
+                    batch, self._pending = self._pending, []
+                operations = cast("list[_Operation[Any]]", [operation for operation, _ in batch])
+                try:
+                    if self._executor is None:
+                        results, revision = self._commit(operations)
+                    else:
+                        results, revision = await loop.run_in_executor(
+                            self._executor, self._commit, operations
+                        )
+                except sqlite3.Error as error:
+                    failure = _translate(error, self._path)
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(failure)
+                else:
+                    self._committed(sum(not isinstance(op, _UPKEEP) for op in operations), revision)
+                    for (_, future), result in zip(batch, results):
+                        if future.done():
+                            continue
+                        if isinstance(result, PreconditionFailed):
+                            future.set_exception(result)
+                        else:
+                            future.set_result(result)
+        finally:
+            self._draining = None
+
+    def _commit(self, operations: list[_Operation[Any]]) -> tuple[list[Any], int]:
+        """One transaction for the whole group: one WAL append, at most one fsync. Returns
+        each operation's result, and the revision after it."""
+        if self._conn is None:  # the writer thread's own connection, made on that thread
+            self._conn = _connect(self._path, self._durability)
+        results: list[Any] = []
+        with _transaction(self._conn) as conn:
+            tx = _Transaction(conn, self._clock() * 1000)
+            for operation in operations:
+                try:
+                    results.append(operation.apply(tx))
+                except PreconditionFailed as failed:
+                    results.append(failed)
+            tx.finish()
+        return results, tx.revision
+
+    async def close(self) -> None:
+        if self._draining is not None:
+            await self._draining
+        if self._executor is not None:
+            if self._conn is not None:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+            self._executor.shutdown(wait=True)
