@@ -125,22 +125,24 @@ def check_text(settings: Settings, key: str, val: Optional[str] = None, where: s
         raise _broken_rule_error(settings, broken, where)
 
 
+# A key or a value over its limit: the answer's status and code, and how it names the field
+# when it is not an item of a batch.
+_TOO_LONG = {
+    rules.KEY_TOO_LONG: (422, "key_too_long", "The key"),
+    rules.VALUE_TOO_LARGE: (413, "value_too_large", "The value"),
+}
+
+
 def _broken_rule_error(settings: Settings, broken: str, where: str) -> ApiError:
-    if broken == rules.KEY_TOO_LONG:
-        subject = f"{where}key:" if where else "The key"
+    field = "val" if broken in (rules.VALUE_TOO_LARGE, rules.NUL_IN_VAL) else "key"
+    too_long = _TOO_LONG.get(broken)
+    if too_long is not None:
+        status, code, alone = too_long
+        limit = settings.max_key_bytes if field == "key" else settings.max_value_bytes
+        subject = f"{where}{field}:" if where else alone
         return ApiError(
-            422,
-            "key_too_long",
-            f"{subject} is longer than the limit of {settings.max_key_bytes} bytes of UTF-8.",
+            status, code, f"{subject} is longer than the limit of {limit} bytes of UTF-8."
         )
-    if broken == rules.VALUE_TOO_LARGE:
-        subject = f"{where}val:" if where else "The value"
-        return ApiError(
-            413,
-            "value_too_large",
-            f"{subject} is longer than the limit of {settings.max_value_bytes} bytes of UTF-8.",
-        )
-    field = "val" if broken == rules.NUL_IN_VAL else "key"
     subject = f"{where}{field}:" if where else f"Field '{field}'"
     if broken == rules.EMPTY_KEY:  # the models and the path refuse it first, alike
         return ApiError(422, "empty_key", f"{subject} must not be empty.")

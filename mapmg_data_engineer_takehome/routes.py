@@ -86,6 +86,8 @@ BODY_ERRORS = (
 )
 KEY_ERRORS = ((422, ("key_too_long", "invalid_string")),)
 UNAVAILABLE = ((503, ("store_unavailable",)),)
+# POST /mget and /mdelete: a body of 1 to a limit of keys.
+KEYS_BATCH_ERRORS = (*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",)))
 
 NOT_FOUND = ((404, ("not_found",)),)
 
@@ -110,6 +112,31 @@ def _files(name: str, path: str, handler: handlers.Handler, summary: str) -> End
     """A page's files (scripts, styles), each named in the path; 404 for any other name."""
     return _page(
         name, path, handler, summary, content_type="application/octet-stream", errors=NOT_FOUND
+    )
+
+
+def _keys_batch(
+    name: str,
+    handler: handlers.Handler,
+    summary: str,
+    description: str,
+    body: type[BaseModel],
+    response: type[BaseModel],
+    example: dict[str, Any],
+) -> Endpoint:
+    """POST /<name> with a body of keys, 1 to the model's limit of them, in one transaction."""
+    return Endpoint(
+        name,
+        ("POST",),
+        f"/{name}",
+        f"/{name}",
+        handler,
+        summary,
+        description,
+        body=body,
+        response=response,
+        errors=KEYS_BATCH_ERRORS,
+        example=example,
     )
 
 
@@ -263,18 +290,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             (422, ("invalid_parameter", "invalid_line")),
         ),
     ),
-    Endpoint(
+    _keys_batch(
         "mget",
-        ("POST",),
-        "/mget",
-        "/mget",
         handlers.get_many,
-        "Read up to 1000 keys",
+        f"Read up to {models.MAX_MGET_KEYS} keys",
         "Answers in request order; null for a key without a value.",
-        body=models.MgetRequest,
-        response=responses.MgetAnswer,
-        errors=(*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",))),
-        example={"keys": ["user:1", "user:2"]},
+        models.MgetRequest,
+        responses.MgetAnswer,
+        {"keys": ["user:1", "user:2"]},
     ),
     Endpoint(
         "mset",
@@ -282,7 +305,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/mset",
         "/mset",
         handlers.set_many,
-        "Write up to 10,000 items, all or none",
+        f"Write up to {models.MAX_BATCH_WRITES:,} items, all or none",
         "One transaction; the last item for a key wins, and all take one version.",
         body=models.MsetRequest,
         response=responses.MsetAnswer,
@@ -295,18 +318,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ),
         example={"items": [{"key": "a", "val": "1"}, {"key": "b", "val": "2", "ttl": 60}]},
     ),
-    Endpoint(
+    _keys_batch(
         "mdelete",
-        ("POST",),
-        "/mdelete",
-        "/mdelete",
         handlers.delete_many,
-        "Delete up to 10,000 keys",
+        f"Delete up to {models.MAX_BATCH_WRITES:,} keys",
         "One transaction; counts the keys that had a value.",
-        body=models.MdeleteRequest,
-        response=responses.MdeleteAnswer,
-        errors=(*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",))),
-        example={"keys": ["a", "b"]},
+        models.MdeleteRequest,
+        responses.MdeleteAnswer,
+        {"keys": ["a", "b"]},
     ),
     Endpoint(
         "health",
