@@ -1,9 +1,10 @@
 """The API document (OpenAPI 3.1), built from the route table and the pydantic models.
 
 Nothing here is written twice: the paths, methods and operations come from routes.ENDPOINTS,
-the very table the server registers; the request and response schemas from the models that
-validate requests (models.py); the error codes of each status from the table too. A test
-fails when a route exists that the document lacks, or the other way round.
+the very table the server registers; the request schemas from the models that validate
+requests (models.py), the response schemas from responses.py; the header names from
+rules.py; the error codes of each status from the table too. A test fails when a route exists
+that the document lacks, or the other way round.
 """
 
 from __future__ import annotations
