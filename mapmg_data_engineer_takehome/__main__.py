@@ -8,11 +8,10 @@ from typing import Optional
 
 import structlog
 
-from .app import run_event_loop, serve
 from .errors import StartupError
 from .logs import configure_logging
 from .settings import SettingsError, load_settings
-from .workers import supervise
+from .workers import run_event_loop, serve, supervise
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn, Optional, Union
 
 import orjson
 import structlog
 from aiohttp import hdrs, web
 
+from . import rules, validation
 from .errors import JSON_HEADERS, ApiError, safe_message
-from .handlers import REVISION, utf8_length_exceeds
-from .models import ExportQuery, ImportQuery, is_text, parse_query, rfc3339
+from .models import ExportQuery, ImportQuery
 from .protocol import stop_request_clock
 from .settings import Settings
 from .state import CLOCK_KEY, METRICS_KEY, SETTINGS_KEY, STORE_KEY
@@ -44,12 +42,6 @@ _BATCH_CHARS = 1 << 20
 # largest key and value, plus room for the names and punctuation, cannot be valid.
 _ESCAPE_FACTOR = 6
 _LINE_OVERHEAD = 1_024
-_RFC3339 = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
-    r"(?:[Zz]|([+-])([0-9]{2}):([0-9]{2}))"
-)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MILLISECOND = timedelta(milliseconds=1)
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -64,7 +56,7 @@ def ndjson_lines(rows: Sequence[LoadRow]) -> bytes:
                 {
                     "key": key,
                     "val": val,
-                    "expires_at": None if expires_at is None else rfc3339(expires_at),
+                    "expires_at": None if expires_at is None else rules.rfc3339(expires_at),
                 },
                 option=newline,
             )
@@ -75,12 +67,12 @@ def ndjson_lines(rows: Sequence[LoadRow]) -> bytes:
 
 async def export(request: web.Request) -> web.StreamResponse:
     """GET /export: every live key under the prefix, in key order, as of one revision."""
-    query = parse_query(ExportQuery, request.query)
+    query = validation.parse_query(ExportQuery, request.query)
     timeout = request.app[SETTINGS_KEY].client_timeout
     metrics = request.app[METRICS_KEY]
     async with request.app[STORE_KEY].export(query.prefix) as snapshot:
         response = web.StreamResponse(
-            headers={hdrs.CONTENT_TYPE: NDJSON, REVISION: str(snapshot.revision)}
+            headers={hdrs.CONTENT_TYPE: NDJSON, rules.REVISION: str(snapshot.revision)}
         )
         await response.prepare(request)
         # From here on an error cannot be an answer: the connection is closed instead, so
@@ -113,27 +105,6 @@ def _abort(request: web.Request) -> None:
 
 
 # --- import ----------------------------------------------------------------------------------
-
-
-def parse_rfc3339(text: str) -> Optional[int]:
-    """An RFC 3339 time as milliseconds since the epoch (any offset, fractions past the
-    millisecond dropped), or None when ``text`` is not one."""
-    match = _RFC3339.fullmatch(text)
-    if match is None:
-        return None
-    year, month, day, hour, minute, second, fraction, sign, off_hours, off_minutes = match.groups()
-    try:
-        moment = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second),
-            tzinfo=timezone.utc,
-        )  # fmt: skip
-    except ValueError:  # February 30th, hour 24, and the like
-        return None
-    milliseconds = (moment - _EPOCH) // _MILLISECOND + int((fraction or "0").ljust(3, "0")[:3])
-    if sign is not None:
-        offset = (int(off_hours) * 60 + int(off_minutes)) * 60_000
-        milliseconds -= offset if sign == "+" else -offset
-    return milliseconds
 
 
 class NdjsonSource:
@@ -236,7 +207,7 @@ class NdjsonSource:
         if expires is not None:
             if type(expires) is not str:
                 self._invalid(number, "expires_at", "must be an RFC 3339 time or null")
-            expires_at = parse_rfc3339(expires)
+            expires_at = rules.parse_rfc3339(expires)
             if expires_at is None:
                 self._invalid(
                     number, "expires_at", "must be an RFC 3339 time, as 2026-11-27T07:00:00.000Z"
@@ -258,7 +229,7 @@ class NdjsonSource:
         if isinstance(document, dict):
             for field in ("key", "val", "expires_at"):
                 value = document.get(field)
-                if isinstance(value, str) and not is_text(value):
+                if isinstance(value, str) and not rules.is_text(value):
                     self._invalid(number, field, "contains an unpaired UTF-16 surrogate")
         return document
 
@@ -271,21 +242,25 @@ class NdjsonSource:
                 self._invalid(number, field, "is missing")
 
     def _check_text(self, key: str, val: str, number: int) -> None:
-        settings = self._settings
-        if not key:
-            self._invalid(number, "key", "is empty")
-        if utf8_length_exceeds(key, settings.max_key_bytes):
-            self._invalid(number, "key", f"is longer than {settings.max_key_bytes} bytes of UTF-8")
-        if utf8_length_exceeds(val, settings.max_value_bytes):
-            self._invalid(
-                number, "val", f"is longer than {settings.max_value_bytes} bytes of UTF-8"
-            )
-        if "\x00" in key:
-            self._invalid(number, "key", "contains a NUL character (U+0000)")
-        if "\x00" in val:
-            self._invalid(number, "val", "contains a NUL character (U+0000)")
+        broken = rules.broken_rule(self._settings, key, val)
+        if broken is not None:
+            self._invalid(number, *self._broken_rule(broken))
         if not key.startswith(self._prefix):
             self._invalid(number, "key", "is not under the import's prefix")
+
+    def _broken_rule(self, broken: str) -> tuple[str, str]:
+        """The field that breaks a rule of rules.broken_rule, and how a line's 422 says it."""
+        settings = self._settings
+        return {
+            rules.EMPTY_KEY: ("key", "is empty"),
+            rules.KEY_TOO_LONG: ("key", f"is longer than {settings.max_key_bytes} bytes of UTF-8"),
+            rules.VALUE_TOO_LARGE: (
+                "val",
+                f"is longer than {settings.max_value_bytes} bytes of UTF-8",
+            ),
+            rules.NUL_IN_KEY: ("key", "contains a NUL character (U+0000)"),
+            rules.NUL_IN_VAL: ("val", "contains a NUL character (U+0000)"),
+        }[broken]
 
     def _invalid(self, number: int, field: Optional[str], problem: str) -> NoReturn:
         where = f"Line {number}" if field is None else f"Line {number}, field '{field}',"
@@ -309,7 +284,7 @@ def body_too_large(limit: int) -> ApiError:
 async def import_(request: web.Request) -> web.Response:
     """POST /import: the body's lines, all applied in one revision, or none of them."""
     settings = request.app[SETTINGS_KEY]
-    query = parse_query(ImportQuery, request.query)
+    query = validation.parse_query(ImportQuery, request.query)
     limit = settings.max_import_bytes
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(limit)  # refused before reading a byte of it

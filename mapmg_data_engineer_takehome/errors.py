@@ -76,10 +76,12 @@ def error_response(
     return web.Response(body=body, status=status, headers=all_headers)
 
 
+# A path no route takes, whether aiohttp or the fallback route (handlers.no_route) answers.
+NO_SUCH_ENDPOINT = "No such endpoint; see the README for the API."
 # aiohttp raises these itself (routing, body size); each gets a code and a sentence to act on.
 HTTP_ERRORS: dict[int, tuple[str, str]] = {
     400: ("bad_request", "The request could not be understood."),
-    404: ("not_found", "No such endpoint; see the README for the API."),
+    404: ("not_found", NO_SUCH_ENDPOINT),
     405: ("method_not_allowed", "This endpoint does not accept that method; see Allow."),
     413: ("body_too_large", "The request body is larger than the server accepts."),
 }

@@ -47,8 +47,9 @@ import orjson
 import structlog
 
 from .errors import safe_message
-from .models import MAX_EVENTS, rfc3339
+from .models import MAX_EVENTS
 from .protocol import unsent_bytes
+from .rules import rfc3339
 from .store.base import (
     Change,
     Changes,

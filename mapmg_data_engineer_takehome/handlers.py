@@ -1,30 +1,23 @@
-"""One small function per endpoint: validate, call the store, answer."""
+"""One small function per endpoint of the key-value API: validate, call the store, answer.
+
+The wire rules they apply (a key's limits, a cursor, a version tag, a time) are rules.py's;
+the pages a browser opens (the docs page, the key browser) are pages.py's.
+"""
 
 from __future__ import annotations
 
-import base64
-import re
 from collections.abc import Awaitable, Mapping
-from pathlib import Path
 from typing import Any, Callable, Optional, Union
 from urllib.parse import unquote
 
 import orjson
 from aiohttp import hdrs, web
 
-from .errors import JSON_CONTENT_TYPE, JSON_HEADERS, ApiError, error_response
+from . import rules
+from .errors import JSON_CONTENT_TYPE, JSON_HEADERS, NO_SUCH_ENDPOINT, ApiError, error_response
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .models import (
-    ListQuery,
-    MdeleteRequest,
-    MgetRequest,
-    Model,
-    MsetRequest,
-    SetRequest,
-    parse_body,
-    parse_query,
-    rfc3339,
-)
+from .models import ListQuery, MdeleteRequest, MgetRequest, MsetRequest, SetRequest
+from .rules import EXPIRES_AT, REVISION, VERSION_TAG, rfc3339, version_tag
 from .settings import Settings
 from .state import INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
 from .store.base import (
@@ -37,20 +30,9 @@ from .store.base import (
     SetItem,
     StoreError,
 )
+from .validation import Model, parse_body, parse_query
 
-EXPIRES_AT = "KV-Expires-At"
-# The store's revision a listing's page was read at: where a watcher of its keys starts.
-REVISION = "KV-Revision"
-# The docs page's files: Swagger UI 5 (see static/swagger-ui/VERSION) and its start script.
-STATIC = Path(__file__).resolve().parent / "static"
-DOCS_ASSETS = {
-    "swagger-ui-bundle.js": STATIC / "swagger-ui" / "swagger-ui-bundle.js",
-    "swagger-ui.css": STATIC / "swagger-ui" / "swagger-ui.css",
-    "docs.js": STATIC / "docs.js",
-    "LICENSE": STATIC / "swagger-ui" / "LICENSE",
-}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_VERSION_TAG = re.compile(r'"([0-9]{1,18})"')
 
 
 def _json(data: Any, headers: Mapping[str, str] = JSON_HEADERS, status: int = 200) -> web.Response:
@@ -63,11 +45,12 @@ def entry_headers(entry: Entry) -> dict[str, str]:
     """The JSON headers plus the key's ETag (its version) and, if it expires, KV-Expires-At.
 
     Written out as literals: merging JSON_HEADERS into a new dict costs more than the rest."""
+    tag = version_tag(entry.version)
     if entry.expires_at is None:
-        return {hdrs.CONTENT_TYPE: JSON_CONTENT_TYPE, hdrs.ETAG: f'"{entry.version}"'}
+        return {hdrs.CONTENT_TYPE: JSON_CONTENT_TYPE, hdrs.ETAG: tag}
     return {
         hdrs.CONTENT_TYPE: JSON_CONTENT_TYPE,
-        hdrs.ETAG: f'"{entry.version}"',
+        hdrs.ETAG: tag,
         EXPIRES_AT: rfc3339(entry.expires_at),
     }
 
@@ -96,7 +79,7 @@ def parse_condition(
         if tag == "*":
             condition = IfExists()
         else:
-            match = _VERSION_TAG.fullmatch(tag)
+            match = VERSION_TAG.fullmatch(tag)
             if match is None:
                 raise _invalid_header(
                     'If-Match must be * or a version in double quotes, as ETag gives it ("12").'
@@ -129,65 +112,45 @@ def _precondition_failed(failed: PreconditionFailed) -> ApiError:
         "precondition_failed",
         f"The key is at version {failed.current}, which does not meet the precondition; "
         "nothing was written. Read it again, then retry.",
-        {hdrs.ETAG: f'"{failed.current}"'},
+        {hdrs.ETAG: version_tag(failed.current)},
     )
 
 
-def encode_cursor(key: str) -> str:
-    """An opaque cursor that resumes a listing after ``key``."""
-    return base64.urlsafe_b64encode(key.encode("utf-8")).rstrip(b"=").decode("ascii")
-
-
-def decode_cursor(cursor: str, settings: Settings) -> str:
-    """The key a cursor resumes after; 422 invalid_parameter when it is not one of ours."""
-    try:
-        key = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
-        after = key.decode("utf-8")
-    except (ValueError, UnicodeDecodeError):
-        after = ""
-    if not after or utf8_length_exceeds(after, settings.max_key_bytes):
-        raise ApiError(
-            422,
-            "invalid_parameter",
-            "Query parameter 'cursor' must be the cursor of a previous page, as given.",
-        )
-    return after
-
-
-def utf8_length_exceeds(text: str, limit: int) -> bool:
-    """Whether ``text`` takes more than ``limit`` bytes of UTF-8 (encoding only when it may)."""
-    # A character is at most 4 bytes and at least 1: most texts are decided by their length.
-    if len(text) * 4 <= limit:
-        return False
-    return len(text) > limit or len(text.encode("utf-8")) > limit
-
-
 def check_text(settings: Settings, key: str, val: Optional[str] = None, where: str = "") -> None:
-    """ApiError when the key or the value is longer than the settings allow, or holds a NUL
-    character; ``where`` names the item of a batch (``items[3].``)."""
-    if utf8_length_exceeds(key, settings.max_key_bytes):
-        subject = f"{where}key:" if where else "The key"
-        raise ApiError(
-            422,
-            "key_too_long",
-            f"{subject} is longer than the limit of {settings.max_key_bytes} bytes of UTF-8.",
+    """ApiError when the key or the value breaks a rule of rules.broken_rule: longer than the
+    settings allow, or holding a NUL character; ``where`` names the item of a batch
+    (``items[3].``)."""
+    broken = rules.broken_rule(settings, key, val)
+    if broken is not None:
+        raise _broken_rule_error(settings, broken, where)
+
+
+# A key or a value over its limit: the answer's status and code, and how it names the field
+# when it is not an item of a batch.
+_TOO_LONG = {
+    rules.KEY_TOO_LONG: (422, "key_too_long", "The key"),
+    rules.VALUE_TOO_LARGE: (413, "value_too_large", "The value"),
+}
+
+
+def _broken_rule_error(settings: Settings, broken: str, where: str) -> ApiError:
+    field = "val" if broken in (rules.VALUE_TOO_LARGE, rules.NUL_IN_VAL) else "key"
+    too_long = _TOO_LONG.get(broken)
+    if too_long is not None:
+        status, code, alone = too_long
+        limit = settings.max_key_bytes if field == "key" else settings.max_value_bytes
+        subject = f"{where}{field}:" if where else alone
+        return ApiError(
+            status, code, f"{subject} is longer than the limit of {limit} bytes of UTF-8."
         )
-    if val is not None and utf8_length_exceeds(val, settings.max_value_bytes):
-        subject = f"{where}val:" if where else "The value"
-        raise ApiError(
-            413,
-            "value_too_large",
-            f"{subject} is longer than the limit of {settings.max_value_bytes} bytes of UTF-8.",
-        )
-    # PostgreSQL's text cannot hold U+0000; every store refuses it, so that they answer alike.
-    if "\x00" in key or (val is not None and "\x00" in val):
-        field = "key" if "\x00" in key else "val"
-        subject = f"{where}{field}:" if where else f"Field '{field}'"
-        raise ApiError(
-            422,
-            "invalid_string",
-            f"{subject} contains a NUL character (U+0000), which no store holds.",
-        )
+    subject = f"{where}{field}:" if where else f"Field '{field}'"
+    if broken == rules.EMPTY_KEY:  # the models and the path refuse it first, alike
+        return ApiError(422, "empty_key", f"{subject} must not be empty.")
+    return ApiError(
+        422,
+        "invalid_string",
+        f"{subject} contains a NUL character (U+0000), which no store holds.",
+    )
 
 
 def key_from_path(request: web.Request, prefix: str) -> str:
@@ -274,7 +237,7 @@ async def list_keys(request: web.Request) -> web.Response:
     """GET /keys: a page of the keys under a prefix, in UTF-8 byte order, with a cursor."""
     settings = request.app[SETTINGS_KEY]
     query = parse_query(ListQuery, request.query)
-    after = None if query.cursor is None else decode_cursor(query.cursor, settings)
+    after = None if query.cursor is None else _cursor_key(query.cursor, settings)
     page = await request.app[STORE_KEY].list_keys(query.prefix, after, query.limit, query.values)
     items = []
     for listed in page.keys:
@@ -286,9 +249,21 @@ async def list_keys(request: web.Request) -> web.Response:
         if query.values:
             item["val"] = listed.val
         items.append(item)
-    cursor = encode_cursor(page.keys[-1].key) if page.more else None
+    cursor = rules.encode_cursor(page.keys[-1].key) if page.more else None
     headers = {hdrs.CONTENT_TYPE: JSON_CONTENT_TYPE, REVISION: str(page.revision)}
     return _json({"items": items, "cursor": cursor}, headers)
+
+
+def _cursor_key(cursor: str, settings: Settings) -> str:
+    """The key a cursor resumes after; 422 invalid_parameter when it is not one of ours."""
+    after = rules.decode_cursor(cursor, settings)
+    if after is None:
+        raise ApiError(
+            422,
+            "invalid_parameter",
+            "Query parameter 'cursor' must be the cursor of a previous page, as given.",
+        )
+    return after
 
 
 async def read_model(request: web.Request, model: type[Model]) -> Model:
@@ -360,91 +335,6 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI_KEY], headers=JSON_HEADERS)
 
 
-DOCS_PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Key-value store API</title>
-<link rel="icon" href="data:,">
-<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
-</head>
-<body>
-<div id="swagger-ui"></div>
-<script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script src="/docs/assets/docs.js"></script>
-</body>
-</html>
-"""
-# Everything the page loads comes from this server: no CDN, no font or validator service.
-DOCS_HEADERS = {
-    hdrs.CONTENT_TYPE: "text/html; charset=utf-8",
-    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' data:; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
-}
-
-
-async def docs(request: web.Request) -> web.Response:
-    """GET /docs: Swagger UI on this server's document, working offline."""
-    return web.Response(text=DOCS_PAGE, headers=DOCS_HEADERS)
-
-
-def _asset(
-    request: web.Request, assets: Mapping[str, Path], page: str, headers: Mapping[str, str]
-) -> web.FileResponse:
-    """The file of ``assets`` named in the path; only those, so no path reaches the disk."""
-    path = assets.get(request.match_info["name"])
-    if path is None:
-        raise ApiError(404, "not_found", f"No such file of {page}.")
-    return web.FileResponse(path, headers=headers)
-
-
-async def docs_asset(request: web.Request) -> web.StreamResponse:
-    """GET /docs/assets/{name}: one of the docs page's files."""
-    return _asset(
-        request, DOCS_ASSETS, "the docs page", {hdrs.CACHE_CONTROL: "public, max-age=86400"}
-    )
-
-
-UI = STATIC / "ui"
-UI_ASSETS = {"app.js": UI / "app.js", "style.css": UI / "style.css"}
-# The key browser's page: its own scripts and styles only, talking to this server only.
-UI_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    hdrs.CACHE_CONTROL: "no-cache",
-}
-
-
-async def ui_page(request: web.Request) -> web.StreamResponse:
-    """GET /ui/: the key browser."""
-    return web.FileResponse(UI / "index.html", headers=UI_HEADERS)
-
-
-async def ui_asset(request: web.Request) -> web.StreamResponse:
-    """GET /ui/{name}: the key browser's script and styles."""
-    return _asset(request, UI_ASSETS, "the key browser", UI_HEADERS)
-
-
-def _redirect(location: str) -> web.Response:
-    return web.Response(status=302, headers={hdrs.LOCATION: location})
-
-
-async def ui_redirect(request: web.Request) -> web.Response:
-    """GET /ui: to /ui/, where the page's relative paths work."""
-    return _redirect("/ui/")
-
-
-async def root(request: web.Request) -> web.Response:
-    """GET /: a browser (it asks for HTML) goes to the key browser; an API client gets the
-    JSON 404 it always got."""
-    if "text/html" in request.headers.get(hdrs.ACCEPT, ""):
-        return _redirect("/ui/")
-    raise ApiError(404, "not_found", "No such endpoint; see /docs for the API.")
-
-
 async def no_route(request: web.Request) -> web.Response:
     """Every request no route takes: 405 with Allow when another method would be answered at
     this path, else 404."""
@@ -461,4 +351,4 @@ async def no_route(request: web.Request) -> web.Response:
             "This endpoint does not accept that method; see Allow.",
             {hdrs.ALLOW: ",".join(sorted(allowed))},
         )
-    raise ApiError(404, "not_found", "No such endpoint; see the README for the API.")
+    raise ApiError(404, "not_found", NO_SUCH_ENDPOINT)

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,55 +76,50 @@ class Metrics:
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_VARIABLE))
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
-        self.requests = Counter(
+        counter = partial(Counter, registry=registry)
+        histogram = partial(Histogram, registry=registry)
+        # A gauge of the store's state: with workers, the value the latest of them wrote.
+        store_gauge = partial(Gauge, registry=registry, multiprocess_mode="mostrecent")
+        self.requests = counter(
             "kv_requests",
             "Requests answered, by route pattern, method and status.",
             ["route", "method", "status"],
-            registry=registry,
         )
-        self.duration = Histogram(
+        self.duration = histogram(
             "kv_request_duration_seconds",
             "Seconds from the handler's start to its answer, by route pattern.",
             ["route"],
             buckets=DURATION_BUCKETS,
-            registry=registry,
         )
-        self.commit_groups = Histogram(
+        self.commit_groups = histogram(
             "kv_commit_group_writes",
             "Writes per committed transaction: _count is commits, _sum writes committed.",
             buckets=GROUP_BUCKETS,
-            registry=registry,
         )
-        self.purged = Counter(
+        self.purged = counter(
             "kv_expired_keys_purged",
             "Rows of expired keys deleted by the purge.",
-            registry=registry,
         )
-        self.seed_rows = Counter(
+        self.seed_rows = counter(
             "kv_seed_rows",
             "Rows of input.db read, applied and skipped by seeding.",
             ["outcome"],
-            registry=registry,
         )
-        self.bulk_rows = Counter(
+        self.bulk_rows = counter(
             "kv_bulk_rows",
             "Keys written by GET /export (exported), and lines of POST /import applied "
             "(imported) or skipped as expired (skipped), once the import has committed.",
             ["outcome"],
-            registry=registry,
         )
-        self.store_errors = Counter(
+        self.store_errors = counter(
             "kv_store_errors",
             "Failed store calls by kind: unavailable (503), corrupt or error (500).",
             ["kind"],
-            registry=registry,
         )
-        self.keys = Gauge(
+        self.keys = store_gauge(
             "kv_keys",
             "Keys in the store (expired ones not yet purged included); kept by the store as "
             "it writes, never counted per scrape.",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
         self.watchers = Gauge(
             "kv_watchers",
@@ -133,24 +129,19 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self.events_sent = Counter(
+        self.events_sent = counter(
             "kv_change_events_sent",
             "Change events sent to watchers, by transport.",
             ["transport"],
-            registry=registry,
         )
-        self.history_rows = Gauge(
+        self.history_rows = store_gauge(
             "kv_change_history_rows",
             "Changes the store's history keeps (KV_CHANGES_RETENTION, KV_CHANGES_MAX).",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
-        self.compact_revision = Gauge(
+        self.compact_revision = store_gauge(
             "kv_change_compact_revision",
             "The revision above which the history is whole: a watcher from below it is told "
             "to list again (410).",
-            registry=registry,
-            multiprocess_mode="mostrecent",
         )
         if not self.multiprocess:
             from prometheus_client import PlatformCollector, ProcessCollector

@@ -29,9 +29,9 @@ from aiohttp.typedefs import Handler
 from .errors import ApiError, response_for
 from .metrics import Metrics
 from .protocol import request_done
+from .rules import REQUEST_ID
 from .store.base import StoreCorrupt, StoreError, StoreUnavailable
 
-REQUEST_ID_HEADER = "X-Request-ID"
 # A client-sent id is echoed only when it is short and printable, so that it cannot forge
 # log lines or bloat them; anything else is replaced by a fresh id.
 _ACCEPTABLE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -64,7 +64,7 @@ def make_request_wrapper(
         check_token = auth_token is not None and not public
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            request_id = request.headers.get(REQUEST_ID_HEADER)
+            request_id = request.headers.get(REQUEST_ID)
             if request_id is None or not _ACCEPTABLE_REQUEST_ID.fullmatch(request_id):
                 request_id = next_id()
             started = time.perf_counter() if timed else 0.0
@@ -89,7 +89,7 @@ def make_request_wrapper(
                     metrics.store_errors.labels(_error_kind(error)).inc()
                 response = response_for(request, error, request_id, route)
             request_done(request)
-            response.headers[REQUEST_ID_HEADER] = request_id
+            response.headers[REQUEST_ID] = request_id
             if timed:
                 seconds = time.perf_counter() - started
                 if metrics is not None:

@@ -1,9 +1,10 @@
 """The API document (OpenAPI 3.1), built from the route table and the pydantic models.
 
 Nothing here is written twice: the paths, methods and operations come from routes.ENDPOINTS,
-the very table the server registers; the request and response schemas from the models that
-validate requests (models.py); the error codes of each status from the table too. A test
-fails when a route exists that the document lacks, or the other way round.
+the very table the server registers; the request schemas from the models that validate
+requests (models.py), the response schemas from responses.py; the header names from
+rules.py; the error codes of each status from the table too. A test fails when a route exists
+that the document lacks, or the other way round.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from . import __version__
-from .models import ErrorBody
+from .responses import ErrorBody
 from .routes import ENDPOINTS, Endpoint, HeaderDoc
+from .rules import ETAG, REQUEST_ID
 
 _SCHEMAS = "#/components/schemas/{model}"
 _STATUS_TEXT = {
@@ -188,7 +190,7 @@ def _header_parameter(header: HeaderDoc) -> dict[str, Any]:
 # a parameter here: any value is taken (one that is not 1 to 128 printable characters is
 # replaced), so no schema of it could be broken.
 _REQUEST_ID_HEADER = {
-    "X-Request-ID": {
+    REQUEST_ID: {
         "description": "The request's id: the client's own X-Request-ID if it sent a short "
         "printable one, else one the server made. The logs carry it too.",
         "schema": {"type": "string"},
@@ -243,7 +245,7 @@ def _responses(endpoint: Endpoint, method: str) -> dict[str, Any]:
             "headers": dict(_REQUEST_ID_HEADER),
         }
         if status == 412:
-            error["headers"]["ETag"] = {
+            error["headers"][ETAG] = {
                 "description": "The key's current version, when it exists.",
                 "schema": {"type": "string"},
             }

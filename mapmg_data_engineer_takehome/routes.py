@@ -1,7 +1,9 @@
-"""The whole URL map, readable in one screen, and what the API document says of each route.
+"""The URL map and each endpoint's contract: its handler, models, headers and error codes,
+and the summary and description the API document serves.
 
 ENDPOINTS is the one table both the server (setup_routes) and the API document (openapi.py)
-are built from, so that neither can have a route the other lacks.
+are built from, so that neither can have a route the other lacks. The descriptions here are
+the document's own words, served as written; the guide to the API is docs/api.md.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import BaseModel
 
-from . import bulk, handlers, models, watch
+from . import bulk, handlers, models, pages, responses, watch
 from .middleware import Wrap
+from .rules import ETAG, EXPIRES_AT, LAST_EVENT_ID, REVISION, REVISION_DIGITS
 
 
 @dataclass(frozen=True)
@@ -53,31 +56,28 @@ class Endpoint:
     links: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = ()
 
 
-IF_MATCH = HeaderDoc(
-    "If-Match",
+IF_MATCH_DOC = HeaderDoc(
+    str(hdrs.IF_MATCH),
     'Write only if the key exists at this version ("12", as ETag gives it), or exists at all (*).',
-    r'^(\*|"[0-9]{1,18}")$',
+    f'^(\\*|"{REVISION_DIGITS}")$',
 )
-IF_NONE_MATCH = HeaderDoc(
-    "If-None-Match", "*: write only if the key does not exist (create).", r"^\*$"
+IF_NONE_MATCH_DOC = HeaderDoc(
+    str(hdrs.IF_NONE_MATCH), "*: write only if the key does not exist (create).", r"^\*$"
 )
-ETAG = HeaderDoc("ETag", 'The key\'s version, in double quotes: "12".')
-EXPIRES_AT = HeaderDoc(
-    "KV-Expires-At", "When the key expires, RFC 3339 UTC with milliseconds; absent if never."
+ETAG_DOC = HeaderDoc(ETAG, 'The key\'s version, in double quotes: "12".')
+EXPIRES_AT_DOC = HeaderDoc(
+    EXPIRES_AT, "When the key expires, RFC 3339 UTC with milliseconds; absent if never."
 )
-REVISION = HeaderDoc(
-    "KV-Revision",
+REVISION_DOC = HeaderDoc(
+    REVISION,
     "The store's revision the page was read at: watch /changes from it (since) to follow "
     "these keys with nothing missed.",
 )
-LAST_EVENT_ID = HeaderDoc(
-    "Last-Event-ID",
+LAST_EVENT_ID_DOC = HeaderDoc(
+    LAST_EVENT_ID,
     "Resume a stream after this revision (an EventSource sends the last id it saw); wins "
     "over since.",
-    r"^[0-9]{1,18}$",
-)
-AUTHORIZATION = HeaderDoc(
-    "Authorization", "Bearer <token>, when the server has KV_AUTH_TOKEN (see bearerAuth)."
+    f"^{REVISION_DIGITS}$",
 )
 BODY_ERRORS = (
     (400, ("invalid_json",)),
@@ -86,6 +86,59 @@ BODY_ERRORS = (
 )
 KEY_ERRORS = ((422, ("key_too_long", "invalid_string")),)
 UNAVAILABLE = ((503, ("store_unavailable",)),)
+# POST /mget and /mdelete: a body of 1 to a limit of keys.
+KEYS_BATCH_ERRORS = (*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",)))
+
+NOT_FOUND = ((404, ("not_found",)),)
+
+
+def _page(
+    name: str,
+    path: str,
+    handler: handlers.Handler,
+    summary: str,
+    description: str = "",
+    **contract: Any,
+) -> Endpoint:
+    """A GET a browser opens: the docs page, the key browser, and what they load. Public, as a
+    browser cannot send a bearer token to open a page: each page asks for the token, if any,
+    and sends it with its API requests."""
+    return Endpoint(
+        name, ("GET",), path, path, handler, summary, description, public=True, **contract
+    )
+
+
+def _files(name: str, path: str, handler: handlers.Handler, summary: str) -> Endpoint:
+    """A page's files (scripts, styles), each named in the path; 404 for any other name."""
+    return _page(
+        name, path, handler, summary, content_type="application/octet-stream", errors=NOT_FOUND
+    )
+
+
+def _keys_batch(
+    name: str,
+    handler: handlers.Handler,
+    summary: str,
+    description: str,
+    body: type[BaseModel],
+    response: type[BaseModel],
+    example: dict[str, Any],
+) -> Endpoint:
+    """POST /<name> with a body of keys, 1 to the model's limit of them, in one transaction."""
+    return Endpoint(
+        name,
+        ("POST",),
+        f"/{name}",
+        f"/{name}",
+        handler,
+        summary,
+        description,
+        body=body,
+        response=response,
+        errors=KEYS_BATCH_ERRORS,
+        example=example,
+    )
+
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
@@ -98,9 +151,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Overwrites any earlier value; without ttl, removes any earlier expiry. The body is "
         "read as JSON whatever Content-Type says.",
         body=models.SetRequest,
-        response=models.KeyValue,
-        request_headers=(IF_MATCH, IF_NONE_MATCH),
-        response_headers=(ETAG, EXPIRES_AT),
+        response=responses.KeyValue,
+        request_headers=(IF_MATCH_DOC, IF_NONE_MATCH_DOC),
+        response_headers=(ETAG_DOC, EXPIRES_AT_DOC),
         errors=(
             *BODY_ERRORS,
             *KEY_ERRORS,
@@ -124,8 +177,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         handlers.get_value,
         "Read a key's value",
         "The body is exactly key and val; the version and expiry are in headers.",
-        response=models.KeyValue,
-        response_headers=(ETAG, EXPIRES_AT),
+        response=responses.KeyValue,
+        response_headers=(ETAG_DOC, EXPIRES_AT_DOC),
         errors=(
             *KEY_ERRORS,
             *UNAVAILABLE,
@@ -140,8 +193,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/delete/{key}",
         handlers.delete_value,
         "Delete a key",
-        request_headers=(IF_MATCH,),
-        response=models.Deleted,
+        request_headers=(IF_MATCH_DOC,),
+        response=responses.Deleted,
         errors=(
             *KEY_ERRORS,
             *UNAVAILABLE,
@@ -160,8 +213,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Keys in ascending order of their UTF-8 bytes; pass the answer's cursor for the next "
         "page. A page with values stops early once its values pass 4 Mi characters.",
         query=models.ListQuery,
-        response=models.ListPage,
-        response_headers=(REVISION,),
+        response=responses.ListPage,
+        response_headers=(REVISION_DOC,),
         errors=(*UNAVAILABLE, (422, ("invalid_parameter",))),
     ),
     Endpoint(
@@ -182,9 +235,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "then watch from the listing's KV-Revision); one above the store's revision is 410 "
         "unknown_revision.",
         query=models.ChangesQuery,
-        response=models.ChangesAnswer,
+        response=responses.ChangesAnswer,
         stream_type=watch.EVENT_STREAM,
-        request_headers=(LAST_EVENT_ID,),
+        request_headers=(LAST_EVENT_ID_DOC,),
         errors=(
             *UNAVAILABLE,
             (400, ("invalid_header",)),
@@ -208,7 +261,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         content_type=bulk.NDJSON,
         response_headers=(
             HeaderDoc(
-                "KV-Revision",
+                REVISION,
                 "The store's revision the export was read at: watch /changes from it.",
             ),
         ),
@@ -229,7 +282,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=models.BulkLine,
         body_type=bulk.NDJSON,
         query=models.ImportQuery,
-        response=models.ImportAnswer,
+        response=responses.ImportAnswer,
         errors=(
             *UNAVAILABLE,
             (408, ("request_timeout",)),
@@ -237,18 +290,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             (422, ("invalid_parameter", "invalid_line")),
         ),
     ),
-    Endpoint(
+    _keys_batch(
         "mget",
-        ("POST",),
-        "/mget",
-        "/mget",
         handlers.get_many,
-        "Read up to 1000 keys",
+        f"Read up to {models.MAX_MGET_KEYS} keys",
         "Answers in request order; null for a key without a value.",
-        body=models.MgetRequest,
-        response=models.MgetAnswer,
-        errors=(*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",))),
-        example={"keys": ["user:1", "user:2"]},
+        models.MgetRequest,
+        responses.MgetAnswer,
+        {"keys": ["user:1", "user:2"]},
     ),
     Endpoint(
         "mset",
@@ -256,10 +305,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/mset",
         "/mset",
         handlers.set_many,
-        "Write up to 10,000 items, all or none",
+        f"Write up to {models.MAX_BATCH_WRITES:,} items, all or none",
         "One transaction; the last item for a key wins, and all take one version.",
         body=models.MsetRequest,
-        response=models.MsetAnswer,
+        response=responses.MsetAnswer,
         errors=(
             *BODY_ERRORS,
             *KEY_ERRORS,
@@ -269,18 +318,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ),
         example={"items": [{"key": "a", "val": "1"}, {"key": "b", "val": "2", "ttl": 60}]},
     ),
-    Endpoint(
+    _keys_batch(
         "mdelete",
-        ("POST",),
-        "/mdelete",
-        "/mdelete",
         handlers.delete_many,
-        "Delete up to 10,000 keys",
+        f"Delete up to {models.MAX_BATCH_WRITES:,} keys",
         "One transaction; counts the keys that had a value.",
-        body=models.MdeleteRequest,
-        response=models.MdeleteAnswer,
-        errors=(*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",))),
-        example={"keys": ["a", "b"]},
+        models.MdeleteRequest,
+        responses.MdeleteAnswer,
+        {"keys": ["a", "b"]},
     ),
     Endpoint(
         "health",
@@ -289,7 +334,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/health",
         handlers.health,
         "Readiness: 200 while the store answers",
-        response=models.Health,
+        response=responses.Health,
         errors=UNAVAILABLE,
         public=True,  # readiness probes carry no token
     ),
@@ -301,7 +346,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         handlers.config,
         "The effective settings",
         'Secrets (the token, the PostgreSQL URL) as "**********".',
-        response=models.ConfigView,
+        response=responses.ConfigView,
     ),
     Endpoint(
         "metrics",
@@ -323,74 +368,30 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         content_type="application/json",
         public=True,  # the API's shape is no secret, and the docs page loads it
     ),
-    Endpoint(
+    _page(
         "docs",
-        ("GET",),
         "/docs",
-        "/docs",
-        handlers.docs,
+        pages.docs,
         "Interactive documentation (Swagger UI), offline",
         "Public, as a browser cannot send a bearer token to open a page: its Authorize "
         "button takes the token for the requests it sends.",
         content_type="text/html",
-        public=True,
     ),
-    Endpoint(
-        "docs_asset",
-        ("GET",),
-        "/docs/assets/{name}",
-        "/docs/assets/{name}",
-        handlers.docs_asset,
-        "The docs page's scripts and styles",
-        content_type="application/octet-stream",
-        errors=((404, ("not_found",)),),
-        public=True,
+    _files(
+        "docs_asset", "/docs/assets/{name}", pages.docs_asset, "The docs page's scripts and styles"
     ),
-    # The key browser: public, like the docs (the page asks for the token, if any, and
-    # sends it with its API requests).
-    Endpoint(
-        "ui",
-        ("GET",),
-        "/ui/",
-        "/ui/",
-        handlers.ui_page,
-        "The key browser",
-        content_type="text/html",
-        public=True,
-    ),
-    Endpoint(
-        "ui_asset",
-        ("GET",),
-        "/ui/{name}",
-        "/ui/{name}",
-        handlers.ui_asset,
-        "The key browser's script and styles",
-        content_type="application/octet-stream",
-        errors=((404, ("not_found",)),),
-        public=True,
-    ),
-    Endpoint(
-        "ui_redirect",
-        ("GET",),
-        "/ui",
-        "/ui",
-        handlers.ui_redirect,
-        "To /ui/",
-        success=302,
-        public=True,
-    ),
-    Endpoint(
+    _page("ui", "/ui/", pages.ui_page, "The key browser", content_type="text/html"),
+    _files("ui_asset", "/ui/{name}", pages.ui_asset, "The key browser's script and styles"),
+    _page("ui_redirect", "/ui", pages.ui_redirect, "To /ui/", success=302),
+    _page(
         "root",
-        ("GET",),
         "/",
-        "/",
-        handlers.root,
+        pages.root,
         "To the key browser, for a browser",
         "302 to /ui/ when the request accepts text/html; otherwise 404, as for any path "
         "that is not an endpoint.",
         success=302,
-        errors=((404, ("not_found",)),),
-        public=True,
+        errors=NOT_FOUND,
     ),
 )
 

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import structlog
 
+from . import rules
 from .errors import StartupError
 from .store.base import LoadRow, Store
 from .store.sqlite import SqlSeed, sqlite_uri
@@ -56,12 +57,12 @@ def _text_of(column: str, exact: bool = True) -> str:
     """SQL for the text a column contributes under the rules; NULL when the row is skipped.
 
     SQLite stores TEXT without checking its UTF-8, so text is validated too, but cheaply:
-    printable ASCII passes as it is, and anything else goes through Python's strict decoder,
-    which refuses a NUL too. The test has two halves because SQLite's own UTF-8 reading is
-    lenient: a value holding a continuation byte has fewer characters than bytes, and one
-    holding a lone lead byte reads as a control character, outside the GLOB's printable
-    range. A NUL needs no test of its own: SQLite's length() counts the characters before
-    the first one, fewer than the bytes.
+    printable ASCII passes as it is, and anything else goes through kv_utf8 (rules.text_of,
+    Python's strict decoder), which refuses a NUL too. The test has two halves because
+    SQLite's own UTF-8 reading is lenient: a value holding a continuation byte has fewer
+    characters than bytes, and one holding a lone lead byte reads as a control character,
+    outside the GLOB's printable range. A NUL needs no test of its own: SQLite's length()
+    counts the characters before the first one, fewer than the bytes.
 
     Not ``exact``, the GLOB is left out: half the cost, and right for every value but
     TEXT that is not UTF-8 yet has as many characters as bytes by SQLite's count (its stray
@@ -115,16 +116,9 @@ FROM (SELECT key, val, {_text_of("key")} AS k, {_text_of("val")} AS v,
 SKIP_REASONS = ("null_key", "null_val", "nul_character", "not_utf8", "empty_key")
 
 
-def _utf8_or_none(blob: bytes) -> Optional[str]:
-    try:
-        text = blob.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return None if "\x00" in text else text
-
-
-# The SQL functions the queries above call, registered on whichever connection runs them.
-SQL_FUNCTIONS: dict[str, Callable[[bytes], Optional[str]]] = {"kv_utf8": _utf8_or_none}
+# The SQL functions the queries above call, registered on whichever connection runs them:
+# kv_utf8 is the wire rules' own test of text (valid UTF-8 without NUL).
+SQL_FUNCTIONS: dict[str, Callable[[bytes], Optional[str]]] = {"kv_utf8": rules.text_of}
 
 
 class SeedError(StartupError):

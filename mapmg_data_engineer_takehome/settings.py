@@ -27,6 +27,11 @@ Durability = Literal["normal", "full"]
 PostgresPooler = Literal["none", "transaction"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
+# A time in seconds that must pass before something happens, and one that may be none at all.
+Seconds = Annotated[float, Field(gt=0)]
+Wait = Annotated[float, Field(ge=0)]
+# A number of things (bytes, rows, connections) of which there must be one at least.
+Count = Annotated[int, Field(ge=1)]
 
 
 class Settings(BaseSettings):
@@ -49,10 +54,8 @@ class Settings(BaseSettings):
         description="Interface to listen on. 'localhost' means 127.0.0.1 and ::1 where the "
         "machine has it; '0.0.0.0' means every IPv4 interface.",
     )
-    port: int = Field(
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(
         default=8000,
-        ge=1,
-        le=65535,
         validation_alias=AliasChoices("KV_PORT", "PORT"),
         description="TCP port to listen on. Plain PORT is honoured when KV_PORT is unset.",
     )
@@ -71,15 +74,12 @@ class Settings(BaseSettings):
         description="The PostgreSQL store's database, as a libpq URL "
         "(postgresql://user:password@host:5432/db). A secret: never logged or shown.",
     )
-    postgres_pool_size: int = Field(
+    postgres_pool_size: Annotated[Count, Field(le=1000)] = Field(
         default=10,
-        ge=1,
-        le=1000,
         description="Connections each server process keeps to PostgreSQL, at most.",
     )
-    postgres_timeout: float = Field(
+    postgres_timeout: Seconds = Field(
         default=2.0,
-        gt=0,
         description="Seconds a request waits for PostgreSQL (a connection, then a query) "
         "before it is answered 503.",
     )
@@ -98,9 +98,8 @@ class Settings(BaseSettings):
         "LISTENs for other servers' writes. By default KV_POSTGRES_URL, or none (polling) with "
         "KV_POSTGRES_POOLER=transaction. A secret: never logged or shown.",
     )
-    postgres_startup_wait: float = Field(
+    postgres_startup_wait: Wait = Field(
         default=30.0,
-        ge=0,
         description="Seconds a starting server retries an unreachable or read-only PostgreSQL "
         "(with backoff, logging each attempt) before it exits with status 1.",
     )
@@ -113,31 +112,26 @@ class Settings(BaseSettings):
         description="'normal': every acknowledged write survives a crash or kill of the "
         "server. 'full': it also survives power loss (fsync per commit, group commit).",
     )
-    max_body_bytes: int = Field(
+    max_body_bytes: Annotated[int, Field(ge=64)] = Field(
         default=1024 * 1024,
-        ge=64,
         description="Largest request body accepted; larger bodies get 413.",
     )
-    max_import_bytes: int = Field(
+    max_import_bytes: Annotated[int, Field(ge=64)] = Field(
         default=1024 * 1024 * 1024,
-        ge=64,
         description="Largest body of POST /import (streamed, never held whole); larger "
         "gets 413 and stores nothing.",
     )
-    max_key_bytes: int = Field(
+    max_key_bytes: Count = Field(
         default=4096,
-        ge=1,
         description="Longest key, in bytes of UTF-8; longer keys get 422.",
     )
-    max_value_bytes: int = Field(
+    max_value_bytes: Annotated[int, Field(ge=0)] = Field(
         default=1024 * 1024,
-        ge=0,
         description="Longest value, in bytes of UTF-8; longer values get 413. The body "
         "limit applies too.",
     )
-    client_timeout: float = Field(
+    client_timeout: Seconds = Field(
         default=30.0,
-        gt=0,
         description="Seconds a client may take to send a whole request (headers and body; "
         "an import's body may pause this long between reads), "
         "and may stay idle between requests; then its connection is closed.",
@@ -167,42 +161,35 @@ class Settings(BaseSettings):
         description="Server processes sharing the port (SO_REUSEPORT) and the sqlite store; "
         "'auto' is one per core. The memory store allows only 1.",
     )
-    purge_interval: float = Field(
+    purge_interval: Seconds = Field(
         default=1.0,
-        gt=0,
         description="Seconds between sweeps that delete the rows of expired keys. An expired "
         "key reads as absent at once either way; this bounds how long its row stays.",
     )
-    changes_heartbeat: float = Field(
+    changes_heartbeat: Annotated[Seconds, Field(le=3600)] = Field(
         default=15.0,
-        gt=0,
-        le=3600,
         description="Seconds an idle /changes stream (Server-Sent Events) waits before it "
         "writes a progress event: proxies keep the stream open, and the watcher's resume "
         "point moves forward. A stream whose watcher takes nothing of what waits for it for "
         "this long is closed.",
     )
-    changes_retention: float = Field(
+    changes_retention: Seconds = Field(
         default=3600.0,
-        gt=0,
         description="Seconds the history of changes is kept; a watcher further behind is told "
         "to list again (410).",
     )
-    changes_max: int = Field(
+    changes_max: Count = Field(
         default=1_000_000,
-        ge=1,
         description="Changes the history keeps at most (the oldest go first).",
     )
-    changes_backlog: int = Field(
+    changes_backlog: Annotated[int, Field(ge=64 * 1024)] = Field(
         default=1024 * 1024,
-        ge=64 * 1024,
         description="Bytes of a /changes stream that wait for a watcher to take them, at "
         "most: past it the stream waits for the watcher (one that takes nothing for "
         "KV_CHANGES_HEARTBEAT seconds is closed, and resumes from its last event id).",
     )
-    shutdown_timeout: float = Field(
+    shutdown_timeout: Wait = Field(
         default=5.0,
-        ge=0,
         description="Seconds SIGTERM waits for in-flight requests before closing the store.",
     )
 

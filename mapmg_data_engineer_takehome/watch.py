@@ -27,15 +27,16 @@ from aiohttp import HttpVersion11, hdrs, web
 from .errors import JSON_HEADERS, ApiError, safe_message
 from .feed import Batch, ChangeFeed, Event, Position, Stream, StreamTransport
 from .metrics import Metrics
-from .models import ChangesQuery, parse_query
+from .models import ChangesQuery
 from .protocol import chunk
+from .rules import LAST_EVENT_ID, REVISION_DIGITS
 from .state import FEED_KEY, METRICS_KEY, SETTINGS_KEY
 from .store.base import Compacted, HistoryGone, StoreError, UnknownRevision
+from .validation import parse_query
 
 log = structlog.get_logger("kv.watch")
 
 EVENT_STREAM = "text/event-stream"
-LAST_EVENT_ID = "Last-Event-ID"
 STREAM_HEADERS = {
     hdrs.CONTENT_TYPE: EVENT_STREAM,
     hdrs.CACHE_CONTROL: "no-cache",
@@ -45,7 +46,7 @@ STREAM_HEADERS = {
 # How long an EventSource waits before it reconnects, in ms: the stream's first line.
 RECONNECT_MS = 1000
 # An event's id: its revision, and its place among the revision's events when not the last.
-_EVENT_ID = re.compile(r"([0-9]{1,18})(?:\.([0-9]{1,9}))?")
+_EVENT_ID = re.compile(f"({REVISION_DIGITS})(?:\\.([0-9]{{1,9}}))?")
 # A stream's writes from its handler: about this many bytes each, the watcher's pace (a write
 # waits while the connection holds its backlog) setting theirs.
 STREAM_WRITE_BYTES = 64 * 1024

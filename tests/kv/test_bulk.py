@@ -10,7 +10,7 @@ from typing import Any, Optional
 import orjson
 import pytest
 
-from mapmg_data_engineer_takehome.bulk import parse_rfc3339
+from mapmg_data_engineer_takehome.rules import parse_rfc3339
 
 from .conftest import Client, FakeClock, MakeClient
 from .postgres_support import PostgresCluster

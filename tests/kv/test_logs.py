@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 
-from mapmg_data_engineer_takehome.app import keep_up, log_loop_error
 from mapmg_data_engineer_takehome.errors import WITHHELD
 from mapmg_data_engineer_takehome.logs import configure_logging
 from mapmg_data_engineer_takehome.state import STORE_KEY
 from mapmg_data_engineer_takehome.store import MemoryStore, StoreUnavailable
+from mapmg_data_engineer_takehome.upkeep import keep_up
+from mapmg_data_engineer_takehome.workers import log_loop_error
 
 from .conftest import MakeClient, MakeSettings
 

@@ -12,11 +12,11 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pytest
 
-from mapmg_data_engineer_takehome.app import stop_on_signals
 from mapmg_data_engineer_takehome.seed import seed_store
 from mapmg_data_engineer_takehome.settings import SettingsError, load_settings
 from mapmg_data_engineer_takehome.store import SqliteStore
 from mapmg_data_engineer_takehome.store.sqlite import sqlite_uri
+from mapmg_data_engineer_takehome.workers import stop_on_signals
 
 from .conftest import value_of, write_input_db
 

@@ -37,7 +37,7 @@ from pydantic import SecretStr
 from yarl import URL
 
 from mapmg_data_engineer_takehome.app import create_app
-from mapmg_data_engineer_takehome.models import rfc3339
+from mapmg_data_engineer_takehome.rules import rfc3339
 from mapmg_data_engineer_takehome.settings import Settings, StoreKind
 from mapmg_data_engineer_takehome.state import STORE_KEY
 

@@ -1,0 +1,128 @@
+"""What the endpoints answer, for the API document.
+
+Handlers write these shapes with orjson directly (a model per response would cost more than
+the rest of a GET), and schemathesis checks in CI that every answer conforms to them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class KeyValue(BaseModel):
+    """A key and its value: the answer of GET /get/{key} and POST /set."""
+
+    key: str
+    val: str
+
+
+class Deleted(BaseModel):
+    """The answer of DELETE /delete/{key}."""
+
+    key: str
+    deleted: Literal[True]
+
+
+class ListedItem(BaseModel):
+    """One key of a listing; ``val`` only with values=true."""
+
+    key: str
+    version: int = Field(description="The revision of the write that last changed the key.")
+    expires_at: Optional[str] = Field(
+        description="When the key expires (RFC 3339, UTC, milliseconds), or null."
+    )
+    val: Optional[str] = Field(default=None, description="Present with values=true.")
+
+
+class ListPage(BaseModel):
+    """A page of GET /keys."""
+
+    items: list[ListedItem]
+    cursor: Optional[str] = Field(
+        description="Pass it as ?cursor= for the next page; null on the last."
+    )
+
+
+class MgetItem(BaseModel):
+    key: str
+    val: Optional[str] = Field(description="null when the key has no value (absent or expired).")
+
+
+class MgetAnswer(BaseModel):
+    """The answer of POST /mget, in request order."""
+
+    items: list[MgetItem]
+
+
+class MsetAnswer(BaseModel):
+    """The answer of POST /mset."""
+
+    count: int = Field(description="How many items were written.")
+    version: int = Field(description="The revision all the items now have.")
+
+
+class MdeleteAnswer(BaseModel):
+    """The answer of POST /mdelete."""
+
+    deleted: int = Field(description="How many of the keys had a value.")
+
+
+class Health(BaseModel):
+    """The answer of GET /health."""
+
+    status: Literal["ok"]
+    store: Literal["sqlite", "memory", "postgres"]
+
+
+class ConfigView(BaseModel):
+    """The answer of GET /config: the effective settings (secrets as "**********")."""
+
+    model_config = ConfigDict(extra="allow")
+
+    input_db_used: Optional[str] = Field(description="The input.db seeding read, or null.")
+
+
+class ChangeEvent(BaseModel):
+    """One key's change in one revision; ``val`` and ``expires_at`` only on a set."""
+
+    revision: int = Field(description="The revision of the write; a batch's keys share it.")
+    type: Literal["set", "delete", "expire"] = Field(
+        description="set, delete, or expire: the key's time ran out and the purge removed it."
+    )
+    key: str
+    val: Optional[str] = Field(default=None, description="The value set (a set only).")
+    expires_at: Optional[str] = Field(
+        default=None,
+        description="When the key set expires (RFC 3339, UTC, milliseconds), or null (a set only).",
+    )
+
+
+class ChangesAnswer(BaseModel):
+    """A long-poll answer of GET /changes."""
+
+    events: list[ChangeEvent] = Field(description="In revision order; a revision's keys in order.")
+    next: int = Field(
+        description="The since of the next request: the store's revision when the answer was "
+        "made, or with more, the last event's revision."
+    )
+    more: bool = Field(description="Whether the limit cut the answer short.")
+
+
+class ImportAnswer(BaseModel):
+    """The answer of POST /import."""
+
+    imported: int = Field(description="Lines applied (a key's earlier lines included).")
+    skipped: int = Field(description="Lines skipped because their expires_at had passed.")
+    revision: int = Field(
+        description="The import's revision, which every key it wrote has as its version; the "
+        "store's unchanged revision when it changed nothing."
+    )
+
+
+class ErrorBody(BaseModel):
+    """Every non-2xx answer."""
+
+    error: str = Field(description="A code, one of those listed with the status.")
+    message: str = Field(description="What went wrong, in a sentence.")
