@@ -1,9 +1,15 @@
-"""The asyncio client."""
+"""The client itself, written once: ``AsyncClient`` in _async.py is the source, written by hand,
+and ``Client`` in _sync.py is generated from it by scripts/unasync_client.py (``async`` and
+``await`` dropped, httpx's and httpx-sse's asynchronous names made their blocking twins).
+Where the two flavours really differ, the source names the asynchronous side of a pair that
+_core.py holds (``_async_sleep`` and ``_sleep``, ``_async_chunks`` and ``_chunks``), as
+httpcore does.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import IO, Any, Callable, Optional
 
 import httpx
@@ -18,10 +24,10 @@ from ._core import (
     KeyNotFound,
     PreconditionFailed,
     Unavailable,
+    _async_chunks,
     _async_sleep,
     _backoff,
     _Call,
-    _chunks,
     _delete,
     _entry,
     _error,
@@ -45,8 +51,9 @@ from ._core import (
 
 
 class AsyncClient:
-    """The same as Client, for asyncio: its methods are coroutines, and ``keys`` and ``watch``
-    async iterators. An async context manager that closes its connections."""
+    """A client of the service; a context manager that closes its connections. Client blocks;
+    AsyncClient is for asyncio: its methods are coroutines, ``keys`` and ``watch`` async
+    iterators, and it is an async context manager."""
 
     def __init__(
         self,
@@ -71,6 +78,8 @@ class AsyncClient:
         await self._http.aclose()
 
     async def _send(self, call: _Call) -> httpx.Response:
+        """Send ``call``, again after a retryable failure if it may be; raise the typed
+        exception for what did not succeed."""
         attempt = 0
         while True:
             try:
@@ -102,6 +111,8 @@ class AsyncClient:
         if_version: Optional[int] = None,
         create: bool = False,
     ) -> int:
+        """Write ``val``; with ``if_version`` only if the key is at that version, with
+        ``create`` only if it does not exist. Returns the new version."""
         return _etag_version(await self._send(_set(key, val, ttl, if_version, create))) or 0
 
     async def delete(self, key: str, *, if_version: Optional[int] = None) -> None:
@@ -110,9 +121,11 @@ class AsyncClient:
     async def keys(
         self, prefix: str = "", *, values: bool = False, page_size: int = 1000
     ) -> AsyncGenerator[Entry, None]:
+        """Every live key under ``prefix`` in key order, page after page."""
         cursor = None
         while True:
-            page = (await self._send(_keys_page(prefix, values, page_size, cursor))).json()
+            answer = await self._send(_keys_page(prefix, values, page_size, cursor))
+            page = answer.json()
             for item in page["items"]:
                 yield _listed(item)
             cursor = page["cursor"]
@@ -126,14 +139,20 @@ class AsyncClient:
         return found
 
     async def mset(self, items: Mapping[str, str], *, ttl: Optional[float] = None) -> int:
-        return int((await self._send(_mset(items, ttl))).json()["version"])
+        """Write every item in one transaction; returns their version."""
+        answer = await self._send(_mset(items, ttl))
+        return int(answer.json()["version"])
 
     async def mdelete(self, keys: Iterable[str]) -> int:
-        return int((await self._send(_mdelete(keys))).json()["deleted"])
+        answer = await self._send(_mdelete(keys))
+        return int(answer.json()["deleted"])
 
     async def compare_and_set(
         self, key: str, fn: Callable[[Optional[str]], str], *, ttl: Optional[float] = None
     ) -> int:
+        """Set ``key`` to ``fn(its value)`` (``fn(None)`` when it has none) without losing a
+        write that came between: read, write if still at the version read, and on a
+        conflict read again. Returns the new version."""
         attempt = 0
         while True:
             try:
@@ -151,6 +170,13 @@ class AsyncClient:
     async def watch(
         self, prefix: str = "", *, since: Optional[int] = None, reconnect_for: float = RECONNECT_FOR
     ) -> AsyncGenerator[Event, None]:
+        """The changes under ``prefix`` after revision ``since`` as they happen, for as long
+        as the caller iterates (closing the generator closes the stream). With ``since`` None,
+        from the store's revision when the iteration begins: its first step asks for it.
+        Each event is yielded as it comes; a lost stream is resumed right after the last one
+        yielded, inside a revision too, with nothing missed or repeated; after
+        ``reconnect_for`` seconds of failing, Unavailable. HistoryGone when the history does
+        not hold where it resumes: list again, then watch from the listing's revision."""
         if since is None:
             since = await self._revision()
         resume = _Resume(since)
@@ -184,6 +210,7 @@ class AsyncClient:
             attempt += 1
 
     async def _revision(self) -> int:
+        """The store's revision now: what a watch from now on resumes from."""
         answer = await self._send(_Call("GET", "/changes", retry=True, params={"timeout": 0}))
         return int(answer.json()["next"])
 
@@ -194,6 +221,8 @@ class AsyncClient:
         *,
         progress: Optional[Callable[[int], None]] = None,
     ) -> int:
+        """Write the NDJSON export of the keys under ``prefix`` to ``out``; returns the
+        revision it is a snapshot of. An export cut short raises Unavailable."""
         try:
             async with self._http.stream(
                 "GET",
@@ -222,15 +251,13 @@ class AsyncClient:
         prefix: str = "",
         progress: Optional[Callable[[int], None]] = None,
     ) -> Imported:
-        async def chunks() -> AsyncIterator[bytes]:
-            for chunk in _chunks(source, progress):
-                yield chunk
-
+        """Load NDJSON lines (an export's) from ``source``, all or nothing. With ``replace``,
+        the keys under ``prefix`` that ``source`` lacks are removed."""
         try:
             response = await self._http.post(
                 "/import",
                 params=_import_params(replace, prefix),
-                content=chunks(),
+                content=_async_chunks(source, progress),
                 headers={"Content-Type": "application/x-ndjson"},
                 timeout=_import_timeouts(self.timeout),
             )
@@ -241,4 +268,5 @@ class AsyncClient:
         return Imported(**response.json())
 
     async def health(self) -> dict[str, Any]:
-        return dict((await self._send(_Call("GET", "/health", retry=True))).json())
+        answer = await self._send(_Call("GET", "/health", retry=True))
+        return dict(answer.json())

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Optional
@@ -361,12 +362,28 @@ class _Resume:
         return event
 
 
+# Where the two flavours differ for real, a pair: the client's source (_async.py) calls the
+# asynchronous one, and scripts/unasync_client.py names its blocking twin in _sync.py.
+
+
+async def _async_chunks(
+    source: IO[bytes], progress: Optional[Callable[[int], None]]
+) -> AsyncIterator[bytes]:
+    # httpx's AsyncClient sends only an async iterable; the file is still read as it goes.
+    for chunk in _chunks(source, progress):
+        yield chunk
+
+
 async def _async_sleep(seconds: float) -> None:
     # asyncio is imported only by the AsyncClient's code: a blocking script (and every start
     # of the kv command) would pay a twentieth of a second for it.
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+def _sleep(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def _stream_timeouts(timeout: float) -> httpx.Timeout:

@@ -1,4 +1,12 @@
-"""The blocking client."""
+# GENERATED from _async.py by scripts/unasync_client.py: do not edit. Change _async.py,
+# then run `python scripts/unasync_client.py` to write this file again.
+"""The client itself, written once: ``AsyncClient`` in _async.py is the source, written by hand,
+and ``Client`` in _sync.py is generated from it by scripts/unasync_client.py (``async`` and
+``await`` dropped, httpx's and httpx-sse's asynchronous names made their blocking twins).
+Where the two flavours really differ, the source names the asynchronous side of a pair that
+_core.py holds (``_async_sleep`` and ``_sleep``, ``_async_chunks`` and ``_chunks``), as
+httpcore does.
+"""
 
 from __future__ import annotations
 
@@ -38,13 +46,16 @@ from ._core import (
     _Resume,
     _retryable,
     _set,
+    _sleep,
     _stream_timeouts,
     _unreachable,
 )
 
 
 class Client:
-    """A blocking client; a context manager that closes its connections."""
+    """A client of the service; a context manager that closes its connections. Client blocks;
+    AsyncClient is for asyncio: its methods are coroutines, ``keys`` and ``watch`` async
+    iterators, and it is an async context manager."""
 
     def __init__(
         self,
@@ -80,7 +91,7 @@ class Client:
                     if isinstance(error, httpx.TransportError):
                         raise _unreachable(error, self._http.base_url) from None
                     raise
-            time.sleep(_backoff(attempt))
+            _sleep(_backoff(attempt))
             attempt += 1
 
     def _send_once(self, call: _Call) -> httpx.Response:
@@ -111,12 +122,14 @@ class Client:
 
     def keys(
         self, prefix: str = "", *, values: bool = False, page_size: int = 1000
-    ) -> Generator[Entry, None, None]:
+    ) -> Generator[Entry, None]:
         """Every live key under ``prefix`` in key order, page after page."""
         cursor = None
         while True:
-            page = self._send(_keys_page(prefix, values, page_size, cursor)).json()
-            yield from map(_listed, page["items"])
+            answer = self._send(_keys_page(prefix, values, page_size, cursor))
+            page = answer.json()
+            for item in page["items"]:
+                yield _listed(item)
             cursor = page["cursor"]
             if cursor is None:
                 return
@@ -129,10 +142,12 @@ class Client:
 
     def mset(self, items: Mapping[str, str], *, ttl: Optional[float] = None) -> int:
         """Write every item in one transaction; returns their version."""
-        return int(self._send(_mset(items, ttl)).json()["version"])
+        answer = self._send(_mset(items, ttl))
+        return int(answer.json()["version"])
 
     def mdelete(self, keys: Iterable[str]) -> int:
-        return int(self._send(_mdelete(keys)).json()["deleted"])
+        answer = self._send(_mdelete(keys))
+        return int(answer.json()["deleted"])
 
     def compare_and_set(
         self, key: str, fn: Callable[[Optional[str]], str], *, ttl: Optional[float] = None
@@ -151,15 +166,15 @@ class Client:
                     return self.set(key, fn(None), ttl=ttl, create=True)
                 return self.set(key, fn(current.val), ttl=ttl, if_version=current.version)
             except PreconditionFailed:
-                time.sleep(_backoff(min(attempt, 3)) / 5)
+                _sleep(_backoff(min(attempt, 3)) / 5)
                 attempt += 1
 
     def watch(
         self, prefix: str = "", *, since: Optional[int] = None, reconnect_for: float = RECONNECT_FOR
-    ) -> Generator[Event, None, None]:
+    ) -> Generator[Event, None]:
         """The changes under ``prefix`` after revision ``since`` as they happen, for as long
         as the caller iterates (closing the generator closes the stream). With ``since`` None,
-        from the store's revision when the iteration begins: the first ``next`` asks for it.
+        from the store's revision when the iteration begins: its first step asks for it.
         Each event is yielded as it comes; a lost stream is resumed right after the last one
         yielded, inside a revision too, with nothing missed or repeated; after
         ``reconnect_for`` seconds of failing, Unavailable. HistoryGone when the history does
@@ -193,7 +208,7 @@ class Client:
                     if isinstance(error, httpx.TransportError):
                         raise _unreachable(error, self._http.base_url) from None
                     raise
-            time.sleep(_backoff(attempt))
+            _sleep(_backoff(attempt))
             attempt += 1
 
     def _revision(self) -> int:
@@ -255,4 +270,5 @@ class Client:
         return Imported(**response.json())
 
     def health(self) -> dict[str, Any]:
-        return dict(self._send(_Call("GET", "/health", retry=True)).json())
+        answer = self._send(_Call("GET", "/health", retry=True))
+        return dict(answer.json())
