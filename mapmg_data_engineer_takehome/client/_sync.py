@@ -1,0 +1,274 @@
+# GENERATED from _async.py by scripts/unasync_client.py: do not edit. Change _async.py,
+# then run `python scripts/unasync_client.py` to write this file again.
+"""The client itself, written once: ``AsyncClient`` in _async.py is the source, written by hand,
+and ``Client`` in _sync.py is generated from it by scripts/unasync_client.py (``async`` and
+``await`` dropped, httpx's and httpx-sse's asynchronous names made their blocking twins).
+Where the two flavours really differ, the source names the asynchronous side of a pair that
+_core.py holds (``_async_sleep`` and ``_sleep``, ``_async_chunks`` and ``_chunks``), as
+httpcore does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator, Iterable, Mapping
+from typing import IO, Any, Callable, Optional
+
+import httpx
+from httpx_sse import connect_sse
+
+from ._core import (
+    DEFAULT_URL,
+    RECONNECT_FOR,
+    Entry,
+    Event,
+    Imported,
+    KeyNotFound,
+    PreconditionFailed,
+    Unavailable,
+    _backoff,
+    _Call,
+    _chunks,
+    _delete,
+    _entry,
+    _error,
+    _etag_version,
+    _found,
+    _get,
+    _http_options,
+    _import_params,
+    _import_timeouts,
+    _keys_page,
+    _listed,
+    _mdelete,
+    _mget_calls,
+    _mset,
+    _Resume,
+    _retryable,
+    _set,
+    _sleep,
+    _stream_timeouts,
+    _unreachable,
+)
+
+
+class Client:
+    """A client of the service; a context manager that closes its connections. Client blocks;
+    AsyncClient is for asyncio: its methods are coroutines, ``keys`` and ``watch`` async
+    iterators, and it is an async context manager."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: Optional[str] = None,
+        timeout: float = 10.0,
+        retries: int = 3,
+    ) -> None:
+        self.url = url
+        self.timeout = timeout
+        self.retries = retries
+        self._http = httpx.Client(**_http_options(url, token, timeout))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call) -> httpx.Response:
+        """Send ``call``, again after a retryable failure if it may be; raise the typed
+        exception for what did not succeed."""
+        attempt = 0
+        while True:
+            try:
+                return self._send_once(call)
+            except (httpx.TransportError, Unavailable) as error:
+                if not (call.retry and _retryable(error) and attempt < self.retries):
+                    if isinstance(error, httpx.TransportError):
+                        raise _unreachable(error, self._http.base_url) from None
+                    raise
+            _sleep(_backoff(attempt))
+            attempt += 1
+
+    def _send_once(self, call: _Call) -> httpx.Response:
+        response = self._http.request(**call.request())
+        if response.is_success:
+            return response
+        raise _error(response)
+
+    def get(self, key: str) -> Entry:
+        response = self._send(_get(key))
+        return _entry(key, response.json()["val"], response)
+
+    def set(
+        self,
+        key: str,
+        val: str,
+        *,
+        ttl: Optional[float] = None,
+        if_version: Optional[int] = None,
+        create: bool = False,
+    ) -> int:
+        """Write ``val``; with ``if_version`` only if the key is at that version, with
+        ``create`` only if it does not exist. Returns the new version."""
+        return _etag_version(self._send(_set(key, val, ttl, if_version, create))) or 0
+
+    def delete(self, key: str, *, if_version: Optional[int] = None) -> None:
+        self._send(_delete(key, if_version))
+
+    def keys(
+        self, prefix: str = "", *, values: bool = False, page_size: int = 1000
+    ) -> Generator[Entry, None]:
+        """Every live key under ``prefix`` in key order, page after page."""
+        cursor = None
+        while True:
+            answer = self._send(_keys_page(prefix, values, page_size, cursor))
+            page = answer.json()
+            for item in page["items"]:
+                yield _listed(item)
+            cursor = page["cursor"]
+            if cursor is None:
+                return
+
+    def mget(self, keys: Iterable[str]) -> dict[str, Optional[str]]:
+        found: dict[str, Optional[str]] = {}
+        for call in _mget_calls(keys):
+            found.update(_found(self._send(call)))
+        return found
+
+    def mset(self, items: Mapping[str, str], *, ttl: Optional[float] = None) -> int:
+        """Write every item in one transaction; returns their version."""
+        answer = self._send(_mset(items, ttl))
+        return int(answer.json()["version"])
+
+    def mdelete(self, keys: Iterable[str]) -> int:
+        answer = self._send(_mdelete(keys))
+        return int(answer.json()["deleted"])
+
+    def compare_and_set(
+        self, key: str, fn: Callable[[Optional[str]], str], *, ttl: Optional[float] = None
+    ) -> int:
+        """Set ``key`` to ``fn(its value)`` (``fn(None)`` when it has none) without losing a
+        write that came between: read, write if still at the version read, and on a
+        conflict read again. Returns the new version."""
+        attempt = 0
+        while True:
+            try:
+                current: Optional[Entry] = self.get(key)
+            except KeyNotFound:
+                current = None
+            try:
+                if current is None:
+                    return self.set(key, fn(None), ttl=ttl, create=True)
+                return self.set(key, fn(current.val), ttl=ttl, if_version=current.version)
+            except PreconditionFailed:
+                _sleep(_backoff(min(attempt, 3)) / 5)
+                attempt += 1
+
+    def watch(
+        self, prefix: str = "", *, since: Optional[int] = None, reconnect_for: float = RECONNECT_FOR
+    ) -> Generator[Event, None]:
+        """The changes under ``prefix`` after revision ``since`` as they happen, for as long
+        as the caller iterates (closing the generator closes the stream). With ``since`` None,
+        from the store's revision when the iteration begins: its first step asks for it.
+        Each event is yielded as it comes; a lost stream is resumed right after the last one
+        yielded, inside a revision too, with nothing missed or repeated; after
+        ``reconnect_for`` seconds of failing, Unavailable. HistoryGone when the history does
+        not hold where it resumes: list again, then watch from the listing's revision."""
+        if since is None:
+            since = self._revision()
+        resume = _Resume(since)
+        failing_since: Optional[float] = None
+        attempt = 0
+        while True:
+            try:
+                with connect_sse(
+                    self._http,
+                    "GET",
+                    "/changes",
+                    params=resume.params(prefix),
+                    headers=resume.headers(),
+                    timeout=_stream_timeouts(self.timeout),
+                ) as source:
+                    if not source.response.is_success:
+                        source.response.read()
+                        raise _error(source.response)
+                    failing_since, attempt = None, 0
+                    for sse in source.iter_sse():
+                        event = resume.take(sse)
+                        if event is not None:
+                            yield event
+            except (httpx.TransportError, Unavailable) as error:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since > reconnect_for:
+                    if isinstance(error, httpx.TransportError):
+                        raise _unreachable(error, self._http.base_url) from None
+                    raise
+            _sleep(_backoff(attempt))
+            attempt += 1
+
+    def _revision(self) -> int:
+        """The store's revision now: what a watch from now on resumes from."""
+        answer = self._send(_Call("GET", "/changes", retry=True, params={"timeout": 0}))
+        return int(answer.json()["next"])
+
+    def export(
+        self,
+        out: IO[bytes],
+        prefix: str = "",
+        *,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> int:
+        """Write the NDJSON export of the keys under ``prefix`` to ``out``; returns the
+        revision it is a snapshot of. An export cut short raises Unavailable."""
+        try:
+            with self._http.stream(
+                "GET",
+                "/export",
+                params={"prefix": prefix},
+                timeout=_stream_timeouts(self.timeout),
+            ) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _error(response)
+                written = 0
+                for chunk in response.iter_raw():
+                    out.write(chunk)
+                    written += len(chunk)
+                    if progress is not None:
+                        progress(written)
+                return int(response.headers["KV-Revision"])
+        except httpx.TransportError as error:
+            raise _unreachable(error, self._http.base_url) from None
+
+    def import_(
+        self,
+        source: IO[bytes],
+        *,
+        replace: bool = False,
+        prefix: str = "",
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> Imported:
+        """Load NDJSON lines (an export's) from ``source``, all or nothing. With ``replace``,
+        the keys under ``prefix`` that ``source`` lacks are removed."""
+        try:
+            response = self._http.post(
+                "/import",
+                params=_import_params(replace, prefix),
+                content=_chunks(source, progress),
+                headers={"Content-Type": "application/x-ndjson"},
+                timeout=_import_timeouts(self.timeout),
+            )
+        except httpx.TransportError as error:
+            raise _unreachable(error, self._http.base_url) from None
+        if not response.is_success:
+            raise _error(response)
+        return Imported(**response.json())
+
+    def health(self) -> dict[str, Any]:
+        answer = self._send(_Call("GET", "/health", retry=True))
+        return dict(answer.json())
