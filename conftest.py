@@ -9,10 +9,17 @@ real server processes, kill -9, slow clients, Docker builds, anything needing ro
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+from typing import Any, Optional
+
 import pytest
 
 # The template's python_files pattern, *test*.py, matches this very file (in `pytest .`).
 collect_ignore = ["conftest.py"]
+# Slow modules whose tests share one costly module-scoped set-up (the grader's virtualenv, a
+# built image). Under pytest-xdist (`-n 4`) each goes to one worker, which builds the set-up
+# once; every other test is a unit of its own, handed to whichever worker is free.
+ONE_WORKER_MODULES = {"test_grader_flow.py", "test_docker.py"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -33,3 +40,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if slow:
         config.hook.pytest_deselected(items=slow)
         items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
+# Optional: pytest knows this hook only when pytest-xdist (a dev extra) is installed.
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Optional[Any]:
+    """With ``-n`` and no ``--dist``: xdist's load balancing, but ONE_WORKER_MODULES whole.
+
+    xdist's own ``--dist loadgroup`` would do it with a marker, but it renames test ids in a way
+    pytest 9.2 no longer reads, and the grouping silently falls away.
+    """
+    if config.getoption("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if PurePosixPath(module).name in ONE_WORKER_MODULES else nodeid
+
+    return OneWorkerModules(config, log)

@@ -76,10 +76,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini("asyncio_default_fixture_loop_scope", "unused: as asyncio_mode")
 
 
-# Slow modules whose tests share one costly module-scoped set-up (the grader's virtualenv, a
-# built image): under pytest-xdist's --dist loadgroup they run on one worker, which builds the
-# set-up once, rather than once on each worker that gets one of their tests.
-ONE_WORKER_MODULES = {"test_grader_flow.py", "test_docker.py"}
 # Slow modules whose outcome depends on the Python that runs them: the grader's flow and the
 # packaging (a fresh virtualenv of this Python), the server process (its event loop, signals
 # and uvloop build) and the console scripts and client (httpx on this Python). CI runs them on
@@ -87,12 +83,12 @@ ONE_WORKER_MODULES = {"test_grader_flow.py", "test_docker.py"}
 EVERY_PYTHON_MODULES = {"test_grader_flow.py", "test_e2e.py", "test_cli.py", "test_client.py"}
 
 
-# First, so that xdist (which names each test's group in its id when it collects) sees the groups.
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every warning fails this suite's tests, which are the items under this directory; the
     ones under slow/ are marked slow (the top-level conftest.py deselects those by default),
-    and also every_python where they depend on the Python version.
+    and also every_python where they depend on the Python version. The slow ones run last:
+    the quick suite fails fast, and under pytest-xdist its long state machines start at once
+    rather than behind the slow suite.
 
     A marker set here rather than a ``pytestmark`` in each module: under the template's
     ``python_functions = *test*``, pytest would warn that it cannot collect ``pytestmark``.
@@ -106,8 +102,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
         if item.path.name in EVERY_PYTHON_MODULES:
             item.add_marker(pytest.mark.every_python)
-        if item.path.name in ONE_WORKER_MODULES:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    items.sort(key=lambda item: SLOW in item.path.parents)  # stable: the rest keep their order
 
 
 @pytest.fixture(autouse=True)
