@@ -6,7 +6,7 @@ ARG PYTHON_IMAGE=python:3.12-slim
 FROM ${PYTHON_IMAGE} AS build
 RUN python3 -m venv /opt/kv
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY mapmg_data_engineer_takehome ./mapmg_data_engineer_takehome
 RUN /opt/kv/bin/pip install --no-cache-dir --disable-pip-version-check .
 # input.db is optional in the build context: stage it only when it is there.

@@ -10,8 +10,8 @@ asyncio, with the same methods, typed results and typed exceptions.
 Both are thin layers over httpx (kept-alive connections, timeouts) and httpx-sse (the change
 feed's stream). What the two share, how a call is made into a request and an answer into a
 result or an exception, is written once in _core.py; each class only sends. ``AsyncClient``
-(_async.py) is written by hand, and ``Client`` (_sync.py) is generated from it by
-scripts/unasync_client.py, so that the two cannot drift apart.
+(_async.py) is written by hand, and ``Client`` (_sync.py) is generated from it when the
+package is built (setup.py), so that the two cannot drift apart.
 
 Retries: a read, a conditional write (``if_version``, ``create``) and the reconnection of a
 watch are retried with backoff after a connection error or a 503, since doing them twice

@@ -1,5 +1,5 @@
 """The client itself, written once: ``AsyncClient`` in _async.py is the source, written by hand,
-and ``Client`` in _sync.py is generated from it by scripts/unasync_client.py (``async`` and
+and ``Client`` in _sync.py is generated from it at every build by setup.py (``async`` and
 ``await`` dropped, httpx's and httpx-sse's asynchronous names made their blocking twins).
 Where the two flavours really differ, the source names the asynchronous side of a pair that
 _core.py holds (``_async_sleep`` and ``_sleep``, ``_async_chunks`` and ``_chunks``), as

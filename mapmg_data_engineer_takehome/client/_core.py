@@ -363,7 +363,7 @@ class _Resume:
 
 
 # Where the two flavours differ for real, a pair: the client's source (_async.py) calls the
-# asynchronous one, and scripts/unasync_client.py names its blocking twin in _sync.py.
+# asynchronous one, and setup.py names its blocking twin in _sync.py.
 
 
 async def _async_chunks(

@@ -27,7 +27,7 @@ from ..e2e_support import REPO, free_port, sha256_of, write_input_db
 from ..postgres_support import PASSWORD, PostgresCluster
 
 # What the Dockerfile needs from the build context; the rest is .dockerignored anyway.
-CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md")
+CONTEXT_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "setup.py", "README.md")
 PACKAGE = "mapmg_data_engineer_takehome"
 BUILD_TIMEOUT = 900
 READY_TIMEOUT = 60.0

@@ -60,6 +60,7 @@ NOT_IN_A_CLONE = shutil.ignore_patterns(
     "data",
     "input.db*",
     "test0.py",
+    "_sync.py",  # the blocking client, written by the install (setup.py)
 )
 UNPRIVILEGED_USER = "nobody"
 
