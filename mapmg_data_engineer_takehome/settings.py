@@ -23,7 +23,7 @@ ENV_FILE_VARIABLE = "KV_ENV_FILE"
 StoreKind = Literal["sqlite", "memory", "postgres"]
 Durability = Literal["normal", "full"]
 # How PostgreSQL is reached: directly (or through a pooler in session mode), or through a
-# pooler in transaction mode (see store/postgres.py).
+# pooler in transaction mode (see store/postgres/store.py).
 PostgresPooler = Literal["none", "transaction"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
