@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
@@ -27,6 +28,7 @@ from mapmg_data_engineer_takehome.store import MemoryStore, SqliteStore, Store
 from mapmg_data_engineer_takehome.store.base import BulkRow, Clock
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
+from . import machine_support
 from .e2e_support import ServerPool
 from .postgres_support import PgBouncer, PostgresCluster, pgbouncer_binary, server_binaries
 from .watch_support import close_client
@@ -103,6 +105,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.path.name in EVERY_PYTHON_MODULES:
             item.add_marker(pytest.mark.every_python)
     items.sort(key=lambda item: SLOW in item.path.parents)  # stable: the rest keep their order
+
+
+# Under pytest-xdist, tests run at once, and each holds a share of the machine while it runs
+# (its fixtures' set-up included), so that a step timed against a deadline can have the machine
+# whole (machine_support.py). The grader-flow module's tests take it whole for their timed
+# step, and so hold no share, which that step would wait on.
+TAKE_THE_MACHINE_WHOLE = {"test_grader_flow.py"}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    if (
+        "PYTEST_XDIST_WORKER" not in os.environ
+        or HERE not in item.path.parents
+        or item.path.name in TAKE_THE_MACHINE_WHOLE
+    ):
+        yield
+        return
+    with machine_support.shared():
+        yield
 
 
 @pytest.fixture(autouse=True)
