@@ -41,7 +41,7 @@ reused (see _CREATE_TIMELINES).
 from __future__ import annotations
 
 from .connect import POOLER_SETTING, describe, redacted_url
-from .sql import _GET_MANY, CHANNEL, SCHEMA_VERSION, TIMELINE_GAP
+from .sql import CHANNEL, GET_MANY, SCHEMA_VERSION, TIMELINE_GAP
 from .store import (
     LISTEN_RETRY_FIRST,
     LISTEN_RETRY_MAX,
@@ -54,6 +54,7 @@ from .store import (
 
 __all__ = [
     "CHANNEL",
+    "GET_MANY",
     "LISTENER_NAME",
     "LISTEN_RETRY_FIRST",
     "LISTEN_RETRY_MAX",
@@ -63,7 +64,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "TIMELINE_GAP",
     "WATCH_POLL_INTERVAL",
-    "_GET_MANY",
     "PostgresStore",
     "describe",
     "redacted_url",

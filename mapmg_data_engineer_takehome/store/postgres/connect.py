@@ -31,10 +31,10 @@ _READ_ONLY_TRANSACTION = "25006"
 # A prepared statement that is not on this server connection (invalid_sql_statement_name), or
 # one of another client's already is (duplicate_prepared_statement): the session changed
 # under the connection, as a pooler in transaction mode does.
-_LOST_STATEMENT = ("26000", "42P05")
+LOST_STATEMENT = ("26000", "42P05")
 # Whether a connection can write: a standby is in recovery; a primary may also be made
 # read-only (default_transaction_read_only), as a failover manager does to fence it.
-_WRITABLE = "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
+WRITABLE = "SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off'"
 _CHECK_PRIMARY = "SELECT kv_check_primary()"
 
 
@@ -60,12 +60,12 @@ def describe(error: BaseException) -> str:
     return f"{name}: {detail}" if detail else name
 
 
-def _translate(error: BaseException) -> StoreError:
+def translate(error: BaseException) -> StoreError:
     if isinstance(error, asyncpg.PostgresError):
         state = getattr(error, "sqlstate", "") or ""
         if state == _READ_ONLY_TRANSACTION:
             return StoreUnavailable(f"PostgreSQL is read-only (a standby?): {describe(error)}")
-        if state in _LOST_STATEMENT:
+        if state in LOST_STATEMENT:
             # The hint first, in words without a quote: a log line keeps a message only up to
             # its first quote (errors.safe_message), and asyncpg's quotes the statement's name.
             return StoreUnavailable(
@@ -75,12 +75,12 @@ def _translate(error: BaseException) -> StoreError:
             )
         if state[:2] not in _UNAVAILABLE_CLASSES:
             return StoreError(f"PostgreSQL: {describe(error)}")
-    if isinstance(error, _ReadOnly):
+    if isinstance(error, ReadOnly):
         return StoreUnavailable(f"PostgreSQL: {error}")
     return StoreUnavailable(f"PostgreSQL: {describe(error)}")
 
 
-def _answerable(error: Exception) -> StoreError:
+def answerable(error: Exception) -> StoreError:
     """What the requests waiting on a grouped call that failed are told: its StoreError, or
     for anything else (a bug, or a failure of asyncpg's that _use does not know) a 503 at once,
     rather than the timeout; the unknown is logged with its traceback."""
@@ -90,21 +90,21 @@ def _answerable(error: Exception) -> StoreError:
     return StoreUnavailable(f"PostgreSQL: {describe(error)}")
 
 
-def _log_crash(task: asyncio.Future[Any]) -> None:
+def log_crash(task: asyncio.Future[Any]) -> None:
     """A background task of the store ended by an exception: a bug (its failures are the
     requests' to answer), logged with its traceback rather than left for asyncio to find."""
     if not task.cancelled() and task.exception() is not None:
         log.error("store_task_failed", exc_info=task.exception())
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
+def retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a finished future's exception as seen: for futures whose waiter has already
     answered (a 503 after the timeout), so that asyncio does not report it as lost."""
     if not future.cancelled():
         future.exception()
 
 
-class _ReadOnly(Exception):
+class ReadOnly(Exception):
     """The server reached cannot write: a standby, or a primary made read-only."""
 
     def __init__(self) -> None:
@@ -115,18 +115,18 @@ class _ReadOnly(Exception):
 # what its target_session_attrs asks for; the connection's protocol is in a state it cannot
 # use (asyncpg's InternalClientError, as when the server ended the session while it was
 # idle); the server is not a primary.
-_FAILURES = (
+FAILURES = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
     OSError,
     asyncio.TimeoutError,
     asyncpg.exceptions.TargetServerAttributeNotMatched,
     asyncpg.exceptions.InternalClientError,
-    _ReadOnly,
+    ReadOnly,
 )
 
 
-class _Connection(asyncpg.Connection):  # type: ignore[misc]
+class Connection(asyncpg.Connection):  # type: ignore[misc]
     """asyncpg's connection, whose close ends it whatever the server does. The pool closes
     the connections expire_connections() outdated in tasks of its own that nobody awaits;
     on a server that hangs that close times out, asyncpg aborts the connection, and the
@@ -135,11 +135,11 @@ class _Connection(asyncpg.Connection):  # type: ignore[misc]
     async def close(self, *, timeout: Optional[float] = None) -> None:
         try:
             await super().close(timeout=timeout)
-        except _FAILURES:
+        except FAILURES:
             self.terminate()  # already aborted by asyncpg; this only makes sure
 
 
-class _PrimaryCheck:
+class PrimaryCheck:
     """The pool's check of each connection it makes (its ``init``), before any use: the
     server must be a primary, and once the schema is there, kv_check_primary also enters the
     store into the server's timeline. Every connection to a newly promoted standby is a new
@@ -150,12 +150,12 @@ class _PrimaryCheck:
         self.schema_ready = False
 
     async def __call__(self, conn: Any) -> None:
-        await _check_primary(conn, _CHECK_PRIMARY if self.schema_ready else _WRITABLE)
+        await check_primary(conn, _CHECK_PRIMARY if self.schema_ready else WRITABLE)
 
 
-async def _check_primary(conn: Any, query: str = _CHECK_PRIMARY) -> None:
+async def check_primary(conn: Any, query: str = _CHECK_PRIMARY) -> None:
     if not await conn.fetchval(query):
-        raise _ReadOnly
+        raise ReadOnly
 
 
 def _host_urls(url: str) -> list[str]:
@@ -175,7 +175,7 @@ def _host_urls(url: str) -> list[str]:
     return [f"{scheme}://{credentials}{host}{path}" for host in hosts]
 
 
-async def _connect_any_host(url: str, **options: Any) -> asyncpg.Connection:
+async def connect_any_host(url: str, **options: Any) -> asyncpg.Connection:
     """The pool's connect: every host of the URL at once, each within the connect timeout,
     the first usable one taken (one that its target_session_attrs accepts). asyncpg's own
     tries them one after the other within one timeout for all, so an old primary that a
@@ -203,7 +203,7 @@ async def _connect_any_host(url: str, **options: Any) -> asyncpg.Connection:
                 attempt.add_done_callback(_close_unused)
 
 
-def _connect_options(pooler: PostgresPooler) -> dict[str, Any]:
+def connect_options(pooler: PostgresPooler) -> dict[str, Any]:
     """asyncpg's options for every connection: behind a pooler in transaction mode, no
     statement is kept prepared past its own query."""
     return {"statement_cache_size": 0} if pooler == "transaction" else {}

@@ -8,17 +8,17 @@ from __future__ import annotations
 SCHEMA_VERSION = 4
 # pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
 # schema, and one applies a seed while the others wait for it.
-_SCHEMA_LOCK = 0x4B565343
-_SEED_LOCK = 0x4B565345
+SCHEMA_LOCK = 0x4B565343
+SEED_LOCK = 0x4B565345
 # ("KVTH"): one server at a time trims the history; the others skip their turn.
-_TRIM_LOCK = 0x4B565448
+TRIM_LOCK = 0x4B565448
 # The channel every write's commit notifies, with "<schema> <revision>" as the payload: servers
 # of other stores in the same database ignore it.
 CHANNEL = "kv_changes"
 
 # Milliseconds since the epoch by the database's clock, unless the caller passes its own
 # (the tests' clock): every statement below takes it as a parameter that may be NULL.
-_NOW = "coalesce({}::bigint, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)"
+NOW = "coalesce({}::bigint, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)"
 
 _WRITE_FUNCTION = """
 CREATE OR REPLACE FUNCTION kv_write(
@@ -168,7 +168,7 @@ _CREATE_MARKS = (
     "CREATE TABLE IF NOT EXISTS kv_history_marks (at bigint PRIMARY KEY, revision bigint NOT NULL)"
 )
 
-_SCHEMA = (
+SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kv_meta (name text PRIMARY KEY, value text NOT NULL)",
     # COLLATE "C": keys compare by their UTF-8 bytes, the order listings promise (and the
     # sqlite store's), whatever the database's own collation is.
@@ -189,7 +189,7 @@ _SCHEMA = (
 # whole above the revision the database was at. Schema 2 had no timelines: the server's is
 # recorded, as on a new store, by the first check of a connection. Schema 3 did not notice a
 # server started anew: its first check here begins a life.
-_UPGRADES: dict[int, tuple[str, ...]] = {
+UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         _CREATE_CHANGES,
         _CREATE_MARKS,
@@ -205,17 +205,17 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
     3: (_CHECK_PRIMARY_FUNCTION,),
 }
 
-_LIVE = f"(expires_at IS NULL OR expires_at > {_NOW.format('$2')})"
-_GET_MANY = f"SELECT key, val, version, expires_at FROM kv WHERE key = ANY($1::text[]) AND {_LIVE}"
-_WRITE = "SELECT outcome, new_version, new_expires_at FROM kv_write($1, $2, $3, $4, $5, $6, $7)"
-_TAKE_REVISION = (
+LIVE = f"(expires_at IS NULL OR expires_at > {NOW.format('$2')})"
+GET_MANY = f"SELECT key, val, version, expires_at FROM kv WHERE key = ANY($1::text[]) AND {LIVE}"
+WRITE = "SELECT outcome, new_version, new_expires_at FROM kv_write($1, $2, $3, $4, $5, $6, $7)"
+TAKE_REVISION = (
     "UPDATE kv_meta SET value = (value::bigint + 1)::text WHERE name = 'revision'"
     " RETURNING value::bigint"
 )
 # Each statement that adds or removes rows moves the key count in kv_meta by as many.
-_COUNT_KEYS = "UPDATE kv_meta SET value = (value::bigint + ({}))::text WHERE name = 'keys'"
-_SET_MANY = f"""
-WITH clock AS (SELECT {_NOW.format("$5")} AS now_ms),
+COUNT_KEYS = "UPDATE kv_meta SET value = (value::bigint + ({}))::text WHERE name = 'keys'"
+SET_MANY = f"""
+WITH clock AS (SELECT {NOW.format("$5")} AS now_ms),
 items AS (
     SELECT k, v, CASE WHEN t IS NULL THEN NULL ELSE clock.now_ms + t END AS e
       FROM unnest($1::text[], $2::text[], $3::bigint[]) AS item(k, v, t), clock),
@@ -227,7 +227,7 @@ written AS (
 recorded AS (
     INSERT INTO kv_changes (revision, key, type, val, expires_at)
     SELECT $4, k, 'set', v, e FROM items)
-{_COUNT_KEYS.format("SELECT count(*) FILTER (WHERE inserted) FROM written")}
+{COUNT_KEYS.format("SELECT count(*) FILTER (WHERE inserted) FROM written")}
 """
 
 
@@ -237,27 +237,27 @@ def _remove(where: str, kind: str) -> str:
     return f"""
 WITH gone AS (DELETE FROM kv WHERE {where} RETURNING key),
 recorded AS (INSERT INTO kv_changes (revision, key, type) SELECT $3, key, '{kind}' FROM gone),
-counted AS ({_COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
+counted AS ({COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
 SELECT count(*) FROM gone
 """
 
 
 # Expired rows stay, for the purge to report.
-_DELETE_MANY = _remove(f"key = ANY($1::text[]) AND {_LIVE}", "delete")
-_PURGE = _remove(
-    f"""key IN (SELECT key FROM kv WHERE expires_at <= {_NOW.format("$2")}
+DELETE_MANY = _remove(f"key = ANY($1::text[]) AND {LIVE}", "delete")
+PURGE = _remove(
+    f"""key IN (SELECT key FROM kv WHERE expires_at <= {NOW.format("$2")}
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)""",
     "expire",
 )
-_ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {_NOW.format('$1')})"
-_READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
+ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {NOW.format('$1')})"
+READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
 # The changes above $1 under the prefix [$2, $3), as take_changes cuts them ($4 of them, fewer
 # once their values pass $5 characters, then the rest of the last one's revision), whether any
 # follow, the revision and compact revision they were read at, and the gaps that new lives
 # skipped above $1 (see _CREATE_TIMELINES): one statement, so one snapshot, in which they are
 # every change up to that revision.
 _UNDER_PREFIX = "c.key >= $2 AND ($3::text IS NULL OR c.key < $3)"
-_CHANGES = f"""
+CHANGES = f"""
 WITH meta AS (
     SELECT max(value::bigint) FILTER (WHERE name = 'revision') AS revision,
            max(value::bigint) FILTER (WHERE name = 'compact_revision') AS compact_revision
@@ -288,21 +288,21 @@ SELECT meta.revision, meta.compact_revision, more.more, gaps.forked, gaps.resume
   LEFT JOIN (SELECT * FROM head UNION ALL SELECT * FROM tail) events ON true
  ORDER BY events.revision, events.key
 """
-_LOCK_REVISION = "SELECT value FROM kv_meta WHERE name = 'revision' FOR UPDATE"
-_READ_META = "SELECT value FROM kv_meta WHERE name = $1"
-_WRITE_META = (
+LOCK_REVISION = "SELECT value FROM kv_meta WHERE name = 'revision' FOR UPDATE"
+READ_META = "SELECT value FROM kv_meta WHERE name = $1"
+WRITE_META = (
     "INSERT INTO kv_meta (name, value) VALUES ($1, $2)"
     " ON CONFLICT (name) DO UPDATE SET value = excluded.value"
 )
-_SEED_FINGERPRINT = "seed_fingerprint"
-_BULK_TABLE = "kv_bulk"
+SEED_FINGERPRINT = "seed_fingerprint"
+BULK_TABLE = "kv_bulk"
 # The last row for each key: keys already stored are updated, the others inserted. Not one
 # INSERT ... ON CONFLICT, whose speculative insertion costs more for a large load (see
 # bench/results.md); no other write can come between, since the load holds the revision's
 # lock (taken just before it).
-_APPLY_BULK = f"""
+APPLY_BULK = f"""
 WITH latest AS (
-    SELECT DISTINCT ON (key) key, val, expires_at FROM {_BULK_TABLE} ORDER BY key, ordinal DESC),
+    SELECT DISTINCT ON (key) key, val, expires_at FROM {BULK_TABLE} ORDER BY key, ordinal DESC),
 updated AS (
     UPDATE kv SET val = latest.val, version = $1, expires_at = latest.expires_at
       FROM latest WHERE kv.key = latest.key RETURNING kv.key)
@@ -310,22 +310,22 @@ INSERT INTO kv (key, val, version, expires_at)
 SELECT key, val, $1, expires_at FROM latest WHERE key NOT IN (SELECT key FROM updated)
 """
 # A replace: every key the load wrote has its revision ($1); the others under the prefix go.
-_REMOVE_OTHERS = (
+REMOVE_OTHERS = (
     "DELETE FROM kv WHERE version <> $1 AND key >= $2 AND ($3::text IS NULL OR key < $3)"
 )
 # An export's rows: values up to this many characters come with their row; longer ones are
-# read one at a time in the same snapshot, so that a page of _EXPORT_FETCH rows holds at most
+# read one at a time in the same snapshot, so that a page of EXPORT_FETCH rows holds at most
 # about 16 MiB whatever the values are. A page is the live keys after the last one read ($2,
 # with $5 false for the first page, which starts at the prefix itself), in the export's
 # REPEATABLE READ snapshot: pages rather than a cursor, whose named statement a pooler in
 # transaction mode could leave on a server connection that another client then uses.
 _EXPORT_INLINE_CHARS = 16_384
-_EXPORT_PAGE = f"""
+EXPORT_PAGE = f"""
 SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END, expires_at FROM kv
  WHERE (expires_at IS NULL OR expires_at > $1) AND (key > $2 OR (NOT $5 AND key = $2))
    AND ($3::text IS NULL OR key < $3)
  ORDER BY key LIMIT $4
 """
-_EXPORT_VALUE = "SELECT val FROM kv WHERE key = $1"
+EXPORT_VALUE = "SELECT val FROM kv WHERE key = $1"
 # Rows per page of an export: several batches' worth.
-_EXPORT_FETCH = 1024
+EXPORT_FETCH = 1024

@@ -47,52 +47,52 @@ from ..notify import RevisionWake
 from ..reads import ReadGroups, Waiting, answer, fail
 from ..trim import TrimPolicy
 from .connect import (
-    _FAILURES,
-    _LOST_STATEMENT,
-    _WRITABLE,
-    _answerable,
-    _check_primary,
-    _connect_any_host,
-    _connect_options,
-    _Connection,
-    _log_crash,
-    _PrimaryCheck,
-    _ReadOnly,
-    _retrieve,
-    _translate,
+    FAILURES,
+    LOST_STATEMENT,
+    WRITABLE,
+    Connection,
+    PrimaryCheck,
+    ReadOnly,
+    answerable,
+    check_primary,
+    connect_any_host,
+    connect_options,
     describe,
+    log_crash,
     redacted_url,
+    retrieve,
+    translate,
 )
 from .sql import (
-    _ANY_EXPIRED,
-    _APPLY_BULK,
-    _BULK_TABLE,
-    _CHANGES,
-    _COUNT_KEYS,
-    _DELETE_MANY,
-    _EXPORT_FETCH,
-    _EXPORT_PAGE,
-    _EXPORT_VALUE,
-    _GET_MANY,
-    _LIVE,
-    _LOCK_REVISION,
-    _NOW,
-    _PURGE,
-    _READ_META,
-    _READ_REVISION,
-    _REMOVE_OTHERS,
-    _SCHEMA,
-    _SCHEMA_LOCK,
-    _SEED_FINGERPRINT,
-    _SEED_LOCK,
-    _SET_MANY,
-    _TAKE_REVISION,
-    _TRIM_LOCK,
-    _UPGRADES,
-    _WRITE,
-    _WRITE_META,
+    ANY_EXPIRED,
+    APPLY_BULK,
+    BULK_TABLE,
+    CHANGES,
     CHANNEL,
+    COUNT_KEYS,
+    DELETE_MANY,
+    EXPORT_FETCH,
+    EXPORT_PAGE,
+    EXPORT_VALUE,
+    GET_MANY,
+    LIVE,
+    LOCK_REVISION,
+    NOW,
+    PURGE,
+    READ_META,
+    READ_REVISION,
+    REMOVE_OTHERS,
+    SCHEMA,
+    SCHEMA_LOCK,
     SCHEMA_VERSION,
+    SEED_FINGERPRINT,
+    SEED_LOCK,
+    SET_MANY,
+    TAKE_REVISION,
+    TRIM_LOCK,
+    UPGRADES,
+    WRITE,
+    WRITE_META,
 )
 
 log = structlog.get_logger("kv.store")
@@ -171,7 +171,7 @@ class PostgresStore:
         self._timeout = timeout
         self._clock = clock
         self._pooler = pooler
-        self._connect_options = _connect_options(pooler)
+        self._connect_options = connect_options(pooler)
         # Where to LISTEN: never through a pooler in transaction mode (None: poll instead).
         self._listen_url = listen_url or (None if pooler == "transaction" else url)
         self._reads = ReadGroups(
@@ -205,7 +205,7 @@ class PostgresStore:
         """
         deadline = time.monotonic() + startup_wait
         delay, attempt = 0.25, 0
-        check = _PrimaryCheck()
+        check = PrimaryCheck()
         while True:
             attempt += 1
             try:
@@ -213,21 +213,21 @@ class PostgresStore:
                     url,
                     min_size=1,
                     max_size=pool_size,
-                    connect=_connect_any_host,
+                    connect=connect_any_host,
                     init=check,
-                    connection_class=_Connection,
+                    connection_class=Connection,
                     timeout=timeout,  # to connect
                     command_timeout=timeout,
-                    **_connect_options(pooler),
+                    **connect_options(pooler),
                 )
                 break
-            except (*_FAILURES, ValueError) as error:
+            except (*FAILURES, ValueError) as error:
                 if isinstance(error, ValueError):  # a malformed URL: no retry will mend it
                     raise StoreUnavailable(f"{redacted_url(url)}: {describe(error)}") from None
-                if getattr(error, "sqlstate", None) in _LOST_STATEMENT:  # nor will it mend this
-                    raise _translate(error) from None
+                if getattr(error, "sqlstate", None) in LOST_STATEMENT:  # nor will it mend this
+                    raise translate(error) from None
                 if time.monotonic() + delay > deadline:
-                    if isinstance(error, _ReadOnly):
+                    if isinstance(error, ReadOnly):
                         raise StoreUnavailable(
                             f"PostgreSQL at {redacted_url(url)} is read-only, not a primary "
                             f"(a standby in recovery?), after {startup_wait:g} s "
@@ -260,10 +260,10 @@ class PostgresStore:
         async with self._pool.acquire() as conn:
             try:
                 async with conn.transaction():
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
                     exists = await conn.fetchval("SELECT to_regclass('kv_meta') IS NOT NULL")
                     version = (
-                        int(await conn.fetchval(_READ_META, "schema_version") or 0) if exists else 0
+                        int(await conn.fetchval(READ_META, "schema_version") or 0) if exists else 0
                     )
                     if version > SCHEMA_VERSION:
                         raise StoreCorrupt(
@@ -271,18 +271,18 @@ class PostgresStore:
                             f"(schema {version})"
                         )
                     if version == 0:
-                        for statement in _SCHEMA:
+                        for statement in SCHEMA:
                             await conn.execute(statement)
                     for step in range(max(version, 1), SCHEMA_VERSION):
-                        for statement in _UPGRADES[step]:
+                        for statement in UPGRADES[step]:
                             await conn.execute(statement)
                     if version != SCHEMA_VERSION:
-                        await conn.execute(_WRITE_META, "schema_version", str(SCHEMA_VERSION))
+                        await conn.execute(WRITE_META, "schema_version", str(SCHEMA_VERSION))
                         log.info("store_schema", schema_from=version, schema_to=SCHEMA_VERSION)
                     # This connection was made before the schema was there to check with.
-                    await _check_primary(conn)
-            except _FAILURES as error:
-                raise _translate(error) from None
+                    await check_primary(conn)
+            except FAILURES as error:
+                raise translate(error) from None
 
     # --- calls ----------------------------------------------------------------------------
 
@@ -305,7 +305,7 @@ class PostgresStore:
         deadline = loop.time() + self._timeout
         try:
             conn = await self._pool.acquire(timeout=self._timeout)
-        except _FAILURES as error:
+        except FAILURES as error:
             raise await self._failed(error) from None
         run = asyncio.ensure_future(self._run(conn, work, transaction))
         try:
@@ -318,7 +318,7 @@ class PostgresStore:
             raise await self._failed(asyncio.TimeoutError()) from None
         try:
             result = run.result()
-        except _FAILURES as error:
+        except FAILURES as error:
             failure = await self._failed(error)
             await self._give_back(conn, close=isinstance(failure, StoreUnavailable))
             raise failure from None
@@ -353,13 +353,13 @@ class PostgresStore:
             conn.terminate()
 
         def ended(run: asyncio.Future[Any]) -> None:
-            _retrieve(run)
+            retrieve(run)
             self._spawn(self._give_back(conn))
 
         run.add_done_callback(ended)
 
     async def _failed(self, error: BaseException) -> StoreError:
-        failure = _translate(error)
+        failure = translate(error)
         if isinstance(failure, StoreUnavailable):
             # The database went away, or the primary moved: drop every idle connection now,
             # rather than failing one request on each of them.
@@ -383,7 +383,7 @@ class PostgresStore:
             ) from None
         finally:
             if not future.done():  # answered without it (a timeout, a cancellation)
-                future.add_done_callback(_retrieve)
+                future.add_done_callback(retrieve)
 
     def _start_read(self, reads: Waiting) -> None:
         self._spawn(self._read(reads))
@@ -392,26 +392,26 @@ class PostgresStore:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(_log_crash)
+        task.add_done_callback(log_crash)
 
     async def _read(self, reads: Waiting) -> None:
         try:
-            rows = await self._fetch(_GET_MANY, list(reads), self._now())
+            rows = await self._fetch(GET_MANY, list(reads), self._now())
         except Exception as error:
-            fail(reads, _answerable(error))
+            fail(reads, answerable(error))
             return
         finally:
             self._reads.ended()
         answer(reads, {row[0]: Entry(row[1], row[2], row[3]) for row in rows})
 
     async def get_many(self, keys: Sequence[str]) -> Mapping[str, str]:
-        rows = await self._fetch(_GET_MANY, list(dict.fromkeys(keys)), self._now())
+        rows = await self._fetch(GET_MANY, list(dict.fromkeys(keys)), self._now())
         return {row[0]: row[1] for row in rows}
 
     async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:
         """One range scan of the primary key's index: O(log n) to the start, then the page."""
         parameters: list[Any] = [limit + 1, self._now()]
-        conditions = [_LIVE]
+        conditions = [LIVE]
         if after is not None and after >= prefix:
             parameters.append(after)
             conditions.append(f"key > ${len(parameters)}")
@@ -482,7 +482,7 @@ class PostgresStore:
         self._writes.append(write)
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
-            self._draining.add_done_callback(_log_crash)
+            self._draining.add_done_callback(log_crash)
         # A 503 for a write that then commits is a "maybe"; a 200 is only ever a commit.
         return await self._within(write.future)
 
@@ -493,7 +493,7 @@ class PostgresStore:
                 group, self._writes = self._writes, []
                 try:
                     rows = await self._fetch(
-                        _WRITE,
+                        WRITE,
                         [write.kind for write in group],
                         [write.key for write in group],
                         [write.val for write in group],
@@ -503,7 +503,7 @@ class PostgresStore:
                         self._now(),
                     )
                 except Exception as error:  # every waiting write gets an answer
-                    failure = _answerable(error)
+                    failure = answerable(error)
                     for write in group:
                         if not write.future.done():
                             write.future.set_exception(failure)
@@ -530,9 +530,9 @@ class PostgresStore:
 
         async def write(conn: Any) -> int:
             # Taking the revision first takes its lock, as every write does.
-            revision = int(await conn.fetchval(_TAKE_REVISION))
+            revision = int(await conn.fetchval(TAKE_REVISION))
             await conn.execute(
-                _SET_MANY,
+                SET_MANY,
                 [item.key for item in last],
                 [item.val for item in last],
                 ttls,
@@ -555,10 +555,10 @@ class PostgresStore:
 
         async def remove(conn: Any) -> int:
             nonlocal revision
-            revision = int(await conn.fetchval(_LOCK_REVISION)) + 1
+            revision = int(await conn.fetchval(LOCK_REVISION)) + 1
             removed = int(await conn.fetchval(statement, first, self._now(), revision))
             if removed:
-                await conn.execute(_TAKE_REVISION)
+                await conn.execute(TAKE_REVISION)
             return removed
 
         removed = await self._in_transaction(remove)
@@ -567,25 +567,25 @@ class PostgresStore:
         return removed
 
     async def delete_many(self, keys: Sequence[str]) -> int:
-        deleted = await self._remove(_DELETE_MANY, list(dict.fromkeys(keys)))
+        deleted = await self._remove(DELETE_MANY, list(dict.fromkeys(keys)))
         if deleted and self.on_commit is not None:
             self.on_commit(1)
         return deleted
 
     async def purge_expired(self, limit: int) -> int:
         # Most sweeps find nothing: they ask without taking the revision's lock.
-        if not (await self._fetch(_ANY_EXPIRED, self._now()))[0][0]:
+        if not (await self._fetch(ANY_EXPIRED, self._now()))[0][0]:
             return 0
-        return await self._remove(_PURGE, limit)
+        return await self._remove(PURGE, limit)
 
     # --- the history ----------------------------------------------------------------------
 
     async def revision(self) -> int:
-        return int((await self._fetch(_READ_REVISION))[0][0])
+        return int((await self._fetch(READ_REVISION))[0][0])
 
     async def changes(self, prefix: str, since: int, limit: int) -> Changes:
         rows = await self._fetch(
-            _CHANGES, since, prefix, prefix_upper_bound(prefix), limit, PAGE_VALUE_CHARS
+            CHANGES, since, prefix, prefix_upper_bound(prefix), limit, PAGE_VALUE_CHARS
         )
         revision, compact_revision, more, forked, resumed = rows[0][:5]
         gaps = [Gap(*gap) for gap in zip(forked or (), resumed or ())]
@@ -601,9 +601,9 @@ class PostgresStore:
         policy = TrimPolicy(max_age, max_rows, batch)
 
         async def trim(conn: Any) -> int:
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _TRIM_LOCK):
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", TRIM_LOCK):
                 return 0
-            revision = int(await conn.fetchval(_READ_REVISION))
+            revision = int(await conn.fetchval(READ_REVISION))
             meta = dict(
                 await conn.fetch(
                     "SELECT name, value::bigint FROM kv_meta WHERE name = ANY($1::text[])",
@@ -617,7 +617,7 @@ class PostgresStore:
                     revision,
                 )
             )
-            now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
+            now_ms = await conn.fetchval(f"SELECT {NOW.format('$1::bigint')}", self._now())
             cutoff = round(policy.cutoff(now_ms))
             await conn.execute(
                 "INSERT INTO kv_history_marks (at, revision) VALUES ($1, $2)"
@@ -653,7 +653,7 @@ class PostgresStore:
                 cut,
             )
             await conn.executemany(
-                _WRITE_META,
+                WRITE_META,
                 [("history_rows", str(rows - dropped)), ("history_counted", str(revision))],
             )
             return dropped
@@ -695,7 +695,7 @@ class PostgresStore:
             listening = _Listening()
             try:
                 await self._listen_once(wake, listening)
-            except _FAILURES as error:
+            except FAILURES as error:
                 if listening.worked:  # a connection that worked: the next try is soon
                     delay = LISTEN_RETRY_FIRST
                 log.warning("watch_connection_lost", reason=describe(error), retry_in=delay)
@@ -710,7 +710,7 @@ class PostgresStore:
         wake()
         while True:
             try:
-                revision = int((await self._fetch(_READ_REVISION))[0][0])
+                revision = int((await self._fetch(READ_REVISION))[0][0])
             except StoreError:
                 wake()  # changes may come meanwhile; the feed finds the store down itself
             else:
@@ -721,7 +721,7 @@ class PostgresStore:
         """LISTEN and poll until the connection fails (raising what it raised); ``listening``
         is told once LISTEN has taken effect."""
         assert self._listen_url is not None
-        conn = await _connect_any_host(
+        conn = await connect_any_host(
             self._listen_url,
             timeout=self._timeout,
             server_settings={"application_name": LISTENER_NAME},
@@ -740,7 +740,7 @@ class PostgresStore:
             listening.worked = True
             wake()  # whatever committed before LISTEN took effect
             while True:
-                revision = int(await conn.fetchval(_READ_REVISION, timeout=self._timeout))
+                revision = int(await conn.fetchval(READ_REVISION, timeout=self._timeout))
                 self._revisions.seen(revision)
                 await asyncio.sleep(WATCH_POLL_INTERVAL)
         finally:
@@ -756,43 +756,43 @@ class PostgresStore:
         wait on."""
         conn = await self._connect_alone()
         try:
-            await _check_primary(conn)  # as the pool checks its own
+            await check_primary(conn)  # as the pool checks its own
             async with conn.transaction():
                 if source.fingerprint is not None:
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _SEED_LOCK)
-                    if await conn.fetchval(_READ_META, _SEED_FINGERPRINT) == source.fingerprint:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", SEED_LOCK)
+                    if await conn.fetchval(READ_META, SEED_FINGERPRINT) == source.fingerprint:
                         return None
                 # Enough memory to sort a large load for DISTINCT ON without spilling to disk.
                 await conn.execute("SET LOCAL work_mem = '256MB'")
                 await conn.execute(
-                    f"CREATE TEMP TABLE {_BULK_TABLE} (ordinal bigint,"
+                    f"CREATE TEMP TABLE {BULK_TABLE} (ordinal bigint,"
                     ' key text COLLATE "C", val text, expires_at bigint) ON COMMIT DROP'
                 )
                 status = await conn.copy_records_to_table(
-                    _BULK_TABLE,
+                    BULK_TABLE,
                     records=_numbered(source.batches()),
                     columns=["ordinal", "key", "val", "expires_at"],
                 )
                 applied = int(status.split()[-1])
-                first = int(await conn.fetchval(_LOCK_REVISION))
-                now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
+                first = int(await conn.fetchval(LOCK_REVISION))
+                now_ms = await conn.fetchval(f"SELECT {NOW.format('$1::bigint')}", self._now())
                 revision = life_start(first + 1, now_ms / 1000)
-                inserted = int((await conn.execute(_APPLY_BULK, revision)).split()[-1])
+                inserted = int((await conn.execute(APPLY_BULK, revision)).split()[-1])
                 removed = 0
                 if replace is not None:
                     status = await conn.execute(
-                        _REMOVE_OTHERS, revision, replace, prefix_upper_bound(replace)
+                        REMOVE_OTHERS, revision, replace, prefix_upper_bound(replace)
                     )
                     removed = int(status.split()[-1])
                 if applied or removed:
-                    await conn.execute(_WRITE_META, "revision", str(revision))
-                    await conn.execute(_COUNT_KEYS.format(inserted - removed))
+                    await conn.execute(WRITE_META, "revision", str(revision))
+                    await conn.execute(COUNT_KEYS.format(inserted - removed))
                     # A bulk load, not events: watchers from before it list again.
-                    await conn.execute(_WRITE_META, "compact_revision", str(revision))
+                    await conn.execute(WRITE_META, "compact_revision", str(revision))
                 else:
                     revision = first
                 if source.fingerprint is not None:
-                    await conn.execute(_WRITE_META, _SEED_FINGERPRINT, source.fingerprint)
+                    await conn.execute(WRITE_META, SEED_FINGERPRINT, source.fingerprint)
             if applied or removed:
                 self._revisions.moved(revision)
                 if self.on_commit is not None:
@@ -800,8 +800,8 @@ class PostgresStore:
             return Loaded(applied, removed, revision)
         except _SourceFailed as failed:
             raise failed.error from None
-        except _FAILURES as error:
-            raise _translate(error) from None
+        except FAILURES as error:
+            raise translate(error) from None
         finally:
             await conn.close()
 
@@ -809,40 +809,38 @@ class PostgresStore:
         """A connection of its own, outside the pool, for a load or an export: without the
         requests' timeout once connected, since those take their time."""
         try:
-            return await _connect_any_host(
-                self._url, timeout=self._timeout, **self._connect_options
-            )
-        except _FAILURES as error:
-            raise _translate(error) from None
+            return await connect_any_host(self._url, timeout=self._timeout, **self._connect_options)
+        except FAILURES as error:
+            raise translate(error) from None
 
     @contextlib.asynccontextmanager
     async def export(self, prefix: str) -> AsyncIterator[_PostgresSnapshot]:
         conn = await self._connect_alone()
         try:
             try:
-                await _check_primary(conn)  # as the pool checks its own
+                await check_primary(conn)  # as the pool checks its own
                 transaction = conn.transaction(isolation="repeatable_read", readonly=True)
                 await transaction.start()
-                revision = int(await conn.fetchval(_READ_REVISION))  # the snapshot's first read
-                now_ms = await conn.fetchval(f"SELECT {_NOW.format('$1::bigint')}", self._now())
-            except _FAILURES as error:
-                raise _translate(error) from None
+                revision = int(await conn.fetchval(READ_REVISION))  # the snapshot's first read
+                now_ms = await conn.fetchval(f"SELECT {NOW.format('$1::bigint')}", self._now())
+            except FAILURES as error:
+                raise translate(error) from None
             yield _PostgresSnapshot(conn, revision, now_ms, prefix)
         finally:
             await conn.close()  # ends the transaction too
 
     async def seed_fingerprint(self) -> Optional[str]:
-        rows = await self._fetch(_READ_META, _SEED_FINGERPRINT)
+        rows = await self._fetch(READ_META, SEED_FINGERPRINT)
         return None if not rows else str(rows[0][0])
 
     # --- the rest -----------------------------------------------------------------------
 
     async def count(self) -> int:
-        return int((await self._fetch(_READ_META, "keys"))[0][0])
+        return int((await self._fetch(READ_META, "keys"))[0][0])
 
     async def ping(self) -> None:
         """Raise StoreUnavailable unless a connection reaches a primary that can write."""
-        rows = await self._fetch(_WRITABLE)
+        rows = await self._fetch(WRITABLE)
         if not rows[0][0]:
             # Its connection found a standby (or a fenced primary): the next ones go through
             # the URL's hosts again.
@@ -887,7 +885,7 @@ async def _numbered(
 
 
 class _PostgresSnapshot:
-    """An export's REPEATABLE READ transaction, read a page at a time (_EXPORT_PAGE)."""
+    """An export's REPEATABLE READ transaction, read a page at a time (EXPORT_PAGE)."""
 
     def __init__(self, conn: Any, revision: int, now_ms: int, prefix: str) -> None:
         self._conn = conn
@@ -902,19 +900,19 @@ class _PostgresSnapshot:
         while True:
             try:
                 rows = await self._conn.fetch(
-                    _EXPORT_PAGE, self._now_ms, after, bound, _EXPORT_FETCH, started
+                    EXPORT_PAGE, self._now_ms, after, bound, EXPORT_FETCH, started
                 )
-            except _FAILURES as error:
-                raise _translate(error) from None
+            except FAILURES as error:
+                raise translate(error) from None
             if not rows:
                 break
             after, started = rows[-1][0], True
             for key, val, expires_at in rows:
                 if val is None:  # too long to come with its row
                     try:
-                        val = await self._conn.fetchval(_EXPORT_VALUE, key)
-                    except _FAILURES as error:
-                        raise _translate(error) from None
+                        val = await self._conn.fetchval(EXPORT_VALUE, key)
+                    except FAILURES as error:
+                        raise translate(error) from None
                 if (full := cut.add(BulkRow(key, val, expires_at), len(val))) is not None:
                     yield full
         if (rest := cut.rest()) is not None:

@@ -2,7 +2,7 @@
 
 Reads run on the event loop's thread, and those of one loop iteration share one read
 transaction (see _begin_read_snapshot); their GETs are one query (see get). Writes are
-committed in groups (_GroupCommitter): with ``durability="normal"`` on the loop's thread,
+committed in groups (GroupCommitter): with ``durability="normal"`` on the loop's thread,
 since a commit into the WAL takes microseconds, less than a hop to a thread; with
 ``durability="full"`` on a writer thread, since each commit waits for an fsync. SQLite
 checkpoints by itself, in the commit that takes the WAL past 500 pages; that commit's

@@ -23,19 +23,19 @@ from ..base import (
 )
 from ..batches import batched
 from .schema import (
-    _COMPACT_REVISION,
-    _KEYS,
-    _LIVE,
-    _READ_META,
-    _REVISION,
-    _SEED_FINGERPRINT,
-    _WRITE_META,
-    _connect,
-    _key_range,
-    _meta,
-    _transaction,
-    _translate,
+    COMPACT_REVISION,
+    KEYS,
+    LIVE,
+    READ_META,
+    REVISION,
+    SEED_FINGERPRINT,
+    WRITE_META,
+    connect,
+    meta_value,
+    prefix_range,
     sqlite_uri,
+    translate,
+    write_transaction,
 )
 
 log = structlog.get_logger("kv.store")
@@ -111,7 +111,7 @@ def _count_misses(sql: SqlSeed) -> int:
         conn.close()
 
 
-class _BulkLoad:
+class BulkLoad:
     """A bulk load on a connection of its own: an import's rows staged in a temporary table
     as they arrive, or a seed's file attached; then applied in one transaction by
     ``apply_staged`` or ``apply_seed``, which run on a thread (the committer runs them between
@@ -121,7 +121,7 @@ class _BulkLoad:
         self.path = path
         self.replace = replace
         self.clock = clock
-        self.conn = _connect(path, durability, bulk=True)
+        self.conn = connect(path, durability, bulk=True)
         self._staging = False
 
     def stage(self, rows: Sequence[LoadRow]) -> None:
@@ -177,12 +177,12 @@ class _BulkLoad:
         replace's removals, the count of keys, and the fingerprint. Returns what it did (None
         when the store already held this seed), and the store's revision after it."""
         conn = self.conn
-        with _transaction(conn):
+        with write_transaction(conn):
             if fingerprint is not None:
-                row = conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()
+                row = conn.execute(READ_META, (SEED_FINGERPRINT,)).fetchone()
                 if row is not None and row[0] == fingerprint:
-                    return None, _meta(conn, _REVISION)
-            first = _meta(conn, _REVISION)
+                    return None, meta_value(conn, REVISION)
+            first = meta_value(conn, REVISION)
             revision = life_start(first + 1, self.clock())
             applied = conn.execute(_BULK_INSERT.format(select=select), (revision,)).rowcount
             if misses is not None and misses():
@@ -190,21 +190,21 @@ class _BulkLoad:
             removed = 0
             if self.replace is not None:
                 # Every key the load wrote has its revision; the others under the prefix go.
-                where, parameters = _key_range(self.replace)
+                where, parameters = prefix_range(self.replace)
                 removed = conn.execute(
                     f"DELETE FROM kv WHERE version <> ?{where}", (revision, *parameters)
                 ).rowcount
             if applied or removed:
-                conn.execute(_WRITE_META, (_REVISION, revision))
+                conn.execute(WRITE_META, (REVISION, revision))
                 # A bulk load, not events: watchers from before it list again.
-                conn.execute(_WRITE_META, (_COMPACT_REVISION, revision))
+                conn.execute(WRITE_META, (COMPACT_REVISION, revision))
                 conn.execute(
-                    _WRITE_META, (_KEYS, conn.execute("SELECT count(*) FROM kv").fetchone()[0])
+                    WRITE_META, (KEYS, conn.execute("SELECT count(*) FROM kv").fetchone()[0])
                 )
             else:
                 revision = first
             if fingerprint is not None:
-                conn.execute(_WRITE_META, (_SEED_FINGERPRINT, fingerprint))
+                conn.execute(WRITE_META, (SEED_FINGERPRINT, fingerprint))
         if applied or removed:
             # Move the load from the WAL into the file now: a seed's before the port opens,
             # rather than in whichever request's commit crosses the checkpoint threshold.
@@ -225,7 +225,7 @@ _EXPORT_FETCH = 128
 _EXPORT_VALUE = "SELECT val FROM kv WHERE key = ?"
 
 
-class _SqliteSnapshot:
+class SqliteSnapshot:
     """An export's read transaction on a connection of its own, read a batch at a time on
     the event loop's thread (a batch is a millisecond or so: requests wait no longer)."""
 
@@ -235,11 +235,11 @@ class _SqliteSnapshot:
         try:
             self._conn.execute("PRAGMA mmap_size = 67108864")
             self._conn.execute("BEGIN")
-            self.revision = _meta(self._conn, _REVISION)  # the snapshot begins with this read
-            where, parameters = _key_range(prefix)
+            self.revision = meta_value(self._conn, REVISION)  # the snapshot begins with this read
+            where, parameters = prefix_range(prefix)
             self._rows = self._conn.execute(
                 f"SELECT key, CASE WHEN length(val) <= {_EXPORT_INLINE_CHARS} THEN val END,"
-                f" expires_at FROM kv WHERE {_LIVE}{where} ORDER BY key",
+                f" expires_at FROM kv WHERE {LIVE}{where} ORDER BY key",
                 (now_ms, *parameters),
             )
         except BaseException:
@@ -264,7 +264,7 @@ class _SqliteSnapshot:
                         )
                     yield row
         except sqlite3.Error as error:
-            raise _translate(error, self._path) from None
+            raise translate(error, self._path) from None
 
     def close(self) -> None:
         self._conn.close()  # ends the read transaction: the WAL can be rewound again

@@ -1,5 +1,5 @@
 """The sqlite store's writes: each operation applied inside a group's transaction, and the
-group committer that runs them (see _GroupCommitter).
+group committer that runs them (see GroupCommitter).
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ from ..base import (
 from ..notify import RevisionWake
 from ..trim import TrimPolicy
 from .schema import (
-    _CHUNK,
-    _COMPACT_REVISION,
-    _HISTORY_COUNTED,
-    _HISTORY_ROWS,
-    _LIVE,
-    _REVISION,
-    _WRITE_META,
-    _connect,
-    _meta,
-    _transaction,
-    _translate,
+    CHUNK,
+    COMPACT_REVISION,
+    HISTORY_COUNTED,
+    HISTORY_ROWS,
+    LIVE,
+    REVISION,
+    WRITE_META,
+    connect,
+    meta_value,
+    translate,
+    write_transaction,
 )
 
 _GET_LIVE_VERSION = "SELECT version, expires_at FROM kv WHERE key = ?"
@@ -54,7 +54,7 @@ class _Transaction:
     def __init__(self, conn: sqlite3.Connection, now_ms: float) -> None:
         self.conn = conn
         self.now_ms = now_ms
-        self.first = _meta(conn, _REVISION)
+        self.first = meta_value(conn, REVISION)
         self.revision = self.first
         self.removals: list[tuple[int, str, ChangeType]] = []
 
@@ -79,14 +79,14 @@ class _Transaction:
         if self.removals:
             self.conn.executemany(_RECORD_REMOVAL, self.removals)
         if self.revision != self.first:
-            self.conn.execute(_WRITE_META, (_REVISION, self.revision))
+            self.conn.execute(WRITE_META, (REVISION, self.revision))
 
 
 # The operations below are plain classes with __slots__: one is made per write, and a frozen
 # dataclass costs three times as much to make.
 
 
-class _SetOne:
+class SetOne:
     __slots__ = ("condition", "expires_at", "key", "val")
 
     def __init__(
@@ -103,7 +103,7 @@ class _SetOne:
         return Entry(self.val, version, self.expires_at)
 
 
-class _DeleteOne:
+class DeleteOne:
     __slots__ = ("condition", "key")
 
     def __init__(self, key: str, condition: Optional[Condition]) -> None:
@@ -118,7 +118,7 @@ class _DeleteOne:
         return True
 
 
-class _SetMany:
+class SetMany:
     __slots__ = ("rows",)
 
     def __init__(self, rows: Sequence[tuple[str, str, Optional[int]]]) -> None:
@@ -141,15 +141,15 @@ def _remove(tx: _Transaction, keys: Sequence[str], kind: ChangeType) -> int:
     if not keys:
         return 0
     tx.revision += 1
-    for start in range(0, len(keys), _CHUNK):
-        chunk = keys[start : start + _CHUNK]
+    for start in range(0, len(keys), CHUNK):
+        chunk = keys[start : start + CHUNK]
         tx.conn.execute(f"DELETE FROM kv WHERE key IN ({','.join('?' * len(chunk))})", chunk)
     for key in keys:
         tx.record(kind, key)
     return len(keys)
 
 
-class _DeleteMany:
+class DeleteMany:
     __slots__ = ("keys",)
 
     def __init__(self, keys: Sequence[str]) -> None:
@@ -158,19 +158,19 @@ class _DeleteMany:
     def apply(self, tx: _Transaction) -> int:
         live: list[str] = []
         unique = list(dict.fromkeys(self.keys))
-        for start in range(0, len(unique), _CHUNK):
-            chunk = unique[start : start + _CHUNK]
+        for start in range(0, len(unique), CHUNK):
+            chunk = unique[start : start + CHUNK]
             marks = ",".join("?" * len(chunk))
             live += (
                 key
                 for (key,) in tx.conn.execute(
-                    f"SELECT key FROM kv WHERE key IN ({marks}) AND {_LIVE}", (*chunk, tx.now_ms)
+                    f"SELECT key FROM kv WHERE key IN ({marks}) AND {LIVE}", (*chunk, tx.now_ms)
                 )
             )
         return _remove(tx, live, "delete")  # expired rows stay, for the purge to report
 
 
-class _Purge:
+class Purge:
     __slots__ = ("limit",)
 
     def __init__(self, limit: int) -> None:
@@ -181,7 +181,7 @@ class _Purge:
         return _remove(tx, expired, "expire")
 
 
-class _TrimHistory:
+class TrimHistory:
     """One step of trimming the history (see Store.trim_history); takes no revision."""
 
     __slots__ = ("policy",)
@@ -191,10 +191,10 @@ class _TrimHistory:
 
     def apply(self, tx: _Transaction) -> int:
         conn = tx.conn
-        compact = _meta(conn, _COMPACT_REVISION)
-        counted_through = _meta(conn, _HISTORY_COUNTED)
+        compact = meta_value(conn, COMPACT_REVISION)
+        counted_through = meta_value(conn, HISTORY_COUNTED)
         # Every change up to tx.first is in the table (this group's own are not yet).
-        rows = _meta(conn, _HISTORY_ROWS) + _count_changes_above(conn, counted_through)
+        rows = meta_value(conn, HISTORY_ROWS) + _count_changes_above(conn, counted_through)
         conn.execute(_MARK, (int(tx.now_ms), tx.first))
         policy = self.policy
         cutoff = policy.cutoff(tx.now_ms)
@@ -213,11 +213,11 @@ class _TrimHistory:
         # A since below the compact revision is answered "compacted" before any gap counts.
         conn.execute("DELETE FROM gaps WHERE resumed_at <= ?", (cut,))
         conn.executemany(
-            _WRITE_META,
+            WRITE_META,
             (
-                (_COMPACT_REVISION, cut),
-                (_HISTORY_ROWS, rows - dropped),
-                (_HISTORY_COUNTED, tx.first),
+                (COMPACT_REVISION, cut),
+                (HISTORY_ROWS, rows - dropped),
+                (HISTORY_COUNTED, tx.first),
             ),
         )
         return int(dropped)
@@ -235,7 +235,7 @@ _UNMARK = "DELETE FROM history_marks WHERE at < (SELECT max(at) FROM history_mar
 
 
 # Operations that are the store's upkeep, not a client's write: metrics count no write for them.
-_UPKEEP = (_Purge, _TrimHistory)
+_UPKEEP = (Purge, TrimHistory)
 Result = TypeVar("Result", covariant=True)
 
 
@@ -246,7 +246,7 @@ class _Operation(Protocol[Result]):
 
 
 class _Alone:
-    """A bulk load waiting in the committer's queue (see _GroupCommitter.run_alone)."""
+    """A bulk load waiting in the committer's queue (see GroupCommitter.run_alone)."""
 
     __slots__ = ("run",)
 
@@ -254,7 +254,7 @@ class _Alone:
         self.run = run
 
 
-class _GroupCommitter:
+class GroupCommitter:
     """Commits writes in groups: each commit takes every write that arrived before it began.
 
     durability="normal": the commit runs on the event loop's thread, scheduled behind the
@@ -308,7 +308,7 @@ class _GroupCommitter:
             result, revision = await asyncio.get_running_loop().run_in_executor(None, alone.run)
         except Exception as error:
             if isinstance(error, sqlite3.Error):
-                error = _translate(error, self._path)
+                error = translate(error, self._path)
             if not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: a caller gone no longer awaits it
@@ -350,7 +350,7 @@ class _GroupCommitter:
                             self._executor, self._commit, operations
                         )
                 except sqlite3.Error as error:
-                    failure = _translate(error, self._path)
+                    failure = translate(error, self._path)
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(failure)
@@ -370,9 +370,9 @@ class _GroupCommitter:
         """One transaction for the whole group: one WAL append, at most one fsync. Returns
         each operation's result, and the revision after it."""
         if self._conn is None:  # the writer thread's own connection, made on that thread
-            self._conn = _connect(self._path, self._durability)
+            self._conn = connect(self._path, self._durability)
         results: list[Any] = []
-        with _transaction(self._conn) as conn:
+        with write_transaction(self._conn) as conn:
             tx = _Transaction(conn, self._clock() * 1000)
             for operation in operations:
                 try:

@@ -62,8 +62,8 @@ _CREATE_EXPIRY_INDEX = (
 _CREATE_META = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value NOT NULL) WITHOUT ROWID"
 )
-_REVISION = "revision"
-_KEYS = "keys"
+REVISION = "revision"
+KEYS = "keys"
 # The history (see the package docstring), in the feed's order: reading it is one range scan
 # of its b-tree, and recording a change one insert.
 _CREATE_CHANGES = (
@@ -75,17 +75,17 @@ _CREATE_CHANGES = (
 _CREATE_MARKS = (
     "CREATE TABLE IF NOT EXISTS history_marks (at INTEGER PRIMARY KEY, revision INTEGER NOT NULL)"
 )
-_COMPACT_REVISION = "compact_revision"
+COMPACT_REVISION = "compact_revision"
 # The revisions each new life skipped (see the package docstring): none was given to a write
 # here, and a watcher holding one is told it is not this store's.
 _CREATE_GAPS = (
     "CREATE TABLE IF NOT EXISTS gaps (resumed_at INTEGER PRIMARY KEY, forked_at INTEGER NOT NULL)"
 )
 
-# The history's rows, counted by trim_history up to the revision in _HISTORY_COUNTED: writes
+# The history's rows, counted by trim_history up to the revision in HISTORY_COUNTED: writes
 # pay nothing to keep a count, and the rows above that revision are few to count.
-_HISTORY_ROWS = "history_rows"
-_HISTORY_COUNTED = "history_counted"
+HISTORY_ROWS = "history_rows"
+HISTORY_COUNTED = "history_counted"
 # Triggers on every connection that writes (TEMP triggers belong to their connection):
 # - The number of keys, kept in meta as rows come and go, so that it is never counted.
 #   Writes use an upsert, not INSERT OR REPLACE: an overwrite then fires no count trigger
@@ -98,13 +98,13 @@ _RECORD_SET = (
 )
 _TRIGGERS = (
     f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_added AFTER INSERT ON main.kv BEGIN"
-    f" UPDATE meta SET value = value + 1 WHERE name = '{_KEYS}'; {_RECORD_SET}; END",
+    f" UPDATE meta SET value = value + 1 WHERE name = '{KEYS}'; {_RECORD_SET}; END",
     f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_updated AFTER UPDATE ON main.kv BEGIN"
     f" {_RECORD_SET}; END",
     f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_removed AFTER DELETE ON main.kv BEGIN"
-    f" UPDATE meta SET value = value - 1 WHERE name = '{_KEYS}'; END",
+    f" UPDATE meta SET value = value - 1 WHERE name = '{KEYS}'; END",
 )
-_SEED_FINGERPRINT = "seed_fingerprint"
+SEED_FINGERPRINT = "seed_fingerprint"
 _SCHEMA = (
     _CREATE_KV,
     _CREATE_EXPIRY_INDEX,
@@ -112,8 +112,8 @@ _SCHEMA = (
     _CREATE_CHANGES,
     _CREATE_MARKS,
     _CREATE_GAPS,
-    f"INSERT INTO meta (name, value) VALUES ('{_REVISION}', 0), ('{_KEYS}', 0),"
-    f" ('{_COMPACT_REVISION}', 0), ('{_HISTORY_ROWS}', 0), ('{_HISTORY_COUNTED}', 0)",
+    f"INSERT INTO meta (name, value) VALUES ('{REVISION}', 0), ('{KEYS}', 0),"
+    f" ('{COMPACT_REVISION}', 0), ('{HISTORY_ROWS}', 0), ('{HISTORY_COUNTED}', 0)",
 )
 # From each schema version to the next, in place. Schema 1 (release 1.0.0) had neither
 # versions nor expiry: its keys take revision 1, and never expire. Schema 2 had no history:
@@ -124,26 +124,26 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
         "ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE kv ADD COLUMN expires_at INTEGER",
         _CREATE_EXPIRY_INDEX,
-        f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{_REVISION}', 1)",
-        f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{_KEYS}', (SELECT count(*) FROM kv))",
+        f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{REVISION}', 1)",
+        f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{KEYS}', (SELECT count(*) FROM kv))",
     ),
     2: (
         _CREATE_CHANGES,
         _CREATE_MARKS,
         f"INSERT OR REPLACE INTO meta (name, value) SELECT name, value FROM (SELECT"
-        f" '{_COMPACT_REVISION}' AS name, value FROM meta WHERE name = '{_REVISION}' UNION ALL"
-        f" SELECT '{_HISTORY_COUNTED}', value FROM meta WHERE name = '{_REVISION}' UNION ALL"
-        f" SELECT '{_HISTORY_ROWS}', 0)",
+        f" '{COMPACT_REVISION}' AS name, value FROM meta WHERE name = '{REVISION}' UNION ALL"
+        f" SELECT '{HISTORY_COUNTED}', value FROM meta WHERE name = '{REVISION}' UNION ALL"
+        f" SELECT '{HISTORY_ROWS}', 0)",
     ),
     3: (_CREATE_GAPS,),
 }
 
-_READ_META = "SELECT value FROM meta WHERE name = ?"
-_WRITE_META = "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)"
-_LIVE = "(expires_at IS NULL OR expires_at > ?)"
+READ_META = "SELECT value FROM meta WHERE name = ?"
+WRITE_META = "INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)"
+LIVE = "(expires_at IS NULL OR expires_at > ?)"
 # Keys per statement in the batch reads and deletes: well under SQLite's 999 parameters,
 # the smallest limit of the versions Python ships.
-_CHUNK = 500
+CHUNK = 500
 
 
 def sqlite_uri(path: PurePath, **query: str) -> str:
@@ -156,14 +156,14 @@ def sqlite_uri(path: PurePath, **query: str) -> str:
     return f"{uri}?{urlencode(query)}" if query else uri
 
 
-def _translate(error: sqlite3.Error, path: Path) -> StoreError:
+def translate(error: sqlite3.Error, path: Path) -> StoreError:
     """Map SQLite's exceptions to the store's: transient conditions versus damage."""
     if isinstance(error, sqlite3.OperationalError):
         return StoreUnavailable(f"{path}: {error}")
     return StoreCorrupt(f"{path}: {error}")
 
 
-def _connect(path: Path, durability: str, bulk: bool = False) -> sqlite3.Connection:
+def connect(path: Path, durability: str, bulk: bool = False) -> sqlite3.Connection:
     # isolation_level=None: no implicit transactions; the store begins and ends every one
     # itself, so none is left open to hide other workers' writes.
     # uri=True: a bulk load ATTACHes the seed by a URI (read-only, immutable).
@@ -187,7 +187,7 @@ def _connect(path: Path, durability: str, bulk: bool = False) -> sqlite3.Connect
     return conn
 
 
-def _check_header(path: Path) -> None:
+def check_header(path: Path) -> None:
     if not path.exists() or path.stat().st_size == 0:
         return
     with path.open("rb") as file:
@@ -196,7 +196,7 @@ def _check_header(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """The one way this store writes: BEGIN IMMEDIATE, then COMMIT, or ROLLBACK on any
     exception. IMMEDIATE takes the write lock at once, so that a transaction that read
     (a precondition, the revision) cannot find the file changed under it by another worker."""
@@ -212,7 +212,7 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
-def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
+def prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
     application_id = conn.execute("PRAGMA application_id").fetchone()[0]
     if application_id == APPLICATION_ID:
         _upgrade(conn, path)
@@ -222,7 +222,7 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path) -> None:
         raise StoreCorrupt(
             f"{path}: a SQLite database that this server did not create; refusing to touch it"
         )
-    with _transaction(conn):
+    with write_transaction(conn):
         for statement in _SCHEMA:
             conn.execute(statement)
         conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
@@ -236,7 +236,7 @@ def _upgrade(conn: sqlite3.Connection, path: Path) -> None:
         raise StoreCorrupt(f"{path}: written by a newer version (schema {version})")
     if version == SCHEMA_VERSION:
         return
-    with _transaction(conn):
+    with write_transaction(conn):
         # Read again under the write lock: another worker may have upgraded it meanwhile.
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         for step in range(version, SCHEMA_VERSION):
@@ -247,21 +247,21 @@ def _upgrade(conn: sqlite3.Connection, path: Path) -> None:
         log.info("store_upgraded", path=str(path), schema_from=version, schema_to=SCHEMA_VERSION)
 
 
-def _begin_life(conn: sqlite3.Connection, now: float) -> None:
+def begin_life(conn: sqlite3.Connection, now: float) -> None:
     """Move the revision to where this opening's life begins (base.life_start), recording the
     numbers skipped: under the write lock, so that a worker opening the file meanwhile, or one
     already writing, never has its revisions skipped."""
-    with _transaction(conn):
-        revision = _meta(conn, _REVISION)
+    with write_transaction(conn):
+        revision = meta_value(conn, REVISION)
         start = life_start(revision, now)
         if start > revision:
             conn.execute(
                 "INSERT INTO gaps (resumed_at, forked_at) VALUES (?, ?)", (start, revision)
             )
-            conn.execute(_WRITE_META, (_REVISION, start))
+            conn.execute(WRITE_META, (REVISION, start))
 
 
-def _key_range(prefix: str) -> tuple[str, tuple[str, ...]]:
+def prefix_range(prefix: str) -> tuple[str, tuple[str, ...]]:
     """SQL (to AND on) selecting the keys that start with ``prefix``, and its parameters."""
     if not prefix:
         return "", ()
@@ -271,5 +271,5 @@ def _key_range(prefix: str) -> tuple[str, tuple[str, ...]]:
     return " AND key >= ? AND key < ?", (prefix, bound)
 
 
-def _meta(conn: sqlite3.Connection, name: str) -> int:
-    return int(conn.execute(_READ_META, (name,)).fetchone()[0])
+def meta_value(conn: sqlite3.Connection, name: str) -> int:
+    return int(conn.execute(READ_META, (name,)).fetchone()[0])

@@ -19,37 +19,37 @@ from .. import base
 from ..reads import ReadGroups, Waiting, answer, fail
 from ..trim import TrimPolicy
 from .bulk import (
+    BulkLoad,
+    SqliteSnapshot,
     SqlSeedSource,
-    _BulkLoad,
-    _SqliteSnapshot,
 )
 from .commit import (
-    _DeleteMany,
-    _DeleteOne,
-    _GroupCommitter,
-    _Purge,
-    _SetMany,
-    _SetOne,
-    _TrimHistory,
+    DeleteMany,
+    DeleteOne,
+    GroupCommitter,
+    Purge,
+    SetMany,
+    SetOne,
+    TrimHistory,
 )
 from .schema import (
-    _CHUNK,
-    _COMPACT_REVISION,
-    _HISTORY_COUNTED,
-    _HISTORY_ROWS,
-    _KEYS,
-    _LIVE,
-    _READ_META,
-    _REVISION,
-    _SEED_FINGERPRINT,
-    _begin_life,
-    _check_header,
-    _connect,
-    _key_range,
-    _meta,
-    _prepare_schema,
-    _translate,
+    CHUNK,
+    COMPACT_REVISION,
+    HISTORY_COUNTED,
+    HISTORY_ROWS,
+    KEYS,
+    LIVE,
+    READ_META,
+    REVISION,
+    SEED_FINGERPRINT,
+    begin_life,
+    check_header,
+    connect,
+    meta_value,
+    prefix_range,
+    prepare_schema,
     sqlite_uri,
+    translate,
 )
 
 log = structlog.get_logger("kv.store")
@@ -81,24 +81,24 @@ class SqliteStore:
         self.durability = durability
         self._clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
-        _check_header(path)
+        check_header(path)
         try:
             # Inspect before any pragma: switching a foreign file to WAL would modify it.
             inspector = sqlite3.connect(str(path), isolation_level=None)
             try:
-                _prepare_schema(inspector, path)
+                prepare_schema(inspector, path)
             finally:
                 inspector.close()
-            self._conn = _connect(path, durability)
-            _begin_life(self._conn, clock())
+            self._conn = connect(path, durability)
+            begin_life(self._conn, clock())
         except sqlite3.Error as error:
-            raise _translate(error, path) from None
+            raise translate(error, path) from None
         # One cursor for every point read: a new one per get costs more than the lookup's
         # parsing.
         self._reader = self._conn.cursor()
         # The GETs waiting for this iteration's query.
         self._gets = ReadGroups(self._read_gets)
-        self._committer = _GroupCommitter(path, durability, self._conn, clock)
+        self._committer = GroupCommitter(path, durability, self._conn, clock)
         self._closed = False
 
     @property
@@ -119,7 +119,7 @@ class SqliteStore:
             # rewinding the WAL (the file then grows without bound under writes).
             return self._reader.execute(sql, parameters).fetchall()
         except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+            raise translate(error, self.path) from None
 
     async def get(self, key: str) -> Optional[base.Entry]:
         """Joins the GETs of this event-loop iteration in one query (``_read_gets``).
@@ -162,11 +162,11 @@ class SqliteStore:
         found: dict[str, str] = {}
         now_ms = self._clock() * 1000
         unique = list(dict.fromkeys(keys))
-        for start in range(0, len(unique), _CHUNK):
-            chunk = unique[start : start + _CHUNK]
+        for start in range(0, len(unique), CHUNK):
+            chunk = unique[start : start + CHUNK]
             marks = ",".join("?" * len(chunk))
             rows = self._read(
-                f"SELECT key, val FROM kv WHERE key IN ({marks}) AND {_LIVE}", (*chunk, now_ms)
+                f"SELECT key, val FROM kv WHERE key IN ({marks}) AND {LIVE}", (*chunk, now_ms)
             )
             found.update((str(key), str(val)) for key, val in rows)
         return found
@@ -175,7 +175,7 @@ class SqliteStore:
         self, prefix: str, after: Optional[str], limit: int, values: bool
     ) -> base.Page:
         """One range scan of the key's b-tree: O(log n) to the start, then the page."""
-        conditions = [_LIVE]
+        conditions = [LIVE]
         parameters: list[object] = [self._clock() * 1000]
         if after is not None and after >= prefix:
             conditions.append("key > ?")
@@ -196,7 +196,7 @@ class SqliteStore:
         try:
             if not self._conn.in_transaction:
                 self._begin_read_snapshot()
-            revision = int(self._read(_READ_META, (_REVISION,))[0][0])  # the page's snapshot
+            revision = int(self._read(READ_META, (REVISION,))[0][0])  # the page's snapshot
             # Its own cursor, closed at the end: a page may stop early (see PAGE_VALUE_CHARS),
             # and an unfinished statement would keep its read lock.
             with contextlib.closing(self._conn.execute(sql, parameters)) as rows:
@@ -209,7 +209,7 @@ class SqliteStore:
                         value_chars += len(listed.val or "")
                     keys.append(listed)
         except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+            raise translate(error, self.path) from None
         return base.Page(keys, more=more, revision=revision)
 
     def _begin_read_snapshot(self) -> None:
@@ -237,32 +237,32 @@ class SqliteStore:
         condition: Optional[base.Condition] = None,
     ) -> base.Entry:
         expires_at = None if ttl is None else base.expiry_of(ttl, self._clock())
-        return await self._committer.submit(_SetOne(key, val, expires_at, condition))
+        return await self._committer.submit(SetOne(key, val, expires_at, condition))
 
     async def delete(self, key: str, condition: Optional[base.Condition] = None) -> bool:
-        return await self._committer.submit(_DeleteOne(key, condition))
+        return await self._committer.submit(DeleteOne(key, condition))
 
     async def set_many(self, items: Sequence[base.SetItem]) -> int:
         now = self._clock()
         rows = [(item.key, item.val, base.expiry_of(item.ttl, now)) for item in items]
-        return await self._committer.submit(_SetMany(rows))
+        return await self._committer.submit(SetMany(rows))
 
     async def delete_many(self, keys: Sequence[str]) -> int:
-        return await self._committer.submit(_DeleteMany(keys))
+        return await self._committer.submit(DeleteMany(keys))
 
     async def purge_expired(self, limit: int) -> int:
-        return await self._committer.submit(_Purge(limit))
+        return await self._committer.submit(Purge(limit))
 
     async def revision(self) -> int:
-        return int(self._read(_READ_META, (_REVISION,))[0][0])
+        return int(self._read(READ_META, (REVISION,))[0][0])
 
     async def changes(self, prefix: str, since: int, limit: int) -> base.Changes:
         """One range scan of the history's b-tree, in the loop's read snapshot, read only as
         far as take_changes takes it."""
-        key_range, key_parameters = _key_range(prefix)
+        key_range, key_parameters = prefix_range(prefix)
         revision = await self.revision()  # begins the snapshot the scan below shares
         try:
-            compact = int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0])
+            compact = int(self._read(READ_META, (COMPACT_REVISION,))[0][0])
             gaps = [base.Gap(*row) for row in self._read(_GAPS_ABOVE, (since,))]
             base.check_since(since, revision, compact, gaps)
             # Its own cursor, closed at the end: an unfinished statement keeps its read lock.
@@ -275,20 +275,20 @@ class SqliteStore:
             ) as rows:
                 events, more = base.take_changes((base.Change(*row) for row in rows), limit)
         except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+            raise translate(error, self.path) from None
         return base.Changes(events, revision, more, compact, gaps)
 
     async def trim_history(self, max_age: float, max_rows: int, batch: int) -> int:
-        dropped = await self._committer.submit(_TrimHistory(TrimPolicy(max_age, max_rows, batch)))
+        dropped = await self._committer.submit(TrimHistory(TrimPolicy(max_age, max_rows, batch)))
         if dropped:
             self._committer.revisions.poke()  # the feed's tail learns the compact revision
         return dropped
 
     async def history(self) -> base.HistoryStats:
-        counted = int(self._read(_READ_META, (_HISTORY_ROWS,))[0][0])
-        counted_through = int(self._read(_READ_META, (_HISTORY_COUNTED,))[0][0])
+        counted = int(self._read(READ_META, (HISTORY_ROWS,))[0][0])
+        counted_through = int(self._read(READ_META, (HISTORY_COUNTED,))[0][0])
         above = self._read("SELECT count(*) FROM changes WHERE revision > ?", (counted_through,))
-        compact = int(self._read(_READ_META, (_COMPACT_REVISION,))[0][0])
+        compact = int(self._read(READ_META, (COMPACT_REVISION,))[0][0])
         return base.HistoryStats(counted + int(above[0][0]), compact)
 
     async def listen(self, wake: base.Wake) -> None:
@@ -304,7 +304,7 @@ class SqliteStore:
                     sqlite_uri(self.path.resolve()), uri=True, isolation_level=None
                 )
             except sqlite3.Error as error:
-                raise _translate(error, self.path) from None
+                raise translate(error, self.path) from None
             try:
                 await self._poll(poller, wake)
             finally:
@@ -320,7 +320,7 @@ class SqliteStore:
                 version = poller.execute("PRAGMA data_version").fetchone()[0]
                 if version != seen:
                     seen = version
-                    self._committer.revisions.seen(_meta(poller, _REVISION))
+                    self._committer.revisions.seen(meta_value(poller, REVISION))
                 failing = False
             except sqlite3.Error as error:  # a passing lock, say: wake to be safe
                 if not failing:  # said once, not every few ms while it lasts
@@ -335,10 +335,10 @@ class SqliteStore:
         """A seed's file is copied inside SQLite (ATTACH, then one INSERT ... SELECT); an
         import's rows are staged in a temporary table as they come, then copied the same way.
         Either way in one transaction on a connection of its own, on a thread, while the
-        committer holds this process's other writes back (see _GroupCommitter.run_alone)."""
+        committer holds this process's other writes back (see GroupCommitter.run_alone)."""
         sql = source.as_sql() if isinstance(source, SqlSeedSource) else None
         try:
-            bulk = _BulkLoad(self.path, self.durability, replace, self._clock)
+            bulk = BulkLoad(self.path, self.durability, replace, self._clock)
             apply: Callable[[], tuple[Optional[base.Loaded], int]]
             if sql is not None:
                 assert source.fingerprint is not None  # a seed's file has one
@@ -353,32 +353,32 @@ class SqliteStore:
                 apply = partial(bulk.apply_staged, source.fingerprint)
             return await self._committer.run_alone(apply)
         except sqlite3.Error as error:
-            raise _translate(error, self.path) from error
+            raise translate(error, self.path) from error
 
     @contextlib.asynccontextmanager
-    async def export(self, prefix: str) -> AsyncIterator[_SqliteSnapshot]:
+    async def export(self, prefix: str) -> AsyncIterator[SqliteSnapshot]:
         try:
-            snapshot = _SqliteSnapshot(self.path, prefix, self._clock() * 1000)
+            snapshot = SqliteSnapshot(self.path, prefix, self._clock() * 1000)
         except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+            raise translate(error, self.path) from None
         try:
             yield snapshot
         finally:
             snapshot.close()
 
     async def seed_fingerprint(self) -> Optional[str]:
-        row = self._conn.execute(_READ_META, (_SEED_FINGERPRINT,)).fetchone()
+        row = self._conn.execute(READ_META, (SEED_FINGERPRINT,)).fetchone()
         return None if row is None else str(row[0])
 
     async def count(self) -> int:
-        return int(self._read(_READ_META, (_KEYS,))[0][0])
+        return int(self._read(READ_META, (KEYS,))[0][0])
 
     async def ping(self) -> None:
         try:
             # Touches the file (a page of meta), not just the library.
             self._conn.execute("SELECT count(*) FROM meta").fetchone()
         except sqlite3.Error as error:
-            raise _translate(error, self.path) from None
+            raise translate(error, self.path) from None
 
     async def close(self) -> None:
         await self._committer.close()

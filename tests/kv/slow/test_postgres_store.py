@@ -13,7 +13,7 @@ from mapmg_data_engineer_takehome.settings import SettingsError, load_settings
 from mapmg_data_engineer_takehome.store import StoreCorrupt, StoreUnavailable
 from mapmg_data_engineer_takehome.store.base import Compacted, UnknownRevision
 from mapmg_data_engineer_takehome.store.postgres import (
-    _GET_MANY,
+    GET_MANY,
     READS_IN_FLIGHT_BEHIND_POOLER,
     TIMELINE_GAP,
     PostgresStore,
@@ -160,7 +160,7 @@ async def test_behind_a_pooler_gets_of_many_turns_go_in_few_groups_each_answered
 
         async def counted(query: str, *args: Any) -> Any:
             nonlocal in_flight, peak, groups
-            if query != _GET_MANY:
+            if query != GET_MANY:
                 return await fetch(query, *args)
             groups += 1
             in_flight += 1
