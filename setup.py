@@ -29,8 +29,8 @@ REPLACEMENTS = {
     "aiter_raw": "iter_raw",
     "aread": "read",
     "aclose": "close",
-    "_async_chunks": "_chunks",
-    "_async_sleep": "_sleep",
+    "async_chunks": "chunks",
+    "async_sleep": "sleep",
 }
 HEADER = (
     "# GENERATED from _async.py when the package is built (setup.py): do not edit. Change\n"

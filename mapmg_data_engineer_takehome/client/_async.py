@@ -2,7 +2,7 @@
 and ``Client`` in _sync.py is generated from it at every build by setup.py (``async`` and
 ``await`` dropped, httpx's and httpx-sse's asynchronous names made their blocking twins).
 Where the two flavours really differ, the source names the asynchronous side of a pair that
-_core.py holds (``_async_sleep`` and ``_sleep``, ``_async_chunks`` and ``_chunks``), as
+_core.py holds (``async_sleep`` and ``sleep``, ``async_chunks`` and ``chunks``), as
 httpcore does.
 """
 
@@ -18,35 +18,35 @@ from httpx_sse import aconnect_sse
 from ._core import (
     DEFAULT_URL,
     RECONNECT_FOR,
+    Call,
     Entry,
     Event,
     Imported,
     KeyNotFound,
     PreconditionFailed,
+    Resume,
     Unavailable,
-    _async_chunks,
-    _async_sleep,
-    _backoff,
-    _Call,
-    _delete,
-    _entry,
-    _error,
-    _etag_version,
-    _found,
-    _get,
-    _http_options,
-    _import_params,
-    _import_timeouts,
-    _keys_page,
-    _listed,
-    _mdelete,
-    _mget_calls,
-    _mset,
-    _Resume,
-    _retryable,
-    _set,
-    _stream_timeouts,
-    _unreachable,
+    async_chunks,
+    async_sleep,
+    backoff,
+    delete_call,
+    entry_of,
+    error_of,
+    etag_version,
+    found_in,
+    get_call,
+    http_options,
+    import_params,
+    import_timeouts,
+    keys_page_call,
+    listed_entry,
+    mdelete_call,
+    mget_calls,
+    mset_call,
+    retryable,
+    set_call,
+    stream_timeouts,
+    unreachable,
 )
 
 
@@ -66,7 +66,7 @@ class AsyncClient:
         self.url = url
         self.timeout = timeout
         self.retries = retries
-        self._http = httpx.AsyncClient(**_http_options(url, token, timeout))
+        self._http = httpx.AsyncClient(**http_options(url, token, timeout))
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -77,7 +77,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: _Call) -> httpx.Response:
+    async def _send(self, call: Call) -> httpx.Response:
         """Send ``call``, again after a retryable failure if it may be; raise the typed
         exception for what did not succeed."""
         attempt = 0
@@ -85,22 +85,22 @@ class AsyncClient:
             try:
                 return await self._send_once(call)
             except (httpx.TransportError, Unavailable) as error:
-                if not (call.retry and _retryable(error) and attempt < self.retries):
+                if not (call.retry and retryable(error) and attempt < self.retries):
                     if isinstance(error, httpx.TransportError):
-                        raise _unreachable(error, self._http.base_url) from None
+                        raise unreachable(error, self._http.base_url) from None
                     raise
-            await _async_sleep(_backoff(attempt))
+            await async_sleep(backoff(attempt))
             attempt += 1
 
-    async def _send_once(self, call: _Call) -> httpx.Response:
+    async def _send_once(self, call: Call) -> httpx.Response:
         response = await self._http.request(**call.request())
         if response.is_success:
             return response
-        raise _error(response)
+        raise error_of(response)
 
     async def get(self, key: str) -> Entry:
-        response = await self._send(_get(key))
-        return _entry(key, response.json()["val"], response)
+        response = await self._send(get_call(key))
+        return entry_of(key, response.json()["val"], response)
 
     async def set(
         self,
@@ -113,10 +113,10 @@ class AsyncClient:
     ) -> int:
         """Write ``val``; with ``if_version`` only if the key is at that version, with
         ``create`` only if it does not exist. Returns the new version."""
-        return _etag_version(await self._send(_set(key, val, ttl, if_version, create))) or 0
+        return etag_version(await self._send(set_call(key, val, ttl, if_version, create))) or 0
 
     async def delete(self, key: str, *, if_version: Optional[int] = None) -> None:
-        await self._send(_delete(key, if_version))
+        await self._send(delete_call(key, if_version))
 
     async def keys(
         self, prefix: str = "", *, values: bool = False, page_size: int = 1000
@@ -124,27 +124,27 @@ class AsyncClient:
         """Every live key under ``prefix`` in key order, page after page."""
         cursor = None
         while True:
-            answer = await self._send(_keys_page(prefix, values, page_size, cursor))
+            answer = await self._send(keys_page_call(prefix, values, page_size, cursor))
             page = answer.json()
             for item in page["items"]:
-                yield _listed(item)
+                yield listed_entry(item)
             cursor = page["cursor"]
             if cursor is None:
                 return
 
     async def mget(self, keys: Iterable[str]) -> dict[str, Optional[str]]:
         found: dict[str, Optional[str]] = {}
-        for call in _mget_calls(keys):
-            found.update(_found(await self._send(call)))
+        for call in mget_calls(keys):
+            found.update(found_in(await self._send(call)))
         return found
 
     async def mset(self, items: Mapping[str, str], *, ttl: Optional[float] = None) -> int:
         """Write every item in one transaction; returns their version."""
-        answer = await self._send(_mset(items, ttl))
+        answer = await self._send(mset_call(items, ttl))
         return int(answer.json()["version"])
 
     async def mdelete(self, keys: Iterable[str]) -> int:
-        answer = await self._send(_mdelete(keys))
+        answer = await self._send(mdelete_call(keys))
         return int(answer.json()["deleted"])
 
     async def compare_and_set(
@@ -164,7 +164,7 @@ class AsyncClient:
                     return await self.set(key, fn(None), ttl=ttl, create=True)
                 return await self.set(key, fn(current.val), ttl=ttl, if_version=current.version)
             except PreconditionFailed:
-                await _async_sleep(_backoff(min(attempt, 3)) / 5)
+                await async_sleep(backoff(min(attempt, 3)) / 5)
                 attempt += 1
 
     async def watch(
@@ -179,7 +179,7 @@ class AsyncClient:
         not hold where it resumes: list again, then watch from the listing's revision."""
         if since is None:
             since = await self._revision()
-        resume = _Resume(since)
+        resume = Resume(since)
         failing_since: Optional[float] = None
         attempt = 0
         while True:
@@ -190,11 +190,11 @@ class AsyncClient:
                     "/changes",
                     params=resume.params(prefix),
                     headers=resume.headers(),
-                    timeout=_stream_timeouts(self.timeout),
+                    timeout=stream_timeouts(self.timeout),
                 ) as source:
                     if not source.response.is_success:
                         await source.response.aread()
-                        raise _error(source.response)
+                        raise error_of(source.response)
                     failing_since, attempt = None, 0
                     async for sse in source.aiter_sse():
                         event = resume.take(sse)
@@ -204,14 +204,14 @@ class AsyncClient:
                 failing_since = failing_since or time.monotonic()
                 if time.monotonic() - failing_since > reconnect_for:
                     if isinstance(error, httpx.TransportError):
-                        raise _unreachable(error, self._http.base_url) from None
+                        raise unreachable(error, self._http.base_url) from None
                     raise
-            await _async_sleep(_backoff(attempt))
+            await async_sleep(backoff(attempt))
             attempt += 1
 
     async def _revision(self) -> int:
         """The store's revision now: what a watch from now on resumes from."""
-        answer = await self._send(_Call("GET", "/changes", retry=True, params={"timeout": 0}))
+        answer = await self._send(Call("GET", "/changes", retry=True, params={"timeout": 0}))
         return int(answer.json()["next"])
 
     async def export(
@@ -228,11 +228,11 @@ class AsyncClient:
                 "GET",
                 "/export",
                 params={"prefix": prefix},
-                timeout=_stream_timeouts(self.timeout),
+                timeout=stream_timeouts(self.timeout),
             ) as response:
                 if not response.is_success:
                     await response.aread()
-                    raise _error(response)
+                    raise error_of(response)
                 written = 0
                 async for chunk in response.aiter_raw():
                     out.write(chunk)
@@ -241,7 +241,7 @@ class AsyncClient:
                         progress(written)
                 return int(response.headers["KV-Revision"])
         except httpx.TransportError as error:
-            raise _unreachable(error, self._http.base_url) from None
+            raise unreachable(error, self._http.base_url) from None
 
     async def import_(
         self,
@@ -256,17 +256,17 @@ class AsyncClient:
         try:
             response = await self._http.post(
                 "/import",
-                params=_import_params(replace, prefix),
-                content=_async_chunks(source, progress),
+                params=import_params(replace, prefix),
+                content=async_chunks(source, progress),
                 headers={"Content-Type": "application/x-ndjson"},
-                timeout=_import_timeouts(self.timeout),
+                timeout=import_timeouts(self.timeout),
             )
         except httpx.TransportError as error:
-            raise _unreachable(error, self._http.base_url) from None
+            raise unreachable(error, self._http.base_url) from None
         if not response.is_success:
-            raise _error(response)
+            raise error_of(response)
         return Imported(**response.json())
 
     async def health(self) -> dict[str, Any]:
-        answer = await self._send(_Call("GET", "/health", retry=True))
+        answer = await self._send(Call("GET", "/health", retry=True))
         return dict(answer.json())

@@ -142,7 +142,7 @@ class HistoryGone(KVError):
     then watch from the listing's revision."""
 
 
-def _error(response: httpx.Response) -> KVError:
+def error_of(response: httpx.Response) -> KVError:
     """The typed exception for a non-2xx answer, with the server's message."""
     status = response.status_code
     try:
@@ -153,7 +153,7 @@ def _error(response: httpx.Response) -> KVError:
     if status == 404 and code == "key_not_found":
         return KeyNotFound(message, status, code)
     if status == 412:
-        return PreconditionFailed(message, status, code, _etag_version(response))
+        return PreconditionFailed(message, status, code, etag_version(response))
     if status == 401:
         return Unauthorized(message, status, code)
     if status == 410:
@@ -163,7 +163,7 @@ def _error(response: httpx.Response) -> KVError:
     return InvalidRequest(message, status, code)
 
 
-def _unreachable(error: httpx.TransportError, url: httpx.URL) -> Unavailable:
+def unreachable(error: httpx.TransportError, url: httpx.URL) -> Unavailable:
     if isinstance(error, httpx.TimeoutException):
         return Unavailable(f"{url} did not answer in time ({type(error).__name__})")
     return Unavailable(f"cannot reach {url}: {error or type(error).__name__}")
@@ -173,7 +173,7 @@ def _unreachable(error: httpx.TransportError, url: httpx.URL) -> Unavailable:
 
 
 @dataclass(frozen=True)
-class _Call:
+class Call:
     """One request, and whether it may be sent again after a failure."""
 
     method: str
@@ -207,23 +207,23 @@ def _key_path(route: str, key: str) -> str:
     return f"/{route}/" + quote(key, safe="").replace(".", "%2E")
 
 
-def _get(key: str) -> _Call:
-    return _Call("GET", _key_path("get", key), retry=True)
+def get_call(key: str) -> Call:
+    return Call("GET", _key_path("get", key), retry=True)
 
 
-def _set(
+def set_call(
     key: str, val: str, ttl: Optional[float], if_version: Optional[int], create: bool
-) -> _Call:
+) -> Call:
     body: dict[str, Any] = {"key": key, "val": val}
     if ttl is not None:
         body["ttl"] = ttl
     headers = _conditions(if_version, create)
-    return _Call("POST", "/set", retry=bool(headers), body=body, headers=headers)
+    return Call("POST", "/set", retry=bool(headers), body=body, headers=headers)
 
 
-def _delete(key: str, if_version: Optional[int]) -> _Call:
+def delete_call(key: str, if_version: Optional[int]) -> Call:
     headers = _conditions(if_version, create=False)
-    return _Call("DELETE", _key_path("delete", key), retry=bool(headers), headers=headers)
+    return Call("DELETE", _key_path("delete", key), retry=bool(headers), headers=headers)
 
 
 def _conditions(if_version: Optional[int], create: bool) -> dict[str, str]:
@@ -235,45 +235,45 @@ def _conditions(if_version: Optional[int], create: bool) -> dict[str, str]:
     return headers
 
 
-def _keys_page(prefix: str, values: bool, page_size: int, cursor: Optional[str]) -> _Call:
+def keys_page_call(prefix: str, values: bool, page_size: int, cursor: Optional[str]) -> Call:
     params: dict[str, Any] = {"prefix": prefix, "limit": page_size}
     if values:
         params["values"] = "true"
     if cursor is not None:
         params["cursor"] = cursor
-    return _Call("GET", "/keys", retry=True, params=params)
+    return Call("GET", "/keys", retry=True, params=params)
 
 
-def _mget_calls(keys: Iterable[str]) -> list[_Call]:
+def mget_calls(keys: Iterable[str]) -> list[Call]:
     wanted = list(keys)
     return [
-        _Call("POST", "/mget", retry=True, body={"keys": wanted[start : start + MGET_BATCH]})
+        Call("POST", "/mget", retry=True, body={"keys": wanted[start : start + MGET_BATCH]})
         for start in range(0, len(wanted), MGET_BATCH)
     ]
 
 
-def _found(answer: httpx.Response) -> Iterator[tuple[str, Optional[str]]]:
+def found_in(answer: httpx.Response) -> Iterator[tuple[str, Optional[str]]]:
     return ((item["key"], item["val"]) for item in answer.json()["items"])
 
 
-def _mdelete(keys: Iterable[str]) -> _Call:
-    return _Call("POST", "/mdelete", retry=False, body={"keys": list(keys)})
+def mdelete_call(keys: Iterable[str]) -> Call:
+    return Call("POST", "/mdelete", retry=False, body={"keys": list(keys)})
 
 
-def _mset(items: Mapping[str, str], ttl: Optional[float]) -> _Call:
+def mset_call(items: Mapping[str, str], ttl: Optional[float]) -> Call:
     rows = [
         {"key": key, "val": val, **({"ttl": ttl} if ttl is not None else {})}
         for key, val in items.items()
     ]
-    return _Call("POST", "/mset", retry=False, body={"items": rows})
+    return Call("POST", "/mset", retry=False, body={"items": rows})
 
 
-def _entry(key: str, val: str, response: httpx.Response) -> Entry:
+def entry_of(key: str, val: str, response: httpx.Response) -> Entry:
     expires = response.headers.get("KV-Expires-At")
-    return Entry(key, val, _etag_version(response) or 0, _parse_time(expires))
+    return Entry(key, val, etag_version(response) or 0, _parse_time(expires))
 
 
-def _listed(item: Mapping[str, Any]) -> Entry:
+def listed_entry(item: Mapping[str, Any]) -> Entry:
     return Entry(item["key"], item.get("val"), item["version"], _parse_time(item["expires_at"]))
 
 
@@ -287,7 +287,7 @@ def _event(data: Mapping[str, Any]) -> Event:
     )
 
 
-def _etag_version(response: httpx.Response) -> Optional[int]:
+def etag_version(response: httpx.Response) -> Optional[int]:
     etag = response.headers.get("ETag")
     return int(etag.strip('"')) if etag else None
 
@@ -304,14 +304,14 @@ def _format_time(moment: Optional[datetime]) -> Optional[str]:
     return utc.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _import_params(replace: bool, prefix: str) -> dict[str, str]:
+def import_params(replace: bool, prefix: str) -> dict[str, str]:
     params = {"mode": "replace" if replace else "merge"}
     if prefix:
         params["prefix"] = prefix
     return params
 
 
-def _chunks(source: IO[bytes], progress: Optional[Callable[[int], None]]) -> Iterator[bytes]:
+def chunks(source: IO[bytes], progress: Optional[Callable[[int], None]]) -> Iterator[bytes]:
     sent = 0
     while chunk := source.read(UPLOAD_CHUNK):
         yield chunk
@@ -320,17 +320,17 @@ def _chunks(source: IO[bytes], progress: Optional[Callable[[int], None]]) -> Ite
             progress(sent)
 
 
-def _retryable(error: BaseException) -> bool:
+def retryable(error: BaseException) -> bool:
     return isinstance(error, httpx.TransportError) or (
         isinstance(error, Unavailable) and error.status == 503
     )
 
 
-def _backoff(attempt: int) -> float:
+def backoff(attempt: int) -> float:
     return random.uniform(0.5, 1.0) * min(BACKOFF_MAX, BACKOFF_FIRST * 2.0**attempt)
 
 
-class _Resume:
+class Resume:
     """Where a watch is: the id of the last event it delivered. Every event of the stream has
     an id that names its place (``17.2`` after the second of revision 17's events under the
     prefix, the bare ``17`` after its last, or a heartbeat's), so each event is delivered as
@@ -366,15 +366,15 @@ class _Resume:
 # asynchronous one, and setup.py names its blocking twin in _sync.py.
 
 
-async def _async_chunks(
+async def async_chunks(
     source: IO[bytes], progress: Optional[Callable[[int], None]]
 ) -> AsyncIterator[bytes]:
     # httpx's AsyncClient sends only an async iterable; the file is still read as it goes.
-    for chunk in _chunks(source, progress):
+    for chunk in chunks(source, progress):
         yield chunk
 
 
-async def _async_sleep(seconds: float) -> None:
+async def async_sleep(seconds: float) -> None:
     # asyncio is imported only by the AsyncClient's code: a blocking script (and every start
     # of the kv command) would pay a twentieth of a second for it.
     import asyncio
@@ -382,21 +382,21 @@ async def _async_sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
-def _sleep(seconds: float) -> None:
+def sleep(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def _stream_timeouts(timeout: float) -> httpx.Timeout:
+def stream_timeouts(timeout: float) -> httpx.Timeout:
     return httpx.Timeout(timeout, read=max(timeout, STREAM_READ_TIMEOUT))
 
 
-def _import_timeouts(timeout: float) -> httpx.Timeout:
+def import_timeouts(timeout: float) -> httpx.Timeout:
     # The answer comes once the whole import is applied, in one transaction: a GiB takes
     # minutes. Sending still times out as usual.
     return httpx.Timeout(timeout, read=max(timeout, IMPORT_ANSWER_TIMEOUT))
 
 
-def _http_options(url: str, token: Optional[str], timeout: float) -> dict[str, Any]:
+def http_options(url: str, token: Optional[str], timeout: float) -> dict[str, Any]:
     headers = {"User-Agent": "kv-client"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
