@@ -252,20 +252,6 @@ def test_the_image_holds_no_build_tools_sources_or_caches(image: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_image_builds_and_starts_without_an_input_db(
-    tmp_path: Path, containers: list[Container]
-) -> None:
-    tag = build_image(make_context(tmp_path / "context", None))
-    try:
-        container = start(containers, tag)
-        assert container.request("GET", "/get/baked")[0] == 404
-        assert "seed_not_found" in container.logs()
-    finally:
-        for started in containers:
-            started.remove()
-        docker("rmi", "-f", tag, check=False)
-
-
 def test_the_image_serves_from_postgres(
     image: str, containers: list[Container], postgres_cluster: PostgresCluster
 ) -> None:
