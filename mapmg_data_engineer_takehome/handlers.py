@@ -435,7 +435,7 @@ def _branch(
             prefixes.append(operation.prefix)
     twice = _written_twice(keys, prefixes)
     if twice is not None:
-        raise _invalid_request(f"{name}: {twice} A transaction writes each key once.")
+        raise _invalid_request(f"{name}: {twice}; a transaction writes each key once.")
     return branch
 
 
@@ -448,20 +448,20 @@ def _written_twice(keys: Sequence[str], prefixes: Sequence[str]) -> Optional[str
     ordered = sorted(keys)
     for earlier, later in zip(ordered, ordered[1:]):
         if earlier == later:
-            return f"The key {_shown(later)} is written twice."
+            return f"the key {_shown(later)} is written twice"
     ordered_prefixes = sorted(prefixes)
     for earlier, later in zip(ordered_prefixes, ordered_prefixes[1:]):
         if later.startswith(earlier):
             return (
-                f"The prefixes {_shown(earlier)} and {_shown(later)} both delete the keys "
-                f"under {_shown(later)}."
+                f"the prefixes {_shown(earlier)} and {_shown(later)} both delete the keys "
+                f"under {_shown(later)}"
             )
     for prefix in ordered_prefixes:
         position = bisect.bisect_left(ordered, prefix)
         if position < len(ordered) and ordered[position].startswith(prefix):
             return (
-                f"The key {_shown(ordered[position])} is written twice: the delete of the "
-                f"prefix {_shown(prefix)} covers it."
+                f"the key {_shown(ordered[position])} is written twice, as the delete of the "
+                f"prefix {_shown(prefix)} covers it"
             )
     return None
 

@@ -207,7 +207,7 @@ SET_A = {"op": "set", "key": "a", "val": "1"}
             {"failure": [{**SET_A, "key": "p/1"}, {"op": "delete", "prefix": "p/"}]},
             422,
             "invalid_request",
-            'the prefix "p/" covers it',
+            'the prefix "p/" covers it; a transaction',
         ),
         (
             {"success": [{"op": "delete", "prefix": "p"}, {"op": "delete", "prefix": "p/x"}]},
