@@ -6,7 +6,8 @@ the pages a browser opens (the docs page, the key browser) are pages.py's.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
+import bisect
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 from urllib.parse import unquote
 
@@ -16,19 +17,43 @@ from aiohttp import hdrs, web
 from . import rules
 from .errors import JSON_CONTENT_TYPE, JSON_HEADERS, NO_SUCH_ENDPOINT, ApiError, error_response
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .models import ListQuery, MdeleteRequest, MgetRequest, MsetRequest, SetRequest
+from .models import (
+    ListQuery,
+    MdeleteRequest,
+    MgetRequest,
+    MsetRequest,
+    SetRequest,
+    TxnCompare,
+    TxnGetOperation,
+    TxnOperationRequest,
+    TxnRequest,
+    TxnSetOperation,
+)
 from .rules import EXPIRES_AT, REVISION, VERSION_TAG, rfc3339, version_tag
 from .settings import Settings
 from .state import INPUT_DB_KEY, METRICS_KEY, OPENAPI_KEY, SETTINGS_KEY, STORE_KEY
 from .store.base import (
+    Compare,
+    CompareExists,
+    CompareValue,
+    CompareVersion,
     Condition,
+    DeletedKey,
+    DeletedPrefix,
     Entry,
+    GotKey,
     IfAbsent,
     IfExists,
     IfVersion,
     PreconditionFailed,
     SetItem,
     StoreError,
+    TxnDelete,
+    TxnDeletePrefix,
+    TxnGet,
+    TxnOperation,
+    TxnOutcome,
+    TxnSet,
 )
 from .validation import Model, parse_body, parse_query
 
@@ -116,13 +141,20 @@ def _precondition_failed(failed: PreconditionFailed) -> ApiError:
     )
 
 
-def check_text(settings: Settings, key: str, val: Optional[str] = None, where: str = "") -> None:
+def check_text(
+    settings: Settings,
+    key: str,
+    val: Optional[str] = None,
+    where: str = "",
+    key_field: str = "key",
+    val_field: str = "val",
+) -> None:
     """ApiError when the key or the value breaks a rule of rules.broken_rule: longer than the
     settings allow, or holding a NUL character; ``where`` names the item of a batch
-    (``items[3].``)."""
+    (``items[3].``), and the fields' names are those the body gave them."""
     broken = rules.broken_rule(settings, key, val)
     if broken is not None:
-        raise _broken_rule_error(settings, broken, where)
+        raise _broken_rule_error(settings, broken, where, key_field, val_field)
 
 
 # A key or a value over its limit: the answer's status and code, and how it names the field
@@ -133,12 +165,15 @@ _TOO_LONG = {
 }
 
 
-def _broken_rule_error(settings: Settings, broken: str, where: str) -> ApiError:
-    field = "val" if broken in (rules.VALUE_TOO_LARGE, rules.NUL_IN_VAL) else "key"
+def _broken_rule_error(
+    settings: Settings, broken: str, where: str, key_field: str = "key", val_field: str = "val"
+) -> ApiError:
+    in_val = broken in (rules.VALUE_TOO_LARGE, rules.NUL_IN_VAL)
+    field = val_field if in_val else key_field
     too_long = _TOO_LONG.get(broken)
     if too_long is not None:
         status, code, alone = too_long
-        limit = settings.max_key_bytes if field == "key" else settings.max_value_bytes
+        limit = settings.max_value_bytes if in_val else settings.max_key_bytes
         subject = f"{where}{field}:" if where else alone
         return ApiError(
             status, code, f"{subject} is longer than the limit of {limit} bytes of UTF-8."
@@ -300,6 +335,150 @@ async def delete_many(request: web.Request) -> web.Response:
     for index, key in enumerate(body.keys):
         check_text(settings, key, where=f"keys[{index}].")
     return _json({"deleted": await request.app[STORE_KEY].delete_many(body.keys)})
+
+
+async def transact(request: web.Request) -> web.Response:
+    """POST /txn: the compares, then one branch, in one transaction and one revision."""
+    body = await read_model(request, TxnRequest)
+    settings = request.app[SETTINGS_KEY]
+    _check_count(settings, "compare", len(body.compare))
+    compares = [_compare(settings, index, compare) for index, compare in enumerate(body.compare)]
+    success = _branch(settings, "success", body.success)
+    failure = _branch(settings, "failure", body.failure)
+    result = await request.app[STORE_KEY].txn(compares, success, failure)
+    metrics = request.app[METRICS_KEY]
+    if metrics is not None:
+        metrics.observe_txn(result.succeeded)
+    return _json(
+        {
+            "succeeded": result.succeeded,
+            "revision": result.revision,
+            "failed": result.failed,
+            "results": [_txn_outcome(outcome) for outcome in result.results],
+        }
+    )
+
+
+def _invalid_request(message: str) -> ApiError:
+    return ApiError(422, "invalid_request", message)
+
+
+def _check_count(settings: Settings, field: str, count: int) -> None:
+    if count > settings.max_txn_ops:
+        raise ApiError(
+            422,
+            "invalid_batch",
+            f"Field '{field}' must hold at most {settings.max_txn_ops} entries "
+            f"(KV_MAX_TXN_OPS), not {count}.",
+        )
+
+
+# The operators each kind of compare takes (a version takes them all).
+_VALUE_OPERATORS = ("=", "!=")
+
+
+def _compare(settings: Settings, index: int, compare: TxnCompare) -> Compare:
+    where = f"compare[{index}]."
+    check_text(settings, compare.key, compare.value, where, val_field="value")
+    given = [name for name in ("version", "value", "exists") if getattr(compare, name) is not None]
+    if len(given) != 1:
+        raise _invalid_request(
+            f"compare[{index}]: give exactly one of 'version', 'value' and 'exists'."
+        )
+    if compare.version is not None:
+        return CompareVersion(compare.key, compare.version, compare.cmp)
+    if compare.value is not None:
+        if compare.cmp not in _VALUE_OPERATORS:
+            raise _invalid_request(
+                f"compare[{index}].cmp: a value compares with = or != only, not {compare.cmp}."
+            )
+        return CompareValue(compare.key, compare.value, "=" if compare.cmp == "=" else "!=")
+    assert compare.exists is not None
+    if compare.cmp != "=":
+        raise _invalid_request(
+            f"compare[{index}].cmp: exists compares with = only, not {compare.cmp}."
+        )
+    return CompareExists(compare.key, compare.exists)
+
+
+def _branch(
+    settings: Settings, name: str, operations: Sequence[TxnOperationRequest]
+) -> list[TxnOperation]:
+    """The branch's operations, each checked as the endpoint of its kind checks it; 422
+    invalid_request when it writes a key twice (see _written_twice)."""
+    _check_count(settings, name, len(operations))
+    branch: list[TxnOperation] = []
+    keys: list[str] = []  # the keys it sets or deletes
+    prefixes: list[str] = []  # the prefixes it deletes
+    for index, operation in enumerate(operations):
+        where = f"{name}[{index}]."
+        if isinstance(operation, TxnGetOperation):
+            check_text(settings, operation.key, where=where)
+            branch.append(TxnGet(operation.key))
+        elif isinstance(operation, TxnSetOperation):
+            check_text(settings, operation.key, operation.val, where)
+            branch.append(TxnSet(operation.key, operation.val, operation.ttl))
+            keys.append(operation.key)
+        elif (operation.key is None) == (operation.prefix is None):
+            raise _invalid_request(
+                f"{name}[{index}]: a delete takes exactly one of 'key' and 'prefix'."
+            )
+        elif operation.key is not None:
+            check_text(settings, operation.key, where=where)
+            branch.append(TxnDelete(operation.key))
+            keys.append(operation.key)
+        else:
+            assert operation.prefix is not None
+            if operation.prefix:  # the empty prefix is every key
+                check_text(settings, operation.prefix, where=where, key_field="prefix")
+            branch.append(TxnDeletePrefix(operation.prefix))
+            prefixes.append(operation.prefix)
+    twice = _written_twice(keys, prefixes)
+    if twice is not None:
+        raise _invalid_request(f"{name}: {twice}; a transaction writes each key once.")
+    return branch
+
+
+def _written_twice(keys: Sequence[str], prefixes: Sequence[str]) -> Optional[str]:
+    """What writes a key twice among a branch's sets and deletes of ``keys`` and deletes of
+    ``prefixes``, said in a sentence, or None: a key twice, a key under a deleted prefix, or
+    two prefixes of which one starts with the other (as etcd refuses a put inside a deleted
+    range). In sorted order the keys under a prefix follow it at once, so each check is a
+    sort and a look at neighbours."""
+    ordered = sorted(keys)
+    for earlier, later in zip(ordered, ordered[1:]):
+        if earlier == later:
+            return f"the key {_shown(later)} is written twice"
+    ordered_prefixes = sorted(prefixes)
+    for earlier, later in zip(ordered_prefixes, ordered_prefixes[1:]):
+        if later.startswith(earlier):
+            return (
+                f"the prefixes {_shown(earlier)} and {_shown(later)} both delete the keys "
+                f"under {_shown(later)}"
+            )
+    for prefix in ordered_prefixes:
+        position = bisect.bisect_left(ordered, prefix)
+        if position < len(ordered) and ordered[position].startswith(prefix):
+            return (
+                f"the key {_shown(ordered[position])} is written twice, as the delete of the "
+                f"prefix {_shown(prefix)} covers it"
+            )
+    return None
+
+
+def _shown(text: str) -> str:
+    """A key or prefix in a message, as JSON writes it (so that any character shows)."""
+    return orjson.dumps(text).decode()
+
+
+def _txn_outcome(outcome: TxnOutcome) -> dict[str, Any]:
+    if isinstance(outcome, GotKey):
+        return {"key": outcome.key, "val": outcome.val, "version": outcome.version}
+    if isinstance(outcome, DeletedKey):
+        return {"key": outcome.key, "deleted": outcome.deleted}
+    if isinstance(outcome, DeletedPrefix):
+        return {"prefix": outcome.prefix, "deleted": outcome.deleted}
+    return {"key": outcome.key, "version": outcome.version}
 
 
 async def health(request: web.Request) -> web.Response:

@@ -111,6 +111,11 @@ class Metrics:
             "(imported) or skipped as expired (skipped), once the import has committed.",
             ["outcome"],
         )
+        self.transactions = counter(
+            "kv_transactions",
+            "POST /txn answered, by outcome: succeeded (every compare held) or failed.",
+            ["outcome"],
+        )
         self.store_errors = counter(
             "kv_store_errors",
             "Failed store calls by kind: unavailable (503), corrupt or error (500).",
@@ -158,6 +163,7 @@ class Metrics:
         self._group_bounds = (*GROUP_BUCKETS, math.inf)
         self._groups = [0.0] * (len(self._group_bounds) + 1)
         self._events_sent: dict[str, int] = {}
+        self._transactions = {"succeeded": 0, "failed": 0}
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status)
@@ -182,9 +188,15 @@ class Metrics:
         events_sent, self._events_sent = self._events_sent, {}
         for transport, count in events_sent.items():
             self.events_sent.labels(transport).inc(count)
+        transactions, self._transactions = self._transactions, {"succeeded": 0, "failed": 0}
+        for outcome, count in transactions.items():
+            self.transactions.labels(outcome).inc(count)
 
     def observe_events_sent(self, transport: str, count: int) -> None:
         self._events_sent[transport] = self._events_sent.get(transport, 0) + count
+
+    def observe_txn(self, succeeded: bool) -> None:
+        self._transactions["succeeded" if succeeded else "failed"] += 1
 
     def observe_commit(self, writes: int) -> None:
         counts = self._groups

@@ -8,7 +8,7 @@ checked by the handlers, since a model is declared once for every server.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -64,6 +64,77 @@ class MdeleteRequest(RequestModel):
     """POST /mdelete: all keys are deleted in one transaction."""
 
     keys: Annotated[list[Key], Field(min_length=1, max_length=MAX_BATCH_WRITES)]
+
+
+class TxnCompare(RequestModel):
+    """A condition of POST /txn on one key: exactly one of version, value and exists."""
+
+    key: Key
+    version: Optional[int] = Field(
+        default=None,
+        ge=0,
+        description="Compare the key's version (the revision of its last write, as in its "
+        "ETag; 0 when the key is missing or expired) with cmp: =, !=, < or >.",
+    )
+    value: Optional[Val] = Field(
+        default=None,
+        description="Compare the key's value with cmp: = or !=. A missing or expired key "
+        "has no value: = is false and != true.",
+    )
+    exists: Optional[bool] = Field(
+        default=None,
+        description="Whether the key has a live value (cmp =, the default, only).",
+    )
+    cmp: Literal["=", "!=", "<", ">"] = Field(default="=", description="How to compare.")
+
+
+class TxnGetOperation(RequestModel):
+    """Read a key: its value and version, both null when it has none."""
+
+    op: Literal["get"]
+    key: Key
+
+
+class TxnSetOperation(RequestModel):
+    """Set a key, as POST /set does; its version is the transaction's revision."""
+
+    op: Literal["set"]
+    key: Key
+    val: Val
+    ttl: Optional[Ttl] = None
+
+
+class TxnDeleteOperation(RequestModel):
+    """Delete one key, or every key that starts with prefix: exactly one of the two."""
+
+    op: Literal["delete"]
+    key: Optional[Key] = None
+    prefix: Optional[str] = Field(
+        default=None,
+        description="Delete every live key that starts with this (the empty prefix: every "
+        "key); at most KV_MAX_KEY_BYTES of UTF-8, without NUL.",
+    )
+
+
+TxnOperationRequest = Annotated[
+    Union[TxnGetOperation, TxnSetOperation, TxnDeleteOperation], Field(discriminator="op")
+]
+
+
+class TxnRequest(RequestModel):
+    """POST /txn: the compares, then the success branch if they all hold, else the failure
+    branch, in one transaction and one revision. Each list may be left out (empty), and holds
+    at most KV_MAX_TXN_OPS entries."""
+
+    compare: list[TxnCompare] = Field(
+        default_factory=list, description="Evaluated in order; all must hold for success."
+    )
+    success: list[TxnOperationRequest] = Field(
+        default_factory=list, description="Run, in order, when every compare holds."
+    )
+    failure: list[TxnOperationRequest] = Field(
+        default_factory=list, description="Run, in order, when a compare does not hold."
+    )
 
 
 class ListQuery(BaseModel):

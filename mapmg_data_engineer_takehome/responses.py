@@ -6,7 +6,7 @@ the rest of a GET), and schemathesis checks in CI that every answer conforms to 
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,6 +67,51 @@ class MdeleteAnswer(BaseModel):
     """The answer of POST /mdelete."""
 
     deleted: int = Field(description="How many of the keys had a value.")
+
+
+class TxnGot(BaseModel):
+    """A get's result in POST /txn."""
+
+    key: str
+    val: Optional[str] = Field(description="null when the key has no value.")
+    version: Optional[int] = Field(description="null when the key has no value.")
+
+
+class TxnWritten(BaseModel):
+    """A set's result in POST /txn."""
+
+    key: str
+    version: int = Field(description="The key's new version: the transaction's revision.")
+
+
+class TxnDeletedKey(BaseModel):
+    """A delete's result in POST /txn."""
+
+    key: str
+    deleted: bool = Field(description="Whether the key had a value.")
+
+
+class TxnDeletedPrefix(BaseModel):
+    """A prefix delete's result in POST /txn."""
+
+    prefix: str
+    deleted: int = Field(description="How many keys under the prefix had a value.")
+
+
+class TxnAnswer(BaseModel):
+    """The answer of POST /txn."""
+
+    succeeded: bool = Field(description="Whether every compare held (and success ran).")
+    revision: int = Field(
+        description="The store's revision after the transaction: its own when the branch "
+        "changed anything, which every key it set has as its version."
+    )
+    failed: Optional[int] = Field(
+        description="The index of the first compare that did not hold; null when all held."
+    )
+    results: list[Union[TxnGot, TxnWritten, TxnDeletedKey, TxnDeletedPrefix]] = Field(
+        description="One per operation of the branch that ran, in order."
+    )
 
 
 class Health(BaseModel):

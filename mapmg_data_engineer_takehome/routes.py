@@ -318,6 +318,36 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         ),
         example={"items": [{"key": "a", "val": "1"}, {"key": "b", "val": "2", "ttl": 60}]},
     ),
+    Endpoint(
+        "txn",
+        ("POST",),
+        "/txn",
+        "/txn",
+        handlers.transact,
+        "Compare, then write several keys, in one transaction and one revision",
+        "Every compare is evaluated in order; when all hold, success runs, else failure "
+        "(failed is the index of the first that did not hold: a false compare is not an "
+        "error). The operations of the branch run in order, each seeing what the earlier "
+        "ones did, and every change they make takes one revision, one event each in the "
+        "change feed; a branch that changes nothing takes none. A missing or expired key "
+        "has version 0 and no value. A branch may write a key once (a delete of a prefix "
+        "writes every key under it). At most KV_MAX_TXN_OPS compares, and as many "
+        "operations per branch.",
+        body=models.TxnRequest,
+        response=responses.TxnAnswer,
+        errors=(
+            *BODY_ERRORS,
+            *KEY_ERRORS,
+            *UNAVAILABLE,
+            (413, ("value_too_large",)),
+            (422, ("invalid_ttl", "invalid_batch", "invalid_request")),
+        ),
+        example={
+            "compare": [{"key": "cfg/mode", "value": "blue"}],
+            "success": [{"op": "set", "key": "cfg/mode", "val": "green"}],
+            "failure": [{"op": "get", "key": "cfg/mode"}],
+        },
+    ),
     _keys_batch(
         "mdelete",
         handlers.delete_many,

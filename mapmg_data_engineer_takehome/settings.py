@@ -130,6 +130,11 @@ class Settings(BaseSettings):
         description="Longest value, in bytes of UTF-8; longer values get 413. The body "
         "limit applies too.",
     )
+    max_txn_ops: Count = Field(
+        default=1000,
+        description="Most compares of a POST /txn, and most operations in each of its "
+        "branches; more get 422. The body limit applies too.",
+    )
     client_timeout: Seconds = Field(
         default=30.0,
         description="Seconds a client may take to send a whole request (headers and body; "

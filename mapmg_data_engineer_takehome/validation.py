@@ -25,6 +25,11 @@ from .models import (
     ListQuery,
     MgetRequest,
     SetRequest,
+    TxnCompare,
+    TxnDeleteOperation,
+    TxnGetOperation,
+    TxnRequest,
+    TxnSetOperation,
 )
 from .rules import is_text
 from .store.base import MAX_TTL_SECONDS
@@ -123,9 +128,42 @@ def _field_names(model: type[BaseModel]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
+# The models of a transaction's operations, by the tag pydantic puts in an error's location.
+_TXN_OPERATIONS: dict[Union[str, int], type[BaseModel]] = {
+    "get": TxnGetOperation,
+    "set": TxnSetOperation,
+    "delete": TxnDeleteOperation,
+}
+_TXN_BRANCHES = ("success", "failure")
+
+
 def _model_at(model: type[BaseModel], location: Sequence[Union[str, int]]) -> type[BaseModel]:
-    """The model whose fields are at ``location`` (the item model inside a batch)."""
-    return SetRequest if location and location[0] == "items" else model
+    """The model whose fields are at ``location`` (the item model inside a batch, a compare
+    or an operation inside a transaction); ``location`` as pydantic gives it."""
+    if not location:
+        return model
+    if location[0] == "items":
+        return SetRequest
+    if model is TxnRequest and location[0] == "compare":
+        return TxnCompare
+    if model is TxnRequest and location[0] in _TXN_BRANCHES and len(location) > 2:
+        return _TXN_OPERATIONS.get(location[2], model)
+    return model
+
+
+def _without_tag(
+    model: type[BaseModel], location: Sequence[Union[str, int]]
+) -> tuple[Union[str, int], ...]:
+    """``location`` without the operation's tag pydantic adds inside a transaction's branch
+    (success.0.set.val → success.0.val), so that the message names the field as sent."""
+    if (
+        model is TxnRequest
+        and len(location) > 2
+        and location[0] in _TXN_BRANCHES
+        and location[2] in _TXN_OPERATIONS
+    ):
+        return (*location[:2], *location[3:])
+    return tuple(location)
 
 
 # Which problem is reported when a body has several: the shape first, then names, then values.
@@ -139,7 +177,8 @@ def api_error(model: type[BaseModel], error: ValidationError) -> ApiError:
 
 
 def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
-    kind, location, value = problem["type"], problem["loc"], problem.get("input")
+    kind, value = problem["type"], problem.get("input")
+    location = _without_tag(model, problem["loc"])
     subject = _subject(location)
     name = location[-1] if location else ""
     if kind in ("model_type", "model_attributes_type", "dict_type") and not location:
@@ -150,7 +189,7 @@ def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
             f"not {json_type(value)}.",
         )
     if kind == "extra_forbidden":
-        owner = _model_at(model, location[:-1])
+        owner = _model_at(model, problem["loc"][:-1])
         hint = " Did you mean 'val'?" if str(name).lower() in _VAL_MISSPELLINGS else ""
         if len(location) == 1:
             sentence = f"Unknown field '{name}': the body takes only {_field_names(owner)}."
@@ -161,6 +200,30 @@ def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
         return ApiError(422, "unknown_field", sentence + hint)
     if kind == "missing":
         return ApiError(422, "missing_field", f"{subject} is required.")
+    if kind == "union_tag_not_found":  # an operation of a transaction without its op
+        return ApiError(422, "missing_field", f"{_subject((*location, 'op'))} is required.")
+    if kind == "union_tag_invalid":
+        tag = (problem.get("ctx") or {}).get("tag")
+        return ApiError(
+            422,
+            "invalid_type",
+            f"{_subject((*location, 'op'))} must be 'get', 'set' or 'delete', not '{tag}'.",
+        )
+    if kind == "string_unicode":  # a lone surrogate, found by pydantic inside an operation
+        return ApiError(
+            422,
+            "invalid_string",
+            f"{subject} contains an unpaired UTF-16 surrogate, which is not text.",
+        )
+    if kind == "literal_error":
+        expected_values = (problem.get("ctx") or {}).get("expected")
+        return ApiError(
+            422, "invalid_type", f"{subject} must be {expected_values}, not {_shown(value)}."
+        )
+    if kind == "greater_than_equal" and name == "version":
+        return ApiError(
+            422, "invalid_type", f"{subject} must be an integer from 0, not {_shown(value)}."
+        )
     if name == "ttl" and kind != "missing":
         return ApiError(
             422,
@@ -179,6 +242,8 @@ def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
         )
     expected = {
         "string_type": "a string",
+        "int_type": "an integer",
+        "bool_type": "true or false",
         "list_type": "an array",
         "model_type": "an object",
         "model_attributes_type": "an object",

@@ -236,6 +236,140 @@ def expiry_of(ttl: Optional[float], now: float) -> Optional[int]:
     return None if ttl is None else round((now + ttl) * 1000)
 
 
+# --- transactions ---------------------------------------------------------------------------
+
+CompareOperator = Literal["=", "!=", "<", ">"]
+
+
+@dataclass(frozen=True)
+class CompareVersion:
+    """Holds when the key's live version (0 when it has none) compares to ``version`` so."""
+
+    key: str
+    version: int
+    cmp: CompareOperator = "="
+
+
+@dataclass(frozen=True)
+class CompareValue:
+    """Holds when the key's live value equals ``value`` (``=``) or does not (``!=``); a key
+    without one equals nothing."""
+
+    key: str
+    value: str
+    cmp: Literal["=", "!="] = "="
+
+
+@dataclass(frozen=True)
+class CompareExists:
+    """Holds when the key has a live value (``exists`` True) or has none (False)."""
+
+    key: str
+    exists: bool
+
+
+Compare = Union[CompareVersion, CompareValue, CompareExists]
+
+
+def compare_holds(compare: Compare, live: Optional[Entry]) -> bool:
+    """Whether ``compare`` holds for a key that holds ``live`` (None: missing or expired)."""
+    if isinstance(compare, CompareExists):
+        return (live is not None) == compare.exists
+    if isinstance(compare, CompareValue):
+        equal = live is not None and live.val == compare.value
+        return equal if compare.cmp == "=" else not equal
+    version = 0 if live is None else live.version
+    if compare.cmp == "=":
+        return version == compare.version
+    if compare.cmp == "!=":
+        return version != compare.version
+    if compare.cmp == "<":
+        return version < compare.version
+    return version > compare.version
+
+
+def first_failing(
+    compares: Sequence[Compare], live: Callable[[str], Optional[Entry]]
+) -> Optional[int]:
+    """The index of the first of ``compares`` that does not hold, ``live`` giving what each
+    key holds; None when all hold."""
+    for index, compare in enumerate(compares):
+        if not compare_holds(compare, live(compare.key)):
+            return index
+    return None
+
+
+@dataclass(frozen=True)
+class TxnGet:
+    key: str
+
+
+@dataclass(frozen=True)
+class TxnSet:
+    key: str
+    val: str
+    ttl: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class TxnDelete:
+    key: str
+
+
+@dataclass(frozen=True)
+class TxnDeletePrefix:
+    """Every live key that starts with ``prefix``."""
+
+    prefix: str
+
+
+TxnOperation = Union[TxnGet, TxnSet, TxnDelete, TxnDeletePrefix]
+
+
+@dataclass(frozen=True)
+class GotKey:
+    """A get's result: the key's live value and version, both None when it has none."""
+
+    key: str
+    val: Optional[str]
+    version: Optional[int]
+
+
+@dataclass(frozen=True)
+class SetKey:
+    """A set's result: the key's new version, the transaction's revision."""
+
+    key: str
+    version: int
+
+
+@dataclass(frozen=True)
+class DeletedKey:
+    key: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class DeletedPrefix:
+    prefix: str
+    deleted: int
+
+
+TxnOutcome = Union[GotKey, SetKey, DeletedKey, DeletedPrefix]
+
+
+@dataclass(frozen=True)
+class TxnResult:
+    """What a transaction did: whether every compare held (``failed``, the index of the first
+    that did not, when not), the store's revision after it (the transaction's own when its
+    branch changed anything), and one result per operation of the branch that ran."""
+
+    succeeded: bool
+    revision: int
+    failed: Optional[int]
+    results: Sequence[TxnOutcome]
+
+
 # --- the history, store-neutral ----------------------------------------------------------------
 
 
@@ -381,6 +515,19 @@ class Store(Protocol):
     async def delete_many(self, keys: Sequence[str]) -> int:
         """Remove every key in one transaction (one revision, if any had a live value);
         returns how many had a live value."""
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[TxnOperation],
+        failure: Sequence[TxnOperation],
+    ) -> TxnResult:
+        """Evaluate ``compares`` in order, then run ``success`` if all hold, else ``failure``,
+        in order (an operation sees what the earlier ones did), all in one transaction: one
+        revision for every change of the branch, recorded in the history at it (none taken
+        when the branch changes nothing). A missing or expired key compares as having no
+        value and version 0. The caller refuses a branch that writes a key twice (a prefix
+        delete writing the keys it covers)."""
 
     async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:
         """Up to ``limit`` live keys that start with ``prefix`` and sort after ``after`` (or

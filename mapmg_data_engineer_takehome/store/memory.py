@@ -21,19 +21,31 @@ from .base import (
     Changes,
     ChangeType,
     Clock,
+    Compare,
     Condition,
+    DeletedKey,
+    DeletedPrefix,
     Entry,
     Gap,
+    GotKey,
     HistoryStats,
     ListedKey,
     Loaded,
     Page,
     PreconditionFailed,
     SetItem,
+    SetKey,
+    TxnDelete,
+    TxnGet,
+    TxnOperation,
+    TxnOutcome,
+    TxnResult,
+    TxnSet,
     Wake,
     check_since,
     condition_holds,
     expiry_of,
+    first_failing,
     life_start,
     prefix_upper_bound,
     take_changes,
@@ -166,6 +178,51 @@ class MemoryStore:
             self._record("delete", key)
         self._committed()
         return len(live)
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[TxnOperation],
+        failure: Sequence[TxnOperation],
+    ) -> TxnResult:
+        failed = first_failing(compares, self._live)
+        revision = self._revision + 1  # taken only if the branch changes anything
+        now = self._clock()
+        changed: list[tuple[str, Optional[Entry]]] = []  # (key, what a set wrote)
+        results: list[TxnOutcome] = []
+        for operation in success if failed is None else failure:
+            if isinstance(operation, TxnGet):
+                live = self._live(operation.key)
+                results.append(
+                    GotKey(operation.key, None, None)
+                    if live is None
+                    else GotKey(operation.key, live.val, live.version)
+                )
+            elif isinstance(operation, TxnSet):
+                entry = Entry(operation.val, revision, expiry_of(operation.ttl, now))
+                self._put(operation.key, entry)
+                changed.append((operation.key, entry))
+                results.append(SetKey(operation.key, revision))
+            elif isinstance(operation, TxnDelete):
+                deleted = self._live(operation.key) is not None
+                if deleted:  # an expired row stays, for the purge to report
+                    self._remove(operation.key)
+                    changed.append((operation.key, None))
+                results.append(DeletedKey(operation.key, deleted))
+            else:
+                live_keys = [
+                    key for key in self._keys_under(operation.prefix) if self._live(key) is not None
+                ]
+                for key in live_keys:
+                    self._remove(key)
+                    changed.append((key, None))
+                results.append(DeletedPrefix(operation.prefix, len(live_keys)))
+        if changed:
+            self._revision = revision
+            for key, written in sorted(changed, key=lambda change: change[0]):  # the feed's order
+                self._record("delete" if written is None else "set", key, written)
+            self._committed()
+        return TxnResult(failed is None, self._revision, failed, results)
 
     def _keys_under(self, prefix: str) -> list[str]:
         """The stored keys (expired ones too) under ``prefix``, in order."""

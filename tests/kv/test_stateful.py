@@ -1,8 +1,9 @@
 """A model check: hypothesis drives the whole API over HTTP against a dict, on every store.
 
 The server is the real app, in-process, on a clock the machine moves. The model predicts every
-answer: values, versions (the ETag), expiry, conditional writes, listings page by page,
-batches, exports and imports (merge and replace), and the history of changes. A restart
+answer: values, versions (the ETag), expiry, conditional writes, transactions (random compares
+and branches), listings page by page, batches, exports and imports (merge and replace), and
+the history of changes. A restart
 closes the app (store included) and opens a new one on the same data file: the sqlite store
 must then still hold everything acknowledged, the memory store nothing. Each opening of a
 store begins a new life, whose revisions start at the clock in microseconds or above (the
@@ -58,6 +59,22 @@ CONDITIONS = st.one_of(
     st.just(("If-None-Match", "*")),
 )
 
+# A compare of POST /txn: its kind, key, operator, and what it compares with: for a version,
+# an offset from the key's own (or from 0), so that each operator goes both ways; for a value,
+# None for the key's own value.
+COMPARES = st.one_of(
+    st.tuples(st.just("version"), KEYS, st.sampled_from(["=", "!=", "<", ">"]), st.integers(-1, 1)),
+    st.tuples(st.just("value"), KEYS, st.sampled_from(["=", "!="]), st.one_of(st.none(), VALUES)),
+    st.tuples(st.just("exists"), KEYS, st.just("="), st.booleans()),
+)
+# An operation of a branch: get, set, delete of a key, or delete of a prefix.
+OPERATIONS = st.one_of(
+    st.tuples(st.just("get"), KEYS),
+    st.tuples(st.just("set"), KEYS, VALUES, TTLS),
+    st.tuples(st.just("delete"), KEYS),
+    st.tuples(st.just("prefix"), PREFIXES),
+)
+BRANCHES = st.lists(OPERATIONS, max_size=4)
 
 WATCHERS = st.integers(0, 2)
 
@@ -258,6 +275,120 @@ class KeyValueMachine(RuleBasedStateMachine):
             self.model[key] = Held(val, self.revision, self.expiry(ttl))
         for key in sorted({key for key, _, _ in items}):
             self.record("set", key, self.model[key])
+
+    def txn_compare(self, drawn: tuple[Any, ...]) -> tuple[dict[str, Any], bool]:
+        """A drawn compare as the body sends it, and whether the model says it holds."""
+        kind, key, cmp, operand = drawn
+        live = self.live(key)
+        if kind == "version":
+            current = 0 if live is None else live.version
+            version = max(0, current + operand)
+            holds = {
+                "=": current == version,
+                "!=": current != version,
+                "<": current < version,
+                ">": current > version,
+            }[cmp]
+            return {"key": key, "version": version, "cmp": cmp}, holds
+        if kind == "value":
+            value = operand if operand is not None else ("" if live is None else live.val)
+            equal = live is not None and live.val == value
+            return {"key": key, "value": value, "cmp": cmp}, equal == (cmp == "=")
+        return {"key": key, "exists": operand}, (live is not None) == operand
+
+    @staticmethod
+    def txn_branch(drawn: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+        """A drawn branch as the body sends it, without the writes that would write a key a
+        second time (the API refuses those: tests/kv/test_txn.py)."""
+        branch: list[dict[str, Any]] = []
+        keys: list[str] = []
+        prefixes: list[str] = []
+        for operation in drawn:
+            if operation[0] == "get":
+                branch.append({"op": "get", "key": operation[1]})
+            elif operation[0] == "prefix":
+                prefix = operation[1]
+                if any(k.startswith(prefix) for k in keys) or any(
+                    p.startswith(prefix) or prefix.startswith(p) for p in prefixes
+                ):
+                    continue
+                prefixes.append(prefix)
+                branch.append({"op": "delete", "prefix": prefix})
+            else:
+                key = operation[1]
+                if key in keys or any(key.startswith(p) for p in prefixes):
+                    continue
+                keys.append(key)
+                if operation[0] == "delete":
+                    branch.append({"op": "delete", "key": key})
+                else:
+                    ttl = operation[3]
+                    branch.append(
+                        {"op": "set", "key": key, "val": operation[2]}
+                        | ({} if ttl is None else {"ttl": ttl})
+                    )
+        return branch
+
+    @rule(compares=st.lists(COMPARES, max_size=3), success=BRANCHES, failure=BRANCHES)
+    def txn(
+        self,
+        compares: list[tuple[Any, ...]],
+        success: list[tuple[Any, ...]],
+        failure: list[tuple[Any, ...]],
+    ) -> None:
+        judged = [self.txn_compare(drawn) for drawn in compares]
+        body = {
+            "compare": [compare for compare, _ in judged],
+            "success": self.txn_branch(success),
+            "failure": self.txn_branch(failure),
+        }
+        status, _, answer = self.request("POST", self.url("/txn"), json=body)
+        failed = next((index for index, (_, holds) in enumerate(judged) if not holds), None)
+        revision = self.revision + 1  # the branch's, if it changes anything
+        results: list[dict[str, Any]] = []
+        changed: dict[str, Optional[Held]] = {}
+        for operation in body["success"] if failed is None else body["failure"]:
+            if operation["op"] == "get":
+                live = self.live(operation["key"])
+                results.append(
+                    {
+                        "key": operation["key"],
+                        "val": None if live is None else live.val,
+                        "version": None if live is None else live.version,
+                    }
+                )
+            elif operation["op"] == "set":
+                key = operation["key"]
+                self.model[key] = changed[key] = Held(
+                    operation["val"], revision, self.expiry(operation.get("ttl"))
+                )
+                results.append({"key": key, "version": revision})
+            elif "key" in operation:
+                key = operation["key"]
+                deleted = self.live(key) is not None  # an expired row stays for the purge
+                if deleted:
+                    del self.model[key]
+                    changed[key] = None
+                results.append({"key": key, "deleted": deleted})
+            else:
+                prefix = operation["prefix"]
+                gone = [k for k in self.model if k.startswith(prefix) and self.live(k) is not None]
+                for key in gone:
+                    del self.model[key]
+                    changed[key] = None
+                results.append({"prefix": prefix, "deleted": len(gone)})
+        if changed:
+            self.revision = revision
+            for key in sorted(changed):
+                held = changed[key]
+                self.record("delete" if held is None else "set", key, held)
+        expected = {
+            "succeeded": failed is None,
+            "revision": self.revision,
+            "failed": failed,
+            "results": results,
+        }
+        assert (status, answer) == (200, expected)
 
     @rule(keys=st.lists(KEYS, min_size=1, max_size=5))
     def mget(self, keys: list[str]) -> None:

@@ -19,7 +19,14 @@ from mapmg_data_engineer_takehome.store.base import (
     BulkRow,
     Change,
     Compacted,
+    Compare,
+    CompareExists,
+    CompareValue,
+    CompareVersion,
+    DeletedKey,
+    DeletedPrefix,
     Entry,
+    GotKey,
     HistoryStats,
     IfAbsent,
     IfExists,
@@ -27,6 +34,12 @@ from mapmg_data_engineer_takehome.store.base import (
     Loaded,
     PreconditionFailed,
     SetItem,
+    SetKey,
+    TxnDelete,
+    TxnDeletePrefix,
+    TxnGet,
+    TxnResult,
+    TxnSet,
     UnknownRevision,
     prefix_upper_bound,
 )
@@ -825,3 +838,167 @@ async def test_an_export_batch_of_large_values_stops_early(store: Store) -> None
     assert sum(len(batch) for batch in batches) == 20
     # Each stops at the value that takes it past the bound.
     assert max(sum(map(len, batch)) for batch in batches) < EXPORT_BATCH_CHARS + 300_000
+
+
+# --- transactions ---------------------------------------------------------------------------
+
+
+async def test_each_compare_kind_and_operator_on_a_live_key(store: Store) -> None:
+    version = (await store.set("k", "v")).version
+    expectations: list[tuple[Compare, bool]] = [
+        (CompareVersion("k", version), True),
+        (CompareVersion("k", version + 1), False),
+        (CompareVersion("k", version, "!="), False),
+        (CompareVersion("k", version + 1, "!="), True),
+        (CompareVersion("k", version + 1, "<"), True),
+        (CompareVersion("k", version, "<"), False),
+        (CompareVersion("k", version - 1, ">"), True),
+        (CompareVersion("k", version, ">"), False),
+        (CompareValue("k", "v"), True),
+        (CompareValue("k", "w"), False),
+        (CompareValue("k", "v", "!="), False),
+        (CompareValue("k", "w", "!="), True),
+        (CompareExists("k", True), True),
+        (CompareExists("k", False), False),
+    ]
+    for compare, holds in expectations:
+        result = await store.txn([compare], [], [])
+        assert (result.succeeded, result.failed) == (holds, None if holds else 0), compare
+    assert await store.revision() == version  # a compare alone changes nothing
+
+
+async def test_a_missing_or_expired_key_compares_as_version_0_without_value(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.set("expiring", "v", ttl=1)
+    clock.advance(2)
+    for key in ("missing", "expiring"):
+        holding: list[Compare] = [
+            CompareVersion(key, 0),
+            CompareVersion(key, 1, "<"),
+            CompareVersion(key, 5, "!="),
+            CompareValue(key, "v", "!="),
+            CompareValue(key, "", "!="),
+            CompareExists(key, False),
+        ]
+        assert (await store.txn(holding, [], [])).succeeded, key
+        failing: Compare
+        for failing in (
+            CompareVersion(key, 0, ">"),
+            CompareValue(key, "v"),
+            CompareValue(key, ""),
+            CompareExists(key, True),
+        ):
+            assert (await store.txn([failing], [], [])).failed == 0, failing
+
+
+async def test_the_failure_branch_runs_and_names_the_first_failing_compare(store: Store) -> None:
+    version = (await store.set("a", "1")).version
+    result = await store.txn(
+        [CompareValue("a", "1"), CompareExists("b", True), CompareValue("a", "2")],
+        [TxnSet("won", "yes")],
+        [TxnGet("a"), TxnSet("lost", "yes")],
+    )
+    assert result == TxnResult(
+        False, version + 1, 1, [GotKey("a", "1", version), SetKey("lost", version + 1)]
+    )
+    assert await store.get("won") is None
+    assert await store.get("lost") == Entry("yes", version + 1, None)
+
+
+async def test_a_branch_is_one_revision_and_its_operations_see_each_other(
+    store: Store, clock: FakeClock
+) -> None:
+    await store.set_many([SetItem("tmp/1", "x"), SetItem("tmp/2", "y"), SetItem("old", "o")])
+    await store.set("tmp/gone", "z", ttl=1)
+    version = (await store.set("cfg", "blue")).version
+    clock.advance(2)  # tmp/gone expired: not deleted, not counted, left for the purge
+    result = await store.txn(
+        [CompareValue("cfg", "blue"), CompareVersion("cfg", version - 1, ">")],
+        [
+            TxnGet("new"),
+            TxnSet("new", "1", ttl=60),
+            TxnGet("new"),
+            TxnDelete("old"),
+            TxnDelete("missing"),
+            TxnDeletePrefix("tmp/"),
+            TxnGet("tmp/1"),
+            TxnSet("cfg", "green"),
+        ],
+        [],
+    )
+    revision = version + 1
+    assert result == TxnResult(
+        True,
+        revision,
+        None,
+        [
+            GotKey("new", None, None),
+            SetKey("new", revision),
+            GotKey("new", "1", revision),
+            DeletedKey("old", True),
+            DeletedKey("missing", False),
+            DeletedPrefix("tmp/", 2),
+            GotKey("tmp/1", None, None),
+            SetKey("cfg", revision),
+        ],
+    )
+    assert await store.revision() == revision
+    assert await store.get("new") == Entry("1", revision, round((clock.now + 60) * 1000))
+    assert await store.get("cfg") == Entry("green", revision, None)
+    assert await all_changes(store, version) == [
+        Change(revision, "set", "cfg", "green", None),
+        Change(revision, "set", "new", "1", round((clock.now + 60) * 1000)),
+        Change(revision, "delete", "old"),
+        Change(revision, "delete", "tmp/1"),
+        Change(revision, "delete", "tmp/2"),
+    ]
+    # The expired row stays for the purge, which reports it.
+    assert await store.count() == 3  # cfg, new, tmp/gone
+    assert await store.purge_expired(10) == 1
+    assert (await all_changes(store, revision)) == [Change(revision + 1, "expire", "tmp/gone")]
+
+
+async def test_a_transaction_that_changes_nothing_takes_no_revision(store: Store) -> None:
+    version = (await store.set("a", "1")).version
+    quiet = [
+        ([], [TxnGet("a"), TxnDelete("missing"), TxnDeletePrefix("none/")], []),
+        ([CompareExists("a", False)], [TxnSet("b", "1")], []),
+        ([CompareExists("a", False)], [TxnSet("b", "1")], [TxnGet("b")]),
+        ([], [], []),
+    ]
+    for compares, success, failure in quiet:
+        result = await store.txn(compares, success, failure)  # type: ignore[arg-type]
+        assert result.revision == version
+    assert await store.revision() == version
+    assert await all_changes(store, version) == []
+    assert (await store.set("c", "1")).version == version + 1  # no number was skipped
+
+
+async def test_a_transaction_keeps_the_key_count(store: Store) -> None:
+    await store.set_many([SetItem("p/1", "1"), SetItem("p/2", "2"), SetItem("q", "3")])
+    assert await store.count() == 3
+    await store.txn([], [TxnSet("q", "4"), TxnSet("r", "5"), TxnDeletePrefix("p/")], [])
+    assert await store.count() == 2
+    await store.txn([], [TxnDelete("q"), TxnSet("s", "6")], [])
+    assert await store.count() == 2
+    assert await listed(store) == ["r", "s"]
+
+
+async def test_transactions_submitted_together_let_exactly_one_compare_and_set_through(
+    store: Store,
+) -> None:
+    """Transactions and single writes submitted together each take their own revision, in
+    order, and compare-and-set on one key lets exactly one of several through."""
+    start = (await store.set("n", "0")).version
+    outcomes, _ = await asyncio.gather(
+        asyncio.gather(
+            *(
+                store.txn([CompareVersion("n", start)], [TxnSet("n", str(i))], [TxnGet("n")])
+                for i in range(5)
+            )
+        ),
+        store.set("other", "x"),
+    )
+    assert [result.succeeded for result in outcomes].count(True) == 1
+    assert await store.revision() == start + 2

@@ -249,6 +249,26 @@ PURGE = _remove(
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)""",
     "expire",
 )
+# A transaction (Store.txn): the revision's lock first, as every write takes it, and the
+# time by the database's clock (unless the tests pass theirs), once for the whole of it.
+TXN_BEGIN = (
+    f"SELECT value::bigint, {NOW.format('$1')} FROM kv_meta WHERE name = 'revision' FOR UPDATE"
+)
+TXN_GET = f"SELECT val, version, expires_at FROM kv WHERE key = $1 AND {LIVE}"
+# A set of the transaction's: the key at revision $3, its change, and the key count.
+TXN_SET = f"""
+WITH written AS (
+    INSERT INTO kv (key, val, version, expires_at) VALUES ($1::text, $2::text, $3, $4::bigint)
+    ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
+                                    expires_at = excluded.expires_at
+    RETURNING (kv.xmax = 0) AS inserted),
+recorded AS (
+    INSERT INTO kv_changes (revision, key, type, val, expires_at)
+    VALUES ($3, $1::text, 'set', $2::text, $4::bigint))
+{COUNT_KEYS.format("SELECT count(*) FILTER (WHERE inserted) FROM written")}
+"""
+# A prefix delete of the transaction's: the live keys in [$1, $4), in revision $3.
+DELETE_PREFIX = _remove(f"key >= $1::text AND ($4::text IS NULL OR key < $4) AND {LIVE}", "delete")
 ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {NOW.format('$1')})"
 READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
 # The changes above $1 under the prefix [$2, $3), as take_changes cuts them ($4 of them, fewer

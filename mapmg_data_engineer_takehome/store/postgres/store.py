@@ -21,9 +21,13 @@ from ..base import (
     Change,
     Changes,
     Clock,
+    Compare,
     Condition,
+    DeletedKey,
+    DeletedPrefix,
     Entry,
     Gap,
+    GotKey,
     HistoryStats,
     IfAbsent,
     IfExists,
@@ -34,11 +38,19 @@ from ..base import (
     Page,
     PreconditionFailed,
     SetItem,
+    SetKey,
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
+    TxnDelete,
+    TxnGet,
+    TxnOperation,
+    TxnOutcome,
+    TxnResult,
+    TxnSet,
     Wake,
     check_since,
+    first_failing,
     life_start,
     prefix_upper_bound,
 )
@@ -71,6 +83,7 @@ from .sql import (
     CHANNEL,
     COUNT_KEYS,
     DELETE_MANY,
+    DELETE_PREFIX,
     EXPORT_FETCH,
     EXPORT_PAGE,
     EXPORT_VALUE,
@@ -90,6 +103,9 @@ from .sql import (
     SET_MANY,
     TAKE_REVISION,
     TRIM_LOCK,
+    TXN_BEGIN,
+    TXN_GET,
+    TXN_SET,
     UPGRADES,
     WRITE,
     WRITE_META,
@@ -546,6 +562,69 @@ class PostgresStore:
             self.on_commit(1)
         self._revisions.moved(revision)
         return revision
+
+    async def txn(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[TxnOperation],
+        failure: Sequence[TxnOperation],
+    ) -> TxnResult:
+        """One database transaction, which takes the revision's lock before it reads: every
+        write of every replica takes it first, so none comes between the compares and the
+        branch, on keys that do not exist as on those that do."""
+
+        changes_taken = False
+
+        async def transact(conn: Any) -> TxnResult:
+            current, now_ms = await conn.fetchrow(TXN_BEGIN, self._now())
+            revision = current + 1  # taken only if the branch changes anything
+            keys = list(dict.fromkeys(compare.key for compare in compares))
+            rows = await conn.fetch(GET_MANY, keys, now_ms) if keys else []
+            held = {row[0]: Entry(row[1], row[2], row[3]) for row in rows}
+            failed = first_failing(compares, held.get)
+            changed = False
+            results: list[TxnOutcome] = []
+            for operation in success if failed is None else failure:
+                if isinstance(operation, TxnGet):
+                    row = await conn.fetchrow(TXN_GET, operation.key, now_ms)
+                    results.append(
+                        GotKey(operation.key, None, None)
+                        if row is None
+                        else GotKey(operation.key, row[0], row[1])
+                    )
+                elif isinstance(operation, TxnSet):
+                    expires_at = (
+                        None if operation.ttl is None else now_ms + round(operation.ttl * 1000)
+                    )
+                    await conn.execute(TXN_SET, operation.key, operation.val, revision, expires_at)
+                    changed = True
+                    results.append(SetKey(operation.key, revision))
+                elif isinstance(operation, TxnDelete):
+                    deleted = await conn.fetchval(DELETE_MANY, [operation.key], now_ms, revision)
+                    changed = changed or deleted > 0
+                    results.append(DeletedKey(operation.key, deleted > 0))
+                else:
+                    deleted = await conn.fetchval(
+                        DELETE_PREFIX,
+                        operation.prefix,
+                        now_ms,
+                        revision,
+                        prefix_upper_bound(operation.prefix),
+                    )
+                    changed = changed or deleted > 0
+                    results.append(DeletedPrefix(operation.prefix, int(deleted)))
+            if changed:
+                await conn.execute(TAKE_REVISION)
+            nonlocal changes_taken
+            changes_taken = changed
+            return TxnResult(failed is None, revision if changed else current, failed, results)
+
+        result = await self._in_transaction(transact)
+        if self.on_commit is not None:
+            self.on_commit(1)
+        if changes_taken:
+            self._revisions.moved(result.revision)
+        return result
 
     async def _remove(self, statement: str, first: Any) -> int:
         """Run a _remove statement in a new revision, taken only if it removed anything.

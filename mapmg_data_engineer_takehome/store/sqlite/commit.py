@@ -14,10 +14,23 @@ from typing import Any, Callable, Optional, Protocol, TypeVar, Union, cast
 from ..base import (
     ChangeType,
     Clock,
+    Compare,
     Condition,
+    DeletedKey,
+    DeletedPrefix,
     Entry,
+    GotKey,
     PreconditionFailed,
+    SetKey,
+    TxnDelete,
+    TxnGet,
+    TxnOperation,
+    TxnOutcome,
+    TxnResult,
+    TxnSet,
     condition_holds,
+    expiry_of,
+    first_failing,
 )
 from ..notify import RevisionWake
 from ..trim import TrimPolicy
@@ -31,11 +44,13 @@ from .schema import (
     WRITE_META,
     connect,
     meta_value,
+    prefix_range,
     translate,
     write_transaction,
 )
 
 _GET_LIVE_VERSION = "SELECT version, expires_at FROM kv WHERE key = ?"
+_GET_ENTRY = "SELECT val, version, expires_at FROM kv WHERE key = ?"
 _SET = (
     "INSERT INTO kv (key, val, version, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT (key)"
     " DO UPDATE SET val = excluded.val, version = excluded.version,"
@@ -67,6 +82,12 @@ class _Transaction:
         if row is None or (row[1] is not None and row[1] <= self.now_ms):
             return None
         return int(row[0])
+
+    def live_entry(self, key: str) -> Optional[Entry]:
+        row = self.conn.execute(_GET_ENTRY, (key,)).fetchone()
+        if row is None or (row[2] is not None and row[2] <= self.now_ms):
+            return None
+        return Entry(*row)
 
     def check(self, key: str, condition: Optional[Condition]) -> Optional[int]:
         """The key's live version; PreconditionFailed when ``condition`` does not hold."""
@@ -141,12 +162,17 @@ def _remove(tx: _Transaction, keys: Sequence[str], kind: ChangeType) -> int:
     if not keys:
         return 0
     tx.revision += 1
+    _delete_rows(tx, keys, tx.revision, kind)
+    return len(keys)
+
+
+def _delete_rows(tx: _Transaction, keys: Sequence[str], revision: int, kind: ChangeType) -> None:
+    """Delete the rows of ``keys`` (each once), recording each as a change of ``kind`` in
+    ``revision``."""
     for start in range(0, len(keys), CHUNK):
         chunk = keys[start : start + CHUNK]
         tx.conn.execute(f"DELETE FROM kv WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-    for key in keys:
-        tx.record(kind, key)
-    return len(keys)
+    tx.removals.extend((revision, key, kind) for key in keys)
 
 
 class DeleteMany:
@@ -168,6 +194,61 @@ class DeleteMany:
                 )
             )
         return _remove(tx, live, "delete")  # expired rows stay, for the purge to report
+
+
+class Transact:
+    """A transaction of POST /txn (see Store.txn): its compares and both branches, applied
+    inside the group's transaction, so that the group's commit makes it atomic."""
+
+    __slots__ = ("compares", "failure", "success")
+
+    def __init__(
+        self,
+        compares: Sequence[Compare],
+        success: Sequence[TxnOperation],
+        failure: Sequence[TxnOperation],
+    ) -> None:
+        self.compares, self.success, self.failure = compares, success, failure
+
+    def apply(self, tx: _Transaction) -> TxnResult:
+        failed = first_failing(self.compares, tx.live_entry)
+        revision = tx.revision + 1  # taken only if the branch changes anything
+        changed = False
+        results: list[TxnOutcome] = []
+        for operation in self.success if failed is None else self.failure:
+            if isinstance(operation, TxnGet):
+                live = tx.live_entry(operation.key)
+                results.append(
+                    GotKey(operation.key, None, None)
+                    if live is None
+                    else GotKey(operation.key, live.val, live.version)
+                )
+            elif isinstance(operation, TxnSet):
+                expires_at = expiry_of(operation.ttl, tx.now_ms / 1000)
+                # The trigger records the set's change and counts a new key.
+                tx.conn.execute(_SET, (operation.key, operation.val, revision, expires_at))
+                changed = True
+                results.append(SetKey(operation.key, revision))
+            elif isinstance(operation, TxnDelete):
+                deleted = tx.live_version(operation.key) is not None
+                if deleted:  # an expired row stays, for the purge to report
+                    _delete_rows(tx, [operation.key], revision, "delete")
+                    changed = True
+                results.append(DeletedKey(operation.key, deleted))
+            else:
+                key_range, parameters = prefix_range(operation.prefix)
+                live_keys = [
+                    key
+                    for (key,) in tx.conn.execute(
+                        f"SELECT key FROM kv WHERE {LIVE}{key_range}", (tx.now_ms, *parameters)
+                    )
+                ]
+                _delete_rows(tx, live_keys, revision, "delete")
+                changed = changed or bool(live_keys)
+                results.append(DeletedPrefix(operation.prefix, len(live_keys)))
+        if changed:
+            tx.revision = revision
+        return TxnResult(failed is None, tx.revision, failed, results)
 
 
 class Purge:

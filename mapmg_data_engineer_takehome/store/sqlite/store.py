@@ -30,6 +30,7 @@ from .commit import (
     Purge,
     SetMany,
     SetOne,
+    Transact,
     TrimHistory,
 )
 from .schema import (
@@ -249,6 +250,14 @@ class SqliteStore:
 
     async def delete_many(self, keys: Sequence[str]) -> int:
         return await self._committer.submit(DeleteMany(keys))
+
+    async def txn(
+        self,
+        compares: Sequence[base.Compare],
+        success: Sequence[base.TxnOperation],
+        failure: Sequence[base.TxnOperation],
+    ) -> base.TxnResult:
+        return await self._committer.submit(Transact(compares, success, failure))
 
     async def purge_expired(self, limit: int) -> int:
         return await self._committer.submit(Purge(limit))

@@ -11,7 +11,15 @@ import pytest
 
 from mapmg_data_engineer_takehome.settings import SettingsError, load_settings
 from mapmg_data_engineer_takehome.store import StoreCorrupt, StoreUnavailable
-from mapmg_data_engineer_takehome.store.base import Compacted, UnknownRevision
+from mapmg_data_engineer_takehome.store.base import (
+    Compacted,
+    CompareExists,
+    CompareVersion,
+    GotKey,
+    TxnGet,
+    TxnSet,
+    UnknownRevision,
+)
 from mapmg_data_engineer_takehome.store.postgres import (
     GET_MANY,
     READS_IN_FLIGHT_BEHIND_POOLER,
@@ -42,6 +50,57 @@ async def test_servers_opening_together_create_the_schema_once(postgres_url: str
         for store in stores:
             entry = await store.get("k")
             assert entry is not None and entry.val == "v"
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_compare_and_set_transactions_race_exactly_across_two_replicas(
+    postgres_url: str,
+) -> None:
+    """Two stores (two replicas' pools) race: 8 clients each add 1 to one counter 25 times
+    with a txn that compares its version, reading the current one from the failure branch
+    and retrying; then 8 at once each try to create a key that does not exist. The counter
+    ends exact, every success took its own revision, and exactly one creation wins."""
+    stores = [await PostgresStore.open(postgres_url, pool_size=4) for _ in range(2)]
+    try:
+        revisions: list[int] = []
+
+        async def add_one_25_times(store: PostgresStore) -> None:
+            result = await store.txn([], [TxnGet("counter")], [])
+            got = result.results[0]
+            assert isinstance(got, GotKey)
+            val, version = int(got.val or "0"), got.version or 0
+            done = 0
+            while done < 25:
+                result = await store.txn(
+                    [CompareVersion("counter", version)],
+                    [TxnSet("counter", str(val + 1))],
+                    [TxnGet("counter")],
+                )
+                if result.succeeded:
+                    revisions.append(result.revision)
+                    val, version, done = val + 1, result.revision, done + 1
+                else:
+                    got = result.results[0]
+                    assert isinstance(got, GotKey) and got.val is not None
+                    val, version = int(got.val), got.version or 0
+
+        await asyncio.gather(*(add_one_25_times(stores[client % 2]) for client in range(8)))
+        entry = await stores[1].get("counter")
+        assert entry is not None and entry.val == "200"
+        assert len(set(revisions)) == 200
+
+        created = await asyncio.gather(
+            *(
+                stores[client % 2].txn(
+                    [CompareExists("lock", False)], [TxnSet("lock", str(client))], []
+                )
+                for client in range(8)
+            )
+        )
+        assert [result.succeeded for result in created].count(True) == 1
+        assert await stores[0].count() == 2
     finally:
         for store in stores:
             await store.close()
