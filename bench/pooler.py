@@ -57,10 +57,10 @@ from run import (  # noqa: E402
 )
 
 sys.path.insert(0, str(BENCH.parent))
+from tests.kv.e2e_support import free_port  # noqa: E402
 from tests.kv.postgres_support import (  # noqa: E402
     PgBouncer,
     PostgresCluster,
-    free_port,
     pgbouncer_binary,
     server_binaries,
 )

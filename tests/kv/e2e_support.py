@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from . import machine_support
+
 MODULE = "mapmg_data_engineer_takehome"
 # The top level of this repository (tests/kv/ is two levels down).
 REPO = Path(__file__).resolve().parents[2]
@@ -46,21 +48,23 @@ def can_bind_ipv6_loopback() -> bool:
 
 
 def free_port() -> int:
-    """A port free on 127.0.0.1 (and on ::1 where it exists, since 'localhost' binds both)."""
+    """A port of this test's own, free on 127.0.0.1 (and on ::1 where it exists, since
+    'localhost' binds both): see machine_support.claim_port."""
     with_v6 = can_bind_ipv6_loopback()
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as v4:
-            v4.bind((LOOPBACK_V4, 0))
-            port = int(v4.getsockname()[1])
-            if not with_v6:
-                return port
-            try:
-                with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
-                    v6.bind((LOOPBACK_V6, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no port free on both loopback addresses")
+
+    def bindable(port: int) -> bool:
+        families = [(socket.AF_INET, LOOPBACK_V4)] + (
+            [(socket.AF_INET6, LOOPBACK_V6)] if with_v6 else []
+        )
+        for family, address in families:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((address, port))
+                except OSError:
+                    return False
+        return True
+
+    return machine_support.claim_port(bindable)
 
 
 def accepts_connections(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 from urllib.parse import quote
 
-from .e2e_support import accepts_connections
+from .e2e_support import accepts_connections, free_port
 
 SUPERUSER = "kv_admin"
 # A password with characters a URL must escape: the tests check that it never leaks.
@@ -45,12 +45,6 @@ def pgbouncer_binary() -> Optional[Path]:
     """PgBouncer's executable: PATH's, else Debian's (in /usr/sbin, which a user's PATH lacks)."""
     found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     return None if found is None else Path(found)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def connection_url(hosts: str, database: str, **query: str) -> str:
