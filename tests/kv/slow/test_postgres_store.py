@@ -16,6 +16,7 @@ from mapmg_data_engineer_takehome.store.base import (
     CompareExists,
     CompareVersion,
     GotKey,
+    LeaseNotFound,
     TxnGet,
     TxnSet,
     UnknownRevision,
@@ -145,9 +146,56 @@ async def test_a_database_of_the_release_before_the_history_is_upgraded_in_place
         await store.close()
     conn = await asyncpg.connect(url)
     try:
-        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "4"
+        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "5"
     finally:
         await conn.close()
+
+
+async def test_a_database_of_the_release_before_leases_is_upgraded_keeping_keys_and_history(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """tests/kv/fixtures/kv-postgres-schema-4.sql is a pg_dump of a database written by the
+    release before leases (schema 4), with the same writes as kv-schema-4.sqlite3: every key,
+    version and expiry and the whole history (read from the database before the upgrade) are
+    kept, and a lease then works on it."""
+    database = postgres_cluster.create_database()
+    postgres_cluster.load(FIXTURES / "kv-postgres-schema-4.sql", database)
+    url = postgres_cluster.url(database)
+    conn = await asyncpg.connect(url)
+    try:
+        rows = [
+            tuple(row)
+            for row in await conn.fetch("SELECT key, val, version, expires_at FROM kv ORDER BY key")
+        ]
+        history = [
+            tuple(row)
+            for row in await conn.fetch(
+                "SELECT revision, type, key, val, expires_at FROM kv_changes ORDER BY revision, key"
+            )
+        ]
+        compact = int(
+            await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'compact_revision'")
+        )
+    finally:
+        await conn.close()
+    assert len(rows) == 8 and len(history) == 10  # the fixture is what the README says
+    store = await PostgresStore.open(url, clock=lambda: 1_800_000_100.0)
+    try:
+        page = await store.list_keys("", None, 100, values=True)
+        assert [(i.key, i.val, i.version, i.expires_at) for i in page.keys] == rows
+        changes = await store.changes("", compact, 1000)
+        assert [tuple(change) for change in changes.events] == history
+        assert await store.seed_fingerprint() == "schema-4-fixture-seed"
+        lease = await store.grant_lease(60)
+        entry = await store.set("txn/1", "leased now", lease=lease.id)
+        assert entry.expires_at == lease.expires_at
+        assert list((await store.lease_keys(lease.id)).keys) == ["txn/1"]
+        assert await store.revoke_lease(lease.id) == 1
+        with pytest.raises(LeaseNotFound):
+            await store.keepalive_lease(lease.id)
+        assert await store.count() == len(rows) - 1
+    finally:
+        await store.close()
 
 
 async def test_on_a_new_timeline_the_revisions_the_old_one_may_have_used_are_never_reused(
