@@ -25,7 +25,9 @@ def _json(data: Any) -> web.Response:
 
 
 def _shown(lease: Lease) -> dict[str, Any]:
-    return {"id": lease.id, "ttl": lease.ttl, "expires_at": rfc3339(lease.expires_at)}
+    # A whole number of seconds as the client most likely sent it: 60, not 60.0.
+    ttl = int(lease.ttl) if float(lease.ttl).is_integer() else lease.ttl
+    return {"id": lease.id, "ttl": ttl, "expires_at": rfc3339(lease.expires_at)}
 
 
 def _lease_id(request: web.Request) -> str:

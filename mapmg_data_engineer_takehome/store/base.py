@@ -610,8 +610,9 @@ class Store(Protocol):
         when it had no keys); how many keys. LeaseNotFound when it is not live."""
 
     async def expire_leases(self, limit: int) -> int:
-        """Remove up to ``limit`` expired leases, each with its keys in one revision of
-        ``expire`` changes (none for a lease without keys); how many leases. Of several at
+        """Remove up to ``limit`` expired leases, in order of expiry then id, each with its
+        keys in one revision of ``expire`` changes (none for a lease without keys); how many
+        leases. Of several at
         once, one removes (and reports) a lease."""
 
     async def live_leases(self) -> int:

@@ -353,9 +353,14 @@ class MemoryStore:
 
     async def expire_leases(self, limit: int) -> int:
         now_ms = self._clock() * 1000
-        expired = [id for id, lease in self._leases.items() if lease.expires_at <= now_ms][:limit]
-        for lease in expired:
-            self._end_lease(lease, "expire")
+        # In the order every store takes them: by expiry, then id.
+        expired = sorted(
+            (lease.expires_at, lease.id)
+            for lease in self._leases.values()
+            if lease.expires_at <= now_ms
+        )[:limit]
+        for _, lease_id in expired:
+            self._end_lease(lease_id, "expire")
         return len(expired)
 
     async def live_leases(self) -> int:

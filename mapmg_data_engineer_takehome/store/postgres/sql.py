@@ -318,7 +318,7 @@ REVOKE_LEASE = (
 )
 EXPIRED_LEASES = f"""
 SELECT id FROM kv_leases WHERE expires_at <= {NOW.format("$1")}
- ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED
+ ORDER BY expires_at, id COLLATE "C" LIMIT $2 FOR UPDATE SKIP LOCKED
 """
 ANY_EXPIRED_LEASE = (
     f"SELECT EXISTS (SELECT 1 FROM kv_leases WHERE expires_at <= {NOW.format('$1')})"

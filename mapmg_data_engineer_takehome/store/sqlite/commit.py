@@ -361,7 +361,7 @@ class ExpireLeases:
         expired = [
             lease
             for (lease,) in tx.conn.execute(
-                "SELECT id FROM leases WHERE expires_at <= ? ORDER BY expires_at LIMIT ?",
+                "SELECT id FROM leases WHERE expires_at <= ? ORDER BY expires_at, id LIMIT ?",
                 (tx.now_ms, self.limit),
             )
         ]
