@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mapmg_data_engineer_takehome.models import MAX_BATCH_WRITES
-from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt, StoreUnavailable
+from mapmg_data_engineer_takehome.store import SqliteStore, Store, StoreCorrupt, StoreUnavailable
 from mapmg_data_engineer_takehome.store.base import (
     Change,
     Compacted,
@@ -221,6 +221,20 @@ async def test_a_file_of_the_release_before_the_history_is_upgraded_in_place(
     assert_current_and_intact(path)
 
 
+async def assert_leases_work_after_the_upgrade(store: Store, keys: int) -> None:
+    """A store upgraded from the schema-4 fixture (``keys`` keys) remembers its seed, and a
+    lease works on it: a key of the fixture set with one, then revoked."""
+    assert await store.seed_fingerprint() == "schema-4-fixture-seed"
+    lease = await store.grant_lease(60)
+    entry = await store.set("txn/1", "leased now", lease=lease.id)
+    assert entry.expires_at == lease.expires_at
+    assert list((await store.lease_keys(lease.id)).keys) == ["txn/1"]
+    assert await store.revoke_lease(lease.id) == 1
+    with pytest.raises(LeaseNotFound):
+        await store.keepalive_lease(lease.id)
+    assert await store.count() == keys - 1
+
+
 async def test_a_file_of_the_release_before_leases_is_upgraded_keeping_keys_and_history(
     tmp_path: Path,
 ) -> None:
@@ -247,15 +261,7 @@ async def test_a_file_of_the_release_before_leases_is_upgraded_keeping_keys_and_
         assert [(i.key, i.val, i.version, i.expires_at) for i in page.keys] == rows
         changes = await store.changes("", compact, 1000)
         assert [tuple(change) for change in changes.events] == history
-        assert await store.seed_fingerprint() == "schema-4-fixture-seed"
-        lease = await store.grant_lease(60)
-        entry = await store.set("txn/1", "leased now", lease=lease.id)
-        assert entry.expires_at == lease.expires_at
-        assert list((await store.lease_keys(lease.id)).keys) == ["txn/1"]
-        assert await store.revoke_lease(lease.id) == 1
-        with pytest.raises(LeaseNotFound):
-            await store.keepalive_lease(lease.id)
-        assert await store.count() == len(rows) - 1
+        await assert_leases_work_after_the_upgrade(store, len(rows))
     finally:
         await store.close()
     assert_current_and_intact(path)

@@ -30,7 +30,11 @@ from mapmg_data_engineer_takehome.store.postgres import (
 )
 
 from ..postgres_support import PASSWORD, PostgresCluster
-from ..test_sqlite_store import FIXTURES, RELEASE_2_LISTING
+from ..test_sqlite_store import (
+    FIXTURES,
+    RELEASE_2_LISTING,
+    assert_leases_work_after_the_upgrade,
+)
 
 
 async def execute(url: str, sql: str) -> None:
@@ -102,6 +106,38 @@ async def test_compare_and_set_transactions_race_exactly_across_two_replicas(
         )
         assert [result.succeeded for result in created].count(True) == 1
         assert await stores[0].count() == 2
+    finally:
+        for store in stores:
+            await store.close()
+
+
+async def test_a_lease_is_one_across_two_replicas(postgres_url: str) -> None:
+    """Two stores (two replicas' pools) on one database, on its clock: a lease granted through
+    one takes keys set through either, while 8 keepalives through the other race 8 sets; every
+    key ends with the lease's latest expiry (a keepalive waits for a set that holds the lease,
+    then moves its key too). It is revoked through the second, and the first sees it gone."""
+    stores = [await PostgresStore.open(postgres_url, pool_size=4) for _ in range(2)]
+    try:
+        lease = await stores[0].grant_lease(30)
+        await asyncio.gather(
+            *(stores[1].set(f"svc/{index}", "up", lease=lease.id) for index in range(8)),
+            *(stores[0].keepalive_lease(lease.id) for _ in range(8)),
+        )
+        held = await stores[1].lease_keys(lease.id)
+        assert held.lease.expires_at >= lease.expires_at
+        assert list(held.keys) == [f"svc/{index}" for index in range(8)]
+        for index in range(8):
+            entry = await stores[0].get(f"svc/{index}")
+            assert entry is not None and entry.expires_at == held.lease.expires_at
+        revision = await stores[0].revision()
+        assert await stores[1].revoke_lease(lease.id) == 8
+        with pytest.raises(LeaseNotFound):
+            await stores[0].keepalive_lease(lease.id)
+        changes = await stores[0].changes("svc/", revision, 100)
+        assert {(event.revision, event.type) for event in changes.events} == {
+            (revision + 1, "delete")
+        }
+        assert len(changes.events) == 8 and await stores[0].count() == 0
     finally:
         for store in stores:
             await store.close()
@@ -185,15 +221,7 @@ async def test_a_database_of_the_release_before_leases_is_upgraded_keeping_keys_
         assert [(i.key, i.val, i.version, i.expires_at) for i in page.keys] == rows
         changes = await store.changes("", compact, 1000)
         assert [tuple(change) for change in changes.events] == history
-        assert await store.seed_fingerprint() == "schema-4-fixture-seed"
-        lease = await store.grant_lease(60)
-        entry = await store.set("txn/1", "leased now", lease=lease.id)
-        assert entry.expires_at == lease.expires_at
-        assert list((await store.lease_keys(lease.id)).keys) == ["txn/1"]
-        assert await store.revoke_lease(lease.id) == 1
-        with pytest.raises(LeaseNotFound):
-            await store.keepalive_lease(lease.id)
-        assert await store.count() == len(rows) - 1
+        await assert_leases_work_after_the_upgrade(store, len(rows))
     finally:
         await store.close()
 
