@@ -1025,9 +1025,14 @@ async def test_a_lease_is_granted_kept_alive_and_read_without_a_revision(
     clock.advance(6)
     renewed = await store.keepalive_lease(lease.id)
     assert renewed == Lease(lease.id, 10, round((clock.now + 10) * 1000))
-    # The keepalive moved the keys' expiry with the lease's: no revision, no change.
+    # The keepalive moved the keys' expiry with the lease's: no revision, no change, and the
+    # sets' changes still say what they set.
     assert await store.revision() == revision
-    assert await all_changes(store, revision) == []
+    assert await all_changes(store, start) == [
+        Change(start + 1, "set", "leased/b", "2", lease.expires_at),
+        Change(start + 2, "set", "leased/a", "1", lease.expires_at),
+        Change(start + 3, "set", "free", "3", round((clock.now - 6 + 100) * 1000)),
+    ]
     entry = await store.get("leased/b")
     assert entry == Entry("2", written.version, renewed.expires_at)
     info = await store.lease_keys(lease.id)
