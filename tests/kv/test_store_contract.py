@@ -1161,3 +1161,17 @@ async def test_a_lease_is_one_on_every_handle(store: Store, clock: FakeClock) ->
     finally:
         if other is not store:
             await other.close()
+
+
+async def test_a_set_with_a_lease_keeps_its_condition(store: Store) -> None:
+    lease = await store.grant_lease(10)
+    first = await store.set("k", "1", condition=IfAbsent(), lease=lease.id)
+    revision = await store.revision()
+    with pytest.raises(PreconditionFailed) as failed:
+        await store.set("k", "2", condition=IfVersion(first.version + 1), lease=lease.id)
+    assert failed.value.current == first.version
+    with pytest.raises(PreconditionFailed):
+        await store.set("k", "2", condition=IfAbsent(), lease=lease.id)
+    assert await store.revision() == revision
+    second = await store.set("k", "2", condition=IfVersion(first.version), lease=lease.id)
+    assert second == Entry("2", revision + 1, lease.expires_at)
