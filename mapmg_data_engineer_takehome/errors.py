@@ -9,7 +9,7 @@ import orjson
 import structlog
 from aiohttp import hdrs, web
 
-from .store.base import StoreError, StoreUnavailable
+from .store.base import LeaseNotFound, StoreError, StoreUnavailable
 
 log = structlog.get_logger("kv.errors")
 
@@ -76,6 +76,13 @@ def error_response(
     return web.Response(body=body, status=status, headers=all_headers)
 
 
+# A lease that was never granted, was revoked, or has expired (store.base.LeaseNotFound): the
+# same answer wherever a request names one, and nothing was written.
+LEASE_NOT_FOUND = (
+    "lease_not_found",
+    "No such lease: it was never granted, was revoked, or has expired; nothing was written. "
+    "Grant a new one with POST /leases.",
+)
 # A path no route takes, whether aiohttp or the fallback route (handlers.no_route) answers.
 NO_SUCH_ENDPOINT = "No such endpoint; see the README for the API."
 # aiohttp raises these itself (routing, body size); each gets a code and a sentence to act on.
@@ -107,6 +114,8 @@ def response_for(
     """
     if isinstance(error, ApiError):
         return error_response(error.status, error.code, error.message, error.headers, error.details)
+    if isinstance(error, LeaseNotFound):
+        return error_response(404, *LEASE_NOT_FOUND)
     if isinstance(error, web.HTTPException):
         if error.status < 400:
             raise error

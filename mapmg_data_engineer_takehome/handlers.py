@@ -45,6 +45,7 @@ from .store.base import (
     IfAbsent,
     IfExists,
     IfVersion,
+    LeaseNotFound,
     PreconditionFailed,
     SetItem,
     StoreError,
@@ -139,6 +140,19 @@ def _precondition_failed(failed: PreconditionFailed) -> ApiError:
         "nothing was written. Read it again, then retry.",
         {hdrs.ETAG: version_tag(failed.current)},
     )
+
+
+def check_lease(ttl: Optional[float], lease: Optional[str], where: str) -> None:
+    """A set's ttl and lease: not both (422 invalid_request); a lease no store could have
+    made is LeaseNotFound (404) at once, so that the store never sees it."""
+    if lease is None:
+        return
+    if ttl is not None:
+        raise _invalid_request(
+            f"{where}Give ttl or lease, not both: a key with a lease lives as long as it."
+        )
+    if rules.names_no_lease(lease):
+        raise LeaseNotFound(lease)
 
 
 def check_text(
@@ -236,10 +250,14 @@ async def set_value(request: web.Request) -> web.Response:
     condition = parse_condition(request)
     body = parse_body(SetRequest, await read_body(request, settings.max_body_bytes))
     check_text(settings, body.key, body.val)
+    check_lease(body.ttl, body.lease, "")
     if isinstance(condition, _Unsatisfiable):
         raise await _unsatisfiable(request, body.key)
     try:
-        entry = await request.app[STORE_KEY].set(body.key, body.val, body.ttl, condition)
+        # A LeaseNotFound is 404 lease_not_found (errors.py), with nothing written.
+        entry = await request.app[STORE_KEY].set(
+            body.key, body.val, body.ttl, condition, body.lease
+        )
     except PreconditionFailed as failed:
         raise _precondition_failed(failed) from None
     return _json({"key": body.key, "val": body.val}, entry_headers(entry))
@@ -417,7 +435,7 @@ def _branch(
             branch.append(TxnGet(operation.key))
         elif isinstance(operation, TxnSetOperation):
             check_text(settings, operation.key, operation.val, where)
-            branch.append(TxnSet(operation.key, operation.val, operation.ttl))
+            branch.append(TxnSet(operation.key, operation.val, operation.ttl, operation.lease))
             keys.append(operation.key)
         elif (operation.key is None) == (operation.prefix is None):
             raise _invalid_request(
@@ -436,6 +454,19 @@ def _branch(
     twice = _written_twice(keys, prefixes)
     if twice is not None:
         raise _invalid_request(f"{name}: {twice}; a transaction writes each key once.")
+    # After every 422 of the branch: a lease id that no store could have made is then 404, in
+    # either branch, as every check of the request's shape is; a well-formed one that names no
+    # live lease is the store's to find, in the branch that runs.
+    sets = [
+        (index, operation)
+        for index, operation in enumerate(operations)
+        if isinstance(operation, TxnSetOperation) and operation.lease is not None
+    ]
+    for index, operation in sets:
+        if operation.ttl is not None:
+            check_lease(operation.ttl, operation.lease, f"{name}[{index}]: ")
+    for index, operation in sets:
+        check_lease(None, operation.lease, f"{name}[{index}]: ")
     return branch
 
 
@@ -505,7 +536,7 @@ async def metrics(request: web.Request) -> web.Response:
     if recorded is None:
         raise ApiError(404, "not_found", "Metrics are off on this server (KV_METRICS=false).")
     store = request.app[STORE_KEY]
-    body = recorded.render(await store.count(), await store.history())
+    body = recorded.render(await store.count(), await store.history(), await store.live_leases())
     return web.Response(body=body, headers={hdrs.CONTENT_TYPE: METRICS_CONTENT_TYPE})
 
 

@@ -116,6 +116,16 @@ class Metrics:
             "POST /txn answered, by outcome: succeeded (every compare held) or failed.",
             ["outcome"],
         )
+        self.leases = counter(
+            "kv_leases",
+            "Leases by event: granted (POST /leases), revoked (DELETE /leases/{id}) or "
+            "expired (removed by the upkeep once their time ran out).",
+            ["event"],
+        )
+        self.leases_live = store_gauge(
+            "kv_leases_live",
+            "Leases granted and neither revoked nor expired, on the store.",
+        )
         self.store_errors = counter(
             "kv_store_errors",
             "Failed store calls by kind: unavailable (503), corrupt or error (500).",
@@ -195,6 +205,10 @@ class Metrics:
     def observe_events_sent(self, transport: str, count: int) -> None:
         self._events_sent[transport] = self._events_sent.get(transport, 0) + count
 
+    def observe_lease(self, event: str) -> None:
+        """A lease granted, revoked or expired (a label of kv_leases: never an id)."""
+        self.leases.labels(event).inc()
+
     def observe_txn(self, succeeded: bool) -> None:
         self._transactions["succeeded" if succeeded else "failed"] += 1
 
@@ -208,13 +222,15 @@ class Metrics:
         self.seed_rows.labels("applied").inc(applied)
         self.seed_rows.labels("skipped").inc(skipped)
 
-    def render(self, keys: int, history: HistoryStats) -> bytes:
-        """The text format, with ``keys`` (the store's count) as kv_keys and the store's
-        ``history``: this process's metrics, or with workers every process's."""
+    def render(self, keys: int, history: HistoryStats, live_leases: int = 0) -> bytes:
+        """The text format, with ``keys`` (the store's count) as kv_keys, the store's
+        ``history`` and its live leases: this process's metrics, or with workers every
+        process's."""
         from prometheus_client import CollectorRegistry, generate_latest
 
         self.flush()
         self.keys.set(keys)
+        self.leases_live.set(live_leases)
         self.history_rows.set(history.rows)
         self.compact_revision.set(history.compact_revision)
         if not self.multiprocess:

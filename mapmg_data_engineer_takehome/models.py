@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .rules import CURSOR_PATTERN, Key, Val
+from .rules import CURSOR_PATTERN, LEASE_ID_MAX_CHARS, Key, Val
 from .store.base import MAX_TTL_SECONDS
 
 MAX_MGET_KEYS = 1_000
@@ -34,18 +34,36 @@ Ttl = Annotated[
 ]
 
 
+LeaseField = Annotated[
+    Optional[str],
+    Field(
+        default=None,
+        max_length=LEASE_ID_MAX_CHARS,
+        description="A lease's id (POST /leases): the key then lives exactly as long as the "
+        "lease, and shows its expiry. Not with ttl. A lease that does not exist, or has "
+        "expired, is 404 lease_not_found, and nothing is written.",
+    ),
+]
+
+
 class RequestModel(BaseModel):
     """Strict JSON: no field beyond those declared, no coercion ("5" is not a number)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class SetRequest(RequestModel):
-    """POST /set, and each item of POST /mset."""
+class SetItemRequest(RequestModel):
+    """Each item of POST /mset."""
 
     key: Key
     val: Val
     ttl: Optional[Ttl] = None
+
+
+class SetRequest(SetItemRequest):
+    """POST /set."""
+
+    lease: LeaseField = None
 
 
 class MgetRequest(RequestModel):
@@ -57,7 +75,7 @@ class MgetRequest(RequestModel):
 class MsetRequest(RequestModel):
     """POST /mset: all items are written in one transaction, or none."""
 
-    items: Annotated[list[SetRequest], Field(min_length=1, max_length=MAX_BATCH_WRITES)]
+    items: Annotated[list[SetItemRequest], Field(min_length=1, max_length=MAX_BATCH_WRITES)]
 
 
 class MdeleteRequest(RequestModel):
@@ -102,6 +120,7 @@ class TxnSetOperation(RequestModel):
     key: Key
     val: Val
     ttl: Optional[Ttl] = None
+    lease: LeaseField = None
 
 
 class TxnDeleteOperation(RequestModel):
@@ -135,6 +154,21 @@ class TxnRequest(RequestModel):
     failure: list[TxnOperationRequest] = Field(
         default_factory=list, description="Run, in order, when a compare does not hold."
     )
+
+
+class LeaseRequest(RequestModel):
+    """POST /leases."""
+
+    ttl: Annotated[
+        float,
+        Field(
+            gt=0,
+            le=MAX_TTL_SECONDS,
+            allow_inf_nan=False,
+            description="Seconds the lease lives unless kept alive (above 0, at most ten "
+            "years); each keepalive renews it to this many seconds from then.",
+        ),
+    ]
 
 
 class ListQuery(BaseModel):

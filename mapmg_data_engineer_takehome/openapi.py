@@ -144,6 +144,14 @@ def _path_parameters(endpoint: Endpoint) -> Iterable[dict[str, Any]]:
             "once. Encode '.' and '..' as %2E and %2E%2E.",
             "schema": {"type": "string", "minLength": 1},
         }
+    if "{id}" in endpoint.route:
+        yield {
+            "name": "id",
+            "in": "path",
+            "required": True,
+            "description": "The lease's id, as POST /leases gave it.",
+            "schema": {"type": "string", "minLength": 1},
+        }
     if "{name}" in endpoint.route:
         yield {
             "name": "name",

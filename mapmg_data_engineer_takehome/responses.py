@@ -114,6 +114,31 @@ class TxnAnswer(BaseModel):
     )
 
 
+class LeaseAnswer(BaseModel):
+    """A lease: the answer of POST /leases and POST /leases/{id}/keepalive."""
+
+    id: str = Field(description="The lease's id: name it in a set's lease.")
+    ttl: float = Field(description="Seconds it lives from each grant or keepalive.")
+    expires_at: str = Field(
+        description="When it expires unless kept alive, RFC 3339 UTC with milliseconds; its "
+        "keys show the same as KV-Expires-At."
+    )
+
+
+class LeaseKeysAnswer(LeaseAnswer):
+    """The answer of GET /leases/{id}."""
+
+    keys: list[str] = Field(description="Its keys, in ascending order of their UTF-8 bytes.")
+
+
+class LeaseRevoked(BaseModel):
+    """The answer of DELETE /leases/{id}."""
+
+    id: str
+    revoked: Literal[True]
+    deleted: int = Field(description="How many keys went with it, in one revision.")
+
+
 class Health(BaseModel):
     """The answer of GET /health."""
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 from aiohttp import hdrs, web
 from pydantic import BaseModel
 
-from . import bulk, handlers, models, pages, responses, watch
+from . import bulk, handlers, leases, models, pages, responses, watch
 from .middleware import Wrap
 from .rules import ETAG, EXPIRES_AT, LAST_EVENT_ID, REVISION, REVISION_DIGITS
 
@@ -90,6 +90,7 @@ UNAVAILABLE = ((503, ("store_unavailable",)),)
 KEYS_BATCH_ERRORS = (*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",)))
 
 NOT_FOUND = ((404, ("not_found",)),)
+LEASE_NOT_FOUND = ((404, ("lease_not_found",)),)
 
 
 def _page(
@@ -148,8 +149,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "/set",
         handlers.set_value,
         "Store a value under a key",
-        "Overwrites any earlier value; without ttl, removes any earlier expiry. The body is "
-        "read as JSON whatever Content-Type says.",
+        "Overwrites any earlier value; without ttl, removes any earlier expiry. With lease "
+        "(not with ttl), the key lives as long as that lease, and shows its expiry; without "
+        "one, it leaves any lease it had. The body is read as JSON whatever Content-Type "
+        "says.",
         body=models.SetRequest,
         response=responses.KeyValue,
         request_headers=(IF_MATCH_DOC, IF_NONE_MATCH_DOC),
@@ -159,9 +162,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             *KEY_ERRORS,
             *UNAVAILABLE,
             (400, ("invalid_header",)),
+            *LEASE_NOT_FOUND,
             (412, ("precondition_failed",)),
             (413, ("value_too_large",)),
-            (422, ("invalid_ttl",)),
+            (422, ("invalid_ttl", "invalid_request")),
         ),
         example={"key": "user:1", "val": "Ada", "ttl": 3600},
         links=(
@@ -332,13 +336,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "change feed; a branch that changes nothing takes none. A missing or expired key "
         "has version 0 and no value. A branch may write a key once (a delete of a prefix "
         "writes every key under it). At most KV_MAX_TXN_OPS compares, and as many "
-        "operations per branch.",
+        "operations per branch. A set of the branch that runs naming a lease that does not "
+        "exist is 404 lease_not_found, and nothing is written.",
         body=models.TxnRequest,
         response=responses.TxnAnswer,
         errors=(
             *BODY_ERRORS,
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *LEASE_NOT_FOUND,
             (413, ("value_too_large",)),
             (422, ("invalid_ttl", "invalid_batch", "invalid_request")),
         ),
@@ -347,6 +353,65 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             "success": [{"op": "set", "key": "cfg/mode", "val": "green"}],
             "failure": [{"op": "get", "key": "cfg/mode"}],
         },
+    ),
+    Endpoint(
+        "grant_lease",
+        ("POST",),
+        "/leases",
+        "/leases",
+        leases.grant,
+        "Grant a lease: keys set with it live as long as it does",
+        "The lease expires ttl seconds from now unless kept alive. Takes no revision.",
+        body=models.LeaseRequest,
+        response=responses.LeaseAnswer,
+        errors=(
+            (400, ("invalid_json",)),
+            (413, ("body_too_large",)),
+            *UNAVAILABLE,
+            (
+                422,
+                ("invalid_body", "missing_field", "unknown_field", "invalid_type", "invalid_ttl"),
+            ),
+        ),
+        example={"ttl": 30},
+        links=(
+            ("KeepTheLeaseAlive", "keepalive_lease", (("id", "$response.body#/id"),)),
+            ("ReadTheLease", "get_lease", (("id", "$response.body#/id"),)),
+            ("RevokeTheLease", "revoke_lease", (("id", "$response.body#/id"),)),
+        ),
+    ),
+    Endpoint(
+        "keepalive_lease",
+        ("POST",),
+        "/leases/{id}/keepalive",
+        "/leases/{id}/keepalive",
+        leases.keepalive,
+        "Keep a lease alive: it and its keys expire ttl seconds from now",
+        "Writes no revision and no change event. A lease that has expired or was revoked "
+        "is 404 lease_not_found: grant a new one.",
+        response=responses.LeaseAnswer,
+        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+    ),
+    Endpoint(
+        "get_lease",
+        ("GET",),
+        "/leases/{id}",
+        "/leases/{id}",
+        leases.read,
+        "Read a lease: its expiry and its keys",
+        response=responses.LeaseKeysAnswer,
+        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+    ),
+    Endpoint(
+        "revoke_lease",
+        ("DELETE",),
+        "/leases/{id}",
+        "/leases/{id}",
+        leases.revoke,
+        "Revoke a lease: its keys are deleted, in one revision",
+        "Each key gets a delete event, all in one revision (none when it had no keys).",
+        response=responses.LeaseRevoked,
+        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
     ),
     _keys_batch(
         "mdelete",

@@ -126,6 +126,16 @@ def text_of(blob: bytes) -> Optional[str]:
 # What a cursor may look like before it is decoded: unpadded URL-safe base64.
 CURSOR_PATTERN = "^[A-Za-z0-9_-]+$"
 
+# A lease's id, as the store makes it (base.new_lease_id): 32 hex digits. Any other text names
+# no lease (404 lease_not_found) without asking the store. A body's lease field is bounded.
+LEASE_ID = re.compile("[0-9a-f]{32}")
+LEASE_ID_MAX_CHARS = 64
+
+
+def names_no_lease(lease: str) -> bool:
+    """Whether ``lease`` cannot be a lease's id: no store ever made one like it."""
+    return LEASE_ID.fullmatch(lease) is None
+
 
 def encode_cursor(key: str) -> str:
     """An opaque cursor that resumes a listing after ``key``."""

@@ -1,5 +1,6 @@
-"""The upkeep loop: while the server runs, expired keys' rows are purged and the history of
-changes trimmed, in the background, a small transaction at a time.
+"""The upkeep loop: while the server runs, expired leases (each with its keys, in one revision)
+and expired keys' rows are purged and the history of changes trimmed, in the background, a
+small transaction at a time.
 
 One process of a server does it (with KV_WORKERS, worker 1): create_app adds upkeep_context
 unless told not to.
@@ -48,6 +49,9 @@ async def keep_up(store: Store, settings: Settings, metrics: Optional[Metrics] =
     while True:
         await asyncio.sleep(settings.purge_interval)
         try:
+            # Leases first: each takes all its keys in one revision, which the purge of keys
+            # never splits (it leaves leased keys alone).
+            expired = await in_batches(partial(store.expire_leases, PURGE_BATCH))
             purged = await in_batches(partial(store.purge_expired, PURGE_BATCH))
             await in_batches(
                 partial(
@@ -63,6 +67,10 @@ async def keep_up(store: Store, settings: Settings, metrics: Optional[Metrics] =
         except Exception as error:  # a bug: said, with its traceback; the purge must go on
             log.error("upkeep_failed", exc_info=error)
             continue
+        if expired:
+            log.info("expired_leases_removed", count=expired)
+            if metrics is not None:
+                metrics.leases.labels("expired").inc(expired)
         if purged:
             log.info("expired_keys_purged", count=purged)
             if metrics is not None:

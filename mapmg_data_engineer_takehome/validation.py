@@ -31,7 +31,7 @@ from .models import (
     TxnRequest,
     TxnSetOperation,
 )
-from .rules import is_text
+from .rules import LEASE_ID_MAX_CHARS, is_text
 from .store.base import MAX_TTL_SECONDS
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -230,6 +230,12 @@ def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
             "invalid_ttl",
             f"{subject} must be a number of seconds above 0 and at most {MAX_TTL_SECONDS} "
             f"(ten years), not {_shown(value)}.",
+        )
+    if name == "lease" and kind == "string_too_long":
+        return ApiError(
+            422,
+            "invalid_type",
+            f"{subject} must be a lease's id, at most {LEASE_ID_MAX_CHARS} characters.",
         )
     if kind == "string_too_short":
         return ApiError(422, "empty_key", f"{subject} must not be empty.")

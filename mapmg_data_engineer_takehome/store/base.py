@@ -34,6 +34,7 @@ history), and a bulk load marks everything below its revision compacted (see che
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -236,6 +237,54 @@ def expiry_of(ttl: Optional[float], now: float) -> Optional[int]:
     return None if ttl is None else round((now + ttl) * 1000)
 
 
+# --- leases -----------------------------------------------------------------------------------
+#
+# A lease is a time to live that its holder renews (keepalive); a key set with a lease lives
+# exactly as long as it. Every store keeps a leased key's expires_at equal to its lease's (a
+# set with a lease copies it, a keepalive moves both without a revision), so that the rules of
+# expiry above hold for leased keys unchanged: a read never sees a key of an expired lease. The
+# ordinary purge leaves leased keys alone; expire_leases removes each expired lease with all of
+# its keys in one revision of ``expire`` changes, and revoke_lease with ``delete`` changes.
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease: its id, its time to live in seconds, and its expiry (ms since the epoch)."""
+
+    id: str
+    ttl: float
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class LeaseKeys:
+    """A live lease and its keys, in ascending order of their UTF-8 bytes."""
+
+    lease: Lease
+    keys: Sequence[str]
+
+
+def lease_expiry(ttl: float, now: float) -> int:
+    """A lease's expiry, in ms since the epoch, when it is granted or renewed at ``now``."""
+    return round((now + ttl) * 1000)
+
+
+def new_lease_id() -> str:
+    """A lease's id: 16 random bytes in hex, which no client can guess."""
+    return secrets.token_hex(16)
+
+
+def leases_of(operations: Sequence[TxnOperation]) -> list[str]:
+    """The leases the sets of a branch name, each once, in order."""
+    return list(
+        dict.fromkeys(
+            operation.lease
+            for operation in operations
+            if isinstance(operation, TxnSet) and operation.lease is not None
+        )
+    )
+
+
 # --- transactions ---------------------------------------------------------------------------
 
 CompareOperator = Literal["=", "!=", "<", ">"]
@@ -306,9 +355,12 @@ class TxnGet:
 
 @dataclass(frozen=True)
 class TxnSet:
+    """A set; with ``lease``, the key lives as long as that lease (never both with ``ttl``)."""
+
     key: str
     val: str
     ttl: Optional[float] = None
+    lease: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -457,6 +509,16 @@ class UnknownRevision(HistoryGone):
         self.revision = revision
 
 
+class LeaseNotFound(Exception):
+    """The lease named does not exist: never granted, revoked, or expired (even if the
+    upkeep has not removed it yet). Nothing was written. An answer, not a failure of the
+    store."""
+
+    def __init__(self, lease: str) -> None:
+        super().__init__("no such lease")
+        self.lease = lease
+
+
 class PreconditionFailed(Exception):
     """A conditional write's condition did not hold; nothing was written. An answer, not a
     failure of the store.
@@ -499,10 +561,13 @@ class Store(Protocol):
         val: str,
         ttl: Optional[float] = None,
         condition: Optional[Condition] = None,
+        lease: Optional[str] = None,
     ) -> Entry:
-        """Store ``val`` under ``key`` (expiring after ``ttl`` seconds, or never) if
-        ``condition`` holds, else raise PreconditionFailed; returns what the key now holds.
-        Once this returns, the write is as durable as promised."""
+        """Store ``val`` under ``key`` (expiring after ``ttl`` seconds, or never, or with
+        ``lease`` when its lease does: never both) if ``condition`` holds, else raise
+        PreconditionFailed; LeaseNotFound when the lease is not live. Returns what the key now
+        holds. Once this returns, the write is as durable as promised. A set without a lease
+        detaches the key from any it had."""
 
     async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
         """Remove ``key`` if ``condition`` holds (else PreconditionFailed); True when it had a
@@ -527,7 +592,31 @@ class Store(Protocol):
         revision for every change of the branch, recorded in the history at it (none taken
         when the branch changes nothing). A missing or expired key compares as having no
         value and version 0. The caller refuses a branch that writes a key twice (a prefix
-        delete writing the keys it covers)."""
+        delete writing the keys it covers). LeaseNotFound, with nothing written, when a set
+        of the branch that runs names a lease that is not live."""
+
+    async def grant_lease(self, ttl: float) -> Lease:
+        """A new lease that expires ``ttl`` seconds from now; takes no revision."""
+
+    async def keepalive_lease(self, lease: str) -> Lease:
+        """Renew the lease, and its keys' expiry, to ``ttl`` seconds from now: no revision,
+        no change. LeaseNotFound when it is not live."""
+
+    async def lease_keys(self, lease: str) -> LeaseKeys:
+        """The live lease and its keys; LeaseNotFound when it is not live."""
+
+    async def revoke_lease(self, lease: str) -> int:
+        """Remove the live lease and its keys, in one revision of ``delete`` changes (none
+        when it had no keys); how many keys. LeaseNotFound when it is not live."""
+
+    async def expire_leases(self, limit: int) -> int:
+        """Remove up to ``limit`` expired leases, in order of expiry then id, each with its
+        keys in one revision of ``expire`` changes (none for a lease without keys); how many
+        leases. Of several at
+        once, one removes (and reports) a lease."""
+
+    async def live_leases(self) -> int:
+        """How many leases are live, for metrics."""
 
     async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:
         """Up to ``limit`` live keys that start with ``prefix`` and sort after ``after`` (or
@@ -535,9 +624,10 @@ class Store(Protocol):
         ``values``, the page stops early once its values pass PAGE_VALUE_CHARS."""
 
     async def purge_expired(self, limit: int) -> int:
-        """Remove up to ``limit`` expired rows, recording each as an ``expire`` change; how many
-        were removed. One revision for them all, if any. Of several purges at once, one
-        removes (and reports) a key."""
+        """Remove up to ``limit`` expired rows of keys without a lease (expire_leases takes
+        the others), recording each as an ``expire`` change; how many were removed. One
+        revision for them all, if any. Of several purges at once, one removes (and reports) a
+        key."""
 
     async def revision(self) -> int:
         """The store's revision now."""

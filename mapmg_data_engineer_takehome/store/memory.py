@@ -29,6 +29,9 @@ from .base import (
     Gap,
     GotKey,
     HistoryStats,
+    Lease,
+    LeaseKeys,
+    LeaseNotFound,
     ListedKey,
     Loaded,
     Page,
@@ -46,7 +49,10 @@ from .base import (
     condition_holds,
     expiry_of,
     first_failing,
+    lease_expiry,
+    leases_of,
     life_start,
+    new_lease_id,
     prefix_upper_bound,
     take_changes,
 )
@@ -78,6 +84,11 @@ class MemoryStore:
         self._marks: list[tuple[float, int]] = []
         self._compact_revision = 0
         self._revisions = RevisionWake()
+        # The leases, and which lease each leased key has (a leased key's entry carries its
+        # lease's expiry: see base.py).
+        self._leases: dict[str, Lease] = {}
+        self._lease_keys: dict[str, set[str]] = {}
+        self._key_lease: dict[str, str] = {}
         self.on_commit: Optional[Callable[[int], None]] = None
 
     def _committed(self, writes: int = 1) -> None:
@@ -101,17 +112,34 @@ class MemoryStore:
             return entry
         return entry if entry.expires_at > self._clock() * 1000 else None
 
-    def _put(self, key: str, entry: Entry) -> None:
+    def _put(self, key: str, entry: Entry, lease: Optional[str] = None) -> None:
         if key not in self._data:
             self._sorted = None
         self._data[key] = entry
+        self._attach(key, lease)
+
+    def _attach(self, key: str, lease: Optional[str]) -> None:
+        """Tie ``key`` to ``lease``, or to none, detaching it from the one it had."""
+        before = self._key_lease.pop(key, None)
+        if before is not None:
+            self._lease_keys[before].discard(key)
+        if lease is not None:
+            self._key_lease[key] = lease
+            self._lease_keys[lease].add(key)
 
     def _remove(self, key: str) -> Optional[Entry]:
         """Drop the key's row, expired or not; what it held while live, if it was."""
         live = self._live(key)
         if self._data.pop(key, None) is not None:
             self._sorted = None
+        self._attach(key, None)
         return live
+
+    def _live_lease(self, lease: str) -> Lease:
+        found = self._leases.get(lease)
+        if found is None or found.expires_at <= self._clock() * 1000:
+            raise LeaseNotFound(lease)
+        return found
 
     def _check(self, key: str, condition: Optional[Condition]) -> None:
         if condition is not None:
@@ -137,11 +165,15 @@ class MemoryStore:
         val: str,
         ttl: Optional[float] = None,
         condition: Optional[Condition] = None,
+        lease: Optional[str] = None,
     ) -> Entry:
         self._check(key, condition)
+        expires_at = expiry_of(ttl, self._clock())
+        if lease is not None:
+            expires_at = self._live_lease(lease).expires_at
         self._revision += 1
-        entry = Entry(val, self._revision, expiry_of(ttl, self._clock()))
-        self._put(key, entry)
+        entry = Entry(val, self._revision, expires_at)
+        self._put(key, entry, lease)
         self._record("set", key, entry)
         self._committed()
         return entry
@@ -186,11 +218,14 @@ class MemoryStore:
         failure: Sequence[TxnOperation],
     ) -> TxnResult:
         failed = first_failing(compares, self._live)
+        branch = success if failed is None else failure
+        # Every lease the branch names is live, or nothing is written.
+        leases = {lease: self._live_lease(lease) for lease in leases_of(branch)}
         revision = self._revision + 1  # taken only if the branch changes anything
         now = self._clock()
         changed: list[tuple[str, Optional[Entry]]] = []  # (key, what a set wrote)
         results: list[TxnOutcome] = []
-        for operation in success if failed is None else failure:
+        for operation in branch:
             if isinstance(operation, TxnGet):
                 live = self._live(operation.key)
                 results.append(
@@ -199,8 +234,11 @@ class MemoryStore:
                     else GotKey(operation.key, live.val, live.version)
                 )
             elif isinstance(operation, TxnSet):
-                entry = Entry(operation.val, revision, expiry_of(operation.ttl, now))
-                self._put(operation.key, entry)
+                expires_at = expiry_of(operation.ttl, now)
+                if operation.lease is not None:
+                    expires_at = leases[operation.lease].expires_at
+                entry = Entry(operation.val, revision, expires_at)
+                self._put(operation.key, entry, operation.lease)
                 changed.append((operation.key, entry))
                 results.append(SetKey(operation.key, revision))
             elif isinstance(operation, TxnDelete):
@@ -266,7 +304,9 @@ class MemoryStore:
         expired = [
             key
             for key, entry in self._data.items()
-            if entry.expires_at is not None and entry.expires_at <= now_ms
+            if entry.expires_at is not None
+            and entry.expires_at <= now_ms
+            and key not in self._key_lease  # expire_leases removes these, a lease at a time
         ][:limit]
         if not expired:
             return 0
@@ -276,6 +316,56 @@ class MemoryStore:
             self._record("expire", key)
         self._committed(0)
         return len(expired)
+
+    async def grant_lease(self, ttl: float) -> Lease:
+        lease = Lease(new_lease_id(), ttl, lease_expiry(ttl, self._clock()))
+        self._leases[lease.id] = lease
+        self._lease_keys[lease.id] = set()
+        return lease
+
+    async def keepalive_lease(self, lease: str) -> Lease:
+        found = self._live_lease(lease)
+        renewed = Lease(found.id, found.ttl, lease_expiry(found.ttl, self._clock()))
+        self._leases[lease] = renewed
+        for key in self._lease_keys[lease]:
+            self._data[key] = self._data[key]._replace(expires_at=renewed.expires_at)
+        return renewed
+
+    async def lease_keys(self, lease: str) -> LeaseKeys:
+        return LeaseKeys(self._live_lease(lease), sorted(self._lease_keys[lease]))
+
+    async def revoke_lease(self, lease: str) -> int:
+        self._live_lease(lease)
+        return self._end_lease(lease, "delete")
+
+    def _end_lease(self, lease: str, kind: ChangeType) -> int:
+        """Drop the lease and its keys, in one revision of ``kind`` changes if it had any."""
+        keys = sorted(self._lease_keys[lease])
+        for key in keys:
+            self._remove(key)
+        del self._leases[lease], self._lease_keys[lease]
+        if keys:
+            self._revision += 1
+            for key in keys:
+                self._record(kind, key)
+            self._committed(0 if kind == "expire" else 1)
+        return len(keys)
+
+    async def expire_leases(self, limit: int) -> int:
+        now_ms = self._clock() * 1000
+        # In the order every store takes them: by expiry, then id.
+        expired = sorted(
+            (lease.expires_at, lease.id)
+            for lease in self._leases.values()
+            if lease.expires_at <= now_ms
+        )[:limit]
+        for _, lease_id in expired:
+            self._end_lease(lease_id, "expire")
+        return len(expired)
+
+    async def live_leases(self) -> int:
+        now_ms = self._clock() * 1000
+        return sum(lease.expires_at > now_ms for lease in self._leases.values())
 
     async def revision(self) -> int:
         return self._revision
@@ -342,6 +432,8 @@ class MemoryStore:
         data, revision = self._data, self._revision
         for key, (val, expires_at) in staged.items():
             data[key] = Entry(val, revision, expires_at)
+            if key in self._key_lease:  # a loaded row has no lease
+                self._attach(key, None)
         self._sorted = None
         self._compact_revision = self._revision  # a bulk load, not events: watchers list again
         self._committed()

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from mapmg_data_engineer_takehome.models import MAX_BATCH_WRITES
-from mapmg_data_engineer_takehome.store import SqliteStore, StoreCorrupt, StoreUnavailable
+from mapmg_data_engineer_takehome.store import SqliteStore, Store, StoreCorrupt, StoreUnavailable
 from mapmg_data_engineer_takehome.store.base import (
     Change,
     Compacted,
+    LeaseNotFound,
     SetItem,
     UnknownRevision,
 )
@@ -215,6 +216,52 @@ async def test_a_file_of_the_release_before_the_history_is_upgraded_in_place(
         with pytest.raises(UnknownRevision):  # a number this life skipped
             await store.changes("", 9, 100)
         assert (await store.history()).rows == 1
+    finally:
+        await store.close()
+    assert_current_and_intact(path)
+
+
+async def assert_leases_work_after_the_upgrade(store: Store, keys: int) -> None:
+    """A store upgraded from the schema-4 fixture (``keys`` keys) remembers its seed, and a
+    lease works on it: a key of the fixture set with one, then revoked."""
+    assert await store.seed_fingerprint() == "schema-4-fixture-seed"
+    lease = await store.grant_lease(60)
+    entry = await store.set("txn/1", "leased now", lease=lease.id)
+    assert entry.expires_at == lease.expires_at
+    assert list((await store.lease_keys(lease.id)).keys) == ["txn/1"]
+    assert await store.revoke_lease(lease.id) == 1
+    with pytest.raises(LeaseNotFound):
+        await store.keepalive_lease(lease.id)
+    assert await store.count() == keys - 1
+
+
+async def test_a_file_of_the_release_before_leases_is_upgraded_keeping_keys_and_history(
+    tmp_path: Path,
+) -> None:
+    """tests/kv/fixtures/kv-schema-4.sqlite3 was written by the release before leases (schema
+    4; see the fixtures' README): the upgrade keeps every key, version and expiry and the whole
+    history (read from the file before it), and its keys have no lease."""
+    path = tmp_path / "kv.sqlite3"
+    shutil.copyfile(FIXTURES / "kv-schema-4.sqlite3", path)
+    conn = sqlite3.connect(str(path))
+    try:
+        rows = conn.execute("SELECT key, val, version, expires_at FROM kv ORDER BY key").fetchall()
+        history = conn.execute(
+            "SELECT revision, type, key, val, expires_at FROM changes ORDER BY revision, key"
+        ).fetchall()
+        compact = conn.execute("SELECT value FROM meta WHERE name = 'compact_revision'").fetchone()[
+            0
+        ]
+    finally:
+        conn.close()
+    assert len(rows) == 8 and len(history) == 10  # the fixture is what the README says
+    store = SqliteStore(path, clock=lambda: 1_800_000_100.0)
+    try:
+        page = await store.list_keys("", None, 100, values=True)
+        assert [(i.key, i.val, i.version, i.expires_at) for i in page.keys] == rows
+        changes = await store.changes("", compact, 1000)
+        assert [tuple(change) for change in changes.events] == history
+        await assert_leases_work_after_the_upgrade(store, len(rows))
     finally:
         await store.close()
     assert_current_and_intact(path)

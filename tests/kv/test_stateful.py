@@ -2,9 +2,10 @@
 
 The server is the real app, in-process, on a clock the machine moves. The model predicts every
 answer: values, versions (the ETag), expiry, conditional writes, transactions (random compares
-and branches), listings page by page, batches, exports and imports (merge and replace), and
-the history of changes. A restart
-closes the app (store included) and opens a new one on the same data file: the sqlite store
+and branches), leases (grant, keepalive, read, revoke, a set with one, their expiry by the
+upkeep, which is a rule), listings page by page, batches, exports and imports (merge and
+replace), and the history of changes. A restart closes
+the app (store included) and opens a new one on the same data file: the sqlite store
 must then still hold everything acknowledged, the memory store nothing. Each opening of a
 store begins a new life, whose revisions start at the clock in microseconds or above (the
 numbers skipped answer 410 unknown_revision), and so does each import.
@@ -77,6 +78,11 @@ OPERATIONS = st.one_of(
 BRANCHES = st.lists(OPERATIONS, max_size=4)
 
 WATCHERS = st.integers(0, 2)
+# A lease a rule names: one of those granted so far (live, revoked or expired), by its place,
+# or one never granted.
+LEASES = st.integers(0, 3)
+UNKNOWN_LEASE = "0" * 32
+LEASE_TTLS = st.sampled_from([1, 2.5, 5])
 
 
 @dataclass
@@ -86,6 +92,7 @@ class Held:
     val: str
     version: int
     expires_at: Optional[int]
+    lease: Optional[str] = None  # a leased key's expiry is its lease's
 
 
 @dataclass
@@ -123,6 +130,10 @@ class KeyValueMachine(RuleBasedStateMachine):
         # The revisions each new life skipped: (forked_at, resumed_at), both excluded.
         self.gaps: list[tuple[int, int]] = []
         self.watchers: dict[int, Watcher] = {}
+        # Every lease granted (id: ttl, expiry in ms) until revoked or expired by the upkeep,
+        # and every id granted, for the rules to name.
+        self.leases: dict[str, tuple[float, int]] = {}
+        self.lease_ids: list[str] = []
         self.steps = 0
         self.client: Optional[TestClient[Any, Any]] = None
         # Another server on the same store, for the watchers: none for the memory store.
@@ -235,6 +246,106 @@ class KeyValueMachine(RuleBasedStateMachine):
         self.model[key] = Held(val, self.revision, self.expiry(ttl))
         self.record("set", key, self.model[key])
         assert answer_headers["ETag"] == f'"{self.revision}"'
+
+    # --- leases --------------------------------------------------------------------------
+
+    def lease_named(self, index: int) -> str:
+        return self.lease_ids[index] if index < len(self.lease_ids) else UNKNOWN_LEASE
+
+    def live_lease(self, lease: str) -> Optional[tuple[float, int]]:
+        found = self.leases.get(lease)
+        return found if found is not None and found[1] > self.clock.now * 1000 else None
+
+    def lease_keys(self, lease: str) -> list[str]:
+        return sorted(key for key, held in self.model.items() if held.lease == lease)
+
+    @staticmethod
+    def lease_answer(lease: str, ttl: float, expires_at: int) -> dict[str, Any]:
+        return {"id": lease, "ttl": ttl, "expires_at": rfc3339(expires_at)}
+
+    @rule(ttl=LEASE_TTLS)
+    def grant_lease(self, ttl: float) -> None:
+        status, _, answer = self.request("POST", self.url("/leases"), json={"ttl": ttl})
+        assert status == 200
+        lease = answer["id"]
+        assert lease not in self.lease_ids
+        expires_at = round((self.clock.now + ttl) * 1000)
+        assert answer == self.lease_answer(lease, ttl, expires_at)
+        self.leases[lease] = (ttl, expires_at)
+        self.lease_ids.append(lease)
+
+    @rule(index=LEASES)
+    def keepalive_lease(self, index: int) -> None:
+        lease = self.lease_named(index)
+        status, _, answer = self.request("POST", self.url(f"/leases/{lease}/keepalive"))
+        live = self.live_lease(lease)
+        if live is None:
+            assert (status, answer["error"]) == (404, "lease_not_found")
+            return
+        expires_at = round((self.clock.now + live[0]) * 1000)
+        assert (status, answer) == (200, self.lease_answer(lease, live[0], expires_at))
+        self.leases[lease] = (live[0], expires_at)
+        for key in self.lease_keys(lease):  # no revision, no change
+            self.model[key].expires_at = expires_at
+
+    @rule(index=LEASES)
+    def read_lease(self, index: int) -> None:
+        lease = self.lease_named(index)
+        status, _, answer = self.request("GET", self.url(f"/leases/{lease}"))
+        live = self.live_lease(lease)
+        if live is None:
+            assert (status, answer["error"]) == (404, "lease_not_found")
+            return
+        expected = {**self.lease_answer(lease, *live), "keys": self.lease_keys(lease)}
+        assert (status, answer) == (200, expected)
+
+    @rule(index=LEASES)
+    def revoke_lease(self, index: int) -> None:
+        lease = self.lease_named(index)
+        status, _, answer = self.request("DELETE", self.url(f"/leases/{lease}"))
+        if self.live_lease(lease) is None:
+            assert (status, answer["error"]) == (404, "lease_not_found")
+            return
+        keys = self.lease_keys(lease)
+        assert (status, answer) == (200, {"id": lease, "revoked": True, "deleted": len(keys)})
+        del self.leases[lease]
+        if keys:
+            self.revision += 1
+        for key in keys:
+            del self.model[key]
+            self.record("delete", key)
+
+    @rule(key=KEYS, val=VALUES, index=LEASES)
+    def set_with_lease(self, key: str, val: str, index: int) -> None:
+        lease = self.lease_named(index)
+        body = {"key": key, "val": val, "lease": lease}
+        status, headers, answer = self.request("POST", self.url("/set"), json=body)
+        live = self.live_lease(lease)
+        if live is None:
+            assert (status, answer["error"]) == (404, "lease_not_found")
+            return
+        assert (status, answer) == (200, {"key": key, "val": val})
+        self.revision += 1
+        self.model[key] = Held(val, self.revision, live[1], lease)
+        self.record("set", key, self.model[key])
+        assert headers["KV-Expires-At"] == rfc3339(live[1])
+
+    @rule()
+    def expire_leases(self) -> None:
+        """The upkeep's removal of expired leases: each with its keys in one revision, in
+        order of expiry, then id."""
+        now_ms = self.clock.now * 1000
+        expired = sorted((e, lease) for lease, (_, e) in self.leases.items() if e <= now_ms)
+        store = self.app[STORE_KEY]
+        assert self.run(store.expire_leases(100)) == len(expired)
+        for _, lease in expired:
+            del self.leases[lease]
+            keys = self.lease_keys(lease)
+            if keys:
+                self.revision += 1
+            for key in keys:
+                del self.model[key]
+                self.record("expire", key)
 
     @rule(key=KEYS)
     def get(self, key: str) -> None:
@@ -506,7 +617,9 @@ class KeyValueMachine(RuleBasedStateMachine):
         expired = sorted(
             key
             for key, held in self.model.items()
-            if held.expires_at is not None and held.expires_at <= now_ms
+            if held.expires_at is not None
+            and held.expires_at <= now_ms
+            and held.lease is None  # a leased key goes with its lease (expire_leases)
         )
         store = self.app[STORE_KEY]
         assert self.run(store.purge_expired(100)) == len(expired)
@@ -640,6 +753,7 @@ class KeyValueMachine(RuleBasedStateMachine):
             self.history.clear()
             self.compact_revision = 0
             self.gaps.clear()
+            self.leases.clear()
         self.run(self.start())
         self.begin_life()
 

@@ -31,6 +31,8 @@ from mapmg_data_engineer_takehome.store.base import (
     IfAbsent,
     IfExists,
     IfVersion,
+    Lease,
+    LeaseNotFound,
     Loaded,
     PreconditionFailed,
     SetItem,
@@ -1002,3 +1004,174 @@ async def test_transactions_submitted_together_let_exactly_one_compare_and_set_t
     )
     assert [result.succeeded for result in outcomes].count(True) == 1
     assert await store.revision() == start + 2
+
+
+# --- leases -----------------------------------------------------------------------------------
+
+
+async def test_a_lease_is_granted_kept_alive_and_read_without_a_revision(
+    store: Store, clock: FakeClock
+) -> None:
+    start = await store.revision()
+    lease = await store.grant_lease(10)
+    assert lease.ttl == 10 and lease.expires_at == round((clock.now + 10) * 1000)
+    assert len(lease.id) == 32 and lease.id != (await store.grant_lease(10)).id
+    written = await store.set("leased/b", "2", lease=lease.id)
+    await store.set("leased/a", "1", lease=lease.id)
+    await store.set("free", "3", ttl=100)
+    assert written.expires_at == lease.expires_at
+    revision = await store.revision()
+    assert revision == start + 3
+    clock.advance(6)
+    renewed = await store.keepalive_lease(lease.id)
+    assert renewed == Lease(lease.id, 10, round((clock.now + 10) * 1000))
+    # The keepalive moved the keys' expiry with the lease's: no revision, no change, and the
+    # sets' changes still say what they set.
+    assert await store.revision() == revision
+    assert await all_changes(store, start) == [
+        Change(start + 1, "set", "leased/b", "2", lease.expires_at),
+        Change(start + 2, "set", "leased/a", "1", lease.expires_at),
+        Change(start + 3, "set", "free", "3", round((clock.now - 6 + 100) * 1000)),
+    ]
+    entry = await store.get("leased/b")
+    assert entry == Entry("2", written.version, renewed.expires_at)
+    info = await store.lease_keys(lease.id)
+    assert info.lease == renewed and list(info.keys) == ["leased/a", "leased/b"]
+    clock.advance(6)  # past the first expiry, not the renewed one
+    assert await value_of(store, "leased/a") == "1"
+    assert await listed(store, "leased/") == ["leased/a", "leased/b"]
+
+
+async def test_a_revoked_lease_deletes_its_keys_in_one_revision(
+    store: Store, clock: FakeClock
+) -> None:
+    lease = await store.grant_lease(10)
+    empty = await store.grant_lease(10)
+    for key in ("k/2", "k/1", "k/3"):
+        await store.set(key, "v", lease=lease.id)
+    await store.set("k/3", "detached")  # a set without the lease detaches the key
+    revision = await store.revision()
+    assert await store.revoke_lease(lease.id) == 2
+    assert await all_changes(store, revision) == [
+        Change(revision + 1, "delete", "k/1"),
+        Change(revision + 1, "delete", "k/2"),
+    ]
+    assert await listed(store, "k/") == ["k/3"]
+    assert await store.count() == 1
+    assert await store.revoke_lease(empty.id) == 0  # no keys: no revision
+    assert await store.revision() == revision + 1
+    for gone in (lease.id, empty.id):
+        with pytest.raises(LeaseNotFound):
+            await store.revoke_lease(gone)
+        with pytest.raises(LeaseNotFound):
+            await store.keepalive_lease(gone)
+        with pytest.raises(LeaseNotFound):
+            await store.lease_keys(gone)
+
+
+async def test_an_expired_lease_takes_its_keys_in_one_revision_of_expiries(
+    store: Store, clock: FakeClock
+) -> None:
+    lease = await store.grant_lease(5)
+    other = await store.grant_lease(50)
+    await store.set_many([SetItem("plain", "v", ttl=1)])
+    for key in ("a", "c", "b"):
+        await store.set(key, "v", lease=lease.id)
+    await store.set("kept", "v", lease=other.id)
+    assert await store.live_leases() == 2
+    revision = await store.revision()
+    clock.advance(5)
+    # Expired at once everywhere, before any upkeep ran.
+    assert await store.get("a") is None
+    assert await store.get_many(["a", "b", "kept"]) == {"kept": "v"}
+    assert await listed(store) == ["kept"]
+    assert await store.live_leases() == 1
+    with pytest.raises(LeaseNotFound):
+        await store.keepalive_lease(lease.id)
+    with pytest.raises(LeaseNotFound):
+        await store.lease_keys(lease.id)
+    with pytest.raises(LeaseNotFound):
+        await store.set("late", "v", lease=lease.id)
+    assert await store.revision() == revision
+    # The ordinary purge leaves leased keys for the lease's own expiry.
+    assert await store.purge_expired(100) == 1
+    assert await store.expire_leases(100) == 1
+    assert await store.expire_leases(100) == 0
+    assert await all_changes(store, revision) == [
+        Change(revision + 1, "expire", "plain"),
+        Change(revision + 2, "expire", "a"),
+        Change(revision + 2, "expire", "b"),
+        Change(revision + 2, "expire", "c"),
+    ]
+    assert await store.count() == 1
+    assert await value_of(store, "kept") == "v"
+
+
+async def test_a_set_with_an_unknown_lease_writes_nothing(store: Store) -> None:
+    await store.set("k", "before")
+    revision = await store.revision()
+    with pytest.raises(LeaseNotFound):
+        await store.set("k", "after", lease="0" * 32)
+    with pytest.raises(LeaseNotFound):
+        await store.txn(
+            [],
+            [TxnDelete("k"), TxnSet("other", "v"), TxnSet("new", "v", lease="nope")],
+            [],
+        )
+    assert await store.revision() == revision
+    assert await value_of(store, "k") == "before"
+    assert await store.get("other") is None
+    assert await all_changes(store, revision) == []
+
+
+async def test_a_transaction_sets_keys_with_a_lease(store: Store, clock: FakeClock) -> None:
+    lease = await store.grant_lease(10)
+    await store.set("detach", "v", lease=lease.id)
+    result = await store.txn(
+        [CompareExists("detach", True)],
+        [TxnSet("t/1", "a", lease=lease.id), TxnSet("detach", "w")],
+        # The failure branch names an unknown lease, but does not run.
+        [TxnSet("t/2", "b", lease="unknown")],
+    )
+    assert result.succeeded
+    assert (await store.get("t/1")) == Entry("a", result.revision, lease.expires_at)
+    assert list((await store.lease_keys(lease.id)).keys) == ["t/1"]
+    clock.advance(11)
+    assert await store.expire_leases(10) == 1
+    assert await listed(store) == ["detach"]
+
+
+async def test_a_lease_is_one_on_every_handle(store: Store, clock: FakeClock) -> None:
+    """Granted through one handle (another worker, another replica), kept alive and revoked
+    through the other."""
+    other = await second_handle(store, clock)
+    try:
+        lease = await store.grant_lease(10)
+        await other.set("shared", "v", lease=lease.id)
+        clock.advance(8)
+        renewed = await other.keepalive_lease(lease.id)
+        assert (await store.lease_keys(lease.id)).lease == renewed
+        clock.advance(8)
+        assert await value_of(store, "shared") == "v"
+        revision = await store.revision()
+        assert await other.revoke_lease(lease.id) == 1
+        with pytest.raises(LeaseNotFound):
+            await store.keepalive_lease(lease.id)
+        assert await all_changes(store, revision) == [Change(revision + 1, "delete", "shared")]
+    finally:
+        if other is not store:
+            await other.close()
+
+
+async def test_a_set_with_a_lease_keeps_its_condition(store: Store) -> None:
+    lease = await store.grant_lease(10)
+    first = await store.set("k", "1", condition=IfAbsent(), lease=lease.id)
+    revision = await store.revision()
+    with pytest.raises(PreconditionFailed) as failed:
+        await store.set("k", "2", condition=IfVersion(first.version + 1), lease=lease.id)
+    assert failed.value.current == first.version
+    with pytest.raises(PreconditionFailed):
+        await store.set("k", "2", condition=IfAbsent(), lease=lease.id)
+    assert await store.revision() == revision
+    second = await store.set("k", "2", condition=IfVersion(first.version), lease=lease.id)
+    assert second == Entry("2", revision + 1, lease.expires_at)

@@ -5,7 +5,7 @@ the statements the store runs.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
 # schema, and one applies a seed while the others wait for it.
 SCHEMA_LOCK = 0x4B565343
@@ -56,8 +56,9 @@ BEGIN
             -- xmax is 0 on a row this statement inserted, not on one it updated.
             INSERT INTO kv (key, val, version, expires_at)
                  VALUES (p_keys[i], p_vals[i], current_revision, expiry)
+            -- A set without a lease detaches the key from the one it had.
             ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
-                                            expires_at = excluded.expires_at
+                                            expires_at = excluded.expires_at, lease = NULL
             RETURNING (kv.xmax = 0) INTO inserted;
             IF inserted THEN added := added + 1; END IF;
             INSERT INTO kv_changes (revision, key, type, val, expires_at)
@@ -185,10 +186,21 @@ SCHEMA = (
     " ('compact_revision', '0'), ('history_rows', '0'), ('history_counted', '0')"
     " ON CONFLICT (name) DO NOTHING",
 )
-# From each schema version to the next, in place. Schema 1 had no history: it starts empty,
-# whole above the revision the database was at. Schema 2 had no timelines: the server's is
-# recorded, as on a new store, by the first check of a connection. Schema 3 did not notice a
-# server started anew: its first check here begins a life.
+# The leases (see base.py): a leased key names its lease in kv.lease and carries its expiry.
+# The index finds a lease's keys without a scan (keepalive, revoke, expiry); keys without a
+# lease pay nothing for it.
+_LEASES = (
+    "ALTER TABLE kv ADD COLUMN IF NOT EXISTS lease text",
+    "CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS kv_leases (id text PRIMARY KEY, ttl double precision NOT NULL,"
+    " expires_at bigint NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS kv_leases_expiry ON kv_leases (expires_at)",
+)
+# From each schema version to the next, in place (a new store is schema 1, then upgraded).
+# Schema 1 had no history: it starts empty, whole above the revision the database was at.
+# Schema 2 had no timelines: the server's is recorded, as on a new store, by the first check
+# of a connection. Schema 3 did not notice a server started anew: its first check here begins
+# a life. Schema 4 had no leases: its keys have none, and its write function kept no lease.
 UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         _CREATE_CHANGES,
@@ -203,6 +215,7 @@ UPGRADES: dict[int, tuple[str, ...]] = {
     ),
     2: (_CREATE_TIMELINES, _CHECK_PRIMARY_FUNCTION),
     3: (_CHECK_PRIMARY_FUNCTION,),
+    4: (*_LEASES, _WRITE_FUNCTION),
 }
 
 LIVE = f"(expires_at IS NULL OR expires_at > {NOW.format('$2')})"
@@ -222,7 +235,7 @@ items AS (
 written AS (
     INSERT INTO kv (key, val, version, expires_at) SELECT k, v, $4, e FROM items
     ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
-                                    expires_at = excluded.expires_at
+                                    expires_at = excluded.expires_at, lease = NULL
     RETURNING (kv.xmax = 0) AS inserted),
 recorded AS (
     INSERT INTO kv_changes (revision, key, type, val, expires_at)
@@ -244,8 +257,9 @@ SELECT count(*) FROM gone
 
 # Expired rows stay, for the purge to report.
 DELETE_MANY = _remove(f"key = ANY($1::text[]) AND {LIVE}", "delete")
+# A leased key expires with its lease, all its keys at once (EXPIRE_LEASE), never alone.
 PURGE = _remove(
-    f"""key IN (SELECT key FROM kv WHERE expires_at <= {NOW.format("$2")}
+    f"""key IN (SELECT key FROM kv WHERE expires_at <= {NOW.format("$2")} AND lease IS NULL
                  ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED)""",
     "expire",
 )
@@ -255,12 +269,14 @@ TXN_BEGIN = (
     f"SELECT value::bigint, {NOW.format('$1')} FROM kv_meta WHERE name = 'revision' FOR UPDATE"
 )
 TXN_GET = f"SELECT val, version, expires_at FROM kv WHERE key = $1 AND {LIVE}"
-# A set of the transaction's: the key at revision $3, its change, and the key count.
+# A set of the transaction's: the key at revision $3 with lease $5 (or none), its change,
+# and the key count.
 TXN_SET = f"""
 WITH written AS (
-    INSERT INTO kv (key, val, version, expires_at) VALUES ($1::text, $2::text, $3, $4::bigint)
+    INSERT INTO kv (key, val, version, expires_at, lease)
+    VALUES ($1::text, $2::text, $3, $4::bigint, $5::text)
     ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,
-                                    expires_at = excluded.expires_at
+                                    expires_at = excluded.expires_at, lease = excluded.lease
     RETURNING (kv.xmax = 0) AS inserted),
 recorded AS (
     INSERT INTO kv_changes (revision, key, type, val, expires_at)
@@ -269,7 +285,53 @@ recorded AS (
 """
 # A prefix delete of the transaction's: the live keys in [$1, $4), in revision $3.
 DELETE_PREFIX = _remove(f"key >= $1::text AND ($4::text IS NULL OR key < $4) AND {LIVE}", "delete")
-ANY_EXPIRED = f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {NOW.format('$1')})"
+ANY_EXPIRED = (
+    f"SELECT EXISTS (SELECT 1 FROM kv WHERE expires_at <= {NOW.format('$1')} AND lease IS NULL)"
+)
+# --- leases (see base.py); the time $2 (or $1) is the database's unless the tests pass theirs.
+GRANT_LEASE = f"""
+INSERT INTO kv_leases (id, ttl, expires_at)
+VALUES ($1::text, $2::float8, {NOW.format("$3")} + round($2::float8 * 1000)::bigint)
+RETURNING expires_at
+"""
+# A set with a lease reads it FOR SHARE: a keepalive (which updates the lease's row first,
+# then its keys) waits for the set to commit, so that it moves the new key's expiry too; a
+# revoke or an expiry waits likewise, then finds the key.
+LOCK_LEASE = (
+    f"SELECT expires_at FROM kv_leases WHERE id = $1 AND expires_at > {NOW.format('$2')} FOR SHARE"
+)
+# A keepalive: the lease's row, then (a statement of its own, so that it sees a set that
+# committed while this one waited for the row) its keys' expiry. No revision, no change.
+RENEW_LEASE = f"""
+UPDATE kv_leases SET expires_at = {NOW.format("$2")} + round(ttl * 1000)::bigint
+ WHERE id = $1 AND expires_at > {NOW.format("$2")} RETURNING ttl, expires_at
+"""
+RENEW_LEASE_KEYS = "UPDATE kv SET expires_at = $2 WHERE lease = $1"
+LEASE_KEYS = f"""
+SELECT l.ttl, l.expires_at, ARRAY(SELECT k.key FROM kv k WHERE k.lease = l.id ORDER BY k.key)
+  FROM kv_leases l WHERE l.id = $1 AND l.expires_at > {NOW.format("$2")}
+"""
+# A revoke takes the lease only while it is live; an expiry only once it has expired (and
+# skips one that another server is expiring).
+REVOKE_LEASE = (
+    f"DELETE FROM kv_leases WHERE id = $1 AND expires_at > {NOW.format('$2')} RETURNING id"
+)
+EXPIRED_LEASES = f"""
+SELECT id FROM kv_leases WHERE expires_at <= {NOW.format("$1")}
+ ORDER BY expires_at, id COLLATE "C" LIMIT $2 FOR UPDATE SKIP LOCKED
+"""
+ANY_EXPIRED_LEASE = (
+    f"SELECT EXISTS (SELECT 1 FROM kv_leases WHERE expires_at <= {NOW.format('$1')})"
+)
+LIVE_LEASES = f"SELECT count(*) FROM kv_leases WHERE expires_at > {NOW.format('$1')}"
+# A lease's keys ($1), removed in revision $2 as changes of type $3; how many.
+REMOVE_LEASE_KEYS = f"""
+WITH dropped AS (DELETE FROM kv_leases WHERE id = $1),
+gone AS (DELETE FROM kv WHERE lease = $1 RETURNING key),
+recorded AS (INSERT INTO kv_changes (revision, key, type) SELECT $2, key, $3 FROM gone),
+counted AS ({COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
+SELECT count(*) FROM gone
+"""
 READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
 # The changes above $1 under the prefix [$2, $3), as take_changes cuts them ($4 of them, fewer
 # once their values pass $5 characters, then the rest of the last one's revision), whether any
@@ -324,7 +386,7 @@ APPLY_BULK = f"""
 WITH latest AS (
     SELECT DISTINCT ON (key) key, val, expires_at FROM {BULK_TABLE} ORDER BY key, ordinal DESC),
 updated AS (
-    UPDATE kv SET val = latest.val, version = $1, expires_at = latest.expires_at
+    UPDATE kv SET val = latest.val, version = $1, expires_at = latest.expires_at, lease = NULL
       FROM latest WHERE kv.key = latest.key RETURNING kv.key)
 INSERT INTO kv (key, val, version, expires_at)
 SELECT key, val, $1, expires_at FROM latest WHERE key NOT IN (SELECT key FROM updated)

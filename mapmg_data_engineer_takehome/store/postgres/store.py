@@ -32,6 +32,9 @@ from ..base import (
     IfAbsent,
     IfExists,
     IfVersion,
+    Lease,
+    LeaseKeys,
+    LeaseNotFound,
     ListedKey,
     Loaded,
     LoadRow,
@@ -50,8 +53,11 @@ from ..base import (
     TxnSet,
     Wake,
     check_since,
+    condition_holds,
     first_failing,
+    leases_of,
     life_start,
+    new_lease_id,
     prefix_upper_bound,
 )
 from ..batches import BatchCut
@@ -77,6 +83,7 @@ from .connect import (
 )
 from .sql import (
     ANY_EXPIRED,
+    ANY_EXPIRED_LEASE,
     APPLY_BULK,
     BULK_TABLE,
     CHANGES,
@@ -84,17 +91,26 @@ from .sql import (
     COUNT_KEYS,
     DELETE_MANY,
     DELETE_PREFIX,
+    EXPIRED_LEASES,
     EXPORT_FETCH,
     EXPORT_PAGE,
     EXPORT_VALUE,
     GET_MANY,
+    GRANT_LEASE,
+    LEASE_KEYS,
     LIVE,
+    LIVE_LEASES,
+    LOCK_LEASE,
     LOCK_REVISION,
     NOW,
     PURGE,
     READ_META,
     READ_REVISION,
+    REMOVE_LEASE_KEYS,
     REMOVE_OTHERS,
+    RENEW_LEASE,
+    RENEW_LEASE_KEYS,
+    REVOKE_LEASE,
     SCHEMA,
     SCHEMA_LOCK,
     SCHEMA_VERSION,
@@ -479,7 +495,10 @@ class PostgresStore:
         val: str,
         ttl: Optional[float] = None,
         condition: Optional[Condition] = None,
+        lease: Optional[str] = None,
     ) -> Entry:
+        if lease is not None:
+            return await self._set_leased(key, val, condition, lease)
         ttl_ms = None if ttl is None else round(ttl * 1000)
         outcome, version, expires_at = await self._submit(
             _Write("set", key, val, ttl_ms, condition)
@@ -487,6 +506,30 @@ class PostgresStore:
         if outcome == "failed":
             raise PreconditionFailed(version)
         return Entry(val, version, expires_at)
+
+    async def _set_leased(
+        self, key: str, val: str, condition: Optional[Condition], lease: str
+    ) -> Entry:
+        """A set with a lease: a transaction of its own (not the grouped kv_write), which
+        takes the revision's lock, then checks the condition and the lease."""
+
+        async def write(conn: Any) -> Entry:
+            current, now_ms = await conn.fetchrow(TXN_BEGIN, self._now())
+            row = await conn.fetchrow(TXN_GET, key, now_ms)
+            live = None if row is None else int(row[1])
+            if not condition_holds(condition, live):
+                raise PreconditionFailed(live)
+            expires_at = await _live_lease(conn, lease, now_ms)
+            revision = current + 1
+            await conn.execute(TXN_SET, key, val, revision, expires_at, lease)
+            await conn.execute(TAKE_REVISION)
+            return Entry(val, revision, expires_at)
+
+        entry = await self._in_transaction(write)
+        if self.on_commit is not None:
+            self.on_commit(1)
+        self._revisions.moved(entry.version)
+        return entry
 
     async def delete(self, key: str, condition: Optional[Condition] = None) -> bool:
         outcome, version, _ = await self._submit(_Write("delete", key, None, None, condition))
@@ -582,9 +625,12 @@ class PostgresStore:
             rows = await conn.fetch(GET_MANY, keys, now_ms) if keys else []
             held = {row[0]: Entry(row[1], row[2], row[3]) for row in rows}
             failed = first_failing(compares, held.get)
+            branch = success if failed is None else failure
+            # Every lease the branch names is live (and held FOR SHARE), or nothing is written.
+            leases = {lease: await _live_lease(conn, lease, now_ms) for lease in leases_of(branch)}
             changed = False
             results: list[TxnOutcome] = []
-            for operation in success if failed is None else failure:
+            for operation in branch:
                 if isinstance(operation, TxnGet):
                     row = await conn.fetchrow(TXN_GET, operation.key, now_ms)
                     results.append(
@@ -596,7 +642,16 @@ class PostgresStore:
                     expires_at = (
                         None if operation.ttl is None else now_ms + round(operation.ttl * 1000)
                     )
-                    await conn.execute(TXN_SET, operation.key, operation.val, revision, expires_at)
+                    if operation.lease is not None:
+                        expires_at = leases[operation.lease]
+                    await conn.execute(
+                        TXN_SET,
+                        operation.key,
+                        operation.val,
+                        revision,
+                        expires_at,
+                        operation.lease,
+                    )
                     changed = True
                     results.append(SetKey(operation.key, revision))
                 elif isinstance(operation, TxnDelete):
@@ -656,6 +711,71 @@ class PostgresStore:
         if not (await self._fetch(ANY_EXPIRED, self._now()))[0][0]:
             return 0
         return await self._remove(PURGE, limit)
+
+    # --- leases ---------------------------------------------------------------------------
+    # Judged by the database's clock (NOW), as every write here is, so that replicas agree.
+
+    async def grant_lease(self, ttl: float) -> Lease:
+        lease = new_lease_id()
+        rows = await self._fetch(GRANT_LEASE, lease, ttl, self._now())
+        return Lease(lease, ttl, int(rows[0][0]))
+
+    async def keepalive_lease(self, lease: str) -> Lease:
+        async def renew(conn: Any) -> Lease:
+            row = await conn.fetchrow(RENEW_LEASE, lease, self._now())
+            if row is None:
+                raise LeaseNotFound(lease)
+            await conn.execute(RENEW_LEASE_KEYS, lease, row[1])
+            return Lease(lease, float(row[0]), int(row[1]))
+
+        return await self._in_transaction(renew)
+
+    async def lease_keys(self, lease: str) -> LeaseKeys:
+        rows = await self._fetch(LEASE_KEYS, lease, self._now())
+        if not rows:
+            raise LeaseNotFound(lease)
+        ttl, expires_at, keys = rows[0]
+        return LeaseKeys(Lease(lease, float(ttl), int(expires_at)), list(keys))
+
+    async def revoke_lease(self, lease: str) -> int:
+        revision = 0
+
+        async def revoke(conn: Any) -> int:
+            nonlocal revision
+            revision = int(await conn.fetchval(LOCK_REVISION)) + 1
+            if await conn.fetchval(REVOKE_LEASE, lease, self._now()) is None:
+                raise LeaseNotFound(lease)
+            return await _remove_lease(conn, lease, revision, "delete")
+
+        removed = await self._in_transaction(revoke)
+        if removed:
+            if self.on_commit is not None:
+                self.on_commit(1)
+            self._revisions.moved(revision)
+        return removed
+
+    async def expire_leases(self, limit: int) -> int:
+        # Most sweeps find nothing: they ask without taking the revision's lock.
+        if not (await self._fetch(ANY_EXPIRED_LEASE, self._now()))[0][0]:
+            return 0
+        revision = 0
+
+        async def expire(conn: Any) -> int:
+            nonlocal revision
+            revision = int(await conn.fetchval(LOCK_REVISION))
+            expired = [row[0] for row in await conn.fetch(EXPIRED_LEASES, self._now(), limit)]
+            for lease in expired:  # a revision for each lease that had keys
+                if await _remove_lease(conn, lease, revision + 1, "expire"):
+                    revision += 1
+            return len(expired)
+
+        expired = await self._in_transaction(expire)
+        if expired:
+            self._revisions.moved(revision)
+        return expired
+
+    async def live_leases(self) -> int:
+        return int((await self._fetch(LIVE_LEASES, self._now()))[0][0])
 
     # --- the history ----------------------------------------------------------------------
 
@@ -996,6 +1116,22 @@ class _PostgresSnapshot:
                     yield full
         if (rest := cut.rest()) is not None:
             yield rest
+
+
+async def _live_lease(conn: Any, lease: str, now_ms: int) -> int:
+    """The live lease's expiry, its row held FOR SHARE until the commit; else LeaseNotFound."""
+    expires_at = await conn.fetchval(LOCK_LEASE, lease, now_ms)
+    if expires_at is None:
+        raise LeaseNotFound(lease)
+    return int(expires_at)
+
+
+async def _remove_lease(conn: Any, lease: str, revision: int, kind: str) -> int:
+    """Drop the lease and its keys in ``revision`` (taken when it had any); how many keys."""
+    removed = int(await conn.fetchval(REMOVE_LEASE_KEYS, lease, revision, kind))
+    if removed:
+        await conn.execute(TAKE_REVISION)
+    return removed
 
 
 def _condition_name(condition: Optional[Condition]) -> Optional[str]:

@@ -81,7 +81,8 @@ class _FastSeedMissed(Exception):
 _BULK_INSERT = (
     "INSERT OR IGNORE INTO kv (key, val, expires_at, version) SELECT *, ? FROM ({select})"
     " WHERE true ON CONFLICT (key) DO UPDATE SET"
-    " val = excluded.val, version = excluded.version, expires_at = excluded.expires_at"
+    " val = excluded.val, version = excluded.version, expires_at = excluded.expires_at,"
+    " lease = NULL"  # a loaded row has no lease
 )
 # An import's rows, staged in the bulk load's own temporary table, in the order they came.
 _CREATE_STAGED = (

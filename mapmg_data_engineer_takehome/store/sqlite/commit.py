@@ -20,6 +20,8 @@ from ..base import (
     DeletedPrefix,
     Entry,
     GotKey,
+    Lease,
+    LeaseNotFound,
     PreconditionFailed,
     SetKey,
     TxnDelete,
@@ -31,6 +33,9 @@ from ..base import (
     condition_holds,
     expiry_of,
     first_failing,
+    lease_expiry,
+    leases_of,
+    new_lease_id,
 )
 from ..notify import RevisionWake
 from ..trim import TrimPolicy
@@ -51,13 +56,17 @@ from .schema import (
 
 _GET_LIVE_VERSION = "SELECT version, expires_at FROM kv WHERE key = ?"
 _GET_ENTRY = "SELECT val, version, expires_at FROM kv WHERE key = ?"
+# A set names its lease, or none (which detaches the key from the one it had).
 _SET = (
-    "INSERT INTO kv (key, val, version, expires_at) VALUES (?, ?, ?, ?) ON CONFLICT (key)"
-    " DO UPDATE SET val = excluded.val, version = excluded.version,"
-    " expires_at = excluded.expires_at"
+    "INSERT INTO kv (key, val, version, expires_at, lease) VALUES (?, ?, ?, ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET val = excluded.val, version = excluded.version,"
+    " expires_at = excluded.expires_at, lease = excluded.lease"
 )
 _DELETE = "DELETE FROM kv WHERE key = ?"
-_EXPIRED = "SELECT key FROM kv WHERE expires_at <= ? ORDER BY expires_at LIMIT ?"
+# A leased key expires with its lease, all its keys at once (ExpireLeases), never alone.
+_EXPIRED = "SELECT key FROM kv WHERE expires_at <= ? AND lease IS NULL ORDER BY expires_at LIMIT ?"
+_LIVE_LEASE = "SELECT ttl, expires_at FROM leases WHERE id = ? AND expires_at > ?"
+_LEASE_KEYS = "SELECT key FROM kv WHERE lease = ? ORDER BY key"
 _RECORD_REMOVAL = "INSERT INTO changes (revision, key, type) VALUES (?, ?, ?)"
 
 
@@ -96,6 +105,13 @@ class _Transaction:
             raise PreconditionFailed(current)
         return current
 
+    def live_lease(self, lease: str) -> Lease:
+        """The lease, if live; else LeaseNotFound."""
+        row = self.conn.execute(_LIVE_LEASE, (lease, self.now_ms)).fetchone()
+        if row is None:
+            raise LeaseNotFound(lease)
+        return Lease(lease, row[0], row[1])
+
     def finish(self) -> None:
         if self.removals:
             self.conn.executemany(_RECORD_REMOVAL, self.removals)
@@ -108,20 +124,29 @@ class _Transaction:
 
 
 class SetOne:
-    __slots__ = ("condition", "expires_at", "key", "val")
+    __slots__ = ("condition", "expires_at", "key", "lease", "val")
 
     def __init__(
-        self, key: str, val: str, expires_at: Optional[int], condition: Optional[Condition]
+        self,
+        key: str,
+        val: str,
+        expires_at: Optional[int],
+        condition: Optional[Condition],
+        lease: Optional[str] = None,
     ) -> None:
         self.key, self.val, self.expires_at, self.condition = key, val, expires_at, condition
+        self.lease = lease
 
     def apply(self, tx: _Transaction) -> Entry:
         if self.condition is not None:
             tx.check(self.key, self.condition)
+        expires_at = self.expires_at
+        if self.lease is not None:
+            expires_at = tx.live_lease(self.lease).expires_at
         tx.revision += 1
         version = tx.revision
-        tx.conn.execute(_SET, (self.key, self.val, version, self.expires_at))
-        return Entry(self.val, version, self.expires_at)
+        tx.conn.execute(_SET, (self.key, self.val, version, expires_at, self.lease))
+        return Entry(self.val, version, expires_at)
 
 
 class DeleteOne:
@@ -151,7 +176,8 @@ class SetMany:
         # The last row for a key wins: one write (and one change) per key.
         last = {key: (val, expires_at) for key, val, expires_at in self.rows}
         tx.conn.executemany(
-            _SET, ((key, val, version, expires_at) for key, (val, expires_at) in last.items())
+            _SET,
+            ((key, val, version, expires_at, None) for key, (val, expires_at) in last.items()),
         )
         return version
 
@@ -212,10 +238,13 @@ class Transact:
 
     def apply(self, tx: _Transaction) -> TxnResult:
         failed = first_failing(self.compares, tx.live_entry)
+        branch = self.success if failed is None else self.failure
+        # Every lease the branch names is live, or nothing is written.
+        leases = {lease: tx.live_lease(lease) for lease in leases_of(branch)}
         revision = tx.revision + 1  # taken only if the branch changes anything
         changed = False
         results: list[TxnOutcome] = []
-        for operation in self.success if failed is None else self.failure:
+        for operation in branch:
             if isinstance(operation, TxnGet):
                 live = tx.live_entry(operation.key)
                 results.append(
@@ -225,8 +254,12 @@ class Transact:
                 )
             elif isinstance(operation, TxnSet):
                 expires_at = expiry_of(operation.ttl, tx.now_ms / 1000)
+                if operation.lease is not None:
+                    expires_at = leases[operation.lease].expires_at
                 # The trigger records the set's change and counts a new key.
-                tx.conn.execute(_SET, (operation.key, operation.val, revision, expires_at))
+                tx.conn.execute(
+                    _SET, (operation.key, operation.val, revision, expires_at, operation.lease)
+                )
                 changed = True
                 results.append(SetKey(operation.key, revision))
             elif isinstance(operation, TxnDelete):
@@ -260,6 +293,81 @@ class Purge:
     def apply(self, tx: _Transaction) -> int:
         expired = [key for (key,) in tx.conn.execute(_EXPIRED, (tx.now_ms, self.limit))]
         return _remove(tx, expired, "expire")
+
+
+class GrantLease:
+    """A new lease (see Store.grant_lease); takes no revision."""
+
+    __slots__ = ("ttl",)
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+
+    def apply(self, tx: _Transaction) -> Lease:
+        lease = Lease(new_lease_id(), self.ttl, lease_expiry(self.ttl, tx.now_ms / 1000))
+        tx.conn.execute(
+            "INSERT INTO leases (id, ttl, expires_at) VALUES (?, ?, ?)",
+            (lease.id, lease.ttl, lease.expires_at),
+        )
+        return lease
+
+
+class KeepaliveLease:
+    """Renew a live lease and its keys' expiry: an update of expires_at alone, which the
+    triggers do not record, and no revision."""
+
+    __slots__ = ("lease",)
+
+    def __init__(self, lease: str) -> None:
+        self.lease = lease
+
+    def apply(self, tx: _Transaction) -> Lease:
+        found = tx.live_lease(self.lease)
+        renewed = Lease(found.id, found.ttl, lease_expiry(found.ttl, tx.now_ms / 1000))
+        tx.conn.execute(
+            "UPDATE leases SET expires_at = ? WHERE id = ?", (renewed.expires_at, renewed.id)
+        )
+        tx.conn.execute(
+            "UPDATE kv SET expires_at = ? WHERE lease = ?", (renewed.expires_at, renewed.id)
+        )
+        return renewed
+
+
+def _end_lease(tx: _Transaction, lease: str, kind: ChangeType) -> int:
+    """Drop the lease and its keys, in one revision of ``kind`` changes if it had any."""
+    keys = [key for (key,) in tx.conn.execute(_LEASE_KEYS, (lease,))]
+    tx.conn.execute("DELETE FROM leases WHERE id = ?", (lease,))
+    return _remove(tx, keys, kind)
+
+
+class RevokeLease:
+    __slots__ = ("lease",)
+
+    def __init__(self, lease: str) -> None:
+        self.lease = lease
+
+    def apply(self, tx: _Transaction) -> int:
+        tx.live_lease(self.lease)
+        return _end_lease(tx, self.lease, "delete")
+
+
+class ExpireLeases:
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def apply(self, tx: _Transaction) -> int:
+        expired = [
+            lease
+            for (lease,) in tx.conn.execute(
+                "SELECT id FROM leases WHERE expires_at <= ? ORDER BY expires_at, id LIMIT ?",
+                (tx.now_ms, self.limit),
+            )
+        ]
+        for lease in expired:
+            _end_lease(tx, lease, "expire")
+        return len(expired)
 
 
 class TrimHistory:
@@ -316,7 +424,10 @@ _UNMARK = "DELETE FROM history_marks WHERE at < (SELECT max(at) FROM history_mar
 
 
 # Operations that are the store's upkeep, not a client's write: metrics count no write for them.
-_UPKEEP = (Purge, TrimHistory)
+_UPKEEP = (Purge, TrimHistory, ExpireLeases)
+# What an operation raises to decline, writing nothing: its future gets it, and the others of
+# its group commit.
+_DECLINED = (PreconditionFailed, LeaseNotFound)
 Result = TypeVar("Result", covariant=True)
 
 
@@ -440,7 +551,7 @@ class GroupCommitter:
                     for (_, future), result in zip(batch, results):
                         if future.done():
                             continue
-                        if isinstance(result, PreconditionFailed):
+                        if isinstance(result, _DECLINED):
                             future.set_exception(result)
                         else:
                             future.set_result(result)
@@ -458,8 +569,8 @@ class GroupCommitter:
             for operation in operations:
                 try:
                     results.append(operation.apply(tx))
-                except PreconditionFailed as failed:
-                    results.append(failed)
+                except _DECLINED as declined:
+                    results.append(declined)
             tx.finish()
         return results, tx.revision
 

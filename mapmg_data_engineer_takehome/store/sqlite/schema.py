@@ -24,7 +24,7 @@ log = structlog.get_logger("kv.store")
 
 # Stamped into the file header so that a foreign SQLite file is recognised and left alone.
 APPLICATION_ID = 0x4B565354  # "KVST"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Every setting explicit, none left to a library default by accident.
@@ -52,8 +52,16 @@ _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 _CREATE_KV = (
     # The constraints also make the seed skip the rows its rules skip (see _BULK_INSERT).
     "CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY NOT NULL CHECK (key <> ''),"
-    " val TEXT NOT NULL, version INTEGER NOT NULL, expires_at INTEGER) WITHOUT ROWID"
+    " val TEXT NOT NULL, version INTEGER NOT NULL, expires_at INTEGER, lease TEXT) WITHOUT ROWID"
 )
+# The leases (see base.py): a leased key names its lease in kv.lease and carries its expiry.
+_CREATE_LEASES = (
+    "CREATE TABLE IF NOT EXISTS leases (id TEXT PRIMARY KEY NOT NULL, ttl REAL NOT NULL,"
+    " expires_at INTEGER NOT NULL) WITHOUT ROWID"
+)
+# A lease's keys without a scan (keepalive, revoke, expiry); keys without a lease pay nothing.
+_CREATE_LEASE_INDEX = "CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease IS NOT NULL"
+_CREATE_LEASE_EXPIRY_INDEX = "CREATE INDEX IF NOT EXISTS leases_expiry ON leases (expires_at)"
 # Only keys that expire are in it: the purge finds them without a scan, and writes of keys
 # without expiry pay nothing for it.
 _CREATE_EXPIRY_INDEX = (
@@ -91,7 +99,8 @@ HISTORY_COUNTED = "history_counted"
 #   Writes use an upsert, not INSERT OR REPLACE: an overwrite then fires no count trigger
 #   (REPLACE's delete fires none either, and its insert would count the key twice).
 # - A set's change, recorded with the row the set wrote (an upsert fires the insert trigger
-#   or the update one); the same key twice in one revision keeps the later.
+#   or the update one); the same key twice in one revision keeps the later. Only an update of
+#   the value or version is a set: a keepalive moving a leased key's expiry records nothing.
 _RECORD_SET = (
     "INSERT OR REPLACE INTO changes (revision, key, type, val, expires_at)"
     " VALUES (NEW.version, NEW.key, 'set', NEW.val, NEW.expires_at)"
@@ -99,7 +108,8 @@ _RECORD_SET = (
 _TRIGGERS = (
     f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_added AFTER INSERT ON main.kv BEGIN"
     f" UPDATE meta SET value = value + 1 WHERE name = '{KEYS}'; {_RECORD_SET}; END",
-    f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_updated AFTER UPDATE ON main.kv BEGIN"
+    f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_updated AFTER UPDATE OF val, version ON main.kv"
+    f" BEGIN"
     f" {_RECORD_SET}; END",
     f"CREATE TEMP TRIGGER IF NOT EXISTS kv_key_removed AFTER DELETE ON main.kv BEGIN"
     f" UPDATE meta SET value = value - 1 WHERE name = '{KEYS}'; END",
@@ -112,13 +122,16 @@ _SCHEMA = (
     _CREATE_CHANGES,
     _CREATE_MARKS,
     _CREATE_GAPS,
+    _CREATE_LEASES,
+    _CREATE_LEASE_INDEX,
+    _CREATE_LEASE_EXPIRY_INDEX,
     f"INSERT INTO meta (name, value) VALUES ('{REVISION}', 0), ('{KEYS}', 0),"
     f" ('{COMPACT_REVISION}', 0), ('{HISTORY_ROWS}', 0), ('{HISTORY_COUNTED}', 0)",
 )
 # From each schema version to the next, in place. Schema 1 (release 1.0.0) had neither
 # versions nor expiry: its keys take revision 1, and never expire. Schema 2 had no history:
 # it starts empty, complete above the revision the file was at. Schema 3 had no lives: its
-# first opening here begins one.
+# first opening here begins one. Schema 4 had no leases: its keys have none.
 _UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         "ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
@@ -136,6 +149,12 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
         f" SELECT '{HISTORY_ROWS}', 0)",
     ),
     3: (_CREATE_GAPS,),
+    4: (
+        "ALTER TABLE kv ADD COLUMN lease TEXT",
+        _CREATE_LEASES,
+        _CREATE_LEASE_INDEX,
+        _CREATE_LEASE_EXPIRY_INDEX,
+    ),
 }
 
 READ_META = "SELECT value FROM meta WHERE name = ?"

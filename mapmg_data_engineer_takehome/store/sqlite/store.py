@@ -26,8 +26,12 @@ from .bulk import (
 from .commit import (
     DeleteMany,
     DeleteOne,
+    ExpireLeases,
+    GrantLease,
     GroupCommitter,
+    KeepaliveLease,
     Purge,
+    RevokeLease,
     SetMany,
     SetOne,
     Transact,
@@ -236,9 +240,10 @@ class SqliteStore:
         val: str,
         ttl: Optional[float] = None,
         condition: Optional[base.Condition] = None,
+        lease: Optional[str] = None,
     ) -> base.Entry:
         expires_at = None if ttl is None else base.expiry_of(ttl, self._clock())
-        return await self._committer.submit(SetOne(key, val, expires_at, condition))
+        return await self._committer.submit(SetOne(key, val, expires_at, condition, lease))
 
     async def delete(self, key: str, condition: Optional[base.Condition] = None) -> bool:
         return await self._committer.submit(DeleteOne(key, condition))
@@ -261,6 +266,32 @@ class SqliteStore:
 
     async def purge_expired(self, limit: int) -> int:
         return await self._committer.submit(Purge(limit))
+
+    async def grant_lease(self, ttl: float) -> base.Lease:
+        return await self._committer.submit(GrantLease(ttl))
+
+    async def keepalive_lease(self, lease: str) -> base.Lease:
+        return await self._committer.submit(KeepaliveLease(lease))
+
+    async def lease_keys(self, lease: str) -> base.LeaseKeys:
+        now_ms = self._clock() * 1000
+        found = self._read(
+            "SELECT ttl, expires_at FROM leases WHERE id = ? AND expires_at > ?", (lease, now_ms)
+        )
+        if not found:
+            raise base.LeaseNotFound(lease)
+        keys = self._read("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease,))
+        return base.LeaseKeys(base.Lease(lease, *found[0]), [key for (key,) in keys])
+
+    async def revoke_lease(self, lease: str) -> int:
+        return await self._committer.submit(RevokeLease(lease))
+
+    async def expire_leases(self, limit: int) -> int:
+        return await self._committer.submit(ExpireLeases(limit))
+
+    async def live_leases(self) -> int:
+        now_ms = self._clock() * 1000
+        return int(self._read("SELECT count(*) FROM leases WHERE expires_at > ?", (now_ms,))[0][0])
 
     async def revision(self) -> int:
         return int(self._read(READ_META, (REVISION,))[0][0])

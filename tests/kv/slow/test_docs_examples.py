@@ -12,7 +12,8 @@ server may be on it.
   comments, with their ``\\`` continuations. When the comment at the end of a command, or else
   the comment lines right under it, are a JSON object or array (or one a line, as NDJSON), they
   are what the command prints: its standard output must be that JSON, compared as data, where a
-  documented timestamp (RFC 3339) stands for any timestamp. Any other comment is prose.
+  documented timestamp (RFC 3339) stands for any timestamp, and a documented lease id (32
+  hex digits, random) for any lease id. Any other comment is prose.
 - A python block runs in this interpreter, in the same directory and environment.
 - ``<!-- not run: REASON -->`` on the line before a block (blank lines between allowed) skips
   it: it installs, needs Docker or PostgreSQL, starts a server of its own on port 8000, runs
@@ -69,6 +70,7 @@ TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)
 # A revision (a version, an event id) as it really is: a life of a store begins at the clock
 # in microseconds, so revisions have 16 digits, and which ones depends on when the page runs.
 REVISION = re.compile(r"\b[1-9]\d{15}\b")
+LEASE_ID = re.compile(r"[0-9a-f]{32}")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 ENDPOINTS_HEADER = "| Method and path | Success | Errors |"
 
@@ -261,8 +263,9 @@ def shell_steps(block: Block, text: str) -> list[Step]:
 
 
 def matches(expected: Any, actual: Any) -> bool:
-    """Equal as JSON data; a documented timestamp matches any timestamp, and a documented
-    revision (16 digits, alone or in a string) any revision."""
+    """Equal as JSON data; a documented timestamp matches any timestamp, a documented lease
+    id any lease id, and a documented revision (16 digits, alone or in a string) any
+    revision."""
     if isinstance(expected, dict):
         return (
             isinstance(actual, dict)
@@ -277,6 +280,8 @@ def matches(expected: Any, actual: Any) -> bool:
         )
     if isinstance(expected, str) and TIMESTAMP.fullmatch(expected):
         return isinstance(actual, str) and TIMESTAMP.fullmatch(actual) is not None
+    if isinstance(expected, str) and LEASE_ID.fullmatch(expected):
+        return isinstance(actual, str) and LEASE_ID.fullmatch(actual) is not None
     if isinstance(expected, int) and REVISION.fullmatch(str(expected)):
         return isinstance(actual, int) and REVISION.fullmatch(str(actual)) is not None
     if isinstance(expected, str) and REVISION.search(expected):

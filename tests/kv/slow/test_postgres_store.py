@@ -16,6 +16,7 @@ from mapmg_data_engineer_takehome.store.base import (
     CompareExists,
     CompareVersion,
     GotKey,
+    LeaseNotFound,
     TxnGet,
     TxnSet,
     UnknownRevision,
@@ -29,7 +30,11 @@ from mapmg_data_engineer_takehome.store.postgres import (
 )
 
 from ..postgres_support import PASSWORD, PostgresCluster
-from ..test_sqlite_store import FIXTURES, RELEASE_2_LISTING
+from ..test_sqlite_store import (
+    FIXTURES,
+    RELEASE_2_LISTING,
+    assert_leases_work_after_the_upgrade,
+)
 
 
 async def execute(url: str, sql: str) -> None:
@@ -106,6 +111,38 @@ async def test_compare_and_set_transactions_race_exactly_across_two_replicas(
             await store.close()
 
 
+async def test_a_lease_is_one_across_two_replicas(postgres_url: str) -> None:
+    """Two stores (two replicas' pools) on one database, on its clock: a lease granted through
+    one takes keys set through either, while 8 keepalives through the other race 8 sets; every
+    key ends with the lease's latest expiry (a keepalive waits for a set that holds the lease,
+    then moves its key too). It is revoked through the second, and the first sees it gone."""
+    stores = [await PostgresStore.open(postgres_url, pool_size=4) for _ in range(2)]
+    try:
+        lease = await stores[0].grant_lease(30)
+        await asyncio.gather(
+            *(stores[1].set(f"svc/{index}", "up", lease=lease.id) for index in range(8)),
+            *(stores[0].keepalive_lease(lease.id) for _ in range(8)),
+        )
+        held = await stores[1].lease_keys(lease.id)
+        assert held.lease.expires_at >= lease.expires_at
+        assert list(held.keys) == [f"svc/{index}" for index in range(8)]
+        for index in range(8):
+            entry = await stores[0].get(f"svc/{index}")
+            assert entry is not None and entry.expires_at == held.lease.expires_at
+        revision = await stores[0].revision()
+        assert await stores[1].revoke_lease(lease.id) == 8
+        with pytest.raises(LeaseNotFound):
+            await stores[0].keepalive_lease(lease.id)
+        changes = await stores[0].changes("svc/", revision, 100)
+        assert {(event.revision, event.type) for event in changes.events} == {
+            (revision + 1, "delete")
+        }
+        assert len(changes.events) == 8 and await stores[0].count() == 0
+    finally:
+        for store in stores:
+            await store.close()
+
+
 async def test_a_database_of_a_newer_schema_is_refused(postgres_url: str) -> None:
     store = await PostgresStore.open(postgres_url)
     await store.close()
@@ -145,9 +182,48 @@ async def test_a_database_of_the_release_before_the_history_is_upgraded_in_place
         await store.close()
     conn = await asyncpg.connect(url)
     try:
-        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "4"
+        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "5"
     finally:
         await conn.close()
+
+
+async def test_a_database_of_the_release_before_leases_is_upgraded_keeping_keys_and_history(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """tests/kv/fixtures/kv-postgres-schema-4.sql is a pg_dump of a database written by the
+    release before leases (schema 4), with the same writes as kv-schema-4.sqlite3: every key,
+    version and expiry and the whole history (read from the database before the upgrade) are
+    kept, and a lease then works on it."""
+    database = postgres_cluster.create_database()
+    postgres_cluster.load(FIXTURES / "kv-postgres-schema-4.sql", database)
+    url = postgres_cluster.url(database)
+    conn = await asyncpg.connect(url)
+    try:
+        rows = [
+            tuple(row)
+            for row in await conn.fetch("SELECT key, val, version, expires_at FROM kv ORDER BY key")
+        ]
+        history = [
+            tuple(row)
+            for row in await conn.fetch(
+                "SELECT revision, type, key, val, expires_at FROM kv_changes ORDER BY revision, key"
+            )
+        ]
+        compact = int(
+            await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'compact_revision'")
+        )
+    finally:
+        await conn.close()
+    assert len(rows) == 8 and len(history) == 10  # the fixture is what the README says
+    store = await PostgresStore.open(url, clock=lambda: 1_800_000_100.0)
+    try:
+        page = await store.list_keys("", None, 100, values=True)
+        assert [(i.key, i.val, i.version, i.expires_at) for i in page.keys] == rows
+        changes = await store.changes("", compact, 1000)
+        assert [tuple(change) for change in changes.events] == history
+        await assert_leases_work_after_the_upgrade(store, len(rows))
+    finally:
+        await store.close()
 
 
 async def test_on_a_new_timeline_the_revisions_the_old_one_may_have_used_are_never_reused(

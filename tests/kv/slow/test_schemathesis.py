@@ -47,6 +47,10 @@ def test_the_live_server_matches_its_document(server: Server) -> None:
         "run", f"http://127.0.0.1:{server.port}/openapi.json",
         "-H", f"Authorization: Bearer {TOKEN}",
         "--checks", "all",
+        # A lease granted with any ttl above 0 (a fuzzer's 1e-300 s) may be gone by the next
+        # request: the 404 lease_not_found that follows a POST /leases is the documented
+        # answer, not a created resource lost. test_leases.py and test_stateful.py check it.
+        "--exclude-checks", "ensure_resource_availability",
         "--phases", phases(),
         "--max-examples", "50",
         "--seed", "20261127",

@@ -1,0 +1,71 @@
+"""The lease endpoints: grant, keep alive, read and revoke a lease (see store/base.py's
+leases). A set names a lease through POST /set or a transaction's set (handlers.py).
+
+Every answer is JSON with the lease's id; a lease that was never granted, was revoked or has
+expired is 404 lease_not_found (store.base.LeaseNotFound, which errors.py renders).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .errors import JSON_HEADERS
+from .models import LeaseRequest
+from .rules import names_no_lease, rfc3339
+from .state import METRICS_KEY, STORE_KEY
+from .store.base import Lease, LeaseNotFound
+from .validation import parse_body
+
+
+def _json(data: Any) -> web.Response:
+    return web.Response(body=orjson.dumps(data), headers=JSON_HEADERS)
+
+
+def _shown(lease: Lease) -> dict[str, Any]:
+    # A whole number of seconds as the client most likely sent it: 60, not 60.0.
+    ttl = int(lease.ttl) if float(lease.ttl).is_integer() else lease.ttl
+    return {"id": lease.id, "ttl": ttl, "expires_at": rfc3339(lease.expires_at)}
+
+
+def _lease_id(request: web.Request) -> str:
+    """The lease's id from the path; one no store could have made names no lease."""
+    lease = request.match_info["id"]
+    if names_no_lease(lease):
+        raise LeaseNotFound(lease)
+    return lease
+
+
+async def grant(request: web.Request) -> web.Response:
+    """POST /leases: a new lease of ttl seconds."""
+    # aiohttp's client_max_size (KV_MAX_BODY_BYTES) bounds the body: 413 beyond it.
+    body = parse_body(LeaseRequest, await request.read())
+    lease = await request.app[STORE_KEY].grant_lease(body.ttl)
+    metrics = request.app[METRICS_KEY]
+    if metrics is not None:
+        metrics.observe_lease("granted")
+    return _json(_shown(lease))
+
+
+async def keepalive(request: web.Request) -> web.Response:
+    """POST /leases/{id}/keepalive: renew the lease and its keys to ttl seconds from now."""
+    lease = await request.app[STORE_KEY].keepalive_lease(_lease_id(request))
+    return _json(_shown(lease))
+
+
+async def read(request: web.Request) -> web.Response:
+    """GET /leases/{id}: the lease and its keys, in key order."""
+    found = await request.app[STORE_KEY].lease_keys(_lease_id(request))
+    return _json({**_shown(found.lease), "keys": list(found.keys)})
+
+
+async def revoke(request: web.Request) -> web.Response:
+    """DELETE /leases/{id}: the lease and its keys go, in one revision."""
+    lease = _lease_id(request)
+    deleted = await request.app[STORE_KEY].revoke_lease(lease)
+    metrics = request.app[METRICS_KEY]
+    if metrics is not None:
+        metrics.observe_lease("revoked")
+    return _json({"id": lease, "revoked": True, "deleted": deleted})
