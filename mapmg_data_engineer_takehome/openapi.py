@@ -134,32 +134,28 @@ def _operation(endpoint: Endpoint, method: str) -> dict[str, Any]:
     return operation
 
 
+# Each parameter a route's path may hold: what the document says of it, and its schema.
+_PATH_PARAMETERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "key": (
+        "The key, percent-encoded: everything after the prefix, decoded once. Encode '.' and "
+        "'..' as %2E and %2E%2E.",
+        {"type": "string", "minLength": 1},
+    ),
+    "id": ("The lease's id, as POST /leases gave it.", {"type": "string", "minLength": 1}),
+    "name": ("The file's name.", {"type": "string"}),
+}
+
+
 def _path_parameters(endpoint: Endpoint) -> Iterable[dict[str, Any]]:
-    if "{key}" in endpoint.route:
-        yield {
-            "name": "key",
-            "in": "path",
-            "required": True,
-            "description": "The key, percent-encoded: everything after the prefix, decoded "
-            "once. Encode '.' and '..' as %2E and %2E%2E.",
-            "schema": {"type": "string", "minLength": 1},
-        }
-    if "{id}" in endpoint.route:
-        yield {
-            "name": "id",
-            "in": "path",
-            "required": True,
-            "description": "The lease's id, as POST /leases gave it.",
-            "schema": {"type": "string", "minLength": 1},
-        }
-    if "{name}" in endpoint.route:
-        yield {
-            "name": "name",
-            "in": "path",
-            "required": True,
-            "description": "The file's name.",
-            "schema": {"type": "string"},
-        }
+    for name, (description, schema) in _PATH_PARAMETERS.items():
+        if f"{{{name}}}" in endpoint.route:
+            yield {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "description": description,
+                "schema": schema,
+            }
 
 
 def _query_parameters(endpoint: Endpoint) -> Iterable[dict[str, Any]]:
