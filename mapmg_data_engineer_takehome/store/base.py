@@ -386,6 +386,11 @@ class GotKey:
     val: Optional[str]
     version: Optional[int]
 
+    @classmethod
+    def of(cls, key: str, live: Optional[Entry]) -> GotKey:
+        """What a get of ``key`` gives when it holds ``live`` (None: nothing live)."""
+        return cls(key, None, None) if live is None else cls(key, live.val, live.version)
+
 
 @dataclass(frozen=True)
 class SetKey:

@@ -227,12 +227,7 @@ class MemoryStore:
         results: list[TxnOutcome] = []
         for operation in branch:
             if isinstance(operation, TxnGet):
-                live = self._live(operation.key)
-                results.append(
-                    GotKey(operation.key, None, None)
-                    if live is None
-                    else GotKey(operation.key, live.val, live.version)
-                )
+                results.append(GotKey.of(operation.key, self._live(operation.key)))
             elif isinstance(operation, TxnSet):
                 expires_at = expiry_of(operation.ttl, now)
                 if operation.lease is not None:

@@ -633,11 +633,8 @@ class PostgresStore:
             for operation in branch:
                 if isinstance(operation, TxnGet):
                     row = await conn.fetchrow(TXN_GET, operation.key, now_ms)
-                    results.append(
-                        GotKey(operation.key, None, None)
-                        if row is None
-                        else GotKey(operation.key, row[0], row[1])
-                    )
+                    live = None if row is None else Entry(row[0], row[1], row[2])
+                    results.append(GotKey.of(operation.key, live))
                 elif isinstance(operation, TxnSet):
                     expires_at = (
                         None if operation.ttl is None else now_ms + round(operation.ttl * 1000)

@@ -246,12 +246,7 @@ class Transact:
         results: list[TxnOutcome] = []
         for operation in branch:
             if isinstance(operation, TxnGet):
-                live = tx.live_entry(operation.key)
-                results.append(
-                    GotKey(operation.key, None, None)
-                    if live is None
-                    else GotKey(operation.key, live.val, live.version)
-                )
+                results.append(GotKey.of(operation.key, tx.live_entry(operation.key)))
             elif isinstance(operation, TxnSet):
                 expires_at = expiry_of(operation.ttl, tx.now_ms / 1000)
                 if operation.lease is not None:
