@@ -24,6 +24,8 @@ SOURCE, TARGET = CLIENT / "_async.py", CLIENT / "_sync.py"
 # "SyncClient"): httpx's and httpx-sse's pairs, and the wait each flavour does (_core.py).
 REPLACEMENTS = {
     "AsyncClient": "Client",
+    "AsyncLock": "Lock",
+    "AsyncKeeper": "Keeper",
     "aconnect_sse": "connect_sse",
     "aiter_sse": "iter_sse",
     "aiter_raw": "iter_raw",

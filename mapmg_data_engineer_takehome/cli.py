@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import stat
 import sys
 import time
@@ -22,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 if TYPE_CHECKING:
+    import subprocess
+
     from .client import Client, Entry, Event, KVError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -32,6 +35,9 @@ EXIT_USAGE = 2
 EXIT_PRECONDITION = 3
 EXIT_UNAVAILABLE = 4
 EXIT_UNAUTHORIZED = 5
+EXIT_LOCK_LOST = 6
+EXIT_CANNOT_RUN = 126  # as a shell: COMMAND is there but cannot be run
+EXIT_NO_COMMAND = 127  # as a shell: COMMAND was not found
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what `yes | head` reports for yes
 
@@ -52,9 +58,12 @@ exit status:
   2    usage: a wrong command line, a file that cannot be read or written, or a request
        the server refused as invalid (a bad --ttl, key or import line; a watch --since
        that the server's history does not hold)
-  3    a precondition failed (--if-version, --create)
+  3    a precondition failed (--if-version, --create; a txn whose compares failed)
   4    the server is unreachable, or unavailable (it answered 5xx)
   5    unauthorized: no token, or a wrong one
+  6    kv lock: the lock was lost while COMMAND ran, and COMMAND was sent SIGTERM
+  126  kv lock: COMMAND cannot be run; 127: it was not found
+       (otherwise kv lock exits with COMMAND's status, 128+N if signal N ended it)
   130  interrupted (Ctrl-C)
   141  stdout was closed by its reader (kv ls | head -1)
 """
@@ -292,6 +301,88 @@ def run_health(kv: Client, args: argparse.Namespace) -> None:
     write_line(json_line(kv.health()))
 
 
+def run_txn(kv: Client, args: argparse.Namespace) -> int:
+    text = read_stdin() if args.body == "-" else args.body
+    try:
+        body = json.loads(text)
+    except ValueError as error:
+        raise UsageError(f"the transaction is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise UsageError('the transaction is a JSON object: {"compare", "success", "failure"}')
+    result = kv.txn(body.get("compare"), body.get("success"), body.get("failure"))
+    write_line(json_line(vars(result)))
+    return EXIT_OK if result.succeeded else EXIT_PRECONDITION
+
+
+# The signals kv lock passes on to COMMAND, so that stopping kv stops COMMAND first and the
+# lock is released only once COMMAND has ended. SIGINT is not among them: from a terminal,
+# COMMAND gets it too, being in the same foreground process group.
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)
+
+
+def run_lock(kv: Client, args: argparse.Namespace) -> int:
+    argv = args.command
+    if not argv:
+        raise UsageError("give the command to run: kv lock NAME -- COMMAND [ARG ...]")
+    from .client import LockLost
+
+    command = Command(argv)
+    try:
+        with kv.lock(args.name, ttl=args.ttl, on_lost=command.stop) as lock:
+            return command.run(KV_LOCK_KEY=lock.key, KV_LOCK_TOKEN=str(lock.token))
+    except LockLost as error:
+        report(f"{error.message}: COMMAND was sent SIGTERM")
+        return EXIT_LOCK_LOST
+
+
+class Command:
+    """The COMMAND of kv lock. ``stop`` comes from the lock's keep-alive thread, at any time:
+    before COMMAND starts too, which then stops it as soon as it has started."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.argv = argv
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.process is not None:
+            self.process.terminate()
+
+    def run(self, **env: str) -> int:
+        """Run COMMAND to its end, passing FORWARDED signals on; its status as a shell
+        gives it."""
+        import subprocess
+
+        try:
+            self.process = subprocess.Popen(self.argv, env={**os.environ, **env})
+        except FileNotFoundError:
+            report(f"{self.argv[0]}: command not found")
+            return EXIT_NO_COMMAND
+        except PermissionError:
+            report(f"{self.argv[0]}: permission denied")
+            return EXIT_CANNOT_RUN
+        if self.stopped:
+            self.process.terminate()
+        process = self.process
+        previous = {sig: signal.signal(sig, self._forward) for sig in FORWARDED}
+        try:
+            while True:
+                try:
+                    status = process.wait()
+                    break
+                except KeyboardInterrupt:
+                    continue  # COMMAND got Ctrl-C too: the lock is held until it ends
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return 128 - status if status < 0 else status
+
+    def _forward(self, sig: int, frame: object) -> None:
+        if self.process is not None:
+            self.process.send_signal(sig)
+
+
 # --- the command line -------------------------------------------------------------------------
 
 
@@ -331,7 +422,7 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
 
     def command(
-        name: str, run: Callable[[Client, argparse.Namespace], None], summary: str
+        name: str, run: Callable[[Client, argparse.Namespace], Optional[int]], summary: str
     ) -> Parser:
         sub: Parser = commands.add_parser(
             name,
@@ -422,6 +513,36 @@ def build_parser() -> Parser:
     )
 
     command("health", run_health, "Print the server's /health answer.")
+
+    txn = command("txn", run_txn, "Run one transaction (POST /txn); print its answer.")
+    txn.add_argument(
+        "body",
+        metavar="JSON",
+        help='{"compare": [...], "success": [...], "failure": [...]}; - reads stdin',
+    )
+    txn.epilog = (
+        'Prints {"succeeded", "revision", "failed", "results"} as one JSON line; exits 3 when '
+        "a compare failed (the failure branch ran). Exit status: see kv --help."
+    )
+
+    lock = command("lock", run_lock, "Run a command while holding a lock.")
+    lock.add_argument("name", metavar="NAME", help="the lock: its owners are keys NAME/<lease>")
+    lock.add_argument(
+        "--ttl",
+        type=seconds,
+        default=10,
+        metavar="SECONDS",
+        help="the lease's time to live: a holder that dies frees the lock after it (default 10)",
+    )
+    # The words after "--" (see parse); without it, the words after NAME that are no option.
+    lock.add_argument("command", nargs="*", metavar="-- COMMAND [ARG ...]")
+    lock.epilog = (
+        "Waits for the lock (in turn with other waiters), runs COMMAND with KV_LOCK_KEY and "
+        "KV_LOCK_TOKEN (the fencing token) in its environment, and exits with COMMAND's "
+        "status once it ends, releasing the lock. If the lock is lost (its lease could not "
+        "be renewed within SECONDS), COMMAND is sent SIGTERM and kv exits 6. SIGTERM and "
+        "SIGHUP sent to kv are passed on to COMMAND. Exit status: see kv --help."
+    )
     return parser
 
 
@@ -466,8 +587,36 @@ def exit_status(error: KVError) -> int:
     return EXIT_UNAVAILABLE  # Unavailable, and anything newer: no answer to act on
 
 
+def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The command line; for kv lock, every word after its first "--" is COMMAND's, whatever
+    it looks like, and the words before are kv's (kv lock NAME --ttl 5 -- COMMAND). argparse
+    alone cannot say so: its REMAINDER takes the options after NAME as COMMAND's too."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if "--" in words and command_of(words[: words.index("--")]) == "lock":
+        cut = words.index("--")
+        args = parser.parse_args(words[:cut])
+        args.command = words[cut + 1 :]
+        return args
+    return parser.parse_args(words)
+
+
+def command_of(words: Sequence[str]) -> Optional[str]:
+    """The command among kv's first words: the first that is not an option or its value."""
+    takes_a_value = {"--url", "--token-file"}
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in takes_a_value:
+            skip = True
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def run(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         url, token = server_url(args), bearer_token(args)
         skip_httpx_command_line()
@@ -475,7 +624,7 @@ def run(argv: Optional[Sequence[str]]) -> int:
 
         try:
             with Client(url, token=token) as kv:
-                args.run(kv, args)
+                status = args.run(kv, args)
         except KVError as error:
             report(error.message)
             return exit_status(error)
@@ -491,7 +640,7 @@ def run(argv: Optional[Sequence[str]]) -> int:
     except Exception as error:  # a bug: still one line, never a traceback
         report(f"unexpected error: {type(error).__name__}: {error}")
         return EXIT_UNAVAILABLE
-    return EXIT_OK
+    return EXIT_OK if status is None else status
 
 
 def skip_httpx_command_line() -> None:

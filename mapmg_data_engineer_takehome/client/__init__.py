@@ -26,7 +26,7 @@ This package imports nothing of the server, so that a script (and the kv command
 
 from __future__ import annotations
 
-from ._async import AsyncClient
+from ._async import AsyncClient, AsyncLock
 from ._core import (
     Entry,
     Event,
@@ -35,14 +35,19 @@ from ._core import (
     InvalidRequest,
     KeyNotFound,
     KVError,
+    Lease,
+    LeaseNotFound,
+    LockLost,
     PreconditionFailed,
+    TxnResult,
     Unauthorized,
     Unavailable,
 )
-from ._sync import Client
+from ._sync import Client, Lock
 
 __all__ = [
     "AsyncClient",
+    "AsyncLock",
     "Client",
     "Entry",
     "Event",
@@ -51,7 +56,12 @@ __all__ = [
     "InvalidRequest",
     "KVError",
     "KeyNotFound",
+    "Lease",
+    "LeaseNotFound",
+    "Lock",
+    "LockLost",
     "PreconditionFailed",
+    "TxnResult",
     "Unauthorized",
     "Unavailable",
 ]

@@ -8,6 +8,7 @@ httpcore does.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import IO, Any, Callable, Optional
@@ -17,14 +18,21 @@ from httpx_sse import aconnect_sse
 
 from ._core import (
     DEFAULT_URL,
+    KEEPALIVES_PER_TTL,
     RECONNECT_FOR,
+    AsyncKeeper,
     Call,
     Entry,
     Event,
     Imported,
     KeyNotFound,
+    KVError,
+    Lease,
+    LeaseNotFound,
+    LockLost,
     PreconditionFailed,
     Resume,
+    TxnResult,
     Unavailable,
     async_chunks,
     async_sleep,
@@ -35,17 +43,28 @@ from ._core import (
     etag_version,
     found_in,
     get_call,
+    get_lease_call,
+    gone,
+    grant_lease_call,
     http_options,
     import_params,
     import_timeouts,
+    keepalive_call,
     keys_page_call,
+    lease_of,
     listed_entry,
+    lock_prefix,
     mdelete_call,
     mget_calls,
     mset_call,
+    owner_value,
+    predecessor,
     retryable,
+    revoke_lease_call,
     set_call,
     stream_timeouts,
+    txn_call,
+    txn_result,
     unreachable,
 )
 
@@ -110,10 +129,13 @@ class AsyncClient:
         ttl: Optional[float] = None,
         if_version: Optional[int] = None,
         create: bool = False,
+        lease: Optional[str] = None,
     ) -> int:
         """Write ``val``; with ``if_version`` only if the key is at that version, with
-        ``create`` only if it does not exist. Returns the new version."""
-        return etag_version(await self._send(set_call(key, val, ttl, if_version, create))) or 0
+        ``create`` only if it does not exist; with ``lease`` (a lease's id) for as long as
+        that lease lives. Returns the new version."""
+        call = set_call(key, val, ttl, if_version, create, lease)
+        return etag_version(await self._send(call)) or 0
 
     async def delete(self, key: str, *, if_version: Optional[int] = None) -> None:
         await self._send(delete_call(key, if_version))
@@ -122,12 +144,19 @@ class AsyncClient:
         self, prefix: str = "", *, values: bool = False, page_size: int = 1000
     ) -> AsyncGenerator[Entry, None]:
         """Every live key under ``prefix`` in key order, page after page."""
+        async for _, entries in self._pages(prefix, values, page_size):
+            for entry in entries:
+                yield entry
+
+    async def _pages(
+        self, prefix: str, values: bool, page_size: int
+    ) -> AsyncGenerator[tuple[int, list[Entry]], None]:
+        """The pages of a listing, each with the revision it was read at."""
         cursor = None
         while True:
             answer = await self._send(keys_page_call(prefix, values, page_size, cursor))
             page = answer.json()
-            for item in page["items"]:
-                yield listed_entry(item)
+            yield int(answer.headers["KV-Revision"]), [listed_entry(i) for i in page["items"]]
             cursor = page["cursor"]
             if cursor is None:
                 return
@@ -166,6 +195,39 @@ class AsyncClient:
             except PreconditionFailed:
                 await async_sleep(backoff(min(attempt, 3)) / 5)
                 attempt += 1
+
+    async def txn(
+        self,
+        compare: Optional[Iterable[Mapping[str, Any]]] = None,
+        success: Optional[Iterable[Mapping[str, Any]]] = None,
+        failure: Optional[Iterable[Mapping[str, Any]]] = None,
+    ) -> TxnResult:
+        """One atomic transaction, in the shape of POST /txn: if every compare holds, the
+        ``success`` operations, else the ``failure`` ones. A compare that does not hold is an
+        answer (``succeeded`` false), not an exception."""
+        return txn_result(await self._send(txn_call(compare, success, failure)))
+
+    async def grant_lease(self, ttl: float) -> Lease:
+        """A new lease of ``ttl`` seconds: keys set with it live as long as it does."""
+        return lease_of(await self._send(grant_lease_call(ttl)))
+
+    async def keepalive_lease(self, lease: str) -> Lease:
+        """Renew the lease to its ttl from now; LeaseNotFound once it has expired."""
+        return lease_of(await self._send(keepalive_call(lease)))
+
+    async def get_lease(self, lease: str) -> Lease:
+        """The lease, with its keys."""
+        return lease_of(await self._send(get_lease_call(lease)))
+
+    async def revoke_lease(self, lease: str) -> int:
+        """End the lease now: its keys are deleted, in one revision. Returns how many."""
+        return int((await self._send(revoke_lease_call(lease))).json()["deleted"])
+
+    def lock(
+        self, name: str, *, ttl: float = 10.0, on_lost: Optional[Callable[[], None]] = None
+    ) -> AsyncLock:
+        """A lock named ``name``, to be held in a ``with`` block (see AsyncLock)."""
+        return AsyncLock(self, name, ttl=ttl, on_lost=on_lost)
 
     async def watch(
         self, prefix: str = "", *, since: Optional[int] = None, reconnect_for: float = RECONNECT_FOR
@@ -270,3 +332,153 @@ class AsyncClient:
     async def health(self) -> dict[str, Any]:
         answer = await self._send(Call("GET", "/health", retry=True))
         return dict(answer.json())
+
+
+class AsyncLock:
+    """A lock shared by every client of the store, held under a lease that a keeper keeps
+    alive, as etcd's Mutex: ``async with kv.lock("jobs/nightly", ttl=10) as lock:``.
+
+    Each owner sets a key ``NAME/<its lease id>`` with its lease. The version of that key,
+    the revision that created it, orders the owners: the oldest holds the lock; each of the
+    others waits, on the change feed, for the key of the one just before it to go (released,
+    or its lease ran out), so the lock passes in the order owners came, without polling.
+
+    ``token`` is that version: the fencing token. It grows with every new owner, and a write
+    that must not happen once the lock is lost compares it in a transaction:
+    ``kv.txn(compare=[lock.fence], success=[...])`` does nothing once the lease has run out.
+
+    The keeper renews the lease every ``ttl``/3 s. Once a renewal fails past the ttl (counted
+    from the last renewal sent, so never after the server's own expiry), or the lease is
+    found gone, the lock is lost: ``lost`` is set, ``on_lost`` is called (from the keeper),
+    and in asyncio the block is cancelled at once; its end then raises LockLost.
+    """
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        name: str,
+        *,
+        ttl: float = 10.0,
+        on_lost: Optional[Callable[[], None]] = None,
+    ) -> None:
+        self.name = name
+        self.ttl = ttl
+        self.on_lost = on_lost
+        self.lost = False
+        self.key = ""
+        self.token = 0
+        self.lease: Optional[Lease] = None
+        self._client = client
+        self._prefix = lock_prefix(name)
+        self._keeper: Optional[AsyncKeeper] = None
+        self._held = False
+        self._renew_by = 0.0  # time.monotonic(): past it, the lease may have run out
+
+    @property
+    def fence(self) -> dict[str, Any]:
+        """The compare of a fenced write: the lock's key still at the lock's token."""
+        return {"key": self.key, "version": self.token}
+
+    async def __aenter__(self) -> AsyncLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, kind: object, error: Optional[BaseException], trace: object) -> None:
+        assert self._keeper is not None
+        interrupted = self._keeper.interrupted(error)
+        await self.release()
+        if self.lost and (error is None or interrupted):
+            raise LockLost(f"the lock {self.name!r} was lost while it was held") from error
+
+    async def acquire(self) -> int:
+        """Wait for the lock, in turn; returns the fencing token."""
+        sent = time.monotonic()
+        self.lease = await self._client.grant_lease(self.ttl)
+        self._renew_by = sent + self.ttl
+        self._keeper = AsyncKeeper()
+        self._keeper.start(self._keep_alive)
+        try:
+            self.key = self._prefix + self.lease.id
+            self.token = await self._own()
+            await self._wait_for_turn()
+            if self.lost:
+                raise LockLost(f"the lease of the lock {self.name!r} ran out while it waited")
+        except BaseException:
+            with contextlib.suppress(KVError):  # what stopped the wait is what matters
+                await self.release()
+            raise
+        self._held = True
+        return self.token
+
+    async def release(self) -> None:
+        """Give the lock up: the keeper stops and the lease is revoked, which deletes the
+        key, so the next owner in line is woken."""
+        self._held = False
+        if self._keeper is not None:
+            await self._keeper.stop()
+        if self.lease is None:
+            return
+        try:
+            await self._client.revoke_lease(self.lease.id)
+        except LeaseNotFound:
+            pass  # it ran out: the lock was free already
+        except Unavailable:
+            if not self.lost:
+                raise
+            # Lost already, which is what the owner must hear of; the lease runs out alone.
+
+    async def _own(self) -> int:
+        assert self.lease is not None
+        try:
+            return await self._client.set(self.key, owner_value(), lease=self.lease.id, create=True)
+        except PreconditionFailed:
+            # A retry after a first try that did commit: the key is ours all the same.
+            return (await self._client.get(self.key)).version
+
+    async def _wait_for_turn(self) -> None:
+        while True:
+            listing: list[Entry] = []
+            since: Optional[int] = None
+            async for revision, entries in self._client._pages(self._prefix, False, 1000):
+                # The watch starts from the first page's revision: a key that a later page
+                # lists went after it, if it went, and the watch sees it go.
+                since = revision if since is None else since
+                listing.extend(entries)
+            ahead = predecessor(listing, self._prefix, self.key, self.token)
+            if ahead is None:
+                return
+            events = self._client.watch(self._prefix, since=since)
+            try:
+                async for event in events:
+                    if gone(event, self.key):
+                        raise LockLost(f"the lease of the lock {self.name!r} ran out")
+                    if gone(event, ahead):
+                        break
+            finally:
+                await events.aclose()
+
+    async def _keep_alive(self) -> None:
+        assert self.lease is not None and self._keeper is not None
+        period = self.ttl / KEEPALIVES_PER_TTL
+        wait, attempt = period, 0
+        while await self._keeper.pause(min(wait, self._renew_by - time.monotonic())):
+            if time.monotonic() >= self._renew_by:
+                break
+            sent = time.monotonic()
+            try:
+                await self._client._send_once(keepalive_call(self.lease.id))
+            except LeaseNotFound:
+                break
+            except (httpx.TransportError, KVError, RuntimeError):
+                # RuntimeError: httpx's for a client closed under a held lock, which can no
+                # more renew it than an unreachable server can.
+                wait, attempt = backoff(attempt), attempt + 1  # again soon, until renew_by
+                continue
+            self._renew_by, wait, attempt = sent + self.ttl, period, 0
+        else:
+            return  # stopped by release()
+        self.lost = True
+        if self.on_lost is not None:
+            self.on_lost()
+        if self._held:
+            self._keeper.interrupt_owner()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import IO, Any, Callable, Optional
@@ -79,6 +81,29 @@ class Event:
 
 
 @dataclass(frozen=True)
+class TxnResult:
+    """What a transaction did: whether every compare held (``failed`` is then None, else the
+    index of the first that did not), the store's revision after it, and one result per
+    operation of the branch that ran, as the server gave them (docs/api.md, Transactions)."""
+
+    succeeded: bool
+    revision: int
+    failed: Optional[int]
+    results: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A lease: its id, its time to live in seconds, and when it expires (UTC) unless kept
+    alive. ``keys`` are its keys, when the answer listed them (``get_lease``)."""
+
+    id: str
+    ttl: float
+    expires_at: datetime
+    keys: Optional[tuple[str, ...]] = None
+
+
+@dataclass(frozen=True)
 class Imported:
     """What an import did: lines applied, lines skipped (expired), and its revision."""
 
@@ -123,6 +148,16 @@ class PreconditionFailed(KVError):
         self.current_version = current_version
 
 
+class LeaseNotFound(KVError):
+    """404 ``lease_not_found``: the lease was never granted, was revoked, or has expired."""
+
+
+class LockLost(KVError):
+    """A lock's lease ran out while it was held (or while its owner waited for it): another
+    owner may hold it now. Raised when the ``with`` block of a lock ends, or, in asyncio, in
+    place of the cancellation that interrupted the block."""
+
+
 class Unauthorized(KVError):
     """401: the server wants a token (``token=``), or another one."""
 
@@ -152,6 +187,8 @@ def error_of(response: httpx.Response) -> KVError:
         code, message = None, f"HTTP {status} {response.reason_phrase}".strip()
     if status == 404 and code == "key_not_found":
         return KeyNotFound(message, status, code)
+    if status == 404 and code == "lease_not_found":
+        return LeaseNotFound(message, status, code)
     if status == 412:
         return PreconditionFailed(message, status, code, etag_version(response))
     if status == 401:
@@ -212,11 +249,18 @@ def get_call(key: str) -> Call:
 
 
 def set_call(
-    key: str, val: str, ttl: Optional[float], if_version: Optional[int], create: bool
+    key: str,
+    val: str,
+    ttl: Optional[float],
+    if_version: Optional[int],
+    create: bool,
+    lease: Optional[str] = None,
 ) -> Call:
     body: dict[str, Any] = {"key": key, "val": val}
     if ttl is not None:
         body["ttl"] = ttl
+    if lease is not None:
+        body["lease"] = lease
     headers = _conditions(if_version, create)
     return Call("POST", "/set", retry=bool(headers), body=body, headers=headers)
 
@@ -266,6 +310,54 @@ def mset_call(items: Mapping[str, str], ttl: Optional[float]) -> Call:
         for key, val in items.items()
     ]
     return Call("POST", "/mset", retry=False, body={"items": rows})
+
+
+def txn_call(
+    compare: Optional[Iterable[Mapping[str, Any]]],
+    success: Optional[Iterable[Mapping[str, Any]]],
+    failure: Optional[Iterable[Mapping[str, Any]]],
+) -> Call:
+    # Sent once, as a blind write is: a transaction whose first try committed may not hold
+    # its compares any more, and would then run its other branch.
+    body = {"compare": list(compare or ()), "success": list(success or ())}
+    body["failure"] = list(failure or ())
+    return Call("POST", "/txn", retry=False, body=body)
+
+
+def txn_result(answer: httpx.Response) -> TxnResult:
+    body = answer.json()
+    return TxnResult(body["succeeded"], body["revision"], body["failed"], body["results"])
+
+
+def _lease_path(lease: str, action: str = "") -> str:
+    return f"/leases/{quote(lease, safe='')}{action}"
+
+
+def grant_lease_call(ttl: float) -> Call:
+    # Retried: a grant whose answer was lost leaves a lease nobody holds, which expires.
+    return Call("POST", "/leases", retry=True, body={"ttl": ttl})
+
+
+def keepalive_call(lease: str) -> Call:
+    return Call("POST", _lease_path(lease, "/keepalive"), retry=True)
+
+
+def get_lease_call(lease: str) -> Call:
+    return Call("GET", _lease_path(lease), retry=True)
+
+
+def revoke_lease_call(lease: str) -> Call:
+    # Retried: a revocation that committed before its answer was lost makes the retry a
+    # LeaseNotFound, which says the same thing: the lease is gone.
+    return Call("DELETE", _lease_path(lease), retry=True)
+
+
+def lease_of(answer: httpx.Response) -> Lease:
+    body = answer.json()
+    keys = body.get("keys")
+    expires_at = _parse_time(body["expires_at"])
+    assert expires_at is not None  # a lease always expires
+    return Lease(body["id"], body["ttl"], expires_at, None if keys is None else tuple(keys))
 
 
 def entry_of(key: str, val: str, response: httpx.Response) -> Entry:
@@ -362,6 +454,50 @@ class Resume:
         return event
 
 
+# --- locks -----------------------------------------------------------------------------------
+
+# How often a lock's keep-alive renews its lease: three times a TTL, so that two lost
+# keep-alives in a row still leave time for a third.
+KEEPALIVES_PER_TTL = 3
+_LEASE_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def lock_prefix(name: str) -> str:
+    """Where a lock's owners are: a key ``NAME/<lease id>`` each, as etcd's Mutex does it."""
+    return f"{name}/"
+
+
+def owner_value() -> str:
+    """What a lock's key holds: who owns it, for whoever lists the owners (``kv ls -l``)."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def predecessor(listing: Iterable[Entry], prefix: str, mine: str, token: int) -> Optional[str]:
+    """The owner to wait for, of a listing of the lock's prefix: the one that came last
+    before ``mine`` (the highest version below its ``token``), or None when ``mine`` is the
+    oldest and holds the lock. Each waiter waits for one key only, so a release wakes one
+    waiter, in the order they came. LockLost when ``mine`` is gone: its lease ran out."""
+    ahead: Optional[Entry] = None
+    found = False
+    for entry in listing:
+        if not _LEASE_ID.fullmatch(entry.key[len(prefix) :]):
+            continue  # not an owner: another key that shares the prefix
+        if entry.key == mine:
+            found = True
+        elif entry.version < token and (ahead is None or entry.version > ahead.version):
+            ahead = entry
+    if not found:
+        raise LockLost(f"the lease of the lock {prefix[:-1]!r} ran out while it waited")
+    return None if ahead is None else ahead.key
+
+
+def gone(event: Event, key: str) -> bool:
+    return event.key == key and event.type != "set"
+
+
 # Where the two flavours differ for real, a pair: the client's source (_async.py) calls the
 # asynchronous one, and setup.py names its blocking twin in _sync.py.
 
@@ -408,3 +544,78 @@ def http_options(url: str, token: Optional[str], timeout: float) -> dict[str, An
         # tenth of a second to every start of the kv command.
         "verify": httpx.URL(url).scheme == "https",
     }
+
+
+class AsyncKeeper:
+    """Runs a lock's keep-alive beside its owner, in asyncio: a task of its own, which
+    ``interrupt_owner`` answers by cancelling the owner's task (the one that made the
+    keeper), so that the owner's block stops where it is."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._asyncio = asyncio
+        self._stopping = asyncio.Event()
+        self._owner = asyncio.current_task()
+        self._task: Optional[asyncio.Task[None]] = None
+        self._interrupted = False
+
+    def start(self, loop: Callable[[], Awaitable[None]]) -> None:
+        self._task = self._asyncio.ensure_future(loop())
+
+    async def pause(self, seconds: float) -> bool:
+        """Wait ``seconds``; False, at once, when the keeper is being stopped."""
+        try:
+            await self._asyncio.wait_for(self._stopping.wait(), max(seconds, 0.0))
+        except self._asyncio.TimeoutError:
+            return True
+        return False
+
+    def interrupt_owner(self) -> None:
+        if self._owner is not None:
+            self._interrupted = True
+            self._owner.cancel()
+
+    def interrupted(self, error: Optional[BaseException]) -> bool:
+        """Whether ``error`` is the cancellation ``interrupt_owner`` caused. It is then
+        taken back (Python 3.11's ``uncancel``), unless the task was cancelled by someone
+        else as well, which must go on."""
+        if not (self._interrupted and isinstance(error, self._asyncio.CancelledError)):
+            return False
+        uncancel = getattr(self._owner, "uncancel", None)
+        return uncancel is None or uncancel() == 0
+
+    async def stop(self) -> None:
+        """Stop the keep-alive and wait for it (what it raised is raised here)."""
+        self._stopping.set()
+        if self._task is not None and self._task is not self._asyncio.current_task():
+            await self._task
+
+
+class Keeper:
+    """Runs a lock's keep-alive beside its owner, for blocking code: a daemon thread. A
+    blocking owner cannot be interrupted from another thread; it reads ``Lock.lost``, or is
+    called back (``on_lost``)."""
+
+    def __init__(self) -> None:
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self, loop: Callable[[], None]) -> None:
+        self._thread = threading.Thread(target=loop, name="kv-lock-keepalive", daemon=True)
+        self._thread.start()
+
+    def pause(self, seconds: float) -> bool:
+        """Wait ``seconds``; False, at once, when the keeper is being stopped."""
+        return not self._stopping.wait(max(seconds, 0.0))
+
+    def interrupt_owner(self) -> None:
+        pass
+
+    def interrupted(self, error: Optional[BaseException]) -> bool:
+        return False
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()

@@ -82,7 +82,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 # packaging (a fresh virtualenv of this Python), the server process (its event loop, signals
 # and uvloop build) and the console scripts and client (httpx on this Python). CI runs them on
 # every Python it tests, and the rest of the slow suite on one (.ci/run).
-EVERY_PYTHON_MODULES = {"test_grader_flow.py", "test_e2e.py", "test_cli.py", "test_client.py"}
+EVERY_PYTHON_MODULES = {
+    "test_grader_flow.py",
+    "test_e2e.py",
+    "test_cli.py",
+    "test_client.py",
+    "test_locks.py",
+    "test_lock_e2e.py",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
