@@ -34,6 +34,7 @@ from ._core import (
     Resume,
     TxnResult,
     Unavailable,
+    applied,
     async_chunks,
     async_sleep,
     backoff,
@@ -51,6 +52,7 @@ from ._core import (
     import_timeouts,
     keepalive_call,
     keys_page_call,
+    leader_of,
     lease_of,
     listed_entry,
     lock_prefix,
@@ -224,10 +226,47 @@ class AsyncClient:
         return int((await self._send(revoke_lease_call(lease))).json()["deleted"])
 
     def lock(
-        self, name: str, *, ttl: float = 10.0, on_lost: Optional[Callable[[], None]] = None
+        self,
+        name: str,
+        *,
+        ttl: float = 10.0,
+        on_lost: Optional[Callable[[], None]] = None,
+        value: Optional[str] = None,
     ) -> AsyncLock:
-        """A lock named ``name``, to be held in a ``with`` block (see AsyncLock)."""
-        return AsyncLock(self, name, ttl=ttl, on_lost=on_lost)
+        """A lock named ``name``, to be held in a ``with`` block (see AsyncLock). ``value``
+        is what its owner's key holds (by default, the host and process): in an election,
+        what the leader says of itself."""
+        return AsyncLock(self, name, ttl=ttl, on_lost=on_lost, value=value)
+
+    async def leader(self, name: str) -> Optional[Entry]:
+        """Who holds the lock ``name`` now, an election's leader: its owner's key, value and
+        version (its fencing token); None when nobody holds it."""
+        prefix = lock_prefix(name)
+        listing = [entry async for entry in self.keys(prefix, values=True)]
+        return leader_of(listing, prefix)
+
+    async def observe_leader(self, name: str) -> AsyncGenerator[Optional[Entry], None]:
+        """The holder of the lock ``name`` (as ``leader``), then each new one as it takes
+        over, None while nobody holds it, for as long as the caller iterates: a listing,
+        then the change feed applied to it."""
+        prefix = lock_prefix(name)
+        listing: dict[str, Entry] = {}
+        since: Optional[int] = None
+        async for revision, entries in self._pages(prefix, True, 1000):
+            since = revision if since is None else since
+            listing.update((entry.key, entry) for entry in entries)
+        current = leader_of(listing.values(), prefix)
+        yield current
+        events = self.watch(prefix, since=since)
+        try:
+            async for event in events:
+                applied(listing, event)
+                now = leader_of(listing.values(), prefix)
+                if now != current:
+                    current = now
+                    yield current
+        finally:
+            await events.aclose()
 
     async def watch(
         self, prefix: str = "", *, since: Optional[int] = None, reconnect_for: float = RECONNECT_FOR
@@ -360,8 +399,10 @@ class AsyncLock:
         *,
         ttl: float = 10.0,
         on_lost: Optional[Callable[[], None]] = None,
+        value: Optional[str] = None,
     ) -> None:
         self.name = name
+        self.value = owner_value() if value is None else value
         self.ttl = ttl
         self.on_lost = on_lost
         self.lost = False
@@ -430,7 +471,7 @@ class AsyncLock:
     async def _own(self) -> int:
         assert self.lease is not None
         try:
-            return await self._client.set(self.key, owner_value(), lease=self.lease.id, create=True)
+            return await self._client.set(self.key, self.value, lease=self.lease.id, create=True)
         except PreconditionFailed:
             # A retry after a first try that did commit: the key is ours all the same.
             return (await self._client.get(self.key)).version

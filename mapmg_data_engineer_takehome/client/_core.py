@@ -475,6 +475,17 @@ def owner_value() -> str:
     return f"{socket.gethostname()} pid {os.getpid()}"
 
 
+def owners(listing: Iterable[Entry], prefix: str) -> Iterator[Entry]:
+    """The owners of a lock among the keys under its prefix: the keys ``prefix<lease id>``
+    (another key that shares the prefix is no owner)."""
+    return (entry for entry in listing if _LEASE_ID.fullmatch(entry.key[len(prefix) :]))
+
+
+def leader_of(listing: Iterable[Entry], prefix: str) -> Optional[Entry]:
+    """The lock's holder (an election's leader): its oldest owner, None when it has none."""
+    return min(owners(listing, prefix), key=lambda entry: entry.version, default=None)
+
+
 def predecessor(listing: Iterable[Entry], prefix: str, mine: str, token: int) -> Optional[str]:
     """The owner to wait for, of a listing of the lock's prefix: the one that came last
     before ``mine`` (the highest version below its ``token``), or None when ``mine`` is the
@@ -482,9 +493,7 @@ def predecessor(listing: Iterable[Entry], prefix: str, mine: str, token: int) ->
     waiter, in the order they came. LockLost when ``mine`` is gone: its lease ran out."""
     ahead: Optional[Entry] = None
     found = False
-    for entry in listing:
-        if not _LEASE_ID.fullmatch(entry.key[len(prefix) :]):
-            continue  # not an owner: another key that shares the prefix
+    for entry in owners(listing, prefix):
         if entry.key == mine:
             found = True
         elif entry.version < token and (ahead is None or entry.version > ahead.version):
@@ -492,6 +501,15 @@ def predecessor(listing: Iterable[Entry], prefix: str, mine: str, token: int) ->
     if not found:
         raise LockLost(f"the lease of the lock {prefix[:-1]!r} ran out while it waited")
     return None if ahead is None else ahead.key
+
+
+def applied(listing: dict[str, Entry], event: Event) -> None:
+    """Apply a change of the feed to a listing kept as a dict, key to entry."""
+    if event.type == "set":
+        assert event.val is not None  # a set's event has its value
+        listing[event.key] = Entry(event.key, event.val, event.revision, event.expires_at)
+    else:
+        listing.pop(event.key, None)
 
 
 def gone(event: Event, key: str) -> bool:

@@ -261,3 +261,40 @@ def test_the_blocking_and_asyncio_locks_share_one_line(server: Server) -> None:
             order.append(("sync out", lock.token))
         thread.join(timeout=10)
     assert [step for step, _ in order] == ["sync in", "sync out", "async in", "async out"]
+
+
+def test_an_election_is_a_lock_whose_owners_say_who_they_are(server: Server) -> None:
+    """Campaign: hold the lock with a value; resign: leave the block. An observer sees each
+    leader in turn, once each, and None while nobody leads."""
+    seen: list[Any] = []
+    with Client(url(server)) as kv, Client(url(server)) as watcher:
+        assert kv.leader("svc/leader") is None
+        observed = watcher.observe_leader("svc/leader")
+        seen.append(next(observed))
+        follow = threading.Thread(target=lambda: seen.extend(next(observed) for _ in range(3)))
+        follow.start()
+        with kv.lock("svc/leader", value="node-a") as first:
+            second = kv.lock("svc/leader", value="node-b")
+            waiting = threading.Thread(target=second.acquire)
+            waiting.start()
+            wait_for_owners(kv, "svc/leader/", 2)
+            leader = kv.leader("svc/leader")
+            assert leader is not None and (leader.val, leader.version) == ("node-a", first.token)
+        waiting.join(timeout=10)
+        assert kv.leader("svc/leader").val == "node-b"  # type: ignore[union-attr]
+        second.release()
+        follow.join(timeout=10)
+        observed.close()
+    assert [None if entry is None else entry.val for entry in seen] == [
+        None,
+        "node-a",
+        "node-b",
+        None,
+    ]
+
+
+def wait_for_owners(kv: Client, prefix: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(list(kv.keys(prefix))) < count:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
