@@ -155,15 +155,23 @@ def check_key(operations: Sequence[Operation], initial: State, budget: int = BUD
     everything = (1 << count) - 1
 
     def moves(done: int, state: State) -> Iterator[tuple[int, State]]:
-        # The next to take effect started before every pending operation's answer came.
-        deadline = min(ops[index].end for index in range(count) if not done >> index & 1)
-        for index in range(count):
-            if done >> index & 1:
-                continue
-            op = ops[index]
-            if op.start > deadline:
-                return  # sorted by start: none after it may go first either
-            for after in _step(state, op):
+        # The next to take effect started before every pending operation's answer came. The
+        # pending ones are taken in order of start (lowest bit first) up to the first that
+        # started after such an answer: none after it may go first, or has an earlier
+        # answer. So a step costs the pending few, not the whole history.
+        deadline = math.inf
+        candidates = []
+        pending = everything ^ done
+        while pending:
+            lowest = pending & -pending
+            index = lowest.bit_length() - 1
+            if ops[index].start > deadline:
+                break
+            deadline = min(deadline, ops[index].end)
+            candidates.append(index)
+            pending ^= lowest
+        for index in candidates:
+            for after in _step(state, ops[index]):
                 yield done | 1 << index, after
 
     if count == 0:
