@@ -258,6 +258,6 @@ def test_txn_compare_and_set_is_linearizable_through_kill_9_of_a_postgres_replic
     replicas[0].kill()
     time.sleep(LOAD_AFTER_THE_KILL)
     stop_and_read_every_key(stop, clients, history, ports[1])
-    assert all(client.ports[0] == ports[1] for client in clients)  # all moved
     judge(history, killed)
+    assert all(client.ports[0] == ports[1] for client in clients)  # all moved
     assert replicas[1].stop() == 0
