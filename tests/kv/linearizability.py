@@ -13,6 +13,11 @@ after its request, or (equivalently, for what anyone observed) after everything 
 A key's state is its value and version, or None when absent. A write's new version is what
 its answer said (the ETag); a write whose answer was lost set a version nobody saw, which
 the first read or condition that meets it then names.
+
+A ``POST /txn`` compare-and-set (compare the key's version, set it on success, get it on
+failure) is one operation at one instant: its failure branch's get is a read at the instant
+its compare failed, so a failed txn is held to what it read, as a read is, and what it read
+must make the compare false.
 """
 
 from __future__ import annotations
@@ -37,7 +42,11 @@ class Operation:
     kind: "read" (outcome: (value, version) or None), "write" (an unconditional set;
     outcome: the new version), "cas" (a set with If-Match: ``expected`` version; outcome: the
     new version, or "failed"), "create" (a set with If-None-Match: *; outcome: the new version,
-    or "failed"), "delete" (outcome: "deleted" or "absent"). Any kind's outcome may be LOST.
+    or "failed"), "delete" (outcome: "deleted" or "absent"), "txn" (a POST /txn that compares
+    the key's version with ``expected``, 0 for absent as the API counts it, so that
+    ``{"exists": false}`` is ``expected=0``; sets ``value`` on success and gets the key on
+    failure; outcome: the new version, the txn's revision, or TxnFailed with what the get
+    read). Any kind's outcome may be LOST.
     """
 
     key: str
@@ -49,8 +58,27 @@ class Operation:
     outcome: object = None
 
 
+@dataclass(frozen=True)
+class TxnFailed:
+    """The outcome of a txn whose compare failed: what its failure branch's get read, at the
+    same instant: (value, version), or None when the key was absent."""
+
+    seen: State
+
+
 def lost(key: str, kind: str, start: float, **fields: object) -> Operation:
     return Operation(key, kind, start, math.inf, outcome=LOST, **fields)  # type: ignore[arg-type]
+
+
+def _read(state: State, seen: State) -> list[State]:
+    """The state a read that saw ``seen`` leaves (an unseen version is seen now); none when
+    it could not have seen it in ``state``."""
+    if seen is None or state is None:
+        return [state] if seen is None and state is None else []
+    value, version = seen
+    if value != state[0] or state[1] not in (None, version):
+        return []
+    return [(value, version)]
 
 
 def _step(state: State, op: Operation) -> list[State]:
@@ -59,25 +87,22 @@ def _step(state: State, op: Operation) -> list[State]:
     all needs no state here: the search may place it after everything else.)"""
     outcome = op.outcome
     if op.kind == "read":
-        if outcome is LOST:
-            return [state]
-        if outcome is None or state is None:
-            return [state] if outcome is None and state is None else []
-        assert isinstance(outcome, tuple)
-        value, version = outcome
-        if value != state[0] or state[1] not in (None, version):
-            return []
-        return [(value, version)]  # an unseen version is seen now
+        return [state] if outcome is LOST else _read(state, outcome)  # type: ignore[arg-type]
+    if op.kind == "txn" and isinstance(outcome, TxnFailed):
+        # Its compare was false of the very state its get read.
+        seen = _read(state, outcome.seen)
+        return [after for after in seen if (0 if after is None else after[1]) != op.expected]
     new_version = None if outcome is LOST else outcome
     if op.kind == "write":
         return [(op.value, new_version)]  # type: ignore[list-item]
-    if op.kind == "cas":
+    if op.kind == "create" or (op.kind == "txn" and op.expected == 0):
+        # A txn's compare of version 0 holds of a missing key only, as {"exists": false}.
+        holds = state is None
+        refused = not holds
+    elif op.kind in ("cas", "txn"):
         # An unseen version may be the expected one, or not.
         holds = state is not None and state[1] in (None, op.expected)
         refused = state is None or state[1] != op.expected
-    elif op.kind == "create":
-        holds = state is None
-        refused = not holds
     elif op.kind == "delete":
         if outcome == "deleted":
             return [None] if state is not None else []
@@ -105,10 +130,14 @@ BUDGET = 2_000_000
 def _prune(operations: Sequence[Operation]) -> list[Operation]:
     """The operations minus those that can constrain nothing: a read without an answer, and
     an unconditional write without an answer whose value no read returned (had it taken
-    effect, nothing saw it before the next write; it may as well come last)."""
-    read = {
-        op.outcome[0] for op in operations if op.kind == "read" and isinstance(op.outcome, tuple)
-    }
+    effect, nothing saw it before the next write; it may as well come last). A failed txn's
+    get is a read."""
+    answers = [
+        op.outcome.seen if isinstance(op.outcome, TxnFailed) else op.outcome
+        for op in operations
+        if op.kind in ("read", "txn")
+    ]
+    read = {answer[0] for answer in answers if isinstance(answer, tuple)}
     return [
         op
         for op in operations
@@ -126,15 +155,23 @@ def check_key(operations: Sequence[Operation], initial: State, budget: int = BUD
     everything = (1 << count) - 1
 
     def moves(done: int, state: State) -> Iterator[tuple[int, State]]:
-        # The next to take effect started before every pending operation's answer came.
-        deadline = min(ops[index].end for index in range(count) if not done >> index & 1)
-        for index in range(count):
-            if done >> index & 1:
-                continue
-            op = ops[index]
-            if op.start > deadline:
-                return  # sorted by start: none after it may go first either
-            for after in _step(state, op):
+        # The next to take effect started before every pending operation's answer came. The
+        # pending ones are taken in order of start (lowest bit first) up to the first that
+        # started after such an answer: none after it may go first, or has an earlier
+        # answer. So a step costs the pending few, not the whole history.
+        deadline = math.inf
+        candidates = []
+        pending = everything ^ done
+        while pending:
+            lowest = pending & -pending
+            index = lowest.bit_length() - 1
+            if ops[index].start > deadline:
+                break
+            deadline = min(deadline, ops[index].end)
+            candidates.append(index)
+            pending ^= lowest
+        for index in candidates:
+            for after in _step(state, ops[index]):
                 yield done | 1 << index, after
 
     if count == 0:

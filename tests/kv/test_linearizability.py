@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from .linearizability import Operation, TooLarge, check, check_key, lost
+from .linearizability import Operation, TooLarge, TxnFailed, check, check_key, lost
 
 
 def op(kind: str, start: float, end: float, outcome: object = None, **fields: object) -> Operation:
@@ -87,6 +87,87 @@ def test_creates_and_deletes() -> None:
     assert check(history) == []
     assert check([op("create", 0, 1, "failed", value="a")]) == ["k"]
     assert check([op("delete", 0, 1, "deleted")]) == ["k"]
+
+
+def test_of_two_txns_comparing_one_version_only_one_succeeds() -> None:
+    start = op("write", 0, 1, 5, value="0")
+    both = [
+        start,
+        op("txn", 2, 4, 6, value="1", expected=5),
+        op("txn", 2, 4, 7, value="1", expected=5),
+    ]
+    assert check(both) == ["k"]
+    one = [
+        start,
+        op("txn", 2, 4, 6, value="1", expected=5),
+        op("txn", 2, 4, TxnFailed(("1", 6)), value="1", expected=5),
+    ]
+    assert check(one) == []
+    # A failure that began after a success ended cannot read the state before it.
+    assert check([*one[:2], op("txn", 5, 6, TxnFailed(("0", 5)), value="1", expected=5)]) == ["k"]
+
+
+def test_a_failed_txn_is_held_to_what_its_failure_branch_read() -> None:
+    start = op("write", 0, 1, 5, value="0")
+    # Its get saw the state it compared false: fine.
+    assert check([start, op("txn", 2, 3, TxnFailed(("0", 5)), value="1", expected=4)]) == []
+    # A value or a version nobody wrote, or an absent key that was there.
+    for impossible in [("9", 5), ("0", 7), None]:
+        history = [start, op("txn", 2, 3, TxnFailed(impossible), value="1", expected=4)]
+        assert check(history) == ["k"], impossible
+    # What it saw made its compare true: it should have succeeded.
+    assert check([start, op("txn", 2, 3, TxnFailed(("0", 5)), value="1", expected=5)]) == ["k"]
+    # It saw a stale state, after a later write had been acknowledged.
+    stale = [
+        start,
+        op("txn", 2, 3, 6, value="1", expected=5),
+        op("txn", 4, 5, TxnFailed(("0", 5)), value="2", expected=4),
+    ]
+    assert check(stale) == ["k"]
+
+
+def test_a_txn_on_a_missing_key_compares_version_0() -> None:
+    """``{"exists": false}``, or a version of 0: true of an absent key only."""
+    created = [
+        op("txn", 0, 1, 5, value="a", expected=0),
+        op("txn", 2, 3, TxnFailed(("a", 5)), value="b", expected=0),
+        op("read", 4, 5, ("a", 5)),
+    ]
+    assert check(created) == []
+    assert check([op("txn", 0, 1, TxnFailed(None), value="a", expected=0)]) == ["k"]
+    both = [op("txn", 0, 2, 5, value="a", expected=0), op("txn", 0, 2, 6, value="b", expected=0)]
+    assert check(both) == ["k"]
+    # A failed compare of a version against a missing key reads it missing.
+    assert check([op("txn", 0, 1, TxnFailed(None), value="a", expected=3)]) == []
+    assert check([op("txn", 0, 1, 4, value="a", expected=3)]) == ["k"]
+
+
+def test_a_lost_txn_may_have_applied_and_a_failed_one_names_its_unseen_version() -> None:
+    start = op("write", 0, 1, 5, value="0")
+    for seen in [("0", 5), ("1", 8)]:
+        history = [
+            start,
+            lost("k", "txn", 2, value="1", expected=5),
+            op("txn", 3, 4, TxnFailed(seen), value="x", expected=2),
+        ]
+        assert check(history) == [], seen
+    # Its write's version, seen by a failed txn, is the one the next txn must compare.
+    history = [
+        start,
+        lost("k", "txn", 2, value="1", expected=5),
+        op("txn", 3, 4, TxnFailed(("1", 8)), value="x", expected=5),
+        op("txn", 5, 6, 9, value="2", expected=8),
+    ]
+    assert check(history) == []
+    history[-1] = op("txn", 5, 6, 9, value="2", expected=5)
+    assert check(history) == ["k"]
+    # A lost unconditional write whose value only a failed txn read is not dropped unseen.
+    seen_by_a_txn = [
+        start,
+        lost("k", "write", 2, value="w"),
+        op("txn", 3, 4, TxnFailed(("w", 7)), value="x", expected=5),
+    ]
+    assert check(seen_by_a_txn) == []
 
 
 def test_keys_are_judged_apart_and_from_their_initial_state() -> None:
