@@ -113,8 +113,10 @@ class AsyncClient:
             await async_sleep(backoff(attempt))
             attempt += 1
 
-    async def _send_once(self, call: Call) -> httpx.Response:
-        response = await self._http.request(**call.request())
+    async def _send_once(self, call: Call, timeout: Optional[float] = None) -> httpx.Response:
+        """Send ``call`` once; within ``timeout`` seconds when given, else the client's."""
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        response = await self._http.request(**call.request(), **options)
         if response.is_success:
             return response
         raise error_of(response)
@@ -433,6 +435,9 @@ class AsyncLock:
 
     async def acquire(self) -> int:
         """Wait for the lock, in turn; returns the fencing token."""
+        if self._keeper is not None:
+            raise RuntimeError(f"the lock {self.name!r} is held or wanted already: release it")
+        self.lost = False
         sent = time.monotonic()
         self.lease = await self._client.grant_lease(self.ttl)
         self._renew_by = sent + self.ttl
@@ -457,6 +462,7 @@ class AsyncLock:
         self._held = False
         if self._keeper is not None:
             await self._keeper.stop()
+            self._keeper = None
         if self.lease is None:
             return
         try:
@@ -507,7 +513,10 @@ class AsyncLock:
                 break
             sent = time.monotonic()
             try:
-                await self._client._send_once(keepalive_call(self.lease.id))
+                # No longer than the lease may still live: a server that hangs must not
+                # keep the owner from learning that the lock is lost.
+                call = keepalive_call(self.lease.id)
+                await self._client._send_once(call, timeout=self._renew_by - sent)
             except LeaseNotFound:
                 break
             except (httpx.TransportError, KVError, RuntimeError):
