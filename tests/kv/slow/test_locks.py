@@ -6,6 +6,8 @@ cancellation of the block); a write fenced by a lost lock's token is refused."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -298,3 +300,23 @@ def wait_for_owners(kv: Client, prefix: str, count: int) -> None:
     while len(list(kv.keys(prefix))) < count:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_a_lock_whose_server_hangs_is_lost_within_its_ttl(servers: ServerPool) -> None:
+    """A keep-alive that gets no answer waits no longer than the lease may live, however
+    long the client's timeout: the owner learns of the loss by the TTL."""
+    server = servers.start()
+    with Client(url(server), timeout=30) as kv:
+        lock = kv.lock("deploy", ttl=1.5)
+        lock.acquire()
+        os.killpg(server.process.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            while not lock.lost and time.monotonic() - stopped < 5:
+                time.sleep(0.01)
+            noticed = time.monotonic() - stopped
+        finally:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        assert lock.lost
+        assert noticed <= 1.5 + 0.3
+        lock.release()
