@@ -97,6 +97,18 @@ def spawn(
     return process
 
 
+def kv_lock(
+    started: list[subprocess.Popen[bytes]],
+    server: Server,
+    cwd: Path,
+    *command: str,
+    stdout: Optional[int] = None,
+) -> subprocess.Popen[bytes]:
+    """``kv lock counter --ttl TTL -- command``, started."""
+    argv = [KV, "lock", "counter", "--ttl", str(TTL), "--", *command]
+    return spawn(started, server, cwd, *argv, stdout=stdout)
+
+
 def owners(server: Server, cwd: Path) -> list[str]:
     listed = subprocess.run(
         [KV, "--url", url(server), "ls", "counter/"], cwd=str(cwd), capture_output=True, check=True
@@ -147,21 +159,8 @@ def test_a_paused_holder_loses_the_lock_and_its_fenced_write_is_refused(
 
     os.kill(holder.pid, signal.SIGSTOP)
     paused = time.monotonic()
-    contender = spawn(
-        started,
-        server,
-        tmp_path,
-        KV,
-        "lock",
-        "counter",
-        "--ttl",
-        str(TTL),
-        "--",
-        "sh",
-        "-c",
-        'echo "$KV_LOCK_TOKEN"',
-        stdout=subprocess.PIPE,
-    )
+    command = ("sh", "-c", 'echo "$KV_LOCK_TOKEN"')
+    contender = kv_lock(started, server, tmp_path, *command, stdout=subprocess.PIPE)
     out, _ = contender.communicate(timeout=30)
     took = time.monotonic() - paused
     assert contender.returncode == 0
@@ -217,34 +216,9 @@ def test_kv_lock_stops_its_command_and_exits_6_when_the_lock_is_lost(
 def test_a_holder_killed_with_kill_9_frees_the_lock_within_the_ttl_and_2_s(
     server: Server, tmp_path: Path, started: list[subprocess.Popen[bytes]]
 ) -> None:
-    holder = spawn(
-        started,
-        server,
-        tmp_path,
-        KV,
-        "lock",
-        "counter",
-        "--ttl",
-        str(TTL),
-        "--",
-        "sh",
-        "-c",
-        "touch held; sleep 60",
-    )
+    holder = kv_lock(started, server, tmp_path, "sh", "-c", "touch held; sleep 60")
     wait_for(lambda: (tmp_path / "held").exists())
-    waiter = spawn(
-        started,
-        server,
-        tmp_path,
-        KV,
-        "lock",
-        "counter",
-        "--ttl",
-        str(TTL),
-        "--",
-        "touch",
-        "took",
-    )
+    waiter = kv_lock(started, server, tmp_path, "touch", "took")
     wait_for(lambda: len(owners(server, tmp_path)) == 2)
     assert not (tmp_path / "took").exists()
     holder.kill()
