@@ -13,7 +13,7 @@ import orjson
 from aiohttp import web
 
 from .errors import JSON_HEADERS
-from .models import LeaseRequest
+from .models import KeepaliveRequest, LeaseRequest
 from .rules import names_no_lease, rfc3339
 from .state import METRICS_KEY, STORE_KEY
 from .store.base import Lease, LeaseNotFound
@@ -53,6 +53,24 @@ async def keepalive(request: web.Request) -> web.Response:
     """POST /leases/{id}/keepalive: renew the lease and its keys to ttl seconds from now."""
     lease = await request.app[STORE_KEY].keepalive_lease(_lease_id(request))
     return _json(_shown(lease))
+
+
+async def keepalive_many(request: web.Request) -> web.Response:
+    """POST /leases/keepalive: renew many leases in one transaction, as one keepalive each
+    would; those that are not live are named, not an error."""
+    body = parse_body(KeepaliveRequest, await request.read())
+    asked = list(dict.fromkeys(body.ids))
+    # An id no store could have made names no lease: the store is not asked about it.
+    renewed = await request.app[STORE_KEY].keepalive_leases(
+        [lease for lease in asked if not names_no_lease(lease)]
+    )
+    kept = {lease.id for lease in renewed}
+    return _json(
+        {
+            "leases": [_shown(lease) for lease in renewed],
+            "not_found": [lease for lease in asked if lease not in kept],
+        }
+    )
 
 
 async def read(request: web.Request) -> web.Response:

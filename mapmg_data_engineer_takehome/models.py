@@ -171,6 +171,20 @@ class LeaseRequest(RequestModel):
     ]
 
 
+class KeepaliveRequest(RequestModel):
+    """POST /leases/keepalive: many leases renewed in one transaction."""
+
+    ids: Annotated[
+        list[str],
+        Field(
+            min_length=1,
+            max_length=MAX_BATCH_WRITES,
+            description="The leases to keep alive (at most 10,000): a holder of many renews "
+            "them all in one request.",
+        ),
+    ]
+
+
 class ListQuery(BaseModel):
     """GET /keys: query parameters, which arrive as text (so not strict)."""
 

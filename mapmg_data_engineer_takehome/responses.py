@@ -125,6 +125,16 @@ class LeaseAnswer(BaseModel):
     )
 
 
+class KeepaliveAnswer(BaseModel):
+    """The answer of POST /leases/keepalive."""
+
+    leases: list[LeaseAnswer] = Field(description="The leases renewed, in the order asked.")
+    not_found: list[str] = Field(
+        description="The ids asked for that name no live lease (never granted, revoked or "
+        "expired): grant new ones."
+    )
+
+
 class LeaseKeysAnswer(LeaseAnswer):
     """The answer of GET /leases/{id}."""
 

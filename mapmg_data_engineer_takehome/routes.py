@@ -393,6 +393,29 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
     ),
     Endpoint(
+        "keepalive_leases",
+        ("POST",),
+        "/leases/keepalive",
+        "/leases/keepalive",
+        leases.keepalive_many,
+        "Keep many leases alive at once: each as its own keepalive would",
+        "All in one transaction; writes no revision and no change event. The answer names "
+        "the ids that are no live lease (expired, revoked or never granted), which is not "
+        "an error.",
+        body=models.KeepaliveRequest,
+        response=responses.KeepaliveAnswer,
+        errors=(
+            (400, ("invalid_json",)),
+            (413, ("body_too_large",)),
+            *UNAVAILABLE,
+            (
+                422,
+                ("invalid_body", "missing_field", "unknown_field", "invalid_type", "invalid_batch"),
+            ),
+        ),
+        example={"ids": ["6f1c2a9e0b8d4f3a7c5e1d2b9a8f7e6d"]},
+    ),
+    Endpoint(
         "get_lease",
         ("GET",),
         "/leases/{id}",

@@ -51,6 +51,8 @@ from ._core import (
     import_params,
     import_timeouts,
     keepalive_call,
+    keepalive_many_call,
+    kept_alive,
     keys_page_call,
     leader_of,
     lease_of,
@@ -218,6 +220,12 @@ class AsyncClient:
     async def keepalive_lease(self, lease: str) -> Lease:
         """Renew the lease to its ttl from now; LeaseNotFound once it has expired."""
         return lease_of(await self._send(keepalive_call(lease)))
+
+    async def keepalive_leases(self, leases: Iterable[str]) -> dict[str, Optional[Lease]]:
+        """Renew many leases in one request; each id maps to its renewed Lease, or None when
+        it is no live lease (expired, revoked, never granted)."""
+        asked = list(dict.fromkeys(leases))
+        return kept_alive(await self._send(keepalive_many_call(asked)), asked)
 
     async def get_lease(self, lease: str) -> Lease:
         """The lease, with its keys."""

@@ -342,6 +342,17 @@ def keepalive_call(lease: str) -> Call:
     return Call("POST", _lease_path(lease, "/keepalive"), retry=True)
 
 
+def keepalive_many_call(leases: Iterable[str]) -> Call:
+    return Call("POST", "/leases/keepalive", retry=True, body={"ids": list(leases)})
+
+
+def kept_alive(answer: httpx.Response, asked: Iterable[str]) -> dict[str, Optional[Lease]]:
+    renewed = {lease["id"]: lease for lease in answer.json()["leases"]}
+    return {
+        lease: None if lease not in renewed else _lease(renewed[lease], None) for lease in asked
+    }
+
+
 def get_lease_call(lease: str) -> Call:
     return Call("GET", _lease_path(lease), retry=True)
 
@@ -355,9 +366,13 @@ def revoke_lease_call(lease: str) -> Call:
 def lease_of(answer: httpx.Response) -> Lease:
     body = answer.json()
     keys = body.get("keys")
-    expires_at = _parse_time(body["expires_at"])
+    return _lease(body, None if keys is None else tuple(keys))
+
+
+def _lease(shown: Mapping[str, Any], keys: Optional[tuple[str, ...]]) -> Lease:
+    expires_at = _parse_time(shown["expires_at"])
     assert expires_at is not None  # a lease always expires
-    return Lease(body["id"], body["ttl"], expires_at, None if keys is None else tuple(keys))
+    return Lease(shown["id"], shown["ttl"], expires_at, keys)
 
 
 def entry_of(key: str, val: str, response: httpx.Response) -> Entry:

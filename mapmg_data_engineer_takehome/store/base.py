@@ -269,6 +269,13 @@ def lease_expiry(ttl: float, now: float) -> int:
     return round((now + ttl) * 1000)
 
 
+def the_one_renewed(lease: str, renewed: Sequence[Lease]) -> Lease:
+    """keepalive_lease's answer from keepalive_leases': the lease, or LeaseNotFound."""
+    if not renewed:
+        raise LeaseNotFound(lease)
+    return renewed[0]
+
+
 def new_lease_id() -> str:
     """A lease's id: 16 random bytes in hex, which no client can guess."""
     return secrets.token_hex(16)
@@ -606,6 +613,10 @@ class Store(Protocol):
     async def keepalive_lease(self, lease: str) -> Lease:
         """Renew the lease, and its keys' expiry, to ``ttl`` seconds from now: no revision,
         no change. LeaseNotFound when it is not live."""
+
+    async def keepalive_leases(self, leases: Sequence[str]) -> list[Lease]:
+        """Renew each live lease of ``leases`` (distinct ids) as keepalive_lease does, all in
+        one transaction; the renewed ones, in the order asked. Those not live are left out."""
 
     async def lease_keys(self, lease: str) -> LeaseKeys:
         """The live lease and its keys; LeaseNotFound when it is not live."""

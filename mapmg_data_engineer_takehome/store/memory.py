@@ -55,6 +55,7 @@ from .base import (
     new_lease_id,
     prefix_upper_bound,
     take_changes,
+    the_one_renewed,
 )
 from .batches import batched
 from .notify import RevisionWake
@@ -319,11 +320,21 @@ class MemoryStore:
         return lease
 
     async def keepalive_lease(self, lease: str) -> Lease:
-        found = self._live_lease(lease)
-        renewed = Lease(found.id, found.ttl, lease_expiry(found.ttl, self._clock()))
-        self._leases[lease] = renewed
-        for key in self._lease_keys[lease]:
-            self._data[key] = self._data[key]._replace(expires_at=renewed.expires_at)
+        return the_one_renewed(lease, await self.keepalive_leases([lease]))
+
+    async def keepalive_leases(self, leases: Sequence[str]) -> list[Lease]:
+        now = self._clock()
+        renewed = []
+        for lease in leases:
+            try:
+                found = self._live_lease(lease)
+            except LeaseNotFound:
+                continue
+            kept = Lease(found.id, found.ttl, lease_expiry(found.ttl, now))
+            self._leases[lease] = kept
+            for key in self._lease_keys[lease]:
+                self._data[key] = self._data[key]._replace(expires_at=kept.expires_at)
+            renewed.append(kept)
         return renewed
 
     async def lease_keys(self, lease: str) -> LeaseKeys:

@@ -105,6 +105,41 @@ async def test_a_lease_is_granted_kept_alive_read_and_revoked(
         await assert_error(await gone, 404, "lease_not_found")
 
 
+async def test_many_leases_are_kept_alive_in_one_request(client: Client, clock: FakeClock) -> None:
+    """Those live are renewed with their keys, in the order asked, each once; an expired, a
+    revoked, an unknown and a malformed id are named, not an error; no revision."""
+    short, long, revoked, expired = [await grant(client, ttl) for ttl in (10, 30, 30, 5)]
+    for lease, key in ((short, "svc/short"), (long, "svc/long")):
+        await ok(await client.post("/set", json={"key": key, "val": "up", "lease": lease["id"]}))
+    await ok(await client.delete(f"/leases/{revoked['id']}"))
+    before = await revision(client)
+    clock.advance(8)  # the 5 s lease has expired; the others are live
+    asked = [long["id"], expired["id"], short["id"], revoked["id"], UNKNOWN, "x", long["id"]]
+    answer = await ok(await client.post("/leases/keepalive", json={"ids": asked}))
+    assert answer == {
+        "leases": [
+            {"id": long["id"], "ttl": 30, "expires_at": expiry(38)},
+            {"id": short["id"], "ttl": 10, "expires_at": expiry(18)},
+        ],
+        "not_found": [expired["id"], revoked["id"], UNKNOWN, "x"],
+    }
+    assert await revision(client) == before and await changes(client, before) == []
+    clock.advance(9)  # past the short lease's first expiry, before its renewed one
+    got = await client.get("/get/svc/short")
+    await ok(got)
+    assert got.headers["KV-Expires-At"] == expiry(18)
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [({"ids": []}, "invalid_batch"), ({}, "missing_field"), ({"ids": "x"}, "invalid_type")],
+)
+async def test_a_bad_keepalive_of_many_is_refused(
+    client: Client, body: dict[str, Any], code: str
+) -> None:
+    await assert_error(await client.post("/leases/keepalive", json=body), 422, code)
+
+
 async def test_an_expired_lease_takes_its_keys_in_one_revision_of_expire_events(
     client: Client, clock: FakeClock
 ) -> None:

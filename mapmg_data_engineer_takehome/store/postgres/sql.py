@@ -302,11 +302,16 @@ LOCK_LEASE = (
 )
 # A keepalive: the lease's row, then (a statement of its own, so that it sees a set that
 # committed while this one waited for the row) its keys' expiry. No revision, no change.
-RENEW_LEASE = f"""
+# A keepalive of leases ($1): those that are live, then their keys, a statement each.
+RENEW_LEASES = f"""
 UPDATE kv_leases SET expires_at = {NOW.format("$2")} + round(ttl * 1000)::bigint
- WHERE id = $1 AND expires_at > {NOW.format("$2")} RETURNING ttl, expires_at
+ WHERE id = ANY($1::text[]) AND expires_at > {NOW.format("$2")} RETURNING id, ttl, expires_at
 """
-RENEW_LEASE_KEYS = "UPDATE kv SET expires_at = $2 WHERE lease = $1"
+RENEW_LEASES_KEYS = """
+UPDATE kv SET expires_at = renewed.expires_at
+  FROM unnest($1::text[], $2::bigint[]) AS renewed(id, expires_at)
+ WHERE kv.lease = renewed.id
+"""
 LEASE_KEYS = f"""
 SELECT l.ttl, l.expires_at, ARRAY(SELECT k.key FROM kv k WHERE k.lease = l.id ORDER BY k.key)
   FROM kv_leases l WHERE l.id = $1 AND l.expires_at > {NOW.format("$2")}

@@ -59,6 +59,7 @@ from ..base import (
     life_start,
     new_lease_id,
     prefix_upper_bound,
+    the_one_renewed,
 )
 from ..batches import BatchCut
 from ..notify import RevisionWake
@@ -108,8 +109,8 @@ from .sql import (
     READ_REVISION,
     REMOVE_LEASE_KEYS,
     REMOVE_OTHERS,
-    RENEW_LEASE,
-    RENEW_LEASE_KEYS,
+    RENEW_LEASES,
+    RENEW_LEASES_KEYS,
     REVOKE_LEASE,
     SCHEMA,
     SCHEMA_LOCK,
@@ -718,12 +719,16 @@ class PostgresStore:
         return Lease(lease, ttl, int(rows[0][0]))
 
     async def keepalive_lease(self, lease: str) -> Lease:
-        async def renew(conn: Any) -> Lease:
-            row = await conn.fetchrow(RENEW_LEASE, lease, self._now())
-            if row is None:
-                raise LeaseNotFound(lease)
-            await conn.execute(RENEW_LEASE_KEYS, lease, row[1])
-            return Lease(lease, float(row[0]), int(row[1]))
+        return the_one_renewed(lease, await self.keepalive_leases([lease]))
+
+    async def keepalive_leases(self, leases: Sequence[str]) -> list[Lease]:
+        async def renew(conn: Any) -> list[Lease]:
+            rows = await conn.fetch(RENEW_LEASES, list(leases), self._now())
+            if rows:
+                ids, expiries = zip(*((row[0], row[2]) for row in rows))
+                await conn.execute(RENEW_LEASES_KEYS, list(ids), list(expiries))
+            renewed = {row[0]: Lease(row[0], float(row[1]), int(row[2])) for row in rows}
+            return [renewed[lease] for lease in leases if lease in renewed]
 
         return await self._in_transaction(renew)
 

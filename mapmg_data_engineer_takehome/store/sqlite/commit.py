@@ -307,24 +307,26 @@ class GrantLease:
         return lease
 
 
-class KeepaliveLease:
-    """Renew a live lease and its keys' expiry: an update of expires_at alone, which the
-    triggers do not record, and no revision."""
+class KeepaliveLeases:
+    """Renew each live lease of ``leases`` and its keys' expiry: updates of expires_at alone,
+    which the triggers do not record, and no revision. Leases not live are skipped."""
 
-    __slots__ = ("lease",)
+    __slots__ = ("leases",)
 
-    def __init__(self, lease: str) -> None:
-        self.lease = lease
+    def __init__(self, leases: Sequence[str]) -> None:
+        self.leases = leases
 
-    def apply(self, tx: _Transaction) -> Lease:
-        found = tx.live_lease(self.lease)
-        renewed = Lease(found.id, found.ttl, lease_expiry(found.ttl, tx.now_ms / 1000))
-        tx.conn.execute(
-            "UPDATE leases SET expires_at = ? WHERE id = ?", (renewed.expires_at, renewed.id)
-        )
-        tx.conn.execute(
-            "UPDATE kv SET expires_at = ? WHERE lease = ?", (renewed.expires_at, renewed.id)
-        )
+    def apply(self, tx: _Transaction) -> list[Lease]:
+        renewed = []
+        for lease in self.leases:
+            row = tx.conn.execute(_LIVE_LEASE, (lease, tx.now_ms)).fetchone()
+            if row is None:
+                continue
+            kept = Lease(lease, row[0], lease_expiry(row[0], tx.now_ms / 1000))
+            renewal = (kept.expires_at, lease)
+            tx.conn.execute("UPDATE leases SET expires_at = ? WHERE id = ?", renewal)
+            tx.conn.execute("UPDATE kv SET expires_at = ? WHERE lease = ?", renewal)
+            renewed.append(kept)
         return renewed
 
 

@@ -29,7 +29,7 @@ from .commit import (
     ExpireLeases,
     GrantLease,
     GroupCommitter,
-    KeepaliveLease,
+    KeepaliveLeases,
     Purge,
     RevokeLease,
     SetMany,
@@ -271,7 +271,10 @@ class SqliteStore:
         return await self._committer.submit(GrantLease(ttl))
 
     async def keepalive_lease(self, lease: str) -> base.Lease:
-        return await self._committer.submit(KeepaliveLease(lease))
+        return base.the_one_renewed(lease, await self.keepalive_leases([lease]))
+
+    async def keepalive_leases(self, leases: Sequence[str]) -> list[base.Lease]:
+        return await self._committer.submit(KeepaliveLeases(leases))
 
     async def lease_keys(self, lease: str) -> base.LeaseKeys:
         now_ms = self._clock() * 1000

@@ -70,6 +70,13 @@ def test_a_transaction_and_a_lease_through_the_client(kv: Client) -> None:
 
     renewed = kv.keepalive_lease(lease.id)
     assert renewed.expires_at >= lease.expires_at
+    other = kv.grant_lease(5)
+    kv.revoke_lease(other.id)
+    many = kv.keepalive_leases([other.id, lease.id, other.id])
+    assert list(many) == [other.id, lease.id] and many[other.id] is None
+    kept = many[lease.id]
+    assert kept is not None and kept.expires_at >= renewed.expires_at
+    renewed = kv.keepalive_lease(lease.id)
     assert kv.get_lease(lease.id).keys == ("svc/a", "svc/b")
     assert kv.get("svc/b").expires_at == renewed.expires_at
     assert kv.revoke_lease(lease.id) == 2
