@@ -30,8 +30,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -42,7 +41,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 from pooler import cpu_of  # noqa: E402
-from run import LOAD_CORE, children_cpu_seconds, missing_prerequisites  # noqa: E402
+from run import LOAD_CORE, children_cpu_seconds, report_missing  # noqa: E402
 from watch import server  # noqa: E402
 
 from tests.kv.postgres_support import PostgresCluster, server_binaries  # noqa: E402
@@ -175,6 +174,8 @@ async def bench(
         granted = time.monotonic() - started
         print(f"granted {len(ids):,} leases of {args.ttl:g} s, one key under each, in "
               f"{granted:.1f} s", flush=True)  # fmt: skip
+        if granted + args.idle + args.period >= args.ttl:
+            print("  (the first leases may expire before their first keepalive: raise --ttl)")
         before = cpu_now(pid, others)
         await asyncio.sleep(args.idle)
         after = cpu_now(pid, others)
@@ -236,8 +237,9 @@ def report(
         print(f"  failed: {failure}")
 
 
-@contextmanager
-def postgres_settings(stack: ExitStack) -> Iterator[tuple[dict[str, str], Callable[[], float]]]:
+def postgres_settings(stack: ExitStack) -> tuple[dict[str, str], Callable[[], float]]:
+    """A throwaway cluster, removed when ``stack`` closes: the server's settings for a fresh
+    database in it, and a reading of its processes' CPU seconds."""
     bindir = server_binaries()
     if bindir is None:
         raise SystemExit("bench: missing prerequisite: PostgreSQL (apt-get install postgresql)")
@@ -245,7 +247,7 @@ def postgres_settings(stack: ExitStack) -> Iterator[tuple[dict[str, str], Callab
     stack.callback(cluster.remove)
     cluster.start()
     url = cluster.url(cluster.create_database())
-    yield {"KV_STORE": "postgres", "KV_POSTGRES_URL": url}, lambda: cpu_of(cluster.processes())
+    return {"KV_STORE": "postgres", "KV_POSTGRES_URL": url}, lambda: cpu_of(cluster.processes())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -254,20 +256,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--durability", choices=("normal", "full"), default="normal")
     parser.add_argument("--leases", type=int, default=10_000)
     parser.add_argument("--period", type=float, default=10.0, help="seconds between keepalives")
-    parser.add_argument("--ttl", type=float, default=30.0, help="each lease's ttl, seconds")
+    # Long enough for the first leases to outlast the grants (some 30 s on PostgreSQL with
+    # fsync), the idle reading and the first period.
+    parser.add_argument("--ttl", type=float, default=60.0, help="each lease's ttl, seconds")
     parser.add_argument("--seconds", type=float, default=60.0, help="the measured window")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds measured idle first")
     args = parser.parse_args(argv)
-    missing = missing_prerequisites([])
-    if missing:
-        print("bench: missing prerequisites:\n  " + "\n  ".join(missing), file=sys.stderr)
+    if report_missing([]):
         return 2
     os.sched_setaffinity(0, {int(LOAD_CORE)})
     with ExitStack() as stack:
         settings: dict[str, str] = {"KV_STORE": args.store, "KV_DURABILITY": args.durability}
         others: Callable[[], float] = lambda: 0.0  # noqa: E731
         if args.store == "postgres":
-            extra, others = stack.enter_context(postgres_settings(stack))
+            extra, others = postgres_settings(stack)
             settings.update(extra)
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kv-leases-")))
         port, pid = stack.enter_context(server(directory, True, **settings))
