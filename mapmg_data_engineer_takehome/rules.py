@@ -159,6 +159,7 @@ def decode_cursor(cursor: str, settings: Settings) -> Optional[str]:
 # When a key expires, as the KV-Expires-At header, listings, exports and the change feed give
 # it, and as an import's lines may write it.
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
 _MILLISECOND = timedelta(milliseconds=1)
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?"
@@ -168,8 +169,10 @@ _RFC3339 = re.compile(
 
 def rfc3339(milliseconds: int) -> str:
     """An expiry as RFC 3339 UTC with milliseconds: 2026-11-27T07:00:00.000Z."""
-    moment = _EPOCH + timedelta(milliseconds=milliseconds)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{milliseconds % 1000:03d}Z"
+    # isoformat of a naive time, a quarter of strftime's cost (every keepalive answers one),
+    # and a year of four digits even before 1000, as RFC 3339 has it (strftime's %Y has not).
+    moment = _NAIVE_EPOCH + timedelta(milliseconds=milliseconds)
+    return f"{moment.isoformat(timespec='milliseconds')}Z"
 
 
 def parse_rfc3339(text: str) -> Optional[int]:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import orjson
 import pytest
 
-from mapmg_data_engineer_takehome.rules import parse_rfc3339
+from mapmg_data_engineer_takehome.rules import parse_rfc3339, rfc3339
 
 from .conftest import Client, FakeClock, MakeClient
 from .postgres_support import PostgresCluster
@@ -206,6 +206,18 @@ def test_rfc3339_parsing() -> None:
     assert parse_rfc3339("1969-12-31T23:00:00-01:00") == 0
     for wrong in ("2026-02-30T00:00:00Z", "2026-11-18 12:00:00Z", "2026-11-18T12:00:00", "soon"):
         assert parse_rfc3339(wrong) is None
+
+
+def test_rfc3339_writes_what_it_reads_with_four_digits_of_year() -> None:
+    for text in (
+        "1970-01-01T00:00:00.000Z",
+        "2026-11-18T12:06:40.123Z",
+        "9999-12-31T23:59:59.999Z",
+        "0999-12-31T23:59:59.999Z",  # RFC 3339's year has four digits, also before 1000
+        "0001-01-01T00:00:00.000Z",
+    ):
+        milliseconds = parse_rfc3339(text)
+        assert milliseconds is not None and rfc3339(milliseconds) == text
 
 
 async def test_an_empty_import_changes_nothing(client: Client) -> None:
