@@ -88,12 +88,31 @@ async def grant_all(session: aiohttp.ClientSession, base: str, count: int, ttl: 
     return ids
 
 
-async def keepalive(session: aiohttp.ClientSession, url: str, tally: Optional[Tally]) -> None:
+# A keepalive request: its path, and the leases it renews in one, if several.
+Renewal = tuple[str, Optional[list[str]]]
+
+
+def renewals(ids: list[str], per_request: int) -> list[Renewal]:
+    """Each lease's own POST /leases/{id}/keepalive, or POST /leases/keepalive of
+    ``per_request`` leases at a time (as a holder of that many renews them)."""
+    if per_request == 1:
+        return [(f"/leases/{lease}/keepalive", None) for lease in ids]
+    batches = range(0, len(ids), per_request)
+    return [("/leases/keepalive", ids[start : start + per_request]) for start in batches]
+
+
+async def keepalive(
+    session: aiohttp.ClientSession, renewal: Renewal, tally: Optional[Tally]
+) -> None:
+    url, leases = renewal
     started = time.perf_counter()
     try:
-        async with session.post(url) as answer:
+        body_sent = None if leases is None else {"ids": leases}
+        async with session.post(url, json=body_sent) as answer:
             body = await answer.read()
             status = answer.status
+            if leases is not None and status == 200 and b'"not_found":[]' not in body:
+                status = 404  # a lease of the batch was not renewed
     except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         if tally is not None:
             tally.failures.append(f"{url}: {error!r}")
@@ -108,15 +127,15 @@ async def keepalive(session: aiohttp.ClientSession, url: str, tally: Optional[Ta
 
 async def keep_alive(
     session: aiohttp.ClientSession,
-    urls: list[str],
+    requests: list[Renewal],
     period: float,
     begin: float,
     measured_from: float,
     end: float,
 ) -> Tally:
-    """Each of ``urls`` (keepalives) POSTed once per ``period``, from ``begin`` to ``end``
+    """Each of ``requests`` (keepalives) POSTed once per ``period``, from ``begin`` to ``end``
     (monotonic seconds), evenly spread; the tally of those due from ``measured_from``."""
-    spacing = period / len(urls)
+    spacing = period / len(requests)
     tally = Tally()
     running: set[asyncio.Future[None]] = set()
     sent = 0
@@ -129,7 +148,7 @@ async def keep_alive(
                 tally.sent += 1
                 tally.lags_ms.append((now - due) * 1000)
             task = asyncio.ensure_future(
-                keepalive(session, urls[sent % len(urls)], tally if measured else None)
+                keepalive(session, requests[sent % len(requests)], tally if measured else None)
             )
             running.add(task)
             task.add_done_callback(running.discard)
@@ -193,8 +212,8 @@ async def bench(
             return first, cpu_now(pid, others)
 
         readings = asyncio.ensure_future(read_cpu())
-        urls = [f"/leases/{lease}/keepalive" for lease in ids]
-        tally = await keep_alive(session, urls, args.period, begin, measured_from, end)
+        requests = renewals(ids, args.per_request)
+        tally = await keep_alive(session, requests, args.period, begin, measured_from, end)
         first, last = await readings
         keys = await live_keys(session, "")
     wall = last[0] - first[0]
@@ -212,7 +231,7 @@ def report(
     own_cpu: float,
     keys: int,
 ) -> None:
-    target = args.leases / args.period
+    target = args.leases / args.per_request / args.period
     latencies = sorted(tally.latencies_ms) or [float("nan")]
     lags = sorted(tally.lags_ms) or [float("nan")]
 
@@ -224,7 +243,9 @@ def report(
     print(f"  server CPU:   {server_cpu:.2%} of one core (the issue's bar: 10%)")
     if args.store == "postgres":
         print(f"  PostgreSQL:   {others_cpu:.2%} of one core (its processes, beside the server's)")
-    print(f"  keepalives:   {tally.sent:,} sent, {tally.sent / wall:,.0f}/s "
+    if args.per_request > 1:
+        print(f"  renewed:      {args.per_request} leases a request (POST /leases/keepalive)")
+    print(f"  requests:     {tally.sent:,} sent, {tally.sent / wall:,.0f}/s "
           f"({tally.sent / wall / target:.1%} of the {target:,.0f}/s asked); "
           f"{len(tally.failures)} failed")  # fmt: skip
     print(f"  latency:      p50 {statistics.median(latencies):.2f} ms, "
@@ -256,6 +277,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--durability", choices=("normal", "full"), default="normal")
     parser.add_argument("--leases", type=int, default=10_000)
     parser.add_argument("--period", type=float, default=10.0, help="seconds between keepalives")
+    parser.add_argument(
+        "--per-request",
+        type=int,
+        default=1,
+        help="leases renewed a request: 1, each its own POST /leases/{id}/keepalive (10,000 "
+        "holders of a lease each); more, POST /leases/keepalive of that many (holders of many)",
+    )
     # Long enough for the first leases to outlast the grants (some 30 s on PostgreSQL with
     # fsync), the idle reading and the first period.
     parser.add_argument("--ttl", type=float, default=60.0, help="each lease's ttl, seconds")
