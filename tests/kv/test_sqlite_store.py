@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from mapmg_data_engineer_takehome.store.base import (
     UnknownRevision,
 )
 from mapmg_data_engineer_takehome.store.sqlite import SCHEMA_VERSION
+from mapmg_data_engineer_takehome.store.sqlite.commit import SetOne
 
 from .conftest import RowsSeed, value_of
 
@@ -60,6 +62,35 @@ async def test_a_failed_group_of_reads_fails_each_of_its_requests(
         )
     assert [type(answer) for answer in answers] == [StoreUnavailable] * 3
     assert await value_of(store, "k") == "v"
+    await store.close()
+
+
+async def test_a_group_whose_write_breaks_fails_each_of_its_writes_and_commits_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that raises what no store should (a bug) fails every write of its group,
+    none of which is committed, instead of leaving their callers waiting; the next group
+    commits."""
+    store = SqliteStore(tmp_path / "kv.sqlite3")
+    real_apply = SetOne.apply
+
+    def apply(self: SetOne, tx: Any) -> Any:
+        if self.key == "bad":
+            raise RuntimeError("a bug")
+        return real_apply(self, tx)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SetOne, "apply", apply)
+        answers = await asyncio.wait_for(
+            asyncio.gather(
+                *(store.set(key, "v") for key in ("a", "bad", "c")), return_exceptions=True
+            ),
+            timeout=10,
+        )
+    assert [type(answer) for answer in answers] == [RuntimeError] * 3
+    assert await store.get_many(["a", "c"]) == {}
+    await store.set("a", "after")
+    assert await value_of(store, "a") == "after"
     await store.close()
 
 

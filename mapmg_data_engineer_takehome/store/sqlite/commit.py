@@ -538,8 +538,13 @@ class GroupCommitter:
                         results, revision = await loop.run_in_executor(
                             self._executor, self._commit, operations
                         )
-                except sqlite3.Error as error:
-                    failure = translate(error, self._path)
+                except Exception as error:
+                    # The group's transaction was rolled back: every write of it failed. An
+                    # error that is no sqlite3.Error (a bug) reaches the callers too, which
+                    # answer 500 and log it, rather than leaving them waiting for ever.
+                    failure = (
+                        translate(error, self._path) if isinstance(error, sqlite3.Error) else error
+                    )
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(failure)
