@@ -148,18 +148,31 @@ def _to_read(position: Position, limit: int) -> int:
     return limit + min(position.taken, MAX_EVENTS)
 
 
-def _from(position: Position, batch: Batch) -> Batch:
-    """``batch`` (read after ``position.since``) without the events the watcher had."""
-    if not position.taken or not batch.events or batch.events[0].revision != position.revision:
-        return batch
+def _from(position: Position, batch: Batch, limit: int) -> Batch:
+    """``batch`` (read after ``position.since``, ``_to_read`` events of it) without the events
+    the watcher had, and no more than ``limit`` events after them but to finish a revision.
+
+    A watcher's claim to have had ``taken`` events of ``position.revision`` may be more than
+    the revision has under its prefix (an id of another prefix's stream, say): what it had
+    is then the whole revision, the read's extra events must not stretch the answer past
+    ``limit``, and the next revision's events are numbered from its start."""
+    events = batch.events
     taken = 0
     while (
         taken < position.taken
-        and taken < len(batch.events)
-        and batch.events[taken].revision == position.revision
+        and taken < len(events)
+        and events[taken].revision == position.revision
     ):
         taken += 1
-    return Batch(batch.events[taken:], batch.revision, batch.more, batch.next, taken)
+    rest, more, after = events[taken:], batch.more, batch.next
+    if len(rest) > limit:
+        end = limit
+        while end < len(rest) and rest[end].revision == rest[end - 1].revision:
+            end += 1  # a revision is never split
+        if end < len(rest):
+            rest, more, after = rest[:end], True, rest[end - 1].revision
+    within = bool(rest) and rest[0].revision == position.revision
+    return Batch(rest, batch.revision, more, after, taken if within else 0)
 
 
 class StreamTransport(Protocol):
@@ -271,7 +284,8 @@ class ChangeFeed:
     async def poll(self, prefix: str, position: Position, limit: int) -> Batch:
         """What the store answers now, exact to the moment (a long-poll that does not wait)."""
         since, count = position.since, _to_read(position, limit)
-        return _from(position, encode_all(await self._store.changes(prefix, since, count)))
+        changes = await self._store.changes(prefix, since, count)
+        return _from(position, encode_all(changes), limit)
 
     async def changes(self, prefix: str, position: Position, limit: int) -> Batch:
         """What Store.changes answers after ``position``, from the tail when it holds it;
@@ -288,7 +302,7 @@ class ChangeFeed:
             if self._events[index].key.startswith(prefix)
         )
         events, more = take_changes(matching, _to_read(position, limit), value_chars)
-        return _from(position, _batch(events, self.revision, more))
+        return _from(position, _batch(events, self.revision, more), limit)
 
     async def read(self, stream: Stream, limit: int) -> Batch:
         """The events after ``stream``'s position (see ``changes``), which moves past them."""

@@ -130,6 +130,39 @@ async def test_a_resume_inside_a_revision_counts_the_limit_from_there(client: Cl
         }
 
 
+async def test_a_resume_claiming_more_of_a_revision_than_its_prefix_has_is_the_whole_revision(
+    client: Client, http: httpx.AsyncClient
+) -> None:
+    """Last-Event-ID R.1 on a prefix under which R has one event (an id of another prefix's
+    stream): the watcher had all of R there. A long-poll of limit 1 answers one revision, not
+    one event more for the claim, and a stream numbers the next revision from its start.
+    (The feed model found both.)"""
+    both = [{"key": "a", "val": "1"}, {"key": "a/1", "val": "2"}]
+    first = (await (await client.post("/mset", json={"items": both})).json())["version"]
+    items = [{"key": key, "val": "3"} for key in ("a", "a/1", "a/2")]
+    second = (await (await client.post("/mset", json={"items": items})).json())["version"]
+    third = await write(client, "a/3", "4")
+    await write(client, "a/2", "5")
+    for prefix, events in (
+        ("a/", [event(second, "a/1", "3"), event(second, "a/2", "3")]),
+        ("a/2", [event(second, "a/2", "3")]),  # none of the first revision's is under it
+    ):
+        for timeout in ("0", "0.01"):
+            response = await client.get(
+                "/changes",
+                params={"prefix": prefix, "limit": "1", "timeout": timeout},
+                headers={"Last-Event-ID": f"{first}.1"},
+            )
+            assert await response.json() == {"events": events, "next": second, "more": True}
+    headers = {"Last-Event-ID": f"{first}.1"}
+    _, received = await read_stream(http, client, 3, params={"prefix": "a/"}, headers=headers)
+    assert [(sse.id, sse.json()["key"]) for sse in received] == [
+        (f"{second}.1", "a/1"),
+        (str(second), "a/2"),
+        (str(third), "a/3"),
+    ]
+
+
 async def test_without_since_the_feed_starts_now(client: Client) -> None:
     now = await write(client, "old")
     assert await poll(client, timeout=0) == {"events": [], "next": now, "more": False}
