@@ -26,6 +26,7 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
+from .access import BOOTSTRAP, GRANT_KEY
 from .errors import ApiError, response_for
 from .metrics import Metrics
 from .protocol import request_done
@@ -80,6 +81,7 @@ def make_request_wrapper(
                             "with its token.",
                             {hdrs.WWW_AUTHENTICATE: 'Bearer realm="kv"'},
                         )
+                    request[GRANT_KEY] = BOOTSTRAP
                 if not request.body_exists:
                     # Arrived whole: a long-poll's wait or a stream is no slow request.
                     request_done(request)
