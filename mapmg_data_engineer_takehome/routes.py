@@ -14,7 +14,7 @@ from typing import Any, Optional
 from aiohttp import hdrs, web
 from pydantic import BaseModel
 
-from . import bulk, handlers, leases, models, pages, responses, watch
+from . import bulk, handlers, leases, models, pages, responses, tokens, watch
 from .middleware import Wrap
 from .rules import ETAG, EXPIRES_AT, LAST_EVENT_ID, REVISION, REVISION_DIGITS
 
@@ -91,6 +91,14 @@ KEYS_BATCH_ERRORS = (*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_ba
 
 NOT_FOUND = ((404, ("not_found",)),)
 LEASE_NOT_FOUND = ((404, ("lease_not_found",)),)
+# The token endpoints: admin only, and refused on a server without KV_AUTH_TOKEN.
+ADMIN_ONLY = ((403, ("forbidden",)),)
+TOKEN_NOT_FOUND = ((404, ("token_not_found",)),)
+TOKEN_BODY_ERRORS = (
+    (400, ("invalid_json",)),
+    (413, ("body_too_large",)),
+    (422, ("invalid_body", "missing_field", "unknown_field", "invalid_type", "invalid_string")),
+)
 
 
 def _page(
@@ -412,6 +420,93 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Each key gets a delete event, all in one revision (none when it had no keys).",
         response=responses.LeaseRevoked,
         errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+    ),
+    Endpoint(
+        "create_token",
+        ("POST",),
+        "/tokens",
+        "/tokens",
+        tokens.create,
+        "Create an access token: its secret is answered this once",
+        "Admin only. A request with the token may read or write only the keys and prefixes "
+        "its rules cover (readwrite: both; read: reading); with admin, it may also manage "
+        "tokens and read /config and /metrics. The server keeps the secret's SHA-256, never "
+        "the secret. A server without KV_AUTH_TOKEN refuses every token endpoint with 403.",
+        body=models.TokenRequest,
+        response=responses.TokenSecret,
+        errors=(
+            *TOKEN_BODY_ERRORS,
+            *ADMIN_ONLY,
+            *UNAVAILABLE,
+            (409, ("token_exists",)),
+            (422, ("invalid_name", "invalid_rules", "invalid_seconds", "key_too_long")),
+        ),
+        example={
+            "name": "billing",
+            "rules": [
+                {"prefix": "billing/", "access": "readwrite"},
+                {"prefix": "cfg/", "access": "read"},
+            ],
+            "admin": False,
+            "expires_in": 86400,
+        },
+        links=(
+            ("RotateTheToken", "rotate_token", (("name", "$response.body#/name"),)),
+            ("RevokeTheToken", "revoke_token", (("name", "$response.body#/name"),)),
+        ),
+    ),
+    Endpoint(
+        "list_tokens",
+        ("GET",),
+        "/tokens",
+        "/tokens",
+        tokens.list_,
+        "List the access tokens: never a secret or its hash",
+        "Admin only.",
+        response=responses.TokenList,
+        errors=(*ADMIN_ONLY, *UNAVAILABLE),
+    ),
+    Endpoint(
+        "whoami",
+        ("GET",),
+        "/tokens/self",
+        "/tokens/self",
+        tokens.whoami,
+        "What the calling token may do: its name, rules and admin flag",
+        "Any token. On a server without KV_AUTH_TOKEN, every request may do everything: "
+        'the name is null, and the one rule covers every key (prefix "") read and write.',
+        response=responses.TokenSelf,
+    ),
+    Endpoint(
+        "rotate_token",
+        ("POST",),
+        "/tokens/{name}/rotate",
+        "/tokens/{name}/rotate",
+        tokens.rotate,
+        "Rotate a token's secret: the new one is answered this once",
+        "Admin only. The old secret stops at once, or keeps working for grace seconds (at "
+        "most a day) while the new one is rolled out. An empty body is {}.",
+        body=models.RotateRequest,
+        response=responses.TokenSecret,
+        errors=(
+            *TOKEN_BODY_ERRORS,
+            *ADMIN_ONLY,
+            *UNAVAILABLE,
+            *TOKEN_NOT_FOUND,
+            (422, ("invalid_seconds",)),
+        ),
+        example={"grace": 3600},
+    ),
+    Endpoint(
+        "revoke_token",
+        ("DELETE",),
+        "/tokens/{name}",
+        "/tokens/{name}",
+        tokens.revoke,
+        "Revoke a token: it stops working at once, on every server",
+        "Admin only.",
+        response=responses.TokenRevoked,
+        errors=(*ADMIN_ONLY, *UNAVAILABLE, *TOKEN_NOT_FOUND),
     ),
     _keys_batch(
         "mdelete",
