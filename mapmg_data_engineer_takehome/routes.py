@@ -99,6 +99,11 @@ TOKEN_BODY_ERRORS = (
     (413, ("body_too_large",)),
     (422, ("invalid_body", "missing_field", "unknown_field", "invalid_type", "invalid_string")),
 )
+CREATE_TOKEN_ERRORS = (
+    *TOKEN_BODY_ERRORS,
+    (409, ("token_exists",)),
+    (422, ("invalid_name", "invalid_rules", "invalid_seconds", "key_too_long")),
+)
 
 
 def _page(
@@ -121,6 +126,30 @@ def _files(name: str, path: str, handler: handlers.Handler, summary: str) -> End
     """A page's files (scripts, styles), each named in the path; 404 for any other name."""
     return _page(
         name, path, handler, summary, content_type="application/octet-stream", errors=NOT_FOUND
+    )
+
+
+def _admin(
+    name: str,
+    method: str,
+    path: str,
+    handler: handlers.Handler,
+    summary: str,
+    description: str,
+    errors: tuple[tuple[int, tuple[str, ...]], ...] = (),
+    **contract: Any,
+) -> Endpoint:
+    """A token endpoint: admin only, and refused on a server without KV_AUTH_TOKEN (403)."""
+    return Endpoint(
+        name,
+        (method,),
+        path,
+        path,
+        handler,
+        summary,
+        f"Admin only. {description}".strip(),
+        errors=(*ADMIN_ONLY, *UNAVAILABLE, *errors),
+        **contract,
     )
 
 
@@ -421,26 +450,19 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=responses.LeaseRevoked,
         errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
     ),
-    Endpoint(
+    _admin(
         "create_token",
-        ("POST",),
-        "/tokens",
+        "POST",
         "/tokens",
         tokens.create,
         "Create an access token: its secret is answered this once",
-        "Admin only. A request with the token may read or write only the keys and prefixes "
+        "A request with the token may read or write only the keys and prefixes "
         "its rules cover (readwrite: both; read: reading); with admin, it may also manage "
         "tokens and read /config and /metrics. The server keeps the secret's SHA-256, never "
         "the secret. A server without KV_AUTH_TOKEN refuses every token endpoint with 403.",
         body=models.TokenRequest,
         response=responses.TokenSecret,
-        errors=(
-            *TOKEN_BODY_ERRORS,
-            *ADMIN_ONLY,
-            *UNAVAILABLE,
-            (409, ("token_exists",)),
-            (422, ("invalid_name", "invalid_rules", "invalid_seconds", "key_too_long")),
-        ),
+        errors=CREATE_TOKEN_ERRORS,
         example={
             "name": "billing",
             "rules": [
@@ -455,16 +477,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             ("RevokeTheToken", "revoke_token", (("name", "$response.body#/name"),)),
         ),
     ),
-    Endpoint(
+    _admin(
         "list_tokens",
-        ("GET",),
-        "/tokens",
+        "GET",
         "/tokens",
         tokens.list_,
         "List the access tokens: never a secret or its hash",
-        "Admin only.",
+        "",
         response=responses.TokenList,
-        errors=(*ADMIN_ONLY, *UNAVAILABLE),
     ),
     Endpoint(
         "whoami",
@@ -477,36 +497,28 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         'the name is null, and the one rule covers every key (prefix "") read and write.',
         response=responses.TokenSelf,
     ),
-    Endpoint(
+    _admin(
         "rotate_token",
-        ("POST",),
-        "/tokens/{name}/rotate",
+        "POST",
         "/tokens/{name}/rotate",
         tokens.rotate,
         "Rotate a token's secret: the new one is answered this once",
-        "Admin only. The old secret stops at once, or keeps working for grace seconds (at "
+        "The old secret stops at once, or keeps working for grace seconds (at "
         "most a day) while the new one is rolled out. An empty body is {}.",
         body=models.RotateRequest,
         response=responses.TokenSecret,
-        errors=(
-            *TOKEN_BODY_ERRORS,
-            *ADMIN_ONLY,
-            *UNAVAILABLE,
-            *TOKEN_NOT_FOUND,
-            (422, ("invalid_seconds",)),
-        ),
+        errors=(*TOKEN_BODY_ERRORS, *TOKEN_NOT_FOUND, (422, ("invalid_seconds",))),
         example={"grace": 3600},
     ),
-    Endpoint(
+    _admin(
         "revoke_token",
-        ("DELETE",),
-        "/tokens/{name}",
+        "DELETE",
         "/tokens/{name}",
         tokens.revoke,
         "Revoke a token: it stops working at once, on every server",
-        "Admin only.",
+        "",
         response=responses.TokenRevoked,
-        errors=(*ADMIN_ONLY, *UNAVAILABLE, *TOKEN_NOT_FOUND),
+        errors=TOKEN_NOT_FOUND,
     ),
     _keys_batch(
         "mdelete",
