@@ -220,9 +220,7 @@ def token_line(token: Token) -> str:
 
 
 def run_token_create(kv: Client, args: argparse.Namespace) -> None:
-    rules = [(prefix, "read") for prefix in args.read]
-    rules += [(prefix, "readwrite") for prefix in args.write]
-    token = kv.create_token(args.name, rules, admin=args.admin, expires_in=args.expires)
+    token = kv.create_token(args.name, args.rules, admin=args.admin, expires_in=args.expires)
     write_line(token.secret or "")  # the secret alone, so that > FILE holds just it
 
 
@@ -606,17 +604,21 @@ def add_token_commands(token: Parser, command: Callable[..., Parser]) -> None:
     name_help = "the token's name: 1 to 64 of A-Z a-z 0-9 . _ -"
     create = command("create", run_token_create, "Create a token; print its secret.", actions)
     create.add_argument("name", metavar="NAME", help=name_help)
+    # Both append to one list of rules, in the order given, as the token will list them.
     create.add_argument(
         "--read",
+        dest="rules",
         action="append",
         default=[],
+        type=lambda prefix: (prefix, "read"),
         metavar="PREFIX",
         help='it may read the keys under PREFIX ("" for every key); repeatable',
     )
     create.add_argument(
         "--write",
+        dest="rules",
         action="append",
-        default=[],
+        type=lambda prefix: (prefix, "readwrite"),
         metavar="PREFIX",
         help="it may read and write the keys under PREFIX; repeatable",
     )

@@ -341,7 +341,7 @@ def test_kv_token_creates_lists_rotates_and_revokes_with_the_secret_alone_on_std
     lines = [line.split("\t") for line in listed.out.splitlines()]
     assert [line[0] for line in lines] == ["ci", "ops"]
     ci, ops = lines
-    assert ci[1] == "-" and ci[3] == "-" and ci[4] == "read:cfg/ read: readwrite:ci/"
+    assert ci[1] == "-" and ci[3] == "-" and ci[4] == "read:cfg/ readwrite:ci/ read:"
     assert ops[1:] == ["admin", "-", "-", "-"]
     as_json = [
         json.loads(line) for line in kv(server, "token", "ls", "--json", env=admin).out.splitlines()
@@ -351,8 +351,8 @@ def test_kv_token_creates_lists_rotates_and_revokes_with_the_secret_alone_on_std
     assert expires_at - created_at == timedelta(days=30) and ci[2] == as_json[0]["expires_at"]
     assert as_json[0]["rules"] == [
         {"prefix": "cfg/", "access": "read"},
-        {"prefix": "", "access": "read"},
         {"prefix": "ci/", "access": "readwrite"},
+        {"prefix": "", "access": "read"},
     ]
     assert secret not in listed.out + json.dumps(as_json)
 
