@@ -1,7 +1,7 @@
-"""The token endpoints over HTTP, in process: each answer's shape, the secret shown once and
-only its hash stored, rotation with and without grace, revocation, GET /tokens/self, every
-4xx with nothing stored, the refusals (no token: 401; not admin, or a server without
-KV_AUTH_TOKEN: 403), the audit log and the metrics.
+"""The token endpoints over HTTP, in process, on every backend: each answer's shape, the secret
+shown once and only its hash stored, rotation with and without grace, revocation,
+GET /tokens/self, every 4xx with nothing stored, the refusals (no token: 401; not admin, or a
+server without KV_AUTH_TOKEN: 403), the audit log and the metrics.
 
 The refusal of a non-admin token calls the handlers with a request whose grant is a non-admin
 token's, since the request wrapper of this branch knows only the bootstrap token."""
@@ -41,8 +41,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-async def client(make_client: MakeClient, clock: FakeClock) -> Client:
-    return await make_client(store="memory", clock=clock, auth_token=TOKEN)
+async def client(make_client: MakeClient, store_kind: str, clock: FakeClock) -> Client:
+    return await make_client(store=store_kind, clock=clock, auth_token=TOKEN)
 
 
 async def ok(response: Any) -> Any:
@@ -186,14 +186,16 @@ async def test_a_revoked_token_is_gone_and_unknown_names_are_404(client: Client)
     assert set(await stored(client)) == {"other"}
 
 
-async def test_self_names_the_calling_token(client: Client, make_client: MakeClient) -> None:
+async def test_self_names_the_calling_token(
+    client: Client, make_client: MakeClient, store_kind: str
+) -> None:
     answer = await ok(await client.get("/tokens/self", headers=AUTHORIZED))
     assert answer == {
         "name": "KV_AUTH_TOKEN",
         "rules": [{"prefix": "", "access": "readwrite"}],
         "admin": True,
     }
-    open_server = await make_client(store="memory")
+    open_server = await make_client(store=store_kind)
     assert await ok(await open_server.get("/tokens/self")) == {
         "name": None,
         "rules": [{"prefix": "", "access": "readwrite"}],
@@ -295,9 +297,9 @@ async def test_no_token_is_401_everywhere(client: Client) -> None:
 
 
 async def test_a_server_without_kv_auth_token_refuses_tokens_with_403(
-    make_client: MakeClient,
+    make_client: MakeClient, store_kind: str
 ) -> None:
-    open_server = await make_client(store="memory")
+    open_server = await make_client(store=store_kind)
     for method, path, body in _calls():
         response = await open_server.request(method, path, json=body)
         message = await assert_error(response, 403, "forbidden")
@@ -342,11 +344,11 @@ async def test_a_token_that_is_not_admin_is_refused_with_403_and_nothing_changes
 
 
 async def test_audit_events_name_the_token_and_the_actor_never_a_secret(
-    make_client: MakeClient, make_settings: MakeSettings, clock: FakeClock
+    make_client: MakeClient, make_settings: MakeSettings, store_kind: str, clock: FakeClock
 ) -> None:
     stream = io.StringIO()
     configure_logging(make_settings(log_format="json"), stream)
-    client = await make_client(store="memory", clock=clock, auth_token=TOKEN, access_log=True)
+    client = await make_client(store=store_kind, clock=clock, auth_token=TOKEN, access_log=True)
     created = await create(client, BILLING)
     rotated = await ok(
         await client.post("/tokens/billing/rotate", json={"grace": 60}, headers=AUTHORIZED)

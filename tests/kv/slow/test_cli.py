@@ -307,14 +307,11 @@ def test_a_token_from_a_file_or_kv_token_and_exit_5_without(
 
 # --- kv token -----------------------------------------------------------------------------------
 
-# Until the sqlite and PostgreSQL stores keep tokens (i27-store), the token tests run on memory.
-TOKEN_STORE = {"KV_STORE": "memory"}
-
 
 def test_kv_token_creates_lists_rotates_and_revokes_with_the_secret_alone_on_stdout(
     servers: ServerPool, tmp_path: Path
 ) -> None:
-    server = servers.start(env={"KV_AUTH_TOKEN": TOKEN, **TOKEN_STORE})
+    server = servers.start(env={"KV_AUTH_TOKEN": TOKEN})
     admin = {"KV_TOKEN": TOKEN}
     created = kv(
         server,
@@ -365,7 +362,7 @@ def test_kv_token_creates_lists_rotates_and_revokes_with_the_secret_alone_on_std
 
 
 def test_kv_token_refusals_exit_as_documented_on_one_line(servers: ServerPool) -> None:
-    server = servers.start(env={"KV_AUTH_TOKEN": TOKEN, **TOKEN_STORE})
+    server = servers.start(env={"KV_AUTH_TOKEN": TOKEN})
     admin = {"KV_TOKEN": TOKEN}
     assert kv(server, "token", "create", "ci", env=admin).status == 0
     assert_one_error_line(kv(server, "token", "create", "ci", env=admin), 3, "exists")
@@ -376,7 +373,7 @@ def test_kv_token_refusals_exit_as_documented_on_one_line(servers: ServerPool) -
     assert_one_error_line(kv(server, "token", "rotate", "ci", "--grace", "2d", env=admin), 2)
     assert_one_error_line(kv(server, "token", env=admin), 2)
     assert_one_error_line(kv(server, "token", "ls"), 5)
-    open_server = servers.start(env=TOKEN_STORE)
+    open_server = servers.start()
     assert_one_error_line(kv(open_server, "token", "ls"), 5, "KV_AUTH_TOKEN")
     # Nothing was created by a refusal.
     assert kv(server, "token", "ls", env=admin).out.split("\t")[0] == "ci"

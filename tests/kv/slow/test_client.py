@@ -262,14 +262,10 @@ def test_every_error_the_server_gives_is_a_typed_exception(
         assert str(server.port) in down.value.message and down.value.status is None
 
 
-# Until the sqlite and PostgreSQL stores keep tokens (i27-store), the token tests run on memory.
-TOKEN_STORE = {"KV_STORE": "memory"}
-
-
 def test_tokens_are_created_listed_rotated_and_revoked(
-    servers: ServerPool, make_client: MakeClient
+    servers: ServerPool, store_env: dict[str, str], make_client: MakeClient
 ) -> None:
-    server = servers.start(env={"KV_AUTH_TOKEN": "s3cret", **TOKEN_STORE})
+    server = servers.start(env={"KV_AUTH_TOKEN": "s3cret", **store_env})
     kv = make_client(url(server), token="s3cret")
     assert kv.whoami() == Identity("KV_AUTH_TOKEN", (TokenRule("", "readwrite"),), True)
     rules = (TokenRule("cfg/", "read"), TokenRule("ci/", "readwrite"))
@@ -307,7 +303,7 @@ def test_tokens_are_created_listed_rotated_and_revoked(
     with pytest.raises(Unauthorized):
         make_client(url(server)).tokens()
 
-    open_server = servers.start(env=TOKEN_STORE)
+    open_server = servers.start(env=store_env)
     anyone = make_client(url(open_server))
     assert anyone.whoami() == Identity(None, (TokenRule("", "readwrite"),), True)
     with pytest.raises(Forbidden) as refused:
