@@ -29,6 +29,8 @@ _STATUS_TEXT = {
     304: "Not modified.",
     400: "The request is malformed: bad HTTP, JSON or header.",
     401: "The bearer token is missing or wrong.",
+    403: "The token does not cover a key or prefix of the request, or is not admin; nothing "
+    "was read or written.",
     404: "No such key, or no such endpoint.",
     405: "This path takes other methods; see Allow.",
     408: "The body stopped arriving for KV_CLIENT_TIMEOUT; nothing was stored.",
