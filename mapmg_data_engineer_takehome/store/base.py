@@ -34,11 +34,13 @@ history), and a bulk load marks everything below its revision compacted (see che
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import (
+    Any,
     Callable,
     Literal,
     NamedTuple,
@@ -332,6 +334,45 @@ class TokenNotFound(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(name)
         self.name = name
+
+
+def rules_json(rules: Sequence[TokenRule]) -> str:
+    """A token's rules as the durable stores keep them: JSON text, a list of
+    ``{"prefix", "access"}`` in the token's order."""
+    return json.dumps([{"prefix": rule.prefix, "access": rule.access} for rule in rules])
+
+
+def rules_of(text: str) -> tuple[TokenRule, ...]:
+    """The rules that ``rules_json`` wrote."""
+    return tuple(TokenRule(rule["prefix"], rule["access"]) for rule in json.loads(text))
+
+
+# A token's columns in the durable stores, in the order of Token's fields (see token_of).
+TOKEN_COLUMNS = (
+    "name, secret_hash, rules, admin, created_at, expires_at, last_used_at, previous_hash,"
+    " previous_until"
+)
+
+
+def token_of(row: Sequence[Any]) -> Token:
+    """A Token from a row of TOKEN_COLUMNS."""
+    name, secret_hash, rules, admin, *times = row
+    return Token(name, secret_hash, rules_of(rules), bool(admin), *times)
+
+
+def token_row(token: Token) -> tuple[Any, ...]:
+    """The row of TOKEN_COLUMNS that stores ``token`` (token_of reads it back)."""
+    return (
+        token.name,
+        token.secret_hash,
+        rules_json(token.rules),
+        token.admin,
+        token.created_at,
+        token.expires_at,
+        token.last_used_at,
+        token.previous_hash,
+        token.previous_until,
+    )
 
 
 # --- transactions ---------------------------------------------------------------------------
