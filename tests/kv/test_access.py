@@ -24,9 +24,6 @@ BOOTSTRAP = "b00tstrap-t0ken"
 ADMIN = {"Authorization": f"Bearer {BOOTSTRAP}"}
 NOW = 1_800_000_000.0
 
-# Until the sqlite and PostgreSQL stores keep tokens (branch i27-store), the memory store's.
-ACCESS_STORES = ["memory"]
-
 
 def bearer(secret: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {secret}"}
@@ -54,10 +51,10 @@ async def add_token(
     return secret
 
 
-@pytest.fixture(params=ACCESS_STORES)
-async def locked(make_client: MakeClient, request: pytest.FixtureRequest) -> Client:
+@pytest.fixture
+async def locked(make_client: MakeClient, store_kind: str) -> Client:
     return await make_client(
-        store=request.param, auth_token=BOOTSTRAP, clock=FakeClock(NOW), access_log=True
+        store=store_kind, auth_token=BOOTSTRAP, clock=FakeClock(NOW), access_log=True
     )
 
 
@@ -118,9 +115,11 @@ async def test_an_unknown_secret_is_refused_as_a_wrong_token(locked: Client) -> 
         assert answer.headers["WWW-Authenticate"].startswith("Bearer")
 
 
-async def test_an_expired_token_is_refused_at_its_expiry(make_client: MakeClient) -> None:
+async def test_an_expired_token_is_refused_at_its_expiry(
+    make_client: MakeClient, store_kind: str
+) -> None:
     clock = FakeClock(NOW)
-    client = await make_client(store="memory", auth_token=BOOTSTRAP, clock=clock)
+    client = await make_client(store=store_kind, auth_token=BOOTSTRAP, clock=clock)
     secret = await add_token(store_of(client), "ci", expires_at=NOW + 60)
     assert await get_status(client, "k", secret) == 404
     clock.advance(59.999)
@@ -213,7 +212,7 @@ async def test_a_failing_poll_is_logged_and_polling_goes_on(
 async def test_without_the_bootstrap_token_the_store_tokens_are_not_read(
     make_client: MakeClient,
 ) -> None:
-    client = await make_client(store="memory")
+    client = await make_client()
     assert TOKENS_KEY not in client.app
     secret = await add_token(store_of(client), "ci", [("a/", "read")])
     response = await client.post("/set", json={"key": "b", "val": "v"}, headers=bearer(secret))
@@ -241,7 +240,7 @@ async def test_the_access_log_names_the_token_never_its_secret_or_hash(
 ) -> None:
     stream = io.StringIO()
     configure_logging(make_settings(log_format="json"), stream)
-    client = await make_client(store="memory", auth_token=BOOTSTRAP, access_log=True)
+    client = await make_client(auth_token=BOOTSTRAP, access_log=True)
     store = store_of(client)
     secret = await add_token(store, "billing", [("billing/", "readwrite")])
     await client.get("/get/billing/1", headers=bearer(secret))

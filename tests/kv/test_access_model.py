@@ -35,8 +35,7 @@ from mapmg_data_engineer_takehome.settings import Settings, StoreKind
 from mapmg_data_engineer_takehome.state import STORE_KEY
 from mapmg_data_engineer_takehome.store.base import Token, TokenRule
 
-from .conftest import FakeClock, fresh_postgres_urls
-from .test_access import ACCESS_STORES
+from .conftest import STORE_KINDS, FakeClock, fresh_postgres_urls
 
 BOOTSTRAP = "b00tstrap-t0ken"
 # Keys and prefixes from one small alphabet, so that rules, keys and prefixes overlap.
@@ -557,7 +556,7 @@ class AccessMachine(RuleBasedStateMachine):
         assert {listed.key: listed.val for listed in page.keys} == self.model
 
 
-@pytest.mark.parametrize("store", ACCESS_STORES)
+@pytest.mark.parametrize("store", STORE_KINDS)
 def test_access_behaves_like_its_model(store: StoreKind, request: pytest.FixtureRequest) -> None:
     postgres_url = fresh_postgres_urls(store, request)
     # The quick suite runs a few examples; the full one (--run-slow, as CI) ten times more.
