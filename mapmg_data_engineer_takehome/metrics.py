@@ -136,6 +136,13 @@ class Metrics:
             "Failed store calls by kind: unavailable (503), corrupt or error (500).",
             ["kind"],
         )
+        self.auth_refusals = counter(
+            "kv_auth_refusals",
+            "Requests refused by access control, by reason: missing (no bearer token), "
+            "unknown (a secret no live token has: revoked and rotated-out ones too), expired "
+            "(401); forbidden (a key or prefix outside the token's rules), not_admin (403).",
+            ["reason"],
+        )
         self.keys = store_gauge(
             "kv_keys",
             "Keys in the store (expired ones not yet purged included); kept by the store as "

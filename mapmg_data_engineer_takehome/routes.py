@@ -86,8 +86,17 @@ BODY_ERRORS = (
 )
 KEY_ERRORS = ((422, ("key_too_long", "invalid_string")),)
 UNAVAILABLE = ((503, ("store_unavailable",)),)
+# A key or prefix the request's token does not cover (access.require), or an admin route
+# asked by a token that is not admin.
+FORBIDDEN = ((403, ("forbidden",)),)
 # POST /mget and /mdelete: a body of 1 to a limit of keys.
-KEYS_BATCH_ERRORS = (*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",)))
+KEYS_BATCH_ERRORS = (
+    *BODY_ERRORS,
+    *KEY_ERRORS,
+    *UNAVAILABLE,
+    *FORBIDDEN,
+    (422, ("invalid_batch",)),
+)
 
 NOT_FOUND = ((404, ("not_found",)),)
 LEASE_NOT_FOUND = ((404, ("lease_not_found",)),)
@@ -198,6 +207,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             *BODY_ERRORS,
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             (400, ("invalid_header",)),
             *LEASE_NOT_FOUND,
             (412, ("precondition_failed",)),
@@ -223,6 +233,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         errors=(
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             (400, ("invalid_key",)),
             (404, ("key_not_found",)),
         ),
@@ -239,6 +250,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         errors=(
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             (400, ("invalid_key", "invalid_header")),
             (404, ("key_not_found",)),
             (412, ("precondition_failed",)),
@@ -256,7 +268,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=models.ListQuery,
         response=responses.ListPage,
         response_headers=(REVISION_DOC,),
-        errors=(*UNAVAILABLE, (422, ("invalid_parameter",))),
+        errors=(*UNAVAILABLE, *FORBIDDEN, (422, ("invalid_parameter",))),
     ),
     Endpoint(
         "changes",
@@ -281,6 +293,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         request_headers=(LAST_EVENT_ID_DOC,),
         errors=(
             *UNAVAILABLE,
+            *FORBIDDEN,
             (400, ("invalid_header",)),
             (410, ("compacted", "unknown_revision")),
             (422, ("invalid_parameter",)),
@@ -306,7 +319,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 "The store's revision the export was read at: watch /changes from it.",
             ),
         ),
-        errors=(*UNAVAILABLE, (422, ("invalid_parameter",))),
+        errors=(*UNAVAILABLE, *FORBIDDEN, (422, ("invalid_parameter",))),
     ),
     Endpoint(
         "import",
@@ -326,6 +339,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=responses.ImportAnswer,
         errors=(
             *UNAVAILABLE,
+            *FORBIDDEN,
             (408, ("request_timeout",)),
             (413, ("body_too_large",)),
             (422, ("invalid_parameter", "invalid_line")),
@@ -354,6 +368,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             *BODY_ERRORS,
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             (413, ("value_too_large",)),
             (422, ("invalid_ttl", "invalid_batch")),
         ),
@@ -381,6 +396,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             *BODY_ERRORS,
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             *LEASE_NOT_FOUND,
             (413, ("value_too_large",)),
             (422, ("invalid_ttl", "invalid_batch", "invalid_request")),
@@ -427,7 +443,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Writes no revision and no change event. A lease that has expired or was revoked "
         "is 404 lease_not_found: grant a new one.",
         response=responses.LeaseAnswer,
-        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+        errors=(*UNAVAILABLE, *FORBIDDEN, *LEASE_NOT_FOUND),
     ),
     Endpoint(
         "get_lease",
@@ -437,7 +453,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         leases.read,
         "Read a lease: its expiry and its keys",
         response=responses.LeaseKeysAnswer,
-        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+        errors=(*UNAVAILABLE, *FORBIDDEN, *LEASE_NOT_FOUND),
     ),
     Endpoint(
         "revoke_lease",
@@ -448,7 +464,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Revoke a lease: its keys are deleted, in one revision",
         "Each key gets a delete event, all in one revision (none when it had no keys).",
         response=responses.LeaseRevoked,
-        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+        errors=(*UNAVAILABLE, *FORBIDDEN, *LEASE_NOT_FOUND),
     ),
     _admin(
         "create_token",
@@ -549,6 +565,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "The effective settings",
         'Secrets (the token, the PostgreSQL URL) as "**********".',
         response=responses.ConfigView,
+        errors=FORBIDDEN,
     ),
     Endpoint(
         "metrics",
@@ -559,6 +576,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Prometheus metrics",
         "The text exposition format; totals over every worker.",
         content_type="text/plain",
+        errors=FORBIDDEN,
     ),
     Endpoint(
         "openapi",
