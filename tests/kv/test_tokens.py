@@ -3,8 +3,8 @@ shown once and only its hash stored, rotation with and without grace, revocation
 GET /tokens/self, every 4xx with nothing stored, the refusals (no token: 401; not admin, or a
 server without KV_AUTH_TOKEN: 403), the audit log and the metrics.
 
-The refusal of a non-admin token calls the handlers with a request whose grant is a non-admin
-token's, since the request wrapper of this branch knows only the bootstrap token."""
+The store's tokens authenticate (i27-enforce), so a non-admin token's refusal is tested over
+HTTP with a token made by POST /tokens."""
 
 from __future__ import annotations
 
@@ -13,12 +13,8 @@ import json
 from typing import Any, Optional
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 
-from mapmg_data_engineer_takehome import tokens
-from mapmg_data_engineer_takehome.access import GRANT_KEY, Grant, hash_secret
-from mapmg_data_engineer_takehome.errors import ApiError
+from mapmg_data_engineer_takehome.access import hash_secret
 from mapmg_data_engineer_takehome.logs import configure_logging
 from mapmg_data_engineer_takehome.routes import ENDPOINTS
 from mapmg_data_engineer_takehome.rules import rfc3339
@@ -201,9 +197,9 @@ async def test_self_names_the_calling_token(
         "rules": [{"prefix": "", "access": "readwrite"}],
         "admin": True,
     }
-    scoped = Grant("dash", (TokenRule("cfg/", "read"),), admin=False)
-    response = await tokens.whoami(_request(client, "GET", "/tokens/self", scoped))
-    assert json.loads(response.body) == {  # type: ignore[arg-type]
+    dash = await create(client, {"name": "dash", "rules": [{"prefix": "cfg/", "access": "read"}]})
+    scoped = {"Authorization": f"Bearer {dash['secret']}"}
+    assert await ok(await client.get("/tokens/self", headers=scoped)) == {
         "name": "dash",
         "rules": [{"prefix": "cfg/", "access": "read"}],
         "admin": False,
@@ -308,36 +304,28 @@ async def test_a_server_without_kv_auth_token_refuses_tokens_with_403(
     assert await open_server.app[STORE_KEY].tokens() == []
 
 
-def _request(client: Client, method: str, path: str, grant: Grant) -> web.Request:
-    assert client.app is not None
-    name = path.split("/")[2] if path.count("/") > 1 else ""
-    request = make_mocked_request(method, path, app=client.app, match_info={"name": name})
-    request[GRANT_KEY] = grant
-    return request
-
-
 async def test_a_token_that_is_not_admin_is_refused_with_403_and_nothing_changes(
     client: Client,
 ) -> None:
     created = await create(client, BILLING)
     # Even a token that may read and write every key is not an admin.
-    everything = Grant("everything", (TokenRule("", "readwrite"),), admin=False)
-    handlers = {"POST": tokens.create, "GET": tokens.list_}
-    for method, path, _ in _calls():
-        if path.endswith("/rotate"):
-            handler = tokens.rotate
-        else:
-            handler = tokens.revoke if method == "DELETE" else handlers[method]
-        with pytest.raises(ApiError) as refused:
-            await handler(_request(client, method, path, everything))
-        assert (refused.value.status, refused.value.code) == (403, "forbidden")
-        assert "admin" in refused.value.message
-    token = (await stored(client))["billing"]
-    assert token.secret_hash == hash_secret(created["secret"])
-    # An admin store token may: the same call with an admin grant answers.
-    admin = Grant("ops", (), admin=True)
-    response = await tokens.list_(_request(client, "GET", "/tokens", admin))
-    assert [t["name"] for t in json.loads(response.body)["tokens"]] == ["billing"]  # type: ignore[arg-type]
+    everything = await create(
+        client, {"name": "everything", "rules": [{"prefix": "", "access": "readwrite"}]}
+    )
+    headers = {"Authorization": f"Bearer {everything['secret']}"}
+    for method, path, body in _calls():
+        response = await client.request(method, path, json=body, headers=headers)
+        assert "admin" in await assert_error(response, 403, "forbidden")
+    tokens = await stored(client)
+    assert sorted(tokens) == ["billing", "everything"]
+    assert tokens["billing"].secret_hash == hash_secret(created["secret"])
+    # An admin token of the store may: it creates, lists, rotates and revokes.
+    ops = await create(client, {"name": "ops", "admin": True})
+    admin = {"Authorization": f"Bearer {ops['secret']}"}
+    await ok(await client.delete("/tokens/billing", headers=admin))  # for its POST /tokens
+    for method, path, body in _calls():
+        await ok(await client.request(method, path, json=body, headers=admin))
+    assert sorted(await stored(client)) == ["everything", "ops"]
 
 
 # --- audit and metrics ------------------------------------------------------------------------
@@ -353,7 +341,10 @@ async def test_audit_events_name_the_token_and_the_actor_never_a_secret(
     rotated = await ok(
         await client.post("/tokens/billing/rotate", json={"grace": 60}, headers=AUTHORIZED)
     )
-    await ok(await client.delete("/tokens/billing", headers=AUTHORIZED))
+    ops = await create(client, {"name": "ops", "admin": True})
+    await ok(
+        await client.delete("/tokens/billing", headers={"Authorization": f"Bearer {ops['secret']}"})
+    )
     await client.delete("/tokens/billing", headers=AUTHORIZED)  # 404: no event
 
     output = stream.getvalue()
@@ -365,12 +356,13 @@ async def test_audit_events_name_the_token_and_the_actor_never_a_secret(
     assert [(line["event"], line["token"], line["by"]) for line in audit] == [
         ("token_created", "billing", "KV_AUTH_TOKEN"),
         ("token_rotated", "billing", "KV_AUTH_TOKEN"),
-        ("token_revoked", "billing", "KV_AUTH_TOKEN"),
+        ("token_created", "ops", "KV_AUTH_TOKEN"),
+        ("token_revoked", "billing", "ops"),
     ]
-    for secret in (created["secret"], rotated["secret"], TOKEN, "billing/", "cfg/"):
+    for secret in (created["secret"], rotated["secret"], ops["secret"], TOKEN, "billing/", "cfg/"):
         assert secret not in output.replace('"token": "billing"', "")
         assert hash_secret(secret) not in output
 
     metrics = await (await client.get("/metrics", headers=AUTHORIZED)).text()
-    for event in ("created", "rotated", "revoked"):
-        assert f'kv_tokens_total{{event="{event}"}} 1.0' in metrics
+    for event, count in (("created", 2), ("rotated", 1), ("revoked", 1)):
+        assert f'kv_tokens_total{{event="{event}"}} {count}.0' in metrics

@@ -353,12 +353,22 @@ def test_kv_token_creates_lists_rotates_and_revokes_with_the_secret_alone_on_std
     ]
     assert secret not in listed.out + json.dumps(as_json)
 
+    # The secret, as `> ci.token` wrote it, is the token: its rules, and no more.
+    (tmp_path / "ci.token").write_text(created.out)
+    as_ci = ("--token-file", str(tmp_path / "ci.token"))
+    assert kv(server, *as_ci, "set", "ci/run", "1").status == 0
+    assert_one_error_line(kv(server, *as_ci, "set", "cfg/mode", "x"), 5, "cfg/mode")
+
     rotated = kv(server, "token", "rotate", "ci", "--grace", "1h", env=admin)
     assert rotated.status == 0 and rotated.err == ""
     assert rotated.out.startswith("kv_") and rotated.out.strip() != secret
+    assert kv(server, *as_ci, "get", "ci/run").out == "1\n"  # the old secret, in its grace
     assert kv(server, "token", "revoke", "ci", env=admin) == Ran(0, "", "")
     names = kv(server, "token", "ls", env=admin).out.splitlines()
     assert [line.split("\t")[0] for line in names] == ["ops"]
+    deadline = time.monotonic() + 1.5  # a revocation reaches every process within a second
+    while kv(server, *as_ci, "get", "ci/run").status != 5:
+        assert time.monotonic() < deadline, "the revoked token still works"
 
 
 def test_kv_token_refusals_exit_as_documented_on_one_line(servers: ServerPool) -> None:
