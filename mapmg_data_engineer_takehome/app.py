@@ -19,6 +19,7 @@ from typing import Optional
 import structlog
 from aiohttp import web
 
+from .access import tokens_context
 from .errors import StartupError
 from .feed import ChangeFeed
 from .metrics import Metrics
@@ -73,6 +74,10 @@ def create_app(
     app[OPENAPI_KEY] = document_bytes()
     app[CLOCK_KEY] = clock or time.time
     app.cleanup_ctx.append(partial(store_context, seed=seed, clock=clock))
+    if settings.auth_token is not None:
+        # After the store's context, so that it stops (and writes last uses) before the store
+        # closes; without KV_AUTH_TOKEN the server is open and the store's tokens unread.
+        app.cleanup_ctx.append(tokens_context)
     # After the store's context, so that they stop before the store closes.
     app.cleanup_ctx.append(feed_context)
     app.on_shutdown.append(stop_watching)

@@ -22,6 +22,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from . import rules, validation
+from .access import require
 from .errors import JSON_HEADERS, ApiError, safe_message
 from .models import ExportQuery, ImportQuery
 from .protocol import stop_request_clock
@@ -68,6 +69,7 @@ def ndjson_lines(rows: Sequence[LoadRow]) -> bytes:
 async def export(request: web.Request) -> web.StreamResponse:
     """GET /export: every live key under the prefix, in key order, as of one revision."""
     query = validation.parse_query(ExportQuery, request.query)
+    require(request, read_prefixes=(query.prefix,))
     timeout = request.app[SETTINGS_KEY].client_timeout
     metrics = request.app[METRICS_KEY]
     async with request.app[STORE_KEY].export(query.prefix) as snapshot:
@@ -247,6 +249,8 @@ class NdjsonSource:
             self._invalid(number, *self._broken_rule(broken))
         if not key.startswith(self._prefix):
             self._invalid(number, "key", "is not under the import's prefix")
+        # A refused line refuses the whole import, as an invalid one does: nothing is written.
+        require(self._request, write=(key,))
 
     def _broken_rule(self, broken: str) -> tuple[str, str]:
         """The field that breaks a rule of rules.broken_rule, and how a line's 422 says it."""
@@ -285,6 +289,9 @@ async def import_(request: web.Request) -> web.Response:
     """POST /import: the body's lines, all applied in one revision, or none of them."""
     settings = request.app[SETTINGS_KEY]
     query = validation.parse_query(ImportQuery, request.query)
+    replace = query.prefix if query.mode == "replace" else None
+    if replace is not None:  # deletes every key under the prefix that the body does not hold
+        require(request, write_prefixes=(replace,))
     limit = settings.max_import_bytes
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(limit)  # refused before reading a byte of it
@@ -294,7 +301,7 @@ async def import_(request: web.Request) -> web.Response:
     store = request.app[STORE_KEY]
     now_ms = round(request.app[CLOCK_KEY]() * 1000)
     source = NdjsonSource(request, settings, query.prefix, now_ms)
-    loaded = await store.load(source, replace=query.prefix if query.mode == "replace" else None)
+    loaded = await store.load(source, replace=replace)
     assert loaded is not None  # an import has no fingerprint to find already applied
     metrics = request.app[METRICS_KEY]
     if metrics is not None:

@@ -25,7 +25,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional
 if TYPE_CHECKING:
     import subprocess
 
-    from .client import Client, Entry, Event, KVError
+    from .client import Client, Entry, Event, KVError, Token
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -54,13 +54,14 @@ output:
 
 exit status:
   0    done
-  1    the key was not found
+  1    the key (kv token: the token) was not found
   2    usage: a wrong command line, a file that cannot be read or written, or a request
        the server refused as invalid (a bad --ttl, key or import line; a watch --since
        that the server's history does not hold)
-  3    a precondition failed (--if-version, --create; a txn whose compares failed)
+  3    a precondition failed (--if-version, --create; a txn whose compares failed; kv
+       token create: the name is taken)
   4    the server is unreachable, or unavailable (it answered 5xx)
-  5    unauthorized: no token, or a wrong one
+  5    unauthorized: no token, or a wrong one; or forbidden: the token may not do this
   6    kv lock: the lock was lost while COMMAND ran, and COMMAND was sent SIGTERM
   126  kv lock: COMMAND cannot be run; 127: it was not found
        (otherwise kv lock exits with COMMAND's status, 128+N if signal N ended it)
@@ -208,6 +209,32 @@ def run_ls(kv: Client, args: argparse.Namespace) -> None:
         write_line(
             json_line(entry.to_json()) if args.json else listing_line(entry, args.long, args.values)
         )
+
+
+def token_line(token: Token) -> str:
+    listed = token.to_json()
+    rules = " ".join(f"{rule.access}:{rule.prefix}" for rule in token.rules)
+    columns = [token.name, "admin" if token.admin else "-"]
+    columns += [listed["expires_at"] or "-", listed["last_used_at"] or "-", rules or "-"]
+    return "\t".join(columns)
+
+
+def run_token_create(kv: Client, args: argparse.Namespace) -> None:
+    token = kv.create_token(args.name, args.rules, admin=args.admin, expires_in=args.expires)
+    write_line(token.secret or "")  # the secret alone, so that > FILE holds just it
+
+
+def run_token_ls(kv: Client, args: argparse.Namespace) -> None:
+    for token in kv.tokens():
+        write_line(json_line(token.to_json()) if args.json else token_line(token))
+
+
+def run_token_rotate(kv: Client, args: argparse.Namespace) -> None:
+    write_line(kv.rotate_token(args.name, grace=args.grace).secret or "")
+
+
+def run_token_revoke(kv: Client, args: argparse.Namespace) -> None:
+    kv.revoke_token(args.name)
 
 
 def run_watch(kv: Client, args: argparse.Namespace) -> None:
@@ -399,6 +426,21 @@ def seconds(text: str) -> float:
         return float(text)
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration(text: str) -> float:
+    """A time as typed: 30s, 15m, 12h, 30d, or a number of seconds."""
+    unit = DURATION_UNITS.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in DURATION_UNITS else text
+    try:
+        return seconds(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no duration: a number with s, m, h or d (30s, 15m, 12h, 30d)"
+        ) from None
+
+
 def add_connection_options(parser: argparse.ArgumentParser, default: Any) -> None:
     parser.add_argument(
         "--url", default=default, help=f"the server's URL (default: $KV_URL, else {DEFAULT_URL})"
@@ -422,9 +464,12 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
 
     def command(
-        name: str, run: Callable[[Client, argparse.Namespace], Optional[int]], summary: str
+        name: str,
+        run: Optional[Callable[[Client, argparse.Namespace], Optional[int]]],
+        summary: str,
+        under: Any = commands,
     ) -> Parser:
-        sub: Parser = commands.add_parser(
+        sub: Parser = under.add_parser(
             name,
             help=summary,
             description=summary,
@@ -432,7 +477,8 @@ def build_parser() -> Parser:
         )
         # Also after the command (kv get k --url ...); SUPPRESS keeps a value given before it.
         add_connection_options(sub, default=argparse.SUPPRESS)
-        sub.set_defaults(run=run)
+        if run is not None:
+            sub.set_defaults(run=run)
         return sub
 
     get = command("get", run_get, "Print a key's value and a newline.")
@@ -525,6 +571,8 @@ def build_parser() -> Parser:
         "a compare failed (the failure branch ran). Exit status: see kv --help."
     )
 
+    add_token_commands(command("token", None, "Manage access tokens (admin only)."), command)
+
     lock = command("lock", run_lock, "Run a command while holding a lock.")
     lock.add_argument("name", metavar="NAME", help="the lock: its owners are keys NAME/<lease>")
     lock.add_argument(
@@ -544,6 +592,65 @@ def build_parser() -> Parser:
         "SIGHUP sent to kv are passed on to COMMAND. Exit status: see kv --help."
     )
     return parser
+
+
+def add_token_commands(token: Parser, command: Callable[..., Parser]) -> None:
+    """kv token create, ls, rotate and revoke."""
+    actions = token.add_subparsers(metavar="ACTION", required=True)
+    token.epilog = (
+        "A secret is printed once, alone on stdout: kv token create ci --read cfg/ > ci.token, "
+        "then kv --token-file ci.token ... Exit status: see kv --help."
+    )
+    name_help = "the token's name: 1 to 64 of A-Z a-z 0-9 . _ -"
+    create = command("create", run_token_create, "Create a token; print its secret.", actions)
+    create.add_argument("name", metavar="NAME", help=name_help)
+    # Both append to one list of rules, in the order given, as the token will list them.
+    create.add_argument(
+        "--read",
+        dest="rules",
+        action="append",
+        default=[],
+        type=lambda prefix: (prefix, "read"),
+        metavar="PREFIX",
+        help='it may read the keys under PREFIX ("" for every key); repeatable',
+    )
+    create.add_argument(
+        "--write",
+        dest="rules",
+        action="append",
+        type=lambda prefix: (prefix, "readwrite"),
+        metavar="PREFIX",
+        help="it may read and write the keys under PREFIX; repeatable",
+    )
+    create.add_argument(
+        "--admin", action="store_true", help="it may manage tokens, /config and /metrics"
+    )
+    create.add_argument(
+        "--expires", type=duration, metavar="DURATION", help="it stops after 30s, 15m, 12h, 30d"
+    )
+
+    ls = command("ls", run_token_ls, "List the tokens, one a line, by name.", actions)
+    ls.add_argument(
+        "--json",
+        action="store_true",
+        help='one {"name", "rules", "admin", "created_at", "expires_at", "last_used_at"} a line',
+    )
+    ls.epilog = (
+        "A line is name, admin (or -), expiry, last use (each a time or -) and the rules "
+        "as access:prefix separated by spaces, tab-separated. Never a secret."
+    )
+
+    rotate = command("rotate", run_token_rotate, "Give a token a new secret; print it.", actions)
+    rotate.add_argument("name", metavar="NAME", help=name_help)
+    rotate.add_argument(
+        "--grace",
+        type=duration,
+        metavar="DURATION",
+        help="the old secret keeps working this long (at most 1d; default: it stops now)",
+    )
+
+    revoke = command("revoke", run_token_revoke, "Revoke a token: it stops at once.", actions)
+    revoke.add_argument("name", metavar="NAME", help=name_help)
 
 
 def server_url(args: argparse.Namespace) -> str:
@@ -576,8 +683,11 @@ def exit_status(error: KVError) -> int:
 
     statuses = (
         (client.KeyNotFound, EXIT_NOT_FOUND),
+        (client.TokenNotFound, EXIT_NOT_FOUND),
         (client.PreconditionFailed, EXIT_PRECONDITION),
+        (client.TokenExists, EXIT_PRECONDITION),
         (client.Unauthorized, EXIT_UNAUTHORIZED),
+        (client.Forbidden, EXIT_UNAUTHORIZED),
         (client.InvalidRequest, EXIT_USAGE),
         (client.HistoryGone, EXIT_USAGE),
     )

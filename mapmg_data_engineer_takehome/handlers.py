@@ -15,6 +15,7 @@ import orjson
 from aiohttp import hdrs, web
 
 from . import rules
+from .access import require
 from .errors import JSON_CONTENT_TYPE, JSON_HEADERS, NO_SUCH_ENDPOINT, ApiError, error_response
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .models import (
@@ -251,6 +252,7 @@ async def set_value(request: web.Request) -> web.Response:
     body = parse_body(SetRequest, await read_body(request, settings.max_body_bytes))
     check_text(settings, body.key, body.val)
     check_lease(body.ttl, body.lease, "")
+    require(request, write=(body.key,))
     if isinstance(condition, _Unsatisfiable):
         raise await _unsatisfiable(request, body.key)
     try:
@@ -266,6 +268,7 @@ async def set_value(request: web.Request) -> web.Response:
 async def get_value(request: web.Request) -> web.Response:
     """GET (and HEAD) /get/<key>: the body is exactly key and val; metadata is in headers."""
     key = key_from_path(request, "/get/")
+    require(request, read=(key,))
     entry = await request.app[STORE_KEY].get(key)
     if entry is None:
         raise ApiError(404, "key_not_found", "This key has no value; set it with POST /set.")
@@ -277,6 +280,7 @@ async def delete_value(request: web.Request) -> web.Response:
     key = key_from_path(request, "/delete/")
     condition = parse_condition(request, if_none_match=False)
     assert not isinstance(condition, _Unsatisfiable)  # If-None-Match is refused above
+    require(request, write=(key,))
     try:
         deleted = await request.app[STORE_KEY].delete(key, condition)
     except PreconditionFailed as failed:
@@ -291,6 +295,7 @@ async def list_keys(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     query = parse_query(ListQuery, request.query)
     after = None if query.cursor is None else _cursor_key(query.cursor, settings)
+    require(request, read_prefixes=(query.prefix,))
     page = await request.app[STORE_KEY].list_keys(query.prefix, after, query.limit, query.values)
     items = []
     for listed in page.keys:
@@ -331,6 +336,7 @@ async def get_many(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     for index, key in enumerate(body.keys):
         check_text(settings, key, where=f"keys[{index}].")
+    require(request, read=body.keys)
     found = await request.app[STORE_KEY].get_many(body.keys)
     return _json({"items": [{"key": key, "val": found.get(key)} for key in body.keys]})
 
@@ -341,6 +347,7 @@ async def set_many(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     for index, item in enumerate(body.items):
         check_text(settings, item.key, item.val, where=f"items[{index}].")
+    require(request, write=[item.key for item in body.items])
     items = [SetItem(item.key, item.val, item.ttl) for item in body.items]
     revision = await request.app[STORE_KEY].set_many(items)
     return _json({"count": len(items), "version": revision})
@@ -352,6 +359,7 @@ async def delete_many(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
     for index, key in enumerate(body.keys):
         check_text(settings, key, where=f"keys[{index}].")
+    require(request, write=body.keys)
     return _json({"deleted": await request.app[STORE_KEY].delete_many(body.keys)})
 
 
@@ -363,6 +371,9 @@ async def transact(request: web.Request) -> web.Response:
     compares = [_compare(settings, index, compare) for index, compare in enumerate(body.compare)]
     success = _branch(settings, "success", body.success)
     failure = _branch(settings, "failure", body.failure)
+    # Both branches, whichever runs: the compares decide that, and refusing only one would
+    # tell the client how they came out.
+    require_txn(request, compares, (*success, *failure))
     result = await request.app[STORE_KEY].txn(compares, success, failure)
     metrics = request.app[METRICS_KEY]
     if metrics is not None:
@@ -375,6 +386,23 @@ async def transact(request: web.Request) -> web.Response:
             "results": [_txn_outcome(outcome) for outcome in result.results],
         }
     )
+
+
+def require_txn(
+    request: web.Request, compares: Sequence[Compare], operations: Sequence[TxnOperation]
+) -> None:
+    """require() of a transaction: the compares' keys and gets read, sets and deletes write."""
+    read = [compare.key for compare in compares]
+    write: list[str] = []
+    prefixes: list[str] = []
+    for operation in operations:
+        if isinstance(operation, TxnGet):
+            read.append(operation.key)
+        elif isinstance(operation, TxnDeletePrefix):
+            prefixes.append(operation.prefix)
+        else:
+            write.append(operation.key)
+    require(request, read=read, write=write, write_prefixes=prefixes)
 
 
 def _invalid_request(message: str) -> ApiError:
@@ -524,6 +552,7 @@ async def health(request: web.Request) -> web.Response:
 
 async def config(request: web.Request) -> web.Response:
     """GET /config: the effective settings, and the input.db actually used."""
+    require(request, admin=True)
     view = request.app[SETTINGS_KEY].public_view()
     used = request.app[INPUT_DB_KEY]
     view["input_db_used"] = None if used is None else str(used)
@@ -532,6 +561,7 @@ async def config(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus' text format."""
+    require(request, admin=True)
     recorded = request.app[METRICS_KEY]
     if recorded is None:
         raise ApiError(404, "not_found", "Metrics are off on this server (KV_METRICS=false).")

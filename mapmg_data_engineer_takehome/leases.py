@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .access import require
 from .errors import JSON_HEADERS
 from .models import KeepaliveRequest, LeaseRequest
 from .rules import names_no_lease, rfc3339
@@ -49,10 +50,18 @@ async def grant(request: web.Request) -> web.Response:
     return _json(_shown(lease))
 
 
+async def _require_keys(request: web.Request, lease: str) -> None:
+    """Keeping a lease alive or revoking it writes its keys (their expiry, or their end): the
+    token must be able to write every one. Granting one needs no more than a valid token."""
+    found = await request.app[STORE_KEY].lease_keys(lease)
+    require(request, write=found.keys)
+
+
 async def keepalive(request: web.Request) -> web.Response:
     """POST /leases/{id}/keepalive: renew the lease and its keys to ttl seconds from now."""
-    lease = await request.app[STORE_KEY].keepalive_lease(_lease_id(request))
-    return _json(_shown(lease))
+    lease = _lease_id(request)
+    await _require_keys(request, lease)
+    return _json(_shown(await request.app[STORE_KEY].keepalive_lease(lease)))
 
 
 async def keepalive_many(request: web.Request) -> web.Response:
@@ -76,12 +85,14 @@ async def keepalive_many(request: web.Request) -> web.Response:
 async def read(request: web.Request) -> web.Response:
     """GET /leases/{id}: the lease and its keys, in key order."""
     found = await request.app[STORE_KEY].lease_keys(_lease_id(request))
+    require(request, read=found.keys)
     return _json({**_shown(found.lease), "keys": list(found.keys)})
 
 
 async def revoke(request: web.Request) -> web.Response:
     """DELETE /leases/{id}: the lease and its keys go, in one revision."""
     lease = _lease_id(request)
+    await _require_keys(request, lease)
     deleted = await request.app[STORE_KEY].revoke_lease(lease)
     metrics = request.app[METRICS_KEY]
     if metrics is not None:

@@ -122,6 +122,11 @@ class Metrics:
             "expired (removed by the upkeep once their time ran out).",
             ["event"],
         )
+        self.tokens = counter(
+            "kv_tokens",
+            "Access tokens by event: created (POST /tokens), rotated or revoked.",
+            ["event"],
+        )
         self.leases_live = store_gauge(
             "kv_leases_live",
             "Leases granted and neither revoked nor expired, on the store.",
@@ -130,6 +135,13 @@ class Metrics:
             "kv_store_errors",
             "Failed store calls by kind: unavailable (503), corrupt or error (500).",
             ["kind"],
+        )
+        self.auth_refusals = counter(
+            "kv_auth_refusals",
+            "Requests refused by access control, by reason: missing (no bearer token), "
+            "unknown (a secret no live token has: revoked and rotated-out ones too), expired "
+            "(401); forbidden (a key or prefix outside the token's rules), not_admin (403).",
+            ["reason"],
         )
         self.keys = store_gauge(
             "kv_keys",
@@ -208,6 +220,10 @@ class Metrics:
     def observe_lease(self, event: str) -> None:
         """A lease granted, revoked or expired (a label of kv_leases: never an id)."""
         self.leases.labels(event).inc()
+
+    def observe_token(self, event: str) -> None:
+        """A token created, rotated or revoked (a label of kv_tokens: never a name)."""
+        self.tokens.labels(event).inc()
 
     def observe_txn(self, succeeded: bool) -> None:
         self._transactions["succeeded" if succeeded else "failed"] += 1

@@ -26,7 +26,8 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from .errors import ApiError, response_for
+from .access import BOOTSTRAP, GRANT_KEY, TOKENS_KEY
+from .errors import response_for
 from .metrics import Metrics
 from .protocol import request_done
 from .rules import REQUEST_ID
@@ -72,14 +73,10 @@ def make_request_wrapper(
                 if check_token:
                     supplied = request.headers.get(hdrs.AUTHORIZATION, "")
                     # compare_digest takes as long whatever matches: no timing hints.
-                    if not hmac.compare_digest(supplied.encode("utf-8", "replace"), expected):
-                        raise ApiError(
-                            401,
-                            "unauthorized",
-                            "This server needs the header 'Authorization: Bearer <token>' "
-                            "with its token.",
-                            {hdrs.WWW_AUTHENTICATE: 'Bearer realm="kv"'},
-                        )
+                    if hmac.compare_digest(supplied.encode("utf-8", "replace"), expected):
+                        request[GRANT_KEY] = BOOTSTRAP
+                    else:  # a token of the store's, or a 401
+                        request[GRANT_KEY] = await request.app[TOKENS_KEY].grant(supplied)
                 if not request.body_exists:
                     # Arrived whole: a long-poll's wait or a stream is no slow request.
                     request_done(request)
@@ -95,9 +92,11 @@ def make_request_wrapper(
                 if metrics is not None:
                     metrics.observe_request(route, request.method, response.status, seconds)
                 if with_access_log:
+                    grant = request.get(GRANT_KEY)
                     access_log.info(
                         "request",
                         request_id=request_id,
+                        token=None if grant is None else grant.name,
                         method=request.method,
                         route=route,
                         status=response.status,

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from .rules import CURSOR_PATTERN, LEASE_ID_MAX_CHARS, Key, Val
-from .store.base import MAX_TTL_SECONDS
+from .store.base import MAX_TTL_SECONDS, TokenAccess
 
 MAX_MGET_KEYS = 1_000
 MAX_BATCH_WRITES = 10_000
@@ -183,6 +183,68 @@ class KeepaliveRequest(RequestModel):
             "them all in one request.",
         ),
     ]
+
+
+# A token's name: short, and safe in a path, a log line and a shell without quoting.
+TOKEN_NAME_PATTERN = "^[A-Za-z0-9._-]{1,64}$"
+MAX_TOKEN_RULES = 100
+# How long a rotated-out secret may keep working: long enough to roll it out, not to forget it.
+MAX_GRACE_SECONDS = 86_400
+
+TokenName = Annotated[
+    str,
+    Field(
+        pattern=TOKEN_NAME_PATTERN,
+        description="1 to 64 of A-Z, a-z, 0-9, '.', '_' and '-'.",
+    ),
+]
+
+
+class TokenRuleRequest(RequestModel):
+    """A rule of a token: access to every key that starts with prefix."""
+
+    prefix: str = Field(
+        description="The keys it covers: those that start with it (the empty prefix: every "
+        "key); at most KV_MAX_KEY_BYTES of UTF-8, without NUL.",
+        json_schema_extra={"pattern": "^[^\\u0000]*$"},
+    )
+    access: TokenAccess = Field(description="read, or readwrite (read and write).")
+
+
+class TokenRequest(RequestModel):
+    """POST /tokens."""
+
+    name: TokenName
+    rules: list[TokenRuleRequest] = Field(
+        default_factory=list,
+        max_length=MAX_TOKEN_RULES,
+        description=f"At most {MAX_TOKEN_RULES}. A request may read or write only the keys "
+        "and prefixes a rule of the right access covers; rules only allow, never deny.",
+    )
+    admin: bool = Field(
+        default=False, description="Whether it may manage tokens and read /config and /metrics."
+    )
+    expires_in: Optional[float] = Field(
+        default=None,
+        gt=0,
+        le=MAX_TTL_SECONDS,
+        allow_inf_nan=False,
+        description="Seconds until it stops working (above 0, at most ten years); without "
+        "it, it never expires.",
+    )
+
+
+class RotateRequest(RequestModel):
+    """POST /tokens/{name}/rotate."""
+
+    grace: Optional[float] = Field(
+        default=None,
+        ge=0,
+        le=MAX_GRACE_SECONDS,
+        allow_inf_nan=False,
+        description=f"Seconds the old secret keeps working (at most {MAX_GRACE_SECONDS}, a "
+        "day); without it, or 0, the old secret stops at once.",
+    )
 
 
 class ListQuery(BaseModel):

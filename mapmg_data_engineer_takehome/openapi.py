@@ -29,9 +29,12 @@ _STATUS_TEXT = {
     304: "Not modified.",
     400: "The request is malformed: bad HTTP, JSON or header.",
     401: "The bearer token is missing or wrong.",
+    403: "The token does not cover a key or prefix of the request, or is not admin; nothing "
+    "was read or written.",
     404: "No such key, or no such endpoint.",
     405: "This path takes other methods; see Allow.",
     408: "The body stopped arriving for KV_CLIENT_TIMEOUT; nothing was stored.",
+    409: "The name is taken; nothing was written.",
     410: "The history no longer holds the changes asked for, or never had them; list again.",
     412: "The If-Match or If-None-Match condition does not hold; nothing was written.",
     413: "The body, or a value, is larger than the server accepts.",

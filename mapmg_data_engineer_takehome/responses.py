@@ -149,6 +149,61 @@ class LeaseRevoked(BaseModel):
     deleted: int = Field(description="How many keys went with it, in one revision.")
 
 
+class TokenRuleView(BaseModel):
+    """A rule of a token."""
+
+    prefix: str
+    access: Literal["read", "readwrite"]
+
+
+class TokenView(BaseModel):
+    """A token as GET /tokens lists it: never its secret, nor the secret's hash."""
+
+    name: str
+    rules: list[TokenRuleView]
+    admin: bool
+    created_at: str = Field(description="RFC 3339 UTC with milliseconds.")
+    expires_at: Optional[str] = Field(description="When it stops working; null if never.")
+    last_used_at: Optional[str] = Field(
+        description="When a request last used it, recorded every few seconds; null if never."
+    )
+
+
+class TokenList(BaseModel):
+    """The answer of GET /tokens."""
+
+    tokens: list[TokenView] = Field(description="In ascending order of name.")
+
+
+class TokenSecret(BaseModel):
+    """The answer of POST /tokens and POST /tokens/{name}/rotate: the secret, shown once."""
+
+    name: str
+    secret: str = Field(
+        description="Send it as 'Authorization: Bearer <secret>'. Shown only this once: the "
+        "server keeps its SHA-256, never the secret."
+    )
+    rules: list[TokenRuleView]
+    admin: bool
+    created_at: str = Field(description="RFC 3339 UTC with milliseconds.")
+    expires_at: Optional[str] = Field(description="When it stops working; null if never.")
+
+
+class TokenSelf(BaseModel):
+    """The answer of GET /tokens/self: what the calling token may do."""
+
+    name: Optional[str] = Field(description="The token's name; null on an open server.")
+    rules: list[TokenRuleView]
+    admin: bool
+
+
+class TokenRevoked(BaseModel):
+    """The answer of DELETE /tokens/{name}."""
+
+    name: str
+    revoked: Literal[True]
+
+
 class Health(BaseModel):
     """The answer of GET /health."""
 

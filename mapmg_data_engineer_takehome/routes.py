@@ -14,7 +14,7 @@ from typing import Any, Optional
 from aiohttp import hdrs, web
 from pydantic import BaseModel
 
-from . import bulk, handlers, leases, models, pages, responses, watch
+from . import bulk, handlers, leases, models, pages, responses, tokens, watch
 from .middleware import Wrap
 from .rules import ETAG, EXPIRES_AT, LAST_EVENT_ID, REVISION, REVISION_DIGITS
 
@@ -86,11 +86,33 @@ BODY_ERRORS = (
 )
 KEY_ERRORS = ((422, ("key_too_long", "invalid_string")),)
 UNAVAILABLE = ((503, ("store_unavailable",)),)
+# A key or prefix the request's token does not cover (access.require), or an admin route
+# asked by a token that is not admin.
+FORBIDDEN = ((403, ("forbidden",)),)
 # POST /mget and /mdelete: a body of 1 to a limit of keys.
-KEYS_BATCH_ERRORS = (*BODY_ERRORS, *KEY_ERRORS, *UNAVAILABLE, (422, ("invalid_batch",)))
+KEYS_BATCH_ERRORS = (
+    *BODY_ERRORS,
+    *KEY_ERRORS,
+    *UNAVAILABLE,
+    *FORBIDDEN,
+    (422, ("invalid_batch",)),
+)
 
 NOT_FOUND = ((404, ("not_found",)),)
 LEASE_NOT_FOUND = ((404, ("lease_not_found",)),)
+# The token endpoints: admin only, and refused on a server without KV_AUTH_TOKEN.
+ADMIN_ONLY = ((403, ("forbidden",)),)
+TOKEN_NOT_FOUND = ((404, ("token_not_found",)),)
+TOKEN_BODY_ERRORS = (
+    (400, ("invalid_json",)),
+    (413, ("body_too_large",)),
+    (422, ("invalid_body", "missing_field", "unknown_field", "invalid_type", "invalid_string")),
+)
+CREATE_TOKEN_ERRORS = (
+    *TOKEN_BODY_ERRORS,
+    (409, ("token_exists",)),
+    (422, ("invalid_name", "invalid_rules", "invalid_seconds", "key_too_long")),
+)
 
 
 def _page(
@@ -113,6 +135,30 @@ def _files(name: str, path: str, handler: handlers.Handler, summary: str) -> End
     """A page's files (scripts, styles), each named in the path; 404 for any other name."""
     return _page(
         name, path, handler, summary, content_type="application/octet-stream", errors=NOT_FOUND
+    )
+
+
+def _admin(
+    name: str,
+    method: str,
+    path: str,
+    handler: handlers.Handler,
+    summary: str,
+    description: str,
+    errors: tuple[tuple[int, tuple[str, ...]], ...] = (),
+    **contract: Any,
+) -> Endpoint:
+    """A token endpoint: admin only, and refused on a server without KV_AUTH_TOKEN (403)."""
+    return Endpoint(
+        name,
+        (method,),
+        path,
+        path,
+        handler,
+        summary,
+        f"Admin only. {description}".strip(),
+        errors=(*ADMIN_ONLY, *UNAVAILABLE, *errors),
+        **contract,
     )
 
 
@@ -161,6 +207,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             *BODY_ERRORS,
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             (400, ("invalid_header",)),
             *LEASE_NOT_FOUND,
             (412, ("precondition_failed",)),
@@ -186,6 +233,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         errors=(
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             (400, ("invalid_key",)),
             (404, ("key_not_found",)),
         ),
@@ -202,6 +250,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         errors=(
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             (400, ("invalid_key", "invalid_header")),
             (404, ("key_not_found",)),
             (412, ("precondition_failed",)),
@@ -219,7 +268,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=models.ListQuery,
         response=responses.ListPage,
         response_headers=(REVISION_DOC,),
-        errors=(*UNAVAILABLE, (422, ("invalid_parameter",))),
+        errors=(*UNAVAILABLE, *FORBIDDEN, (422, ("invalid_parameter",))),
     ),
     Endpoint(
         "changes",
@@ -244,6 +293,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         request_headers=(LAST_EVENT_ID_DOC,),
         errors=(
             *UNAVAILABLE,
+            *FORBIDDEN,
             (400, ("invalid_header",)),
             (410, ("compacted", "unknown_revision")),
             (422, ("invalid_parameter",)),
@@ -269,7 +319,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 "The store's revision the export was read at: watch /changes from it.",
             ),
         ),
-        errors=(*UNAVAILABLE, (422, ("invalid_parameter",))),
+        errors=(*UNAVAILABLE, *FORBIDDEN, (422, ("invalid_parameter",))),
     ),
     Endpoint(
         "import",
@@ -289,6 +339,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=responses.ImportAnswer,
         errors=(
             *UNAVAILABLE,
+            *FORBIDDEN,
             (408, ("request_timeout",)),
             (413, ("body_too_large",)),
             (422, ("invalid_parameter", "invalid_line")),
@@ -317,6 +368,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             *BODY_ERRORS,
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             (413, ("value_too_large",)),
             (422, ("invalid_ttl", "invalid_batch")),
         ),
@@ -344,6 +396,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             *BODY_ERRORS,
             *KEY_ERRORS,
             *UNAVAILABLE,
+            *FORBIDDEN,
             *LEASE_NOT_FOUND,
             (413, ("value_too_large",)),
             (422, ("invalid_ttl", "invalid_batch", "invalid_request")),
@@ -390,7 +443,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Writes no revision and no change event. A lease that has expired or was revoked "
         "is 404 lease_not_found: grant a new one.",
         response=responses.LeaseAnswer,
-        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+        errors=(*UNAVAILABLE, *FORBIDDEN, *LEASE_NOT_FOUND),
     ),
     Endpoint(
         "keepalive_leases",
@@ -423,7 +476,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         leases.read,
         "Read a lease: its expiry and its keys",
         response=responses.LeaseKeysAnswer,
-        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+        errors=(*UNAVAILABLE, *FORBIDDEN, *LEASE_NOT_FOUND),
     ),
     Endpoint(
         "revoke_lease",
@@ -434,7 +487,77 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Revoke a lease: its keys are deleted, in one revision",
         "Each key gets a delete event, all in one revision (none when it had no keys).",
         response=responses.LeaseRevoked,
-        errors=(*UNAVAILABLE, *LEASE_NOT_FOUND),
+        errors=(*UNAVAILABLE, *FORBIDDEN, *LEASE_NOT_FOUND),
+    ),
+    _admin(
+        "create_token",
+        "POST",
+        "/tokens",
+        tokens.create,
+        "Create an access token: its secret is answered this once",
+        "A request with the token may read or write only the keys and prefixes "
+        "its rules cover (readwrite: both; read: reading); with admin, it may also manage "
+        "tokens and read /config and /metrics. The server keeps the secret's SHA-256, never "
+        "the secret. A server without KV_AUTH_TOKEN refuses every token endpoint with 403.",
+        body=models.TokenRequest,
+        response=responses.TokenSecret,
+        errors=CREATE_TOKEN_ERRORS,
+        example={
+            "name": "billing",
+            "rules": [
+                {"prefix": "billing/", "access": "readwrite"},
+                {"prefix": "cfg/", "access": "read"},
+            ],
+            "admin": False,
+            "expires_in": 86400,
+        },
+        links=(
+            ("RotateTheToken", "rotate_token", (("name", "$response.body#/name"),)),
+            ("RevokeTheToken", "revoke_token", (("name", "$response.body#/name"),)),
+        ),
+    ),
+    _admin(
+        "list_tokens",
+        "GET",
+        "/tokens",
+        tokens.list_,
+        "List the access tokens: never a secret or its hash",
+        "",
+        response=responses.TokenList,
+    ),
+    Endpoint(
+        "whoami",
+        ("GET",),
+        "/tokens/self",
+        "/tokens/self",
+        tokens.whoami,
+        "What the calling token may do: its name, rules and admin flag",
+        "Any token. On a server without KV_AUTH_TOKEN, every request may do everything: "
+        'the name is null, and the one rule covers every key (prefix "") read and write.',
+        response=responses.TokenSelf,
+    ),
+    _admin(
+        "rotate_token",
+        "POST",
+        "/tokens/{name}/rotate",
+        tokens.rotate,
+        "Rotate a token's secret: the new one is answered this once",
+        "The old secret stops at once, or keeps working for grace seconds (at "
+        "most a day) while the new one is rolled out. An empty body is {}.",
+        body=models.RotateRequest,
+        response=responses.TokenSecret,
+        errors=(*TOKEN_BODY_ERRORS, *TOKEN_NOT_FOUND, (422, ("invalid_seconds",))),
+        example={"grace": 3600},
+    ),
+    _admin(
+        "revoke_token",
+        "DELETE",
+        "/tokens/{name}",
+        tokens.revoke,
+        "Revoke a token: it stops working at once, on every server",
+        "",
+        response=responses.TokenRevoked,
+        errors=TOKEN_NOT_FOUND,
     ),
     _keys_batch(
         "mdelete",
@@ -465,6 +588,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "The effective settings",
         'Secrets (the token, the PostgreSQL URL) as "**********".',
         response=responses.ConfigView,
+        errors=FORBIDDEN,
     ),
     Endpoint(
         "metrics",
@@ -475,6 +599,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "Prometheus metrics",
         "The text exposition format; totals over every worker.",
         content_type="text/plain",
+        errors=FORBIDDEN,
     ),
     Endpoint(
         "openapi",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar, Union
+from typing import Any, Optional, TypeVar, Union
 
 import orjson
 from pydantic import BaseModel, ValidationError
@@ -16,8 +16,10 @@ from .errors import ApiError
 from .models import (
     MAX_BATCH_WRITES,
     MAX_EVENTS,
+    MAX_GRACE_SECONDS,
     MAX_MGET_KEYS,
     MAX_PAGE,
+    MAX_TOKEN_RULES,
     MAX_WAIT_SECONDS,
     ChangesQuery,
     ExportQuery,
@@ -25,6 +27,7 @@ from .models import (
     ListQuery,
     MgetRequest,
     SetRequest,
+    TokenRequest,
     TxnCompare,
     TxnDeleteOperation,
     TxnGetOperation,
@@ -237,6 +240,9 @@ def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
             "invalid_type",
             f"{subject} must be a lease's id, at most {LEASE_ID_MAX_CHARS} characters.",
         )
+    token_error = _token_error(model, kind, location, value)
+    if token_error is not None:
+        return token_error
     if kind == "string_too_short":
         return ApiError(422, "empty_key", f"{subject} must not be empty.")
     if kind in ("too_short", "too_long"):
@@ -256,6 +262,42 @@ def _describe(model: type[BaseModel], problem: ErrorDetails) -> ApiError:
         "dict_type": "an object",
     }.get(kind, "valid")
     return ApiError(422, "invalid_type", f"{subject} must be {expected}, not {json_type(value)}.")
+
+
+# The seconds fields of the token endpoints, and the bounds a 422 names.
+_TOKEN_SECONDS = {
+    "expires_in": f"above 0 and at most {MAX_TTL_SECONDS} (ten years)",
+    "grace": f"from 0 to {MAX_GRACE_SECONDS} (a day)",
+}
+
+
+def _token_error(
+    model: type[BaseModel], kind: str, location: Sequence[Union[str, int]], value: Any
+) -> Optional[ApiError]:
+    """The token endpoints' own complaints: a name, the number of rules, a number of seconds;
+    None for what the general rules say well enough."""
+    subject = _subject(location)
+    name = location[-1] if location else ""
+    if name == "name" and kind in ("string_pattern_mismatch", "string_too_long"):
+        return ApiError(
+            422,
+            "invalid_name",
+            f"{subject} must be 1 to 64 of the characters A-Z, a-z, 0-9, '.', '_' and '-'.",
+        )
+    if model is TokenRequest and tuple(location) == ("rules",) and kind == "too_long":
+        return ApiError(
+            422,
+            "invalid_rules",
+            f"{subject} may hold at most {MAX_TOKEN_RULES} rules, not {len(value or ())}.",
+        )
+    bounds = _TOKEN_SECONDS.get(str(name))
+    if bounds is not None and len(location) == 1 and kind not in ("missing", "extra_forbidden"):
+        return ApiError(
+            422,
+            "invalid_seconds",
+            f"{subject} must be a number of seconds {bounds}, not {_shown(value)}.",
+        )
+    return None
 
 
 def _shown(value: Any) -> str:

@@ -24,6 +24,7 @@ from typing import Optional
 import structlog
 from aiohttp import HttpVersion11, hdrs, web
 
+from .access import require
 from .errors import JSON_HEADERS, ApiError, safe_message
 from .feed import Batch, ChangeFeed, Event, Position, Stream, StreamTransport
 from .metrics import Metrics
@@ -55,6 +56,7 @@ STREAM_WRITE_BYTES = 64 * 1024
 async def changes(request: web.Request) -> web.StreamResponse:
     """GET /changes: the changes after ``since``, as a long-poll answer or a stream."""
     query = parse_query(ChangesQuery, request.query)
+    require(request, read_prefixes=(query.prefix,))  # long-poll and stream alike
     streaming = EVENT_STREAM in request.headers.get(hdrs.ACCEPT, "")
     feed = request.app[FEED_KEY]
     position = _last_event_id(request)

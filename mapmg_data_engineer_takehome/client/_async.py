@@ -24,6 +24,7 @@ from ._core import (
     Call,
     Entry,
     Event,
+    Identity,
     Imported,
     KeyNotFound,
     KVError,
@@ -32,12 +33,14 @@ from ._core import (
     LockLost,
     PreconditionFailed,
     Resume,
+    Token,
     TxnResult,
     Unavailable,
     applied,
     async_chunks,
     async_sleep,
     backoff,
+    create_token_call,
     delete_call,
     entry_of,
     error_of,
@@ -48,6 +51,7 @@ from ._core import (
     gone,
     grant_lease_call,
     http_options,
+    identity_of,
     import_params,
     import_timeouts,
     keepalive_call,
@@ -65,8 +69,11 @@ from ._core import (
     predecessor,
     retryable,
     revoke_lease_call,
+    revoke_token_call,
+    rotate_token_call,
     set_call,
     stream_timeouts,
+    token_of,
     txn_call,
     txn_result,
     unreachable,
@@ -381,6 +388,38 @@ class AsyncClient:
     async def health(self) -> dict[str, Any]:
         answer = await self._send(Call("GET", "/health", retry=True))
         return dict(answer.json())
+
+    async def create_token(
+        self,
+        name: str,
+        rules: Iterable[Any] = (),
+        *,
+        admin: bool = False,
+        expires_in: Optional[float] = None,
+    ) -> Token:
+        """A new access token (admin only); its ``secret`` is in this answer alone. ``rules``
+        are TokenRules or (prefix, access) pairs, access "read" or "readwrite"; TokenExists
+        when the name is taken."""
+        call = create_token_call(name, rules, admin, expires_in)
+        return token_of((await self._send(call)).json())
+
+    async def tokens(self) -> list[Token]:
+        """Every access token, by name (admin only): never a secret."""
+        answer = await self._send(Call("GET", "/tokens", retry=True))
+        return [token_of(token) for token in answer.json()["tokens"]]
+
+    async def rotate_token(self, name: str, *, grace: Optional[float] = None) -> Token:
+        """A new secret for the token (admin only), in this answer alone; the old one stops at
+        once, or after ``grace`` seconds. TokenNotFound."""
+        return token_of((await self._send(rotate_token_call(name, grace))).json())
+
+    async def revoke_token(self, name: str) -> None:
+        """Revoke the token (admin only): it stops working at once. TokenNotFound."""
+        await self._send(revoke_token_call(name))
+
+    async def whoami(self) -> Identity:
+        """What this client's token may do: its name, rules and whether it is admin."""
+        return identity_of(await self._send(Call("GET", "/tokens/self", retry=True)))
 
 
 class AsyncLock:

@@ -112,6 +112,53 @@ class Imported:
     revision: int
 
 
+@dataclass(frozen=True)
+class TokenRule:
+    """A rule of an access token: ``access`` ("read" or "readwrite") to every key that
+    starts with ``prefix`` ("" covers every key)."""
+
+    prefix: str
+    access: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"prefix": self.prefix, "access": self.access}
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token. ``secret`` is there only in the answer that made it (``create_token``,
+    ``rotate_token``): the server shows it once. ``last_used_at`` only in ``tokens()``."""
+
+    name: str
+    created_at: datetime
+    rules: tuple[TokenRule, ...] = ()
+    admin: bool = False
+    secret: Optional[str] = None
+    expires_at: Optional[datetime] = None
+    last_used_at: Optional[datetime] = None
+
+    def to_json(self) -> dict[str, Any]:
+        """As GET /tokens lists it (never with the secret)."""
+        return {
+            "name": self.name,
+            "rules": [rule.to_json() for rule in self.rules],
+            "admin": self.admin,
+            "created_at": _format_time(self.created_at),
+            "expires_at": _format_time(self.expires_at),
+            "last_used_at": _format_time(self.last_used_at),
+        }
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the client's own token may do (``whoami``): its name (None on a server without
+    KV_AUTH_TOKEN, where every request may do everything), its rules and whether it is admin."""
+
+    name: Optional[str]
+    rules: tuple[TokenRule, ...]
+    admin: bool
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -152,6 +199,19 @@ class LeaseNotFound(KVError):
     """404 ``lease_not_found``: the lease was never granted, was revoked, or has expired."""
 
 
+class TokenNotFound(KVError):
+    """404 ``token_not_found``: no token has that name (never made, or revoked)."""
+
+
+class TokenExists(KVError):
+    """409 ``token_exists``: a token of that name exists already."""
+
+
+class Forbidden(KVError):
+    """403 ``forbidden``: the token may not do this (a key or prefix outside its rules, or an
+    admin's request); the message names what was refused."""
+
+
 class LockLost(KVError):
     """A lock's lease ran out while it was held (or while its owner waited for it): another
     owner may hold it now. Raised when the ``with`` block of a lock ends, or, in asyncio, in
@@ -189,6 +249,12 @@ def error_of(response: httpx.Response) -> KVError:
         return KeyNotFound(message, status, code)
     if status == 404 and code == "lease_not_found":
         return LeaseNotFound(message, status, code)
+    if status == 404 and code == "token_not_found":
+        return TokenNotFound(message, status, code)
+    if status == 409 and code == "token_exists":
+        return TokenExists(message, status, code)
+    if status == 403:
+        return Forbidden(message, status, code)
     if status == 412:
         return PreconditionFailed(message, status, code, etag_version(response))
     if status == 401:
@@ -373,6 +439,69 @@ def _lease(shown: Mapping[str, Any], keys: Optional[tuple[str, ...]]) -> Lease:
     expires_at = _parse_time(shown["expires_at"])
     assert expires_at is not None  # a lease always expires
     return Lease(shown["id"], shown["ttl"], expires_at, keys)
+
+
+def _token_path(name: str, action: str = "") -> str:
+    return f"/tokens/{quote(name, safe='')}{action}"
+
+
+def create_token_call(
+    name: str, rules: Iterable[Any], admin: bool, expires_in: Optional[float]
+) -> Call:
+    body: dict[str, Any] = {
+        "name": name,
+        "rules": [_rule_json(rule) for rule in rules],
+        "admin": admin,
+    }
+    if expires_in is not None:
+        body["expires_in"] = expires_in
+    # Sent once: a creation whose answer was lost made a token whose secret nobody has;
+    # a retry would only be told 409. Revoke it and create it again.
+    return Call("POST", "/tokens", retry=False, body=body)
+
+
+def _rule_json(rule: Any) -> dict[str, str]:
+    """A rule as the caller gave it: a TokenRule, or a (prefix, access) pair."""
+    if isinstance(rule, TokenRule):
+        return rule.to_json()
+    prefix, access = rule
+    return {"prefix": prefix, "access": access}
+
+
+def rotate_token_call(name: str, grace: Optional[float]) -> Call:
+    # Sent once: a retry after a rotation that committed would rotate again, and with grace
+    # the secret kept working would be the lost one's, not the old one.
+    body = {} if grace is None else {"grace": grace}
+    return Call("POST", _token_path(name, "/rotate"), retry=False, body=body)
+
+
+def revoke_token_call(name: str) -> Call:
+    # Retried: a revocation that committed before its answer was lost makes the retry a
+    # TokenNotFound, which says the same thing: the token is gone.
+    return Call("DELETE", _token_path(name), retry=True)
+
+
+def _rules_of(listed: Iterable[Mapping[str, str]]) -> tuple[TokenRule, ...]:
+    return tuple(TokenRule(rule["prefix"], rule["access"]) for rule in listed)
+
+
+def token_of(body: Mapping[str, Any]) -> Token:
+    created_at = _parse_time(body["created_at"])
+    assert created_at is not None  # every token has one
+    return Token(
+        body["name"],
+        created_at,
+        rules=_rules_of(body["rules"]),
+        admin=body["admin"],
+        secret=body.get("secret"),
+        expires_at=_parse_time(body.get("expires_at")),
+        last_used_at=_parse_time(body.get("last_used_at")),
+    )
+
+
+def identity_of(answer: httpx.Response) -> Identity:
+    body = answer.json()
+    return Identity(body["name"], _rules_of(body["rules"]), body["admin"])
 
 
 def entry_of(key: str, val: str, response: httpx.Response) -> Entry:

@@ -34,11 +34,13 @@ history), and a bulk load marks everything below its revision compacted (see che
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import (
+    Any,
     Callable,
     Literal,
     NamedTuple,
@@ -289,6 +291,94 @@ def leases_of(operations: Sequence[TxnOperation]) -> list[str]:
             for operation in operations
             if isinstance(operation, TxnSet) and operation.lease is not None
         )
+    )
+
+
+# --- access tokens --------------------------------------------------------------------------
+# Scoped access tokens (access.py judges requests by them; tokens.py manages them) are kept in
+# the store, so that every worker and replica shares them: never a secret, only its SHA-256
+# in hex (a secret is 256 random bits, which a fast hash protects as well as a slow one).
+# They are no keys: no revision, no change event, no export. Times are ms since the epoch.
+
+TokenAccess = Literal["read", "readwrite"]
+
+
+@dataclass(frozen=True)
+class TokenRule:
+    """Access to every key that starts with ``prefix`` ("" covers every key)."""
+
+    prefix: str
+    access: TokenAccess
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token as stored. ``previous_hash`` is the secret a rotation replaced, which works
+    until ``previous_until`` (a rotation's grace period); the caller judges both expiries."""
+
+    name: str
+    secret_hash: str
+    rules: tuple[TokenRule, ...]
+    admin: bool
+    created_at: int
+    expires_at: Optional[int] = None
+    last_used_at: Optional[int] = None
+    previous_hash: Optional[str] = None
+    previous_until: Optional[int] = None
+
+
+class TokenExists(Exception):
+    """A token of that name exists already; nothing was written."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class TokenNotFound(Exception):
+    """No token has that name; nothing was written."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def rules_json(rules: Sequence[TokenRule]) -> str:
+    """A token's rules as the durable stores keep them: JSON text, a list of
+    ``{"prefix", "access"}`` in the token's order."""
+    return json.dumps([{"prefix": rule.prefix, "access": rule.access} for rule in rules])
+
+
+def rules_of(text: str) -> tuple[TokenRule, ...]:
+    """The rules that ``rules_json`` wrote."""
+    return tuple(TokenRule(rule["prefix"], rule["access"]) for rule in json.loads(text))
+
+
+# A token's columns in the durable stores, in the order of Token's fields (see token_of).
+TOKEN_COLUMNS = (
+    "name, secret_hash, rules, admin, created_at, expires_at, last_used_at, previous_hash,"
+    " previous_until"
+)
+
+
+def token_of(row: Sequence[Any]) -> Token:
+    """A Token from a row of TOKEN_COLUMNS."""
+    name, secret_hash, rules, admin, *times = row
+    return Token(name, secret_hash, rules_of(rules), bool(admin), *times)
+
+
+def token_row(token: Token) -> tuple[Any, ...]:
+    """The row of TOKEN_COLUMNS that stores ``token`` (token_of reads it back)."""
+    return (
+        token.name,
+        token.secret_hash,
+        rules_json(token.rules),
+        token.admin,
+        token.created_at,
+        token.expires_at,
+        token.last_used_at,
+        token.previous_hash,
+        token.previous_until,
     )
 
 
@@ -633,6 +723,33 @@ class Store(Protocol):
 
     async def live_leases(self) -> int:
         """How many leases are live, for metrics."""
+
+    async def create_token(self, token: Token) -> None:
+        """Store a new token; TokenExists when its name is taken. Bumps the generation."""
+
+    async def tokens(self) -> Sequence[Token]:
+        """Every token, in ascending order of name."""
+
+    async def token_by_hash(self, secret_hash: str) -> Optional[Token]:
+        """The token whose secret, or whose previous secret, has this hash (whether it has
+        expired or not: the caller judges); None when none has."""
+
+    async def rotate_token(
+        self, name: str, secret_hash: str, previous_until: Optional[int]
+    ) -> Token:
+        """Give the token a new secret; the one it replaces works until ``previous_until``
+        (not at all when None). The token as it is now; TokenNotFound. Bumps the generation."""
+
+    async def delete_token(self, name: str) -> bool:
+        """Remove the token; whether there was one. Bumps the generation."""
+
+    async def touch_tokens(self, used: Mapping[str, int]) -> None:
+        """Record when each named token was last used (a batch, now and then: not a write
+        per request). Names no longer there are skipped. Does not bump the generation."""
+
+    async def tokens_generation(self) -> int:
+        """A number that every create, rotation and delete of a token changes, so that a
+        cache of tokens (every worker's and replica's) knows when to read them again."""
 
     async def list_keys(self, prefix: str, after: Optional[str], limit: int, values: bool) -> Page:
         """Up to ``limit`` live keys that start with ``prefix`` and sort after ``after`` (or

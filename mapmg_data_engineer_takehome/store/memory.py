@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Callable, Optional
@@ -38,6 +39,9 @@ from .base import (
     PreconditionFailed,
     SetItem,
     SetKey,
+    Token,
+    TokenExists,
+    TokenNotFound,
     TxnDelete,
     TxnGet,
     TxnOperation,
@@ -90,6 +94,8 @@ class MemoryStore:
         self._leases: dict[str, Lease] = {}
         self._lease_keys: dict[str, set[str]] = {}
         self._key_lease: dict[str, str] = {}
+        self._tokens: dict[str, Token] = {}
+        self._tokens_generation = 0
         self.on_commit: Optional[Callable[[int], None]] = None
 
     def _committed(self, writes: int = 1) -> None:
@@ -372,6 +378,56 @@ class MemoryStore:
     async def live_leases(self) -> int:
         now_ms = self._clock() * 1000
         return sum(lease.expires_at > now_ms for lease in self._leases.values())
+
+    async def create_token(self, token: Token) -> None:
+        if token.name in self._tokens:
+            raise TokenExists(token.name)
+        self._tokens[token.name] = token
+        self._tokens_generation += 1
+
+    async def tokens(self) -> Sequence[Token]:
+        return [self._tokens[name] for name in sorted(self._tokens)]
+
+    async def token_by_hash(self, secret_hash: str) -> Optional[Token]:
+        return next(
+            (
+                token
+                for token in self._tokens.values()
+                if secret_hash in (token.secret_hash, token.previous_hash)
+            ),
+            None,
+        )
+
+    async def rotate_token(
+        self, name: str, secret_hash: str, previous_until: Optional[int]
+    ) -> Token:
+        token = self._tokens.get(name)
+        if token is None:
+            raise TokenNotFound(name)
+        rotated = dataclasses.replace(
+            token,
+            secret_hash=secret_hash,
+            previous_hash=None if previous_until is None else token.secret_hash,
+            previous_until=previous_until,
+        )
+        self._tokens[name] = rotated
+        self._tokens_generation += 1
+        return rotated
+
+    async def delete_token(self, name: str) -> bool:
+        if self._tokens.pop(name, None) is None:
+            return False
+        self._tokens_generation += 1
+        return True
+
+    async def touch_tokens(self, used: Mapping[str, int]) -> None:
+        for name, used_at in used.items():
+            token = self._tokens.get(name)
+            if token is not None:
+                self._tokens[name] = dataclasses.replace(token, last_used_at=used_at)
+
+    async def tokens_generation(self) -> int:
+        return self._tokens_generation
 
     async def revision(self) -> int:
         return self._revision

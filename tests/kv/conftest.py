@@ -9,6 +9,7 @@ tests (not other people's) turn every warning into an error.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import importlib.util
 import os
 import sqlite3
@@ -153,6 +154,11 @@ def hermetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         *(f"KV_{field.upper()}" for field in Settings.model_fields),
     ):
         monkeypatch.delenv(name, raising=False)
+
+
+def hashed(secret: str) -> str:
+    """A token's secret as the stores keep it (see store/base.py): its SHA-256, in hex."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 class FakeClock:

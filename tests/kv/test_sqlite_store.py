@@ -7,7 +7,7 @@ import os
 import shutil
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -18,12 +18,15 @@ from mapmg_data_engineer_takehome.store.base import (
     Compacted,
     LeaseNotFound,
     SetItem,
+    Token,
+    TokenRule,
     UnknownRevision,
 )
 from mapmg_data_engineer_takehome.store.sqlite import SCHEMA_VERSION
 from mapmg_data_engineer_takehome.store.sqlite.commit import SetOne
+from mapmg_data_engineer_takehome.store.sqlite.store import TOKEN_BY_HASH
 
-from .conftest import RowsSeed, value_of
+from .conftest import RowsSeed, hashed, value_of
 
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
@@ -34,6 +37,9 @@ async def test_data_survives_close_and_reopen(tmp_path: Path, durability: str) -
     await store.set("gone", "2")
     await store.delete("gone")
     await store.load(RowsSeed(iter([("seeded", "3")]), "fp"))
+    await store.create_token(Token("kept", hashed("one"), (TokenRule("", "read"),), True, 1))
+    rotated = await store.rotate_token("kept", hashed("two"), 2)
+    generation = await store.tokens_generation()
     await store.close()
 
     reopened = SqliteStore(path, durability)
@@ -41,7 +47,31 @@ async def test_data_survives_close_and_reopen(tmp_path: Path, durability: str) -
     assert await value_of(reopened, "gone") is None
     assert await value_of(reopened, "seeded") == "3"
     assert await reopened.seed_fingerprint() == "fp"
+    assert list(await reopened.tokens()) == [rotated]
+    assert await reopened.token_by_hash(hashed("one")) == rotated
+    assert await reopened.tokens_generation() == generation
     await reopened.close()
+
+
+async def test_a_token_is_found_by_either_hash_through_an_index(tmp_path: Path) -> None:
+    """token_by_hash runs on every request whose secret a worker has not cached: two index
+    searches, never a scan of the table, however many tokens there are."""
+    store = SqliteStore(tmp_path / "kv.sqlite3")
+    await store.close()
+    conn = sqlite3.connect(str(tmp_path / "kv.sqlite3"))
+    try:
+        plan = [
+            row[3]
+            for row in conn.execute(
+                f"EXPLAIN QUERY PLAN {TOKEN_BY_HASH}", (hashed("a"), hashed("a"))
+            )
+        ]
+    finally:
+        conn.close()
+    searches = [step for step in plan if step.startswith("SEARCH tokens USING")]
+    assert len(searches) == 2 and not any(step.startswith("SCAN") for step in plan)
+    assert any("(secret_hash=?)" in step for step in searches)
+    assert any("(previous_hash=?)" in step for step in searches)
 
 
 async def test_a_failed_group_of_reads_fails_each_of_its_requests(
@@ -252,6 +282,40 @@ async def test_a_file_of_the_release_before_the_history_is_upgraded_in_place(
     assert_current_and_intact(path)
 
 
+class Written(NamedTuple):
+    """What a fixture of an earlier release holds, read before its upgrade: its rows (key,
+    value, version, expiry) in key order, its history in the feed's order, and the revision
+    above which that history is whole."""
+
+    rows: list[tuple[Any, ...]]
+    history: list[tuple[Any, ...]]
+    compact: int
+
+
+def written_in_file(path: Path) -> Written:
+    conn = sqlite3.connect(str(path))
+    try:
+        return Written(
+            conn.execute("SELECT key, val, version, expires_at FROM kv ORDER BY key").fetchall(),
+            conn.execute(
+                "SELECT revision, type, key, val, expires_at FROM changes ORDER BY revision, key"
+            ).fetchall(),
+            int(
+                conn.execute("SELECT value FROM meta WHERE name = 'compact_revision'").fetchone()[0]
+            ),
+        )
+    finally:
+        conn.close()
+
+
+async def assert_kept(store: Store, written: Written) -> None:
+    """The upgraded ``store`` lists every key of the fixture as it was, and its history."""
+    page = await store.list_keys("", None, 100, values=True)
+    assert [(i.key, i.val, i.version, i.expires_at) for i in page.keys] == written.rows
+    changes = await store.changes("", written.compact, 1000)
+    assert [tuple(change) for change in changes.events] == written.history
+
+
 async def assert_leases_work_after_the_upgrade(store: Store, keys: int) -> None:
     """A store upgraded from the schema-4 fixture (``keys`` keys) remembers its seed, and a
     lease works on it: a key of the fixture set with one, then revoked."""
@@ -274,25 +338,56 @@ async def test_a_file_of_the_release_before_leases_is_upgraded_keeping_keys_and_
     history (read from the file before it), and its keys have no lease."""
     path = tmp_path / "kv.sqlite3"
     shutil.copyfile(FIXTURES / "kv-schema-4.sqlite3", path)
-    conn = sqlite3.connect(str(path))
-    try:
-        rows = conn.execute("SELECT key, val, version, expires_at FROM kv ORDER BY key").fetchall()
-        history = conn.execute(
-            "SELECT revision, type, key, val, expires_at FROM changes ORDER BY revision, key"
-        ).fetchall()
-        compact = conn.execute("SELECT value FROM meta WHERE name = 'compact_revision'").fetchone()[
-            0
-        ]
-    finally:
-        conn.close()
-    assert len(rows) == 8 and len(history) == 10  # the fixture is what the README says
+    written = written_in_file(path)
+    # The fixture is what the README says.
+    assert len(written.rows) == 8 and len(written.history) == 10
     store = SqliteStore(path, clock=lambda: 1_800_000_100.0)
     try:
-        page = await store.list_keys("", None, 100, values=True)
-        assert [(i.key, i.val, i.version, i.expires_at) for i in page.keys] == rows
-        changes = await store.changes("", compact, 1000)
-        assert [tuple(change) for change in changes.events] == history
-        await assert_leases_work_after_the_upgrade(store, len(rows))
+        await assert_kept(store, written)
+        await assert_leases_work_after_the_upgrade(store, len(written.rows))
+    finally:
+        await store.close()
+    assert_current_and_intact(path)
+
+
+async def assert_tokens_work_after_the_upgrade(store: Store, lease: str) -> None:
+    """A store upgraded from the schema-5 fixture remembers its seed and keeps its lease
+    (``lease``, with the key ``leased/1``, live at the tests' clock); it has no token, and
+    tokens work on it."""
+    assert await store.seed_fingerprint() == "schema-5-fixture-seed"
+    kept = await store.lease_keys(lease)
+    assert kept.lease.expires_at == 1_800_003_600_000 and list(kept.keys) == ["leased/1"]
+    assert await store.tokens() == [] and await store.token_by_hash(hashed("kv_")) is None
+    generation = await store.tokens_generation()
+    token = Token("svc", hashed("one"), (TokenRule("", "read"),), False, 1_800_000_100_000)
+    await store.create_token(token)
+    assert list(await store.tokens()) == [token]
+    assert await store.token_by_hash(hashed("one")) == token
+    assert await store.tokens_generation() != generation
+    assert await store.delete_token("svc") is True
+
+
+async def test_a_file_of_the_release_before_tokens_is_upgraded_keeping_keys_history_and_leases(
+    tmp_path: Path,
+) -> None:
+    """tests/kv/fixtures/kv-schema-5.sqlite3 was written by the release before access tokens
+    (schema 5; see the fixtures' README): the upgrade keeps every key, version, expiry and
+    lease, and the whole history (read from the file before it), and it has no token."""
+    path = tmp_path / "kv.sqlite3"
+    shutil.copyfile(FIXTURES / "kv-schema-5.sqlite3", path)
+    written = written_in_file(path)
+    conn = sqlite3.connect(str(path))
+    try:
+        leases = conn.execute("SELECT id FROM leases").fetchall()
+    finally:
+        conn.close()
+    # The fixture is what the README says.
+    assert len(written.rows) == 9 and len(written.history) == 11 and len(leases) == 1
+    store = SqliteStore(path, clock=lambda: 1_800_000_100.0)
+    try:
+        await assert_kept(store, written)
+        await assert_tokens_work_after_the_upgrade(store, leases[0][0])
+        assert await store.count() == len(written.rows)
     finally:
         await store.close()
     assert_current_and_intact(path)

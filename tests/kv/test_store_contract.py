@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Optional
@@ -37,6 +38,10 @@ from mapmg_data_engineer_takehome.store.base import (
     PreconditionFailed,
     SetItem,
     SetKey,
+    Token,
+    TokenExists,
+    TokenNotFound,
+    TokenRule,
     TxnDelete,
     TxnDeletePrefix,
     TxnGet,
@@ -47,7 +52,7 @@ from mapmg_data_engineer_takehome.store.base import (
 )
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
-from .conftest import FakeClock, OpenStore, RowsSeed, SourceFailed, value_of
+from .conftest import FakeClock, OpenStore, RowsSeed, SourceFailed, hashed, value_of
 
 # The quick suite runs the contract on the default store; --run-slow, as CI does, on all.
 BACKENDS = [
@@ -1175,3 +1180,253 @@ async def test_a_set_with_a_lease_keeps_its_condition(store: Store) -> None:
     assert await store.revision() == revision
     second = await store.set("k", "2", condition=IfVersion(first.version), lease=lease.id)
     assert second == Entry("2", revision + 1, lease.expires_at)
+
+
+# --- access tokens --------------------------------------------------------------------------
+
+# A token's times, ms since the epoch; the stores judge none of them (the caller does).
+CREATED = 1_800_000_000_000
+
+
+def a_token(
+    name: str,
+    secret: Optional[str] = None,
+    rules: tuple[TokenRule, ...] = (TokenRule("", "read"),),
+    admin: bool = False,
+    expires_at: Optional[int] = None,
+) -> Token:
+    """A token as a store is given it: its secret (its name unless given) only as a hash."""
+    return Token(name, hashed(secret or name), rules, admin, CREATED, expires_at)
+
+
+async def test_tokens_list_in_name_order_and_are_found_by_their_secrets_hash(
+    store: Store,
+) -> None:
+    made = [
+        a_token(
+            "b",
+            rules=(TokenRule("billing/", "readwrite"), TokenRule("cfg/", "read")),
+            expires_at=CREATED + 86_400_000,
+        ),
+        a_token("a", rules=(), admin=True),
+        a_token("é/ключ 🔑", rules=(TokenRule("", "readwrite"),)),
+        a_token("B"),
+    ]
+    for token in made:
+        await store.create_token(token)
+    # Code point order (UTF-8 byte order), as keys list.
+    assert [token.name for token in await store.tokens()] == ["B", "a", "b", "é/ключ 🔑"]
+    assert list(await store.tokens()) == sorted(made, key=lambda token: token.name)
+    for token in made:
+        assert await store.token_by_hash(token.secret_hash) == token
+    assert await store.token_by_hash(hashed("unknown")) is None
+
+
+async def test_a_taken_name_is_refused_and_nothing_is_written(store: Store) -> None:
+    first = a_token("svc")
+    await store.create_token(first)
+    generation = await store.tokens_generation()
+    with pytest.raises(TokenExists) as refused:
+        await store.create_token(a_token("svc", "another secret", admin=True))
+    assert refused.value.name == "svc"
+    assert list(await store.tokens()) == [first]
+    assert await store.token_by_hash(hashed("another secret")) is None
+    assert await store.tokens_generation() == generation
+
+
+async def test_a_rotation_keeps_the_replaced_secret_only_for_its_grace_period(
+    store: Store,
+) -> None:
+    token = a_token("svc", "one")
+    await store.create_token(token)
+    until = CREATED + 60_000
+    graced = await store.rotate_token("svc", hashed("two"), until)
+    assert graced == dataclasses.replace(
+        token, secret_hash=hashed("two"), previous_hash=hashed("one"), previous_until=until
+    )
+    assert list(await store.tokens()) == [graced]
+    assert await store.token_by_hash(hashed("one")) == graced
+    assert await store.token_by_hash(hashed("two")) == graced
+    # Without a grace period the replaced secret stops at once, and so does the one before.
+    abrupt = await store.rotate_token("svc", hashed("three"), None)
+    assert abrupt == dataclasses.replace(token, secret_hash=hashed("three"))
+    for gone in ("one", "two"):
+        assert await store.token_by_hash(hashed(gone)) is None
+    assert await store.token_by_hash(hashed("three")) == abrupt
+    # A grace period keeps only the secret just replaced.
+    again = await store.rotate_token("svc", hashed("four"), until)
+    assert (again.previous_hash, again.previous_until) == (hashed("three"), until)
+    generation = await store.tokens_generation()
+    with pytest.raises(TokenNotFound) as missing:
+        await store.rotate_token("missing", hashed("five"), None)
+    assert missing.value.name == "missing"
+    assert await store.token_by_hash(hashed("five")) is None
+    assert list(await store.tokens()) == [again]
+    assert await store.tokens_generation() == generation
+
+
+async def test_a_deleted_token_takes_both_its_secrets_and_frees_its_name(store: Store) -> None:
+    await store.create_token(a_token("svc", "one"))
+    await store.rotate_token("svc", hashed("two"), CREATED + 60_000)
+    await store.create_token(a_token("other"))
+    assert await store.delete_token("svc") is True
+    assert [token.name for token in await store.tokens()] == ["other"]
+    for secret in ("one", "two"):
+        assert await store.token_by_hash(hashed(secret)) is None
+    assert await store.delete_token("svc") is False
+    await store.create_token(a_token("svc", "three"))
+    assert (await store.token_by_hash(hashed("three"))) == a_token("svc", "three")
+
+
+async def test_a_touch_records_the_last_use_and_skips_names_no_longer_there(
+    store: Store,
+) -> None:
+    await store.create_token(a_token("a"))
+    await store.create_token(a_token("b"))
+    await store.touch_tokens({"a": CREATED + 5, "gone": CREATED + 6})
+    assert [(t.name, t.last_used_at) for t in await store.tokens()] == [
+        ("a", CREATED + 5),
+        ("b", None),
+    ]
+    await store.touch_tokens({"b": CREATED + 8, "a": CREATED + 7})
+    await store.touch_tokens({})
+    assert [(t.name, t.last_used_at) for t in await store.tokens()] == [
+        ("a", CREATED + 7),
+        ("b", CREATED + 8),
+    ]
+    assert (await store.token_by_hash(hashed("b"))) == dataclasses.replace(
+        a_token("b"), last_used_at=CREATED + 8
+    )
+
+
+async def test_the_generation_moves_on_every_create_rotation_and_delete_only(
+    store: Store,
+) -> None:
+    seen = [await store.tokens_generation()]
+
+    async def moved() -> bool:
+        seen.append(await store.tokens_generation())
+        return seen[-1] != seen[-2]
+
+    await store.create_token(a_token("a"))
+    assert await moved()
+    await store.rotate_token("a", hashed("new"), None)
+    assert await moved()
+    await store.rotate_token("a", hashed("newer"), CREATED)
+    assert await moved()
+    await store.touch_tokens({"a": CREATED})
+    await store.set("k", "v")
+    await store.delete_token("missing")
+    with contextlib.suppress(TokenExists):
+        await store.create_token(a_token("a"))
+    with contextlib.suppress(TokenNotFound):
+        await store.rotate_token("missing", hashed("x"), None)
+    await store.tokens()
+    await store.token_by_hash(hashed("newer"))
+    assert not await moved()
+    assert await store.delete_token("a") is True
+    assert await moved()
+    assert len(set(seen)) == len(seen) - 1  # never back to an earlier one
+
+
+async def test_tokens_are_no_keys_no_revision_no_change_no_export_untouched_by_loads(
+    store: Store,
+) -> None:
+    await store.set("k", "v")
+    revision = await store.revision()
+    await store.create_token(a_token("a", "one"))
+    await store.create_token(a_token("b"))
+    await store.rotate_token("a", hashed("two"), CREATED + 60_000)
+    await store.touch_tokens({"b": CREATED})
+    await store.delete_token("b")
+    assert await store.revision() == revision
+    assert await all_changes(store, revision - 1) == [Change(revision, "set", "k", "v")]
+    assert await store.count() == 1 and await listed(store) == ["k"]
+    assert await exported(store) == ([BulkRow("k", "v")], revision)
+    kept = list(await store.tokens())
+    # An import that replaces everything, and a seed: keys only.
+    await store.load(RowsSeed([("imported", "1")], None), replace="")
+    await store.load(RowsSeed([("seeded", "2")], "fp"))
+    assert await listed(store) == ["imported", "seeded"]
+    assert list(await store.tokens()) == kept
+    assert await store.token_by_hash(hashed("one")) == kept[0]
+
+
+async def test_a_refused_token_write_does_not_fail_its_neighbours(store: Store) -> None:
+    """Submitted together (one group, in the sqlite store), each gets its own answer."""
+    await store.create_token(a_token("taken"))
+    answers = await asyncio.gather(
+        store.create_token(a_token("taken", "again")),
+        store.set("k", "v"),
+        store.rotate_token("missing", hashed("x"), None),
+        store.create_token(a_token("new")),
+        return_exceptions=True,
+    )
+    assert isinstance(answers[0], TokenExists) and isinstance(answers[2], TokenNotFound)
+    assert answers[1] == Entry("v", await store.revision(), None) and answers[3] is None
+    assert [token.name for token in await store.tokens()] == ["new", "taken"]
+
+
+async def test_tokens_are_one_on_every_handle_at_once(store: Store, clock: FakeClock) -> None:
+    """Written through one handle (a worker on the same file, a replica on the same database),
+    read through the other at once, the generation included."""
+    other = await second_handle(store, clock)
+    try:
+        await store.create_token(a_token("svc", "one"))
+        assert await other.tokens_generation() == await store.tokens_generation()
+        assert await other.token_by_hash(hashed("one")) == a_token("svc", "one")
+        rotated = await other.rotate_token("svc", hashed("two"), None)
+        assert await store.tokens_generation() == await other.tokens_generation()
+        assert await store.token_by_hash(hashed("one")) is None
+        assert list(await store.tokens()) == [rotated]
+        await other.touch_tokens({"svc": CREATED + 1})
+        assert (await store.tokens())[0].last_used_at == CREATED + 1
+        assert await store.delete_token("svc") is True
+        assert await other.tokens() == [] and await other.token_by_hash(hashed("two")) is None
+        assert await other.tokens_generation() == await store.tokens_generation()
+    finally:
+        if other is not store:
+            await other.close()
+
+
+async def test_of_creates_racing_on_two_handles_one_wins_the_other_gets_token_exists(
+    store: Store, clock: FakeClock
+) -> None:
+    other = await second_handle(store, clock)
+    try:
+        for round in range(5):
+            name = f"race-{round}"
+            here, there = a_token(name, f"{name} here"), a_token(name, f"{name} there")
+            answers = await asyncio.gather(
+                store.create_token(here), other.create_token(there), return_exceptions=True
+            )
+            assert sorted(type(answer).__name__ for answer in answers) == [
+                "NoneType",
+                "TokenExists",
+            ]
+            winner, loser = (here, there) if answers[0] is None else (there, here)
+            assert await other.token_by_hash(winner.secret_hash) == winner
+            assert await store.token_by_hash(loser.secret_hash) is None
+        assert len(await store.tokens()) == 5
+    finally:
+        if other is not store:
+            await other.close()
+
+
+async def test_a_token_survives_its_writers_close(store: Store, clock: FakeClock) -> None:
+    """Written through a handle then closed (a worker or replica stopped), and read by one
+    opened after (one started again: the schema checked, a new life begun)."""
+    writer = await second_handle(store, clock)
+    await writer.create_token(a_token("kept", rules=(TokenRule("p/", "readwrite"),)))
+    rotated = await writer.rotate_token("kept", hashed("new"), CREATED + 1)
+    generation = await writer.tokens_generation()
+    if writer is not store:
+        await writer.close()
+    reopened = await second_handle(store, clock)
+    try:
+        assert list(await reopened.tokens()) == [rotated]
+        assert await reopened.token_by_hash(hashed("kept")) == rotated
+        assert await reopened.tokens_generation() == generation
+    finally:
+        if reopened is not store:
+            await reopened.close()

@@ -5,7 +5,9 @@ the statements the store runs.
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 5
+from ..base import TOKEN_COLUMNS
+
+SCHEMA_VERSION = 6
 # pg_advisory_xact_lock keys ("KVSC", "KVSE"): one server at a time creates or upgrades the
 # schema, and one applies a seed while the others wait for it.
 SCHEMA_LOCK = 0x4B565343
@@ -196,11 +198,27 @@ _LEASES = (
     " expires_at bigint NOT NULL)",
     "CREATE INDEX IF NOT EXISTS kv_leases_expiry ON kv_leases (expires_at)",
 )
+# The access tokens (see base.py), which every replica shares: no keys, so no revision, no
+# change, no export. A secret's hash is found in secret_hash's unique index, or in
+# previous_hash's (only rotated tokens in their grace period have one). Names sort in "C"
+# order, as the other stores sort them. The generation is kv_meta's tokens_generation, moved
+# by every create, rotation and delete (no NOTIFY: the trigger is the revision's alone).
+_TOKENS = (
+    'CREATE TABLE IF NOT EXISTS kv_tokens (name text COLLATE "C" PRIMARY KEY,'
+    " secret_hash text NOT NULL UNIQUE, previous_hash text, previous_until bigint,"
+    " rules text NOT NULL, admin boolean NOT NULL, created_at bigint NOT NULL,"
+    " expires_at bigint, last_used_at bigint)",
+    "CREATE INDEX IF NOT EXISTS kv_tokens_previous ON kv_tokens (previous_hash)"
+    " WHERE previous_hash IS NOT NULL",
+    "INSERT INTO kv_meta (name, value) VALUES ('tokens_generation', '0')"
+    " ON CONFLICT (name) DO NOTHING",
+)
 # From each schema version to the next, in place (a new store is schema 1, then upgraded).
 # Schema 1 had no history: it starts empty, whole above the revision the database was at.
 # Schema 2 had no timelines: the server's is recorded, as on a new store, by the first check
 # of a connection. Schema 3 did not notice a server started anew: its first check here begins
 # a life. Schema 4 had no leases: its keys have none, and its write function kept no lease.
+# Schema 5 had no access tokens: it has none, at generation 0.
 UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         _CREATE_CHANGES,
@@ -216,6 +234,7 @@ UPGRADES: dict[int, tuple[str, ...]] = {
     2: (_CREATE_TIMELINES, _CHECK_PRIMARY_FUNCTION),
     3: (_CHECK_PRIMARY_FUNCTION,),
     4: (*_LEASES, _WRITE_FUNCTION),
+    5: _TOKENS,
 }
 
 LIVE = f"(expires_at IS NULL OR expires_at > {NOW.format('$2')})"
@@ -337,6 +356,33 @@ recorded AS (INSERT INTO kv_changes (revision, key, type) SELECT $2, key, $3 FRO
 counted AS ({COUNT_KEYS.format("-(SELECT count(*) FROM gone)")})
 SELECT count(*) FROM gone
 """
+# --- access tokens: every write but a touch moves the generation in its transaction.
+# A create that finds the name taken (or one committed meanwhile by another replica: ON
+# CONFLICT waits for it) inserts nothing and answers no row.
+CREATE_TOKEN = f"""
+INSERT INTO kv_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (name) DO NOTHING RETURNING name
+"""
+TOKENS = f'SELECT {TOKEN_COLUMNS} FROM kv_tokens ORDER BY name COLLATE "C"'
+# Either hash's index (a BitmapOr of the two), never a scan.
+TOKEN_BY_HASH = (
+    f"SELECT {TOKEN_COLUMNS} FROM kv_tokens WHERE secret_hash = $1 OR previous_hash = $1 LIMIT 1"
+)
+# The right-hand sides read the row as it was: the secret replaced becomes the previous one.
+ROTATE_TOKEN = f"""
+UPDATE kv_tokens SET previous_hash = CASE WHEN $3::bigint IS NULL THEN NULL ELSE secret_hash END,
+       previous_until = $3::bigint, secret_hash = $2
+ WHERE name = $1 RETURNING {TOKEN_COLUMNS}
+"""
+DELETE_TOKEN = "DELETE FROM kv_tokens WHERE name = $1 RETURNING name"
+# Names no longer there match no row.
+TOUCH_TOKENS = """
+UPDATE kv_tokens t SET last_used_at = used.at
+  FROM unnest($1::text[], $2::bigint[]) AS used(name, at) WHERE t.name = used.name
+"""
+NEXT_TOKENS_GENERATION = (
+    "UPDATE kv_meta SET value = (value::bigint + 1)::text WHERE name = 'tokens_generation'"
+)
 READ_REVISION = "SELECT value::bigint FROM kv_meta WHERE name = 'revision'"
 # The changes above $1 under the prefix [$2, $3), as take_changes cuts them ($4 of them, fewer
 # once their values pass $5 characters, then the rest of the last one's revision), whether any

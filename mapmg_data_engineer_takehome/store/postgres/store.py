@@ -45,6 +45,9 @@ from ..base import (
     StoreCorrupt,
     StoreError,
     StoreUnavailable,
+    Token,
+    TokenExists,
+    TokenNotFound,
     TxnDelete,
     TxnGet,
     TxnOperation,
@@ -60,6 +63,8 @@ from ..base import (
     new_lease_id,
     prefix_upper_bound,
     the_one_renewed,
+    token_of,
+    token_row,
 )
 from ..batches import BatchCut
 from ..notify import RevisionWake
@@ -90,8 +95,10 @@ from .sql import (
     CHANGES,
     CHANNEL,
     COUNT_KEYS,
+    CREATE_TOKEN,
     DELETE_MANY,
     DELETE_PREFIX,
+    DELETE_TOKEN,
     EXPIRED_LEASES,
     EXPORT_FETCH,
     EXPORT_PAGE,
@@ -103,6 +110,7 @@ from .sql import (
     LIVE_LEASES,
     LOCK_LEASE,
     LOCK_REVISION,
+    NEXT_TOKENS_GENERATION,
     NOW,
     PURGE,
     READ_META,
@@ -112,6 +120,7 @@ from .sql import (
     RENEW_LEASES,
     RENEW_LEASES_KEYS,
     REVOKE_LEASE,
+    ROTATE_TOKEN,
     SCHEMA,
     SCHEMA_LOCK,
     SCHEMA_VERSION,
@@ -119,6 +128,9 @@ from .sql import (
     SEED_LOCK,
     SET_MANY,
     TAKE_REVISION,
+    TOKEN_BY_HASH,
+    TOKENS,
+    TOUCH_TOKENS,
     TRIM_LOCK,
     TXN_BEGIN,
     TXN_GET,
@@ -778,6 +790,54 @@ class PostgresStore:
 
     async def live_leases(self) -> int:
         return int((await self._fetch(LIVE_LEASES, self._now()))[0][0])
+
+    # --- access tokens (see base.py): one table that every replica shares -----------------
+
+    async def create_token(self, token: Token) -> None:
+        async def create(conn: Any) -> None:
+            created = await conn.fetchval(CREATE_TOKEN, *token_row(token))
+            if created is None:  # the name was taken, perhaps by another replica just now
+                raise TokenExists(token.name)
+            await conn.execute(NEXT_TOKENS_GENERATION)
+
+        await self._in_transaction(create)
+
+    async def tokens(self) -> Sequence[Token]:
+        return [token_of(row) for row in await self._fetch(TOKENS)]
+
+    async def token_by_hash(self, secret_hash: str) -> Optional[Token]:
+        rows = await self._fetch(TOKEN_BY_HASH, secret_hash)
+        return token_of(rows[0]) if rows else None
+
+    async def rotate_token(
+        self, name: str, secret_hash: str, previous_until: Optional[int]
+    ) -> Token:
+        async def rotate(conn: Any) -> Token:
+            row = await conn.fetchrow(ROTATE_TOKEN, name, secret_hash, previous_until)
+            if row is None:
+                raise TokenNotFound(name)
+            await conn.execute(NEXT_TOKENS_GENERATION)
+            return token_of(row)
+
+        return await self._in_transaction(rotate)
+
+    async def delete_token(self, name: str) -> bool:
+        async def delete(conn: Any) -> bool:
+            if await conn.fetchval(DELETE_TOKEN, name) is None:
+                return False
+            await conn.execute(NEXT_TOKENS_GENERATION)
+            return True
+
+        return await self._in_transaction(delete)
+
+    async def touch_tokens(self, used: Mapping[str, int]) -> None:
+        if not used:
+            return
+        names = sorted(used)  # replicas touching the same tokens lock them in one order
+        await self._fetch(TOUCH_TOKENS, names, [used[name] for name in names])
+
+    async def tokens_generation(self) -> int:
+        return int((await self._fetch(READ_META, "tokens_generation"))[0][0])
 
     # --- the history ----------------------------------------------------------------------
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, TypeVar, Union, cast
 
 from ..base import (
+    TOKEN_COLUMNS,
     ChangeType,
     Clock,
     Compare,
@@ -24,6 +25,9 @@ from ..base import (
     LeaseNotFound,
     PreconditionFailed,
     SetKey,
+    Token,
+    TokenExists,
+    TokenNotFound,
     TxnDelete,
     TxnGet,
     TxnOperation,
@@ -36,6 +40,8 @@ from ..base import (
     lease_expiry,
     leases_of,
     new_lease_id,
+    token_of,
+    token_row,
 )
 from ..notify import RevisionWake
 from ..trim import TrimPolicy
@@ -46,6 +52,7 @@ from .schema import (
     HISTORY_ROWS,
     LIVE,
     REVISION,
+    TOKENS_GENERATION,
     WRITE_META,
     connect,
     meta_value,
@@ -367,6 +374,77 @@ class ExpireLeases:
         return len(expired)
 
 
+# --- access tokens (see base.py): no revision, no change; every write but a touch moves the
+# generation, in the same transaction.
+
+_CREATE_TOKEN = (
+    f"INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (name) DO NOTHING"
+)
+# The right-hand sides read the row as it was: the secret replaced becomes the previous one.
+_ROTATE_TOKEN = (
+    "UPDATE tokens SET previous_hash = CASE WHEN ? IS NULL THEN NULL ELSE secret_hash END,"
+    " previous_until = ?, secret_hash = ? WHERE name = ?"
+)
+_READ_TOKEN = f"SELECT {TOKEN_COLUMNS} FROM tokens WHERE name = ?"
+_NEXT_GENERATION = f"UPDATE meta SET value = value + 1 WHERE name = '{TOKENS_GENERATION}'"
+
+
+class CreateToken:
+    __slots__ = ("token",)
+
+    def __init__(self, token: Token) -> None:
+        self.token = token
+
+    def apply(self, tx: _Transaction) -> None:
+        if tx.conn.execute(_CREATE_TOKEN, token_row(self.token)).rowcount == 0:
+            raise TokenExists(self.token.name)
+        tx.conn.execute(_NEXT_GENERATION)
+
+
+class RotateToken:
+    __slots__ = ("name", "previous_until", "secret_hash")
+
+    def __init__(self, name: str, secret_hash: str, previous_until: Optional[int]) -> None:
+        self.name, self.secret_hash, self.previous_until = name, secret_hash, previous_until
+
+    def apply(self, tx: _Transaction) -> Token:
+        parameters = (self.previous_until, self.previous_until, self.secret_hash, self.name)
+        if tx.conn.execute(_ROTATE_TOKEN, parameters).rowcount == 0:
+            raise TokenNotFound(self.name)
+        tx.conn.execute(_NEXT_GENERATION)
+        return token_of(tx.conn.execute(_READ_TOKEN, (self.name,)).fetchone())
+
+
+class DeleteToken:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def apply(self, tx: _Transaction) -> bool:
+        if tx.conn.execute("DELETE FROM tokens WHERE name = ?", (self.name,)).rowcount == 0:
+            return False
+        tx.conn.execute(_NEXT_GENERATION)
+        return True
+
+
+class TouchTokens:
+    """When tokens were last used (see Store.touch_tokens): the generation stays, since no
+    cache needs to read them again for it."""
+
+    __slots__ = ("used",)
+
+    def __init__(self, used: Mapping[str, int]) -> None:
+        self.used = used
+
+    def apply(self, tx: _Transaction) -> None:
+        tx.conn.executemany(
+            "UPDATE tokens SET last_used_at = ? WHERE name = ?",
+            ((used_at, name) for name, used_at in self.used.items()),
+        )
+
+
 class TrimHistory:
     """One step of trimming the history (see Store.trim_history); takes no revision."""
 
@@ -421,10 +499,10 @@ _UNMARK = "DELETE FROM history_marks WHERE at < (SELECT max(at) FROM history_mar
 
 
 # Operations that are the store's upkeep, not a client's write: metrics count no write for them.
-_UPKEEP = (Purge, TrimHistory, ExpireLeases)
+_UPKEEP = (Purge, TrimHistory, ExpireLeases, TouchTokens)
 # What an operation raises to decline, writing nothing: its future gets it, and the others of
 # its group commit.
-_DECLINED = (PreconditionFailed, LeaseNotFound)
+_DECLINED = (PreconditionFailed, LeaseNotFound, TokenExists, TokenNotFound)
 Result = TypeVar("Result", covariant=True)
 
 

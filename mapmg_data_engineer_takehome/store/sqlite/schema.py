@@ -24,7 +24,7 @@ log = structlog.get_logger("kv.store")
 
 # Stamped into the file header so that a foreign SQLite file is recognised and left alone.
 APPLICATION_ID = 0x4B565354  # "KVST"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Every setting explicit, none left to a library default by accident.
@@ -67,6 +67,22 @@ _CREATE_LEASE_EXPIRY_INDEX = "CREATE INDEX IF NOT EXISTS leases_expiry ON leases
 _CREATE_EXPIRY_INDEX = (
     "CREATE INDEX IF NOT EXISTS kv_expiry ON kv (expires_at) WHERE expires_at IS NOT NULL"
 )
+# The access tokens (see base.py): no keys, so no revision, no change, no export. A request
+# with a secret not in a worker's cache looks its hash up in secret_hash's unique index, or in
+# previous_hash's (only rotated tokens in their grace period have one).
+_CREATE_TOKENS = (
+    "CREATE TABLE IF NOT EXISTS tokens (name TEXT PRIMARY KEY NOT NULL,"
+    " secret_hash TEXT NOT NULL UNIQUE, previous_hash TEXT, previous_until INTEGER,"
+    " rules TEXT NOT NULL, admin INTEGER NOT NULL, created_at INTEGER NOT NULL,"
+    " expires_at INTEGER, last_used_at INTEGER) WITHOUT ROWID"
+)
+_CREATE_TOKENS_PREVIOUS_INDEX = (
+    "CREATE INDEX IF NOT EXISTS tokens_previous ON tokens (previous_hash)"
+    " WHERE previous_hash IS NOT NULL"
+)
+# Moved by every create, rotation and delete of a token: each worker's cache of tokens reads
+# it to know when to read them again.
+TOKENS_GENERATION = "tokens_generation"
 _CREATE_META = (
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY NOT NULL, value NOT NULL) WITHOUT ROWID"
 )
@@ -125,13 +141,17 @@ _SCHEMA = (
     _CREATE_LEASES,
     _CREATE_LEASE_INDEX,
     _CREATE_LEASE_EXPIRY_INDEX,
+    _CREATE_TOKENS,
+    _CREATE_TOKENS_PREVIOUS_INDEX,
     f"INSERT INTO meta (name, value) VALUES ('{REVISION}', 0), ('{KEYS}', 0),"
-    f" ('{COMPACT_REVISION}', 0), ('{HISTORY_ROWS}', 0), ('{HISTORY_COUNTED}', 0)",
+    f" ('{COMPACT_REVISION}', 0), ('{HISTORY_ROWS}', 0), ('{HISTORY_COUNTED}', 0),"
+    f" ('{TOKENS_GENERATION}', 0)",
 )
 # From each schema version to the next, in place. Schema 1 (release 1.0.0) had neither
 # versions nor expiry: its keys take revision 1, and never expire. Schema 2 had no history:
 # it starts empty, complete above the revision the file was at. Schema 3 had no lives: its
-# first opening here begins one. Schema 4 had no leases: its keys have none.
+# first opening here begins one. Schema 4 had no leases: its keys have none. Schema 5 had no
+# access tokens: it has none, at generation 0.
 _UPGRADES: dict[int, tuple[str, ...]] = {
     1: (
         "ALTER TABLE kv ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
@@ -154,6 +174,11 @@ _UPGRADES: dict[int, tuple[str, ...]] = {
         _CREATE_LEASES,
         _CREATE_LEASE_INDEX,
         _CREATE_LEASE_EXPIRY_INDEX,
+    ),
+    5: (
+        _CREATE_TOKENS,
+        _CREATE_TOKENS_PREVIOUS_INDEX,
+        f"INSERT OR REPLACE INTO meta (name, value) VALUES ('{TOKENS_GENERATION}', 0)",
     ),
 }
 

@@ -24,16 +24,20 @@ from .bulk import (
     SqlSeedSource,
 )
 from .commit import (
+    CreateToken,
     DeleteMany,
     DeleteOne,
+    DeleteToken,
     ExpireLeases,
     GrantLease,
     GroupCommitter,
     KeepaliveLeases,
     Purge,
     RevokeLease,
+    RotateToken,
     SetMany,
     SetOne,
+    TouchTokens,
     Transact,
     TrimHistory,
 )
@@ -47,6 +51,7 @@ from .schema import (
     READ_META,
     REVISION,
     SEED_FINGERPRINT,
+    TOKENS_GENERATION,
     begin_life,
     check_header,
     connect,
@@ -69,6 +74,11 @@ _GET_GROUP = {
 _GET_GROUP_MAX = max(_GET_GROUP)
 
 _GAPS_ABOVE = "SELECT forked_at, resumed_at FROM gaps WHERE resumed_at > ? ORDER BY resumed_at"
+
+# A lookup in either hash's index (SQLite's OR of two indexes), never a scan.
+TOKEN_BY_HASH = (
+    f"SELECT {base.TOKEN_COLUMNS} FROM tokens WHERE secret_hash = ? OR previous_hash = ? LIMIT 1"
+)
 
 # How often a process looks for another's commits while it has watchers (see listen).
 WATCH_POLL_INTERVAL = 0.005
@@ -295,6 +305,32 @@ class SqliteStore:
     async def live_leases(self) -> int:
         now_ms = self._clock() * 1000
         return int(self._read("SELECT count(*) FROM leases WHERE expires_at > ?", (now_ms,))[0][0])
+
+    async def create_token(self, token: base.Token) -> None:
+        await self._committer.submit(CreateToken(token))
+
+    async def tokens(self) -> Sequence[base.Token]:
+        rows = self._read(f"SELECT {base.TOKEN_COLUMNS} FROM tokens ORDER BY name", ())
+        return [base.token_of(row) for row in rows]
+
+    async def token_by_hash(self, secret_hash: str) -> Optional[base.Token]:
+        rows = self._read(TOKEN_BY_HASH, (secret_hash, secret_hash))
+        return base.token_of(rows[0]) if rows else None
+
+    async def rotate_token(
+        self, name: str, secret_hash: str, previous_until: Optional[int]
+    ) -> base.Token:
+        return await self._committer.submit(RotateToken(name, secret_hash, previous_until))
+
+    async def delete_token(self, name: str) -> bool:
+        return await self._committer.submit(DeleteToken(name))
+
+    async def touch_tokens(self, used: Mapping[str, int]) -> None:
+        if used:
+            await self._committer.submit(TouchTokens(dict(used)))
+
+    async def tokens_generation(self) -> int:
+        return int(self._read(READ_META, (TOKENS_GENERATION,))[0][0])
 
     async def revision(self) -> int:
         return int(self._read(READ_META, (REVISION,))[0][0])

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote
@@ -304,7 +305,88 @@ def test_a_token_from_a_file_or_kv_token_and_exit_5_without(
     assert json.loads(health.out)["status"] == "ok"
 
 
-# --- a server that is down --------------------------------------------------------------------
+# --- kv token -----------------------------------------------------------------------------------
+
+
+def test_kv_token_creates_lists_rotates_and_revokes_with_the_secret_alone_on_stdout(
+    servers: ServerPool, tmp_path: Path
+) -> None:
+    server = servers.start(env={"KV_AUTH_TOKEN": TOKEN})
+    admin = {"KV_TOKEN": TOKEN}
+    created = kv(
+        server,
+        "token",
+        "create",
+        "ci",
+        "--read",
+        "cfg/",
+        "--write",
+        "ci/",
+        "--read",
+        "",
+        "--expires",
+        "30d",
+        env=admin,
+    )
+    assert created.status == 0 and created.err == "", created
+    secret = created.out.removesuffix("\n")
+    assert created.out == secret + "\n" and secret.startswith("kv_") and len(secret) == 46
+    assert kv(server, "token", "create", "ops", "--admin", env=admin).status == 0
+
+    listed = kv(server, "token", "ls", env=admin)
+    assert listed.status == 0 and listed.err == ""
+    lines = [line.split("\t") for line in listed.out.splitlines()]
+    assert [line[0] for line in lines] == ["ci", "ops"]
+    ci, ops = lines
+    assert ci[1] == "-" and ci[3] == "-" and ci[4] == "read:cfg/ readwrite:ci/ read:"
+    assert ops[1:] == ["admin", "-", "-", "-"]
+    as_json = [
+        json.loads(line) for line in kv(server, "token", "ls", "--json", env=admin).out.splitlines()
+    ]
+    created_at = datetime.fromisoformat(as_json[0]["created_at"].replace("Z", "+00:00"))
+    expires_at = datetime.fromisoformat(as_json[0]["expires_at"].replace("Z", "+00:00"))
+    assert expires_at - created_at == timedelta(days=30) and ci[2] == as_json[0]["expires_at"]
+    assert as_json[0]["rules"] == [
+        {"prefix": "cfg/", "access": "read"},
+        {"prefix": "ci/", "access": "readwrite"},
+        {"prefix": "", "access": "read"},
+    ]
+    assert secret not in listed.out + json.dumps(as_json)
+
+    # The secret, as `> ci.token` wrote it, is the token: its rules, and no more.
+    (tmp_path / "ci.token").write_text(created.out)
+    as_ci = ("--token-file", str(tmp_path / "ci.token"))
+    assert kv(server, *as_ci, "set", "ci/run", "1").status == 0
+    assert_one_error_line(kv(server, *as_ci, "set", "cfg/mode", "x"), 5, "cfg/mode")
+
+    rotated = kv(server, "token", "rotate", "ci", "--grace", "1h", env=admin)
+    assert rotated.status == 0 and rotated.err == ""
+    assert rotated.out.startswith("kv_") and rotated.out.strip() != secret
+    assert kv(server, *as_ci, "get", "ci/run").out == "1\n"  # the old secret, in its grace
+    assert kv(server, "token", "revoke", "ci", env=admin) == Ran(0, "", "")
+    names = kv(server, "token", "ls", env=admin).out.splitlines()
+    assert [line.split("\t")[0] for line in names] == ["ops"]
+    deadline = time.monotonic() + 1.5  # a revocation reaches every process within a second
+    while kv(server, *as_ci, "get", "ci/run").status != 5:
+        assert time.monotonic() < deadline, "the revoked token still works"
+
+
+def test_kv_token_refusals_exit_as_documented_on_one_line(servers: ServerPool) -> None:
+    server = servers.start(env={"KV_AUTH_TOKEN": TOKEN})
+    admin = {"KV_TOKEN": TOKEN}
+    assert kv(server, "token", "create", "ci", env=admin).status == 0
+    assert_one_error_line(kv(server, "token", "create", "ci", env=admin), 3, "exists")
+    for action in ("revoke", "rotate"):
+        assert_one_error_line(kv(server, "token", action, "nobody", env=admin), 1, "nobody")
+    assert_one_error_line(kv(server, "token", "create", "a b", env=admin), 2, "name")
+    assert_one_error_line(kv(server, "token", "create", "x", "--expires", "3w"), 2, "3w")
+    assert_one_error_line(kv(server, "token", "rotate", "ci", "--grace", "2d", env=admin), 2)
+    assert_one_error_line(kv(server, "token", env=admin), 2)
+    assert_one_error_line(kv(server, "token", "ls"), 5)
+    open_server = servers.start()
+    assert_one_error_line(kv(open_server, "token", "ls"), 5, "KV_AUTH_TOKEN")
+    # Nothing was created by a refusal.
+    assert kv(server, "token", "ls", env=admin).out.split("\t")[0] == "ci"
 
 
 def test_a_server_that_is_down_is_exit_4_on_one_line(tmp_path: Path) -> None:

@@ -27,11 +27,16 @@ from mapmg_data_engineer_takehome.client import (
     Client,
     Entry,
     Event,
+    Forbidden,
     HistoryGone,
+    Identity,
     Imported,
     InvalidRequest,
     KeyNotFound,
     PreconditionFailed,
+    TokenExists,
+    TokenNotFound,
+    TokenRule,
     Unauthorized,
     Unavailable,
 )
@@ -257,6 +262,55 @@ def test_every_error_the_server_gives_is_a_typed_exception(
         assert str(server.port) in down.value.message and down.value.status is None
 
 
+def test_tokens_are_created_listed_rotated_and_revoked(
+    servers: ServerPool, store_env: dict[str, str], make_client: MakeClient
+) -> None:
+    server = servers.start(env={"KV_AUTH_TOKEN": "s3cret", **store_env})
+    kv = make_client(url(server), token="s3cret")
+    assert kv.whoami() == Identity("KV_AUTH_TOKEN", (TokenRule("", "readwrite"),), True)
+    rules = (TokenRule("cfg/", "read"), TokenRule("ci/", "readwrite"))
+    created = kv.create_token("ci", [("cfg/", "read"), rules[1]], expires_in=3600)
+    assert (created.name, created.rules, created.admin) == ("ci", rules, False)
+    assert created.secret is not None and created.secret.startswith("kv_")
+    assert created.expires_at is not None
+    assert created.expires_at - created.created_at == timedelta(hours=1)
+    assert created.created_at.tzinfo is not None and created.last_used_at is None
+    admin = kv.create_token("ops", admin=True)
+    assert (admin.rules, admin.admin, admin.expires_at) == ((), True, None)
+
+    listed = kv.tokens()
+    assert [token.name for token in listed] == ["ci", "ops"]
+    assert listed[0] == created.__class__(**{**vars(created), "secret": None})
+    assert all(token.secret is None for token in listed)
+    assert listed[0].to_json()["rules"] == [rule.to_json() for rule in rules]
+
+    with pytest.raises(TokenExists) as taken:
+        kv.create_token("ci")
+    assert (taken.value.status, taken.value.code) == (409, "token_exists")
+    rotated = kv.rotate_token("ci", grace=60)
+    assert rotated.secret is not None and rotated.secret != created.secret
+    assert rotated.created_at == created.created_at and rotated.rules == rules
+    assert kv.rotate_token("ci").secret not in (None, created.secret, rotated.secret)
+    assert kv.revoke_token("ci") is None
+    for gone in (lambda: kv.revoke_token("ci"), lambda: kv.rotate_token("ci")):
+        with pytest.raises(TokenNotFound) as missing:
+            gone()
+        assert (missing.value.status, missing.value.code) == (404, "token_not_found")
+    assert [token.name for token in kv.tokens()] == ["ops"]
+    with pytest.raises(InvalidRequest) as invalid:
+        kv.create_token("a b")
+    assert invalid.value.code == "invalid_name"
+    with pytest.raises(Unauthorized):
+        make_client(url(server)).tokens()
+
+    open_server = servers.start(env=store_env)
+    anyone = make_client(url(open_server))
+    assert anyone.whoami() == Identity(None, (TokenRule("", "readwrite"),), True)
+    with pytest.raises(Forbidden) as refused:
+        anyone.create_token("ci")
+    assert refused.value.code == "forbidden" and "KV_AUTH_TOKEN" in refused.value.message
+
+
 class QuietHandler(BaseHTTPRequestHandler):
     def log_message(self, *args: Any) -> None:
         pass  # not every request on stderr: a failing test shows its own output
@@ -331,6 +385,8 @@ def test_a_blind_write_is_sent_once_and_a_conditional_or_a_read_again(
         lambda kv: kv.delete("k"),
         lambda kv: kv.mset({"k": "v"}),
         lambda kv: kv.mdelete(["k"]),
+        lambda kv: kv.create_token("ci"),
+        lambda kv: kv.rotate_token("ci"),
     ]
     for write in blind:
         server = scripted([503, 503])
@@ -344,6 +400,7 @@ def test_a_blind_write_is_sent_once_and_a_conditional_or_a_read_again(
         lambda kv: kv.set("k", "v", create=True),
         lambda kv: kv.delete("k", if_version=3),
         lambda kv: kv.get("k"),
+        lambda kv: kv.revoke_token("ci"),
     ]
     for call in safe:
         server = scripted([503, 503])

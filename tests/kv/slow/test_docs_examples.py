@@ -24,6 +24,9 @@ server may be on it.
   it is stopped.
 - Every fenced block names its language; every sh or python block is run or marked, and a
   marker that is not right before such a block fails its page.
+- ``<!-- server: KV_NAME=value ... -->``, a line of its own anywhere in a page, starts that
+  page's servers with those settings too: docs/security.md's have a bootstrap admin token
+  (``KV_AUTH_TOKEN``), which no flag of a block could give a server already running.
 
 The server runs with a purge interval of an hour, so that no key expiring while a page runs
 takes a revision the page's documented versions do not show, and a heartbeat of half a second,
@@ -71,6 +74,8 @@ TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)
 # in microseconds, so revisions have 16 digits, and which ones depends on when the page runs.
 REVISION = re.compile(r"\b[1-9]\d{15}\b")
 LEASE_ID = re.compile(r"[0-9a-f]{32}")
+# A page's settings for its servers: <!-- server: KV_AUTH_TOKEN=x KV_STORE=memory -->.
+SERVER_SETTINGS = re.compile(r"^<!--\s*server:\s*(?P<settings>(KV_[A-Z_]+=\S+\s+)+)-->$")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 ENDPOINTS_HEADER = "| Method and path | Success | Errors |"
 
@@ -566,17 +571,32 @@ class PageRun:
             )
 
 
+def server_settings(page: Path) -> dict[str, str]:
+    """The settings the page asks its servers to have (SERVER_SETTINGS)."""
+    settings: dict[str, str] = {}
+    for line in page.read_text(encoding="utf-8").splitlines():
+        match = SERVER_SETTINGS.match(line.strip())
+        if match is not None:
+            for word in match["settings"].split():
+                name, value = word.split("=", 1)
+                settings[name] = value
+    return settings
+
+
 @contextlib.contextmanager
-def page_servers(root: Path, second: bool) -> Iterator[tuple[Server, Optional[Server]]]:
-    """A fresh server (and a second one) on free ports, each with its own data file and an
-    empty input.db; killed on the way out."""
+def page_servers(
+    root: Path, second: bool, settings: Optional[dict[str, str]] = None
+) -> Iterator[tuple[Server, Optional[Server]]]:
+    """A fresh server (and a second one) on free ports, each with its own data file, an
+    empty input.db and ``settings``; killed on the way out."""
     root.mkdir(parents=True, exist_ok=True)
     input_db = write_input_db(root / "input.db", [])
     pools = [ServerPool(root / "server-8000")]
     if second:
         pools.append(ServerPool(root / "server-8001"))
     try:
-        started = [pool.start(input_db=input_db, env=SERVER_ENV) for pool in pools]
+        env = {**SERVER_ENV, **(settings or {})}
+        started = [pool.start(input_db=input_db, env=env) for pool in pools]
         yield started[0], (started[1] if second else None)
     finally:
         for pool in pools:
@@ -602,7 +622,7 @@ def test_the_examples_of_the_page_run_as_documented(page: Path, tmp_path: Path) 
         if block.marker != NOT_RUN
         for match in LOCAL_ADDRESS.finditer(block.text)
     )
-    with page_servers(tmp_path / "servers", second) as (server, other):
+    with page_servers(tmp_path / "servers", second, server_settings(page)) as (server, other):
         run = PageRun(page, tmp_path / "run", server, other)
         for block in runnable:
             run.run(block)

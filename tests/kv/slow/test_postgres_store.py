@@ -28,12 +28,17 @@ from mapmg_data_engineer_takehome.store.postgres import (
     PostgresStore,
     redacted_url,
 )
+from mapmg_data_engineer_takehome.store.postgres.sql import TOKEN_BY_HASH
 
+from ..conftest import hashed
 from ..postgres_support import PASSWORD, PostgresCluster
 from ..test_sqlite_store import (
     FIXTURES,
     RELEASE_2_LISTING,
+    Written,
+    assert_kept,
     assert_leases_work_after_the_upgrade,
+    assert_tokens_work_after_the_upgrade,
 )
 
 
@@ -182,7 +187,31 @@ async def test_a_database_of_the_release_before_the_history_is_upgraded_in_place
         await store.close()
     conn = await asyncpg.connect(url)
     try:
-        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "5"
+        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "6"
+    finally:
+        await conn.close()
+
+
+async def written_in_database(url: str) -> Written:
+    """What a fixture loaded into the database at ``url`` holds, before its upgrade."""
+    conn = await asyncpg.connect(url)
+    try:
+        return Written(
+            [
+                tuple(row)
+                for row in await conn.fetch(
+                    "SELECT key, val, version, expires_at FROM kv ORDER BY key"
+                )
+            ],
+            [
+                tuple(row)
+                for row in await conn.fetch(
+                    "SELECT revision, type, key, val, expires_at FROM kv_changes"
+                    " ORDER BY revision, key"
+                )
+            ],
+            int(await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'compact_revision'")),
+        )
     finally:
         await conn.close()
 
@@ -197,33 +226,64 @@ async def test_a_database_of_the_release_before_leases_is_upgraded_keeping_keys_
     database = postgres_cluster.create_database()
     postgres_cluster.load(FIXTURES / "kv-postgres-schema-4.sql", database)
     url = postgres_cluster.url(database)
+    written = await written_in_database(url)
+    # The fixture is what the README says.
+    assert len(written.rows) == 8 and len(written.history) == 10
+    store = await PostgresStore.open(url, clock=lambda: 1_800_000_100.0)
+    try:
+        await assert_kept(store, written)
+        await assert_leases_work_after_the_upgrade(store, len(written.rows))
+    finally:
+        await store.close()
+
+
+async def test_a_database_of_the_release_before_tokens_is_upgraded_keeping_keys_history_and_leases(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """tests/kv/fixtures/kv-postgres-schema-5.sql is a pg_dump of a database written by the
+    release before access tokens (schema 5), with the same writes as kv-schema-5.sqlite3:
+    every key, version, expiry and lease and the whole history (read from the database
+    before the upgrade) are kept, it has no token, and tokens then work on it."""
+    database = postgres_cluster.create_database()
+    postgres_cluster.load(FIXTURES / "kv-postgres-schema-5.sql", database)
+    url = postgres_cluster.url(database)
+    written = await written_in_database(url)
     conn = await asyncpg.connect(url)
     try:
-        rows = [
-            tuple(row)
-            for row in await conn.fetch("SELECT key, val, version, expires_at FROM kv ORDER BY key")
-        ]
-        history = [
-            tuple(row)
-            for row in await conn.fetch(
-                "SELECT revision, type, key, val, expires_at FROM kv_changes ORDER BY revision, key"
-            )
-        ]
-        compact = int(
-            await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'compact_revision'")
+        leases = await conn.fetch("SELECT id FROM kv_leases")
+    finally:
+        await conn.close()
+    # The fixture is what the README says.
+    assert len(written.rows) == 9 and len(written.history) == 11 and len(leases) == 1
+    store = await PostgresStore.open(url, clock=lambda: 1_800_000_100.0)
+    try:
+        await assert_kept(store, written)
+        await assert_tokens_work_after_the_upgrade(store, leases[0][0])
+        assert await store.count() == len(written.rows)
+    finally:
+        await store.close()
+    conn = await asyncpg.connect(url)
+    try:
+        assert await conn.fetchval("SELECT value FROM kv_meta WHERE name = 'schema_version'") == "6"
+    finally:
+        await conn.close()
+
+
+async def test_a_token_is_found_by_either_hash_through_an_index(postgres_url: str) -> None:
+    """token_by_hash runs on every request whose secret a server has not cached: with scans
+    ruled out, the planner still answers it (from the two hashes' indexes)."""
+    store = await PostgresStore.open(postgres_url)
+    await store.close()
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            row[0] for row in await conn.fetch(f"EXPLAIN {TOKEN_BY_HASH}", hashed("a"))
         )
     finally:
         await conn.close()
-    assert len(rows) == 8 and len(history) == 10  # the fixture is what the README says
-    store = await PostgresStore.open(url, clock=lambda: 1_800_000_100.0)
-    try:
-        page = await store.list_keys("", None, 100, values=True)
-        assert [(i.key, i.val, i.version, i.expires_at) for i in page.keys] == rows
-        changes = await store.changes("", compact, 1000)
-        assert [tuple(change) for change in changes.events] == history
-        await assert_leases_work_after_the_upgrade(store, len(rows))
-    finally:
-        await store.close()
+    assert "Seq Scan" not in plan
+    assert "kv_tokens_secret_hash_key" in plan and "kv_tokens_previous" in plan
 
 
 async def test_on_a_new_timeline_the_revisions_the_old_one_may_have_used_are_never_reused(
