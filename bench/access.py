@@ -36,18 +36,10 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
+import run  # noqa: E402
 from instructions import CONNECTIONS, dumped_instructions, exchange  # noqa: E402
 from make_input_db import write_input_db  # noqa: E402
-from run import (  # noqa: E402
-    LOAD_CORE,
-    SERVER_CORE,
-    WrkResult,
-    children_cpu_seconds,
-    free_port,
-    parse_wrk,
-    stop,
-    wait_ready,
-)
+from run import SERVER_CORE, WrkResult, free_port, stop, wait_ready  # noqa: E402
 
 from mapmg_data_engineer_takehome.access import hash_secret, new_secret  # noqa: E402
 from mapmg_data_engineer_takehome.store import SqliteStore  # noqa: E402
@@ -74,18 +66,8 @@ def create_token(data_path: Path) -> str:
 
 
 def run_wrk(port: int, secret: str, seconds: int, keys: int, pid: Optional[int]) -> WrkResult:
-    command = [
-        "taskset", "-c", LOAD_CORE, "wrk", "-t1", "-c64", f"-d{seconds}s", "--latency",
-        "-H", f"Authorization: Bearer {secret}",
-        "-s", str(BENCH / "get_random.lua"), f"http://127.0.0.1:{port}",
-    ]  # fmt: skip
-    env = {**os.environ, "KV_BENCH_KEYS": str(keys)}
-    cpu_before = 0.0 if pid is None else children_cpu_seconds(pid)
-    output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
-    result = parse_wrk(output)
-    if pid is not None and result.requests:
-        result.cpu_us = (children_cpu_seconds(pid) - cpu_before) / result.requests * 1e6
-    return result
+    header = f"Authorization: Bearer {secret}"
+    return run.run_wrk(port, "get_random.lua", seconds, 64, keys, pid, headers=(header,))
 
 
 def gets(count: int, rows: int, secret: str) -> list[bytes]:
