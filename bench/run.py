@@ -219,13 +219,22 @@ def wait_ready(port: int, process: subprocess.Popen[bytes]) -> float:
 
 
 def run_wrk(
-    port: int, script: str, seconds: int, connections: int, keys: int, pid: Optional[int] = None
+    port: int,
+    script: str,
+    seconds: int,
+    connections: int,
+    keys: int,
+    pid: Optional[int] = None,
+    headers: tuple[str, ...] = (),
 ) -> WrkResult:
-    """One wrk run; with the server's ``pid``, also its CPU time per request."""
+    """One wrk run, each request with ``headers`` ("Name: value"); with the server's ``pid``,
+    also its CPU time per request."""
     command = [
         "taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
         "--latency", "-s", str(BENCH / script), f"http://127.0.0.1:{port}",
     ]  # fmt: skip
+    for header in headers:
+        command[-1:-1] = ["-H", header]
     env = {**os.environ, "KV_BENCH_KEYS": str(keys)}
     cpu_before = 0.0 if pid is None else children_cpu_seconds(pid)
     output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout

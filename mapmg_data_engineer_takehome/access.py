@@ -30,7 +30,7 @@ from aiohttp import hdrs, web
 
 from .errors import ApiError, safe_message
 from .metrics import Metrics
-from .state import CLOCK_KEY, METRICS_KEY, STORE_KEY
+from .state import METRICS_KEY, STORE_KEY
 from .store.base import Store, StoreError, Token, TokenAccess, TokenRule
 
 log = structlog.get_logger("kv.access")
@@ -180,41 +180,49 @@ class _Known:
     expires_at: Optional[int]
     retired_at: Optional[int]
 
-    def ends(self) -> bool:
-        return self.expires_at is not None or self.retired_at is not None
-
 
 class Tokens:
     """This process's cache of the store's tokens, which turns a request's Authorization header
     into its grant.
 
-    A hit costs a dict lookup on the header's exact text: no hash, no store read. A miss hashes
-    the secret and reads the store (``token_by_hash``), so a token created a moment ago works at
-    once. The whole cache is dropped when the store's tokens generation changes, which ``poll``
-    looks at every POLL_INTERVAL: a delete or rotation reaches every worker and replica within
-    a second. Expiry and a rotation's grace are judged at each request, by the clock.
+    A hit costs a dict lookup on the header's exact text (``cached``, not even a coroutine, for
+    a secret that never ends): no hash, no store read. A miss hashes the secret and reads the
+    store (``token_by_hash``), so a token created a moment ago works at once. The whole cache
+    is dropped when the store's tokens generation changes, which ``poll`` looks at every
+    POLL_INTERVAL: a delete or rotation reaches every worker and replica within a second.
+    Expiry and a rotation's grace are judged at each request, by the clock.
+
+    Made with the app, so that the request wrapper holds it; its store is the app's, given by
+    ``start`` once open (tokens_context).
     """
 
-    def __init__(
-        self, store: Store, clock: Callable[[], float], metrics: Optional[Metrics] = None
-    ) -> None:
-        self._store = store
+    _store: Store
+
+    def __init__(self, clock: Callable[[], float], metrics: Optional[Metrics] = None) -> None:
         self._clock = clock
         self._metrics = metrics
-        self._by_header: dict[str, _Known] = {}
+        # Headers seen, by whether their secret ends (an expiry, a rotation's grace) or not.
+        self._lasting: dict[str, Grant] = {}
+        self._ending: dict[str, _Known] = {}
         self._by_hash: dict[str, Token] = {}
         self._generation: Optional[int] = None
         # Bumped at each drop, so that a store read begun before a drop is not cached after it.
         self._epoch = 0
         self._used: set[str] = set()  # names of the tokens used since the last touch
 
+    def cached(self, header: str) -> Optional[Grant]:
+        """The grant of a header seen before whose secret never ends, or None: ask ``grant``."""
+        grant = self._lasting.get(header)
+        if grant is not None:
+            self._used.add(grant.name)
+        return grant
+
     async def grant(self, header: str) -> Grant:
         """The grant of a request's Authorization header; 401 when it names no live token."""
-        known = self._by_header.get(header)
+        known = self._ending.get(header)
         if known is None:
             known = await self._look_up(header)
-        if known.ends():
-            self._check_time(known)
+        self._check_time(known)
         self._used.add(known.grant.name)
         return known.grant
 
@@ -242,19 +250,25 @@ class Tokens:
             if epoch != self._epoch:  # dropped meanwhile: the token read may be stale
                 return _known(token, secret_hash)
             self._by_hash[secret_hash] = token
-        known = self._by_header[header] = _known(token, secret_hash)
+        known = _known(token, secret_hash)
+        if known.expires_at is None and known.retired_at is None:
+            self._lasting[header] = known.grant
+        else:
+            self._ending[header] = known
         return known
 
-    async def start(self) -> None:
-        """Learn the store's generation before the first request, so that no change after
-        it goes unnoticed."""
-        self._generation = await self._store.tokens_generation()
+    async def start(self, store: Store) -> None:
+        """Read the tokens of ``store`` from now on; its generation is learnt before the
+        first request, so that no change after it goes unnoticed."""
+        self._store = store
+        self._generation = await store.tokens_generation()
 
     async def poll(self) -> None:
         """Drop the cache when the store's tokens have changed since the last look."""
         generation = await self._store.tokens_generation()
         if generation != self._generation:
-            self._by_header = {}
+            self._lasting = {}
+            self._ending = {}
             self._by_hash = {}
             self._epoch += 1
             self._generation = generation
@@ -297,9 +311,8 @@ TOKENS_KEY = web.AppKey("tokens", Tokens)
 async def tokens_context(app: web.Application) -> AsyncIterator[None]:
     """With KV_AUTH_TOKEN, the store's tokens: cached, polled while the server runs, and
     their last use written at the end."""
-    tokens = Tokens(app[STORE_KEY], app[CLOCK_KEY], app[METRICS_KEY])
-    await tokens.start()
-    app[TOKENS_KEY] = tokens
+    tokens = app[TOKENS_KEY]
+    await tokens.start(app[STORE_KEY])
     task = asyncio.ensure_future(tokens.poll_forever())
     yield
     task.cancel()

@@ -19,7 +19,7 @@ from typing import Optional
 import structlog
 from aiohttp import web
 
-from .access import tokens_context
+from .access import TOKENS_KEY, Tokens, tokens_context
 from .errors import StartupError
 from .feed import ChangeFeed
 from .metrics import Metrics
@@ -74,9 +74,12 @@ def create_app(
     app[OPENAPI_KEY] = document_bytes()
     app[CLOCK_KEY] = clock or time.time
     app.cleanup_ctx.append(partial(store_context, seed=seed, clock=clock))
+    tokens = None
     if settings.auth_token is not None:
+        # Without KV_AUTH_TOKEN the server is open and the store's tokens unread.
+        tokens = app[TOKENS_KEY] = Tokens(app[CLOCK_KEY], metrics)
         # After the store's context, so that it stops (and writes last uses) before the store
-        # closes; without KV_AUTH_TOKEN the server is open and the store's tokens unread.
+        # closes.
         app.cleanup_ctx.append(tokens_context)
     # After the store's context, so that they stop before the store closes.
     app.cleanup_ctx.append(feed_context)
@@ -85,7 +88,8 @@ def create_app(
         app.cleanup_ctx.append(partial(upkeep_context, settings=settings))
     if metrics is not None and metrics.multiprocess:
         app.cleanup_ctx.append(partial(flush_context, metrics=metrics))
-    setup_routes(app, make_request_wrapper(settings.access_log, _secret(settings), metrics))
+    wrapper = make_request_wrapper(settings.access_log, _secret(settings), metrics, tokens)
+    setup_routes(app, wrapper)
     return app
 
 

@@ -26,7 +26,7 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
-from .access import BOOTSTRAP, GRANT_KEY, TOKENS_KEY
+from .access import BOOTSTRAP, GRANT_KEY, Tokens
 from .errors import response_for
 from .metrics import Metrics
 from .protocol import request_done
@@ -50,11 +50,15 @@ def request_ids() -> Iterator[str]:
 
 
 def make_request_wrapper(
-    with_access_log: bool, auth_token: Optional[str] = None, metrics: Optional[Metrics] = None
+    with_access_log: bool,
+    auth_token: Optional[str] = None,
+    metrics: Optional[Metrics] = None,
+    tokens: Optional[Tokens] = None,
 ) -> Wrap:
     """The wrapper for an app's handlers. Access lines are written only when asked for; with an
-    ``auth_token`` every route but the public ones needs it as a bearer token; with
-    ``metrics``, every request is counted and timed."""
+    ``auth_token`` every route but the public ones needs it, or a secret of ``tokens``, as a
+    bearer token; with ``metrics``, every request is counted and timed."""
+    assert auth_token is None or tokens is not None
     timed = with_access_log or metrics is not None
     next_id = request_ids().__next__
     expected = b"" if auth_token is None else f"Bearer {auth_token}".encode()
@@ -76,7 +80,11 @@ def make_request_wrapper(
                     if hmac.compare_digest(supplied.encode("utf-8", "replace"), expected):
                         request[GRANT_KEY] = BOOTSTRAP
                     else:  # a token of the store's, or a 401
-                        request[GRANT_KEY] = await request.app[TOKENS_KEY].grant(supplied)
+                        assert tokens is not None
+                        grant = tokens.cached(supplied)
+                        if grant is None:
+                            grant = await tokens.grant(supplied)
+                        request[GRANT_KEY] = grant
                 if not request.body_exists:
                     # Arrived whole: a long-poll's wait or a stream is no slow request.
                     request_done(request)

@@ -258,3 +258,25 @@ async def test_the_access_log_names_the_token_never_its_secret_or_hash(
     for secret_text in (secret, rotated, BOOTSTRAP):
         assert secret_text not in output
         assert hash_secret(secret_text) not in output
+
+
+async def test_a_lookup_that_straddles_a_revocation_is_not_cached(locked: Client) -> None:
+    """A store read begun before a delete that ends after the poll saw it: the request it
+    answers may pass, but the token it read must not stay cached."""
+    store = store_of(locked)
+    secret = await add_token(store, "ci")
+    look_up, release = store.token_by_hash, asyncio.Event()
+
+    async def slow_look_up(secret_hash: str) -> Optional[Token]:
+        token = await look_up(secret_hash)
+        await release.wait()
+        return token
+
+    store.token_by_hash = slow_look_up  # type: ignore[method-assign]
+    first = asyncio.ensure_future(get_status(locked, "k", secret))
+    await asyncio.sleep(0.05)  # the request waits in the look-up
+    assert await store.delete_token("ci")
+    await locked.app[TOKENS_KEY].poll()
+    release.set()
+    assert await first == 404  # read before the delete
+    assert await get_status(locked, "k", secret) == 401

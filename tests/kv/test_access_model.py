@@ -559,8 +559,8 @@ class AccessMachine(RuleBasedStateMachine):
 @pytest.mark.parametrize("store", STORE_KINDS)
 def test_access_behaves_like_its_model(store: StoreKind, request: pytest.FixtureRequest) -> None:
     postgres_url = fresh_postgres_urls(store, request)
-    # The quick suite runs a few examples; the full one (--run-slow, as CI) ten times more.
-    examples = 1000 if request.config.getoption("--run-slow") else 100
+    # The quick suite runs a hundred examples; the full one (--run-slow, as CI) twice as many.
+    examples = 200 if request.config.getoption("--run-slow") else 100
     stateful.run_state_machine_as_test(
         lambda: AccessMachine(store, postgres_url),  # type: ignore[arg-type]
         settings=settings(max_examples=examples, stateful_step_count=30, deadline=None),

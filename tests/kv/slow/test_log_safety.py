@@ -1,15 +1,22 @@
-"""No log line of a real server process holds the token, a key or a value, whatever fails:
-bugs in handlers (JSON and console logs, one worker or two), unparseable requests carrying
-the token, and a startup that fails."""
+"""No log line of a real server process holds the token, a store token's secret or its hash,
+a key or a value, whatever fails: bugs in handlers (JSON and console logs, one worker or two),
+in the look-up of a secret, unparseable requests carrying the token, refusals, and a startup
+that fails."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
+from mapmg_data_engineer_takehome.access import hash_secret, new_secret
+from mapmg_data_engineer_takehome.store import SqliteStore
+from mapmg_data_engineer_takehome.store.base import Token, TokenRule
 
 from ..e2e_support import LOOPBACK_V4, REPO, Server, ServerPool
 
@@ -22,6 +29,22 @@ AUTHORIZED = {"Authorization": f"Bearer {TOKEN}"}
 
 def output_of(server: Server) -> str:
     return server.stdout() + server.stderr()
+
+
+def create_tokens(path: Path, *tokens: tuple[str, str, str]) -> None:
+    """Tokens (name, secret, the prefix it may write) in the sqlite store at ``path``."""
+
+    async def create() -> None:
+        store = SqliteStore(path)
+        try:
+            for name, secret, prefix in tokens:
+                rules = (TokenRule(prefix, "readwrite"),)
+                token = Token(name, hash_secret(secret), rules, False, int(time.time() * 1000))
+                await store.create_token(token)
+        finally:
+            await store.close()
+
+    asyncio.run(create())
 
 
 def send_raw(server: Server, data: bytes) -> bytes:
@@ -43,12 +66,24 @@ def test_bugs_in_a_real_process_log_no_token_key_or_value(
             "KV_AUTH_TOKEN": TOKEN,
             "KV_LOG_FORMAT": log_format,
             "KV_WORKERS": workers,
+            "KV_ACCESS_LOG": "true",
         },
     )
+    scoped, narrow, unknown = new_secret(), new_secret(), new_secret()
+    create_tokens(servers.data_path, ("scoped-one", scoped, ""), ("narrow-one", narrow, "x/"))
     for _ in range(int(workers) * 2):  # requests spread over the workers
-        assert server.request("GET", "/get/" + quote(KEY), headers=AUTHORIZED).status == 500
-        body = json.dumps({"key": KEY, "val": VAL}).encode()
-        assert server.request("POST", "/set", body, headers=AUTHORIZED).status == 500
+        for secret in (TOKEN, scoped):
+            headers = {"Authorization": f"Bearer {secret}"}
+            assert server.request("GET", "/get/" + quote(KEY), headers=headers).status == 500
+            body = json.dumps({"key": KEY, "val": VAL}).encode()
+            assert server.request("POST", "/set", body, headers=headers).status == 500
+        refused = server.request(
+            "GET", "/get/" + quote(KEY), headers={"Authorization": f"Bearer {narrow}"}
+        )
+        assert refused.status == 403
+        # The look-up of a secret no token has fails, naming its hash.
+        failed = server.request("GET", "/get/k", headers={"Authorization": f"Bearer {unknown}"})
+        assert failed.status == 500
     # Unparseable HTTP whose request line and headers carry all three.
     answer = send_raw(
         server,
@@ -57,9 +92,12 @@ def test_bugs_in_a_real_process_log_no_token_key_or_value(
     assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
     assert server.stop() == 0
     output = output_of(server)
-    for secret in SECRETS:
+    for secret in (*SECRETS, scoped, narrow, unknown):
         assert secret not in output
-    assert output.count("RuntimeError") >= 2 and "KeyError" in output
+    for secret in (TOKEN, scoped, narrow, unknown):
+        assert hash_secret(secret) not in output
+    assert output.count("RuntimeError") >= 3 and "KeyError" in output
+    assert "scoped-one" in output and "narrow-one" in output  # the access lines name them
     assert "bad_http_request" in output
 
 
