@@ -7,12 +7,13 @@ expired is 404 lease_not_found (store.base.LeaseNotFound, which errors.py render
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .access import require
+from .access import grant_of, require
 from .errors import JSON_HEADERS
 from .models import KeepaliveRequest, LeaseRequest
 from .rules import names_no_lease, rfc3339
@@ -70,9 +71,15 @@ async def keepalive_many(request: web.Request) -> web.Response:
     body = parse_body(KeepaliveRequest, await request.read())
     asked = list(dict.fromkeys(body.ids))
     # An id no store could have made names no lease: the store is not asked about it.
-    renewed = await request.app[STORE_KEY].keepalive_leases(
-        [lease for lease in asked if not names_no_lease(lease)]
-    )
+    leases = [lease for lease in asked if not names_no_lease(lease)]
+    grant = grant_of(request)
+    if grant is not None and not grant.allows_prefix("", "readwrite"):
+        # As each lease's own keepalive would be judged (a token that may write every key
+        # has nothing to be checked).
+        for lease in leases:
+            with contextlib.suppress(LeaseNotFound):  # not live: named in not_found
+                await _require_keys(request, lease)
+    renewed = await request.app[STORE_KEY].keepalive_leases(leases)
     kept = {lease.id for lease in renewed}
     return _json(
         {

@@ -539,6 +539,30 @@ class AccessMachine(RuleBasedStateMachine):
             for key in keys:
                 self.model.pop(key, None)
 
+    @rule(who=WHO, first=leases, second=leases)
+    def keepalive_leases(self, who: Any, first: str, second: str) -> None:
+        """POST /leases/keepalive is judged as each lease's own keepalive: write on the keys
+        of every live lease it names; a lease that is not live is named, not refused."""
+        asked = list(dict.fromkeys([first, second]))
+        keys = {lease: self.lease_keys(lease) for lease in asked}
+        answer = self.send("POST", "/leases/keepalive", who, json={"ids": asked})
+
+        def judged() -> None:
+            self.grant(who)
+            for held in keys.values():
+                if held is not None:
+                    self.judge(who, write=held)
+
+        checked = self.expect(answer, judged)
+        if checked is None:
+            return
+        status, body, _ = checked
+        assert status == 200, answer
+        assert [lease["id"] for lease in body["leases"]] == [
+            lease for lease in asked if keys[lease] is not None
+        ]
+        assert body["not_found"] == [lease for lease in asked if keys[lease] is None]
+
     # --- admin -----------------------------------------------------------------------------
 
     @rule(who=WHO, path=st.sampled_from(["/config", "/metrics"]))
