@@ -22,7 +22,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import orjson
 import structlog
@@ -82,7 +82,10 @@ BOOTSTRAP = Grant("KV_AUTH_TOKEN", (TokenRule("", "readwrite"),), admin=True)
 
 # The grant of the request, set by the request wrapper (middleware.py) once the token is
 # known; absent on an open server (no KV_AUTH_TOKEN) and on public routes.
-GRANT_KEY = web.RequestKey("grant", Grant)
+if TYPE_CHECKING or hasattr(web, "RequestKey"):
+    GRANT_KEY = web.RequestKey("grant", Grant)
+else:  # aiohttp 3.13, the last for Python 3.9, has no RequestKey: a request's storage by str
+    GRANT_KEY = "kv.grant"
 
 
 def _enough(granted: TokenAccess, needed: TokenAccess) -> bool:
