@@ -19,6 +19,8 @@ const state = {
   listing: 0, // which listing is current: answers of older ones are dropped
   revision: 0, // the store's revision the listing's first page was read at (KV-Revision)
 };
+// What the token may do (GET /tokens/self): its rules, {prefix, access}, and whether it is admin.
+let grant = { name: null, rules: [], admin: false };
 // The Live switch's stream of changes (fetched, so that it carries the token's header).
 const live = { controller: null, lastId: null, retry: null };
 const RECONNECT_MS = 1000;
@@ -74,12 +76,24 @@ function say(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
-function fail(error) {
+// An error is said in the status line and, when given, next to the control that was used
+// (where: the id of that place's error paragraph): a refusal (403) shows where it happened.
+function fail(error, where = null) {
   if (error instanceof ApiError && error.status === 401) {
     askForToken(sessionStorage.getItem(TOKEN_KEY) ? "That token was refused. Try again." : "");
     return;
   }
-  say(error.message || String(error), true);
+  const message = error.message || String(error);
+  say(message, true);
+  if (where) {
+    $(where).textContent = message;
+    $(where).hidden = false;
+  }
+}
+
+function clearError(where) {
+  $(where).textContent = "";
+  $(where).hidden = true;
 }
 
 // --- the token ------------------------------------------------------------------------------
@@ -97,6 +111,44 @@ $("token-form").addEventListener("submit", async (event) => {
   $("token-input").value = "";
   await start();
 });
+
+// --- what the token may do -------------------------------------------------------------------
+// As the server judges (access.py): a rule covers every key, and every prefix, that starts with
+// its prefix; readwrite allows reading too. Rules only allow, never deny.
+
+function may(key, access) {
+  return grant.rules.some(
+    (rule) => key.startsWith(rule.prefix) && (rule.access === "readwrite" || access === "read"),
+  );
+}
+
+function ruleText(rule) {
+  const where = rule.prefix === "" ? "every key" : `under ${rule.prefix}`;
+  return `${rule.access === "readwrite" ? "read and write" : "read-only"} ${where}`;
+}
+
+function accessText() {
+  const who = grant.name === null ? "No token is needed here" : `Token ${grant.name}`;
+  const rules = grant.rules.map(ruleText);
+  const admin = grant.admin && grant.name !== null ? ["admin"] : []; // open: no tokens to manage
+  const allowed = [...rules, ...admin].join("; ") || "nothing: it has no rules";
+  const rest = may("", "readwrite") ? "" : " Anything else is refused.";
+  return `${who}: ${allowed}.${rest}`;
+}
+
+async function whoAmI() {
+  const { data } = await api("GET", "/tokens/self");
+  grant = data;
+  $("access").textContent = accessText();
+}
+
+// Where the listing starts: the whole store when the token may read it, else its first rule's
+// prefix (a listing of all keys would be refused).
+function startingPrefix() {
+  const typed = $("prefix").value;
+  if (typed !== "" || may("", "read") || grant.rules.length === 0) return typed;
+  return grant.rules[0].prefix;
+}
 
 // --- browsing -------------------------------------------------------------------------------
 
@@ -186,6 +238,7 @@ async function list(fresh) {
   try {
     const { data, headers: answer } = await api("GET", `/keys?${query}`);
     if (listing !== state.listing) return; // the prefix changed meanwhile
+    clearError("list-error");
     const keys = $("keys");
     if (fresh) {
       keys.replaceChildren();
@@ -198,7 +251,14 @@ async function list(fresh) {
     $("empty").hidden = keys.children.length > 0;
     say(`${keys.children.length} key${keys.children.length === 1 ? "" : "s"} shown${data.cursor ? ", more to load" : ""}.`);
   } catch (error) {
-    fail(error);
+    if (listing !== state.listing) return;
+    if (fresh) {
+      // No keys of another prefix stay shown, and a refusal is not an empty list.
+      $("keys").replaceChildren();
+      $("more").hidden = true;
+      $("empty").hidden = true;
+    }
+    fail(error, "list-error");
   }
 }
 
@@ -252,6 +312,8 @@ async function openKey(key, message = null) {
     $("create").hidden = true;
     $("conflict").hidden = true;
     $("confirm-delete").hidden = true;
+    clearError("edit-error");
+    $("read-only").hidden = may(key, "readwrite");
     $("detail-key").textContent = key;
     const expires = answer.get("KV-Expires-At");
     $("detail-meta").textContent = `version ${state.version.replaceAll('"', "")} · ${expiryText(expires)}`;
@@ -327,7 +389,7 @@ async function save(condition) {
       await showConflict();
       return;
     }
-    fail(error);
+    fail(error, "edit-error");
   }
 }
 
@@ -372,7 +434,8 @@ $("confirm-yes").addEventListener("click", async () => {
       await showConflict();
       return;
     }
-    fail(error);
+    $("confirm-delete").hidden = true;
+    fail(error, "edit-error");
   }
 });
 
@@ -381,6 +444,7 @@ $("confirm-yes").addEventListener("click", async () => {
 $("new-key").addEventListener("click", () => {
   $("create").hidden = false;
   $("detail").hidden = true;
+  clearError("create-error");
   $("create-key").value = state.prefix;
   $("create-key").focus();
 });
@@ -404,7 +468,7 @@ $("create-form").addEventListener("submit", async (event) => {
       say(`${key} exists already: open it to change it.`, true);
       return;
     }
-    fail(error);
+    fail(error, "create-error");
   }
 });
 
@@ -531,14 +595,14 @@ $("live").addEventListener("change", () => {
 
 async function start() {
   try {
-    await api("GET", `/keys?limit=1`);
+    await whoAmI(); // a wrong token is refused here (401), and the dialog asks again
   } catch (error) {
     fail(error);
     return;
   }
   $("token-dialog").hidden = true;
   $("app").hidden = false;
-  setPrefix($("prefix").value);
+  setPrefix(startingPrefix());
 }
 
 start();

@@ -47,8 +47,9 @@ def set_from_another_client(server: Server, key: str, val: str, **headers: str) 
 
 
 # Chromium logs every non-2xx fetch as a console error; these are the API's answers that the
-# flows provoke on purpose and the page handles (a conflict, an expired key, a wrong token).
-EXPECTED_ANSWERS = re.compile(r"^Failed to load resource: .* status of (401|404|412) ")
+# flows provoke on purpose and the page handles (a conflict, an expired key, a wrong token, a
+# refusal of a scoped token).
+EXPECTED_ANSWERS = re.compile(r"^Failed to load resource: .* status of (401|403|404|412) ")
 
 
 def assert_clean(server: Server, traffic: Traffic) -> None:
@@ -228,6 +229,73 @@ def test_the_token_is_asked_for_once_and_a_wrong_one_is_said(tmp_path: Path) -> 
         # The wrong token's 401s are the expected answers, not page errors.
         traffic.console_errors = [error for error in traffic.console_errors if "401" not in error]
         assert_clean(locked, traffic)
+    finally:
+        pool.close()
+
+
+def test_a_read_only_token_browses_its_prefix_and_every_refusal_is_shown(tmp_path: Path) -> None:
+    """A token that may only read cfg/: the page says so, starts at cfg/, opens a key there;
+    a save, a delete and a create are refused and each refusal is shown where it was tried; a
+    listing outside cfg/ shows its refusal, not an empty list; and nothing changed."""
+    pool = ServerPool(tmp_path / "e2e")
+    try:
+        locked = pool.start(
+            input_db=write_input_db(
+                tmp_path / "input.db", [("cfg/a", "1"), ("cfg/b", "2"), ("other/x", "3")]
+            ),
+            env={"KV_AUTH_TOKEN": TOKEN},
+        )
+        admin = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        body = {"name": "reader", "rules": [{"prefix": "cfg/", "access": "read"}]}
+        created = locked.request("POST", "/tokens", json.dumps(body).encode(), admin)
+        assert created.status == 200, created.body
+        before = locked.request("GET", "/keys?prefix=cfg/", headers=admin).json()
+        assert [item["key"] for item in before["items"]] == ["cfg/a", "cfg/b"]
+
+        with browser_page() as (page, traffic):
+            page.goto(f"{origin(locked)}/ui/")
+            page.fill("#token-input", created.json()["secret"])
+            page.click("#token-form button")
+            expect(page.locator("#access")).to_have_text(
+                "Token reader: read-only under cfg/. Anything else is refused."
+            )
+            expect(page.locator("#prefix")).to_have_value("cfg/")
+            expect(page.locator("#keys li")).to_have_count(2)
+            assert page.locator("#list-error").is_hidden()
+
+            key_button(page, "cfg/a").click()
+            expect(page.locator("#detail-key")).to_have_text("cfg/a")
+            assert page.locator("#value").inner_text() == "1"
+            assert page.locator("#read-only").is_visible()
+
+            refused = 'This token may not write the key "cfg/a". Nothing was read or written.'
+            page.fill("#edit-value", "changed")
+            page.click("#save")
+            expect(page.locator("#edit-error")).to_have_text(refused)
+            expect(page.locator("#status")).to_have_text(refused)
+            page.click("#delete")
+            page.click("#confirm-yes")
+            expect(page.locator("#confirm-delete")).to_be_hidden()
+            expect(page.locator("#edit-error")).to_have_text(refused)
+
+            page.click("#new-key")
+            page.fill("#create-key", "cfg/new")
+            page.click("#create-form button[type=submit]")
+            expect(page.locator("#create-error")).to_have_text(
+                'This token may not write the key "cfg/new". Nothing was read or written.'
+            )
+
+            page.fill("#prefix", "other/")
+            expect(page.locator("#list-error")).to_have_text(
+                'This token may not read the keys under "other/". Nothing was read or written.'
+            )
+            expect(page.locator("#keys li")).to_have_count(0)
+            assert page.locator("#empty").is_hidden()  # not "No keys."
+        assert_clean(locked, traffic)
+        after = locked.request("GET", "/keys?prefix=cfg/", headers=admin).json()
+        assert after == before  # same keys, same versions
+        assert locked.request("GET", "/get/cfg%2Fa", headers=admin).json()["val"] == "1"
+        assert locked.request("GET", "/get/cfg%2Fnew", headers=admin).status == 404
     finally:
         pool.close()
 
