@@ -21,7 +21,7 @@ import hashlib
 import math
 import secrets
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 import orjson
@@ -65,12 +65,19 @@ class Grant:
     name: str
     rules: tuple[TokenRule, ...]
     admin: bool
+    # The prefixes each access covers, for str.startswith, which takes a tuple: one call in C
+    # on every request, rather than a loop over the rules.
+    _readable: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _writable: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        writable = tuple(rule.prefix for rule in self.rules if rule.access == "readwrite")
+        object.__setattr__(self, "_readable", tuple(rule.prefix for rule in self.rules))
+        object.__setattr__(self, "_writable", writable)
 
     def allows(self, key: str, access: TokenAccess) -> bool:
         """Whether a rule of ``access`` (read: either) covers ``key``."""
-        return any(
-            key.startswith(rule.prefix) and _enough(rule.access, access) for rule in self.rules
-        )
+        return key.startswith(self._writable if access == "readwrite" else self._readable)
 
     def allows_prefix(self, prefix: str, access: TokenAccess) -> bool:
         """Whether a rule of ``access`` covers every key under ``prefix``, even those that do
@@ -86,10 +93,6 @@ if TYPE_CHECKING or hasattr(web, "RequestKey"):
     GRANT_KEY = web.RequestKey("grant", Grant)
 else:  # aiohttp 3.13, the last for Python 3.9, has no RequestKey: a request's storage by str
     GRANT_KEY = "kv.grant"
-
-
-def _enough(granted: TokenAccess, needed: TokenAccess) -> bool:
-    return granted == "readwrite" or needed == "read"
 
 
 def _count_refusal(metrics: Optional[Metrics], reason: str) -> None:
