@@ -221,7 +221,10 @@ def test_without_the_setting_a_second_replica_fails_to_start_naming_it(
     30 s of retries a database that does not answer gets, saying which setting to set in its
     error output and its log."""
     bouncer = pgbouncers("transaction")
-    env = on_postgres(bouncer.url(postgres_cluster.create_database()))
+    # No upkeep pass each second: the first replica is then idle when the second starts, so
+    # that PgBouncer hands the second the server connection the first prepared on, rather
+    # than, on a busy machine, a new one while the first's is in a transaction.
+    env = on_postgres(bouncer.url(postgres_cluster.create_database()), KV_PURGE_INTERVAL="3600")
     first = servers.start(env=env)
     second = servers.spawn(port=free_port(), env=env)
     started = time.monotonic()
