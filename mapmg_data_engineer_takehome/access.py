@@ -131,19 +131,18 @@ def _refusal(
     read_prefixes: Iterable[str],
     write_prefixes: Iterable[str],
 ) -> Optional[str]:
-    """Why ``grant`` does not cover every key and prefix, or None when it does."""
-    for key in read:
-        if not grant.allows(key, "read"):
-            return f"This token may not read the key {_shown(key)}."
-    for key in write:
-        if not grant.allows(key, "readwrite"):
-            return f"This token may not write the key {_shown(key)}."
-    for prefix in read_prefixes:
-        if not grant.allows_prefix(prefix, "read"):
-            return f"This token may not read the keys under {_shown(prefix)}."
-    for prefix in write_prefixes:
-        if not grant.allows_prefix(prefix, "readwrite"):
-            return f"This token may not write the keys under {_shown(prefix)}."
+    """Why ``grant`` does not cover every key and prefix, or None when it does. A prefix is
+    covered as a key is (Grant.allows_prefix), so the four differ only in their message."""
+    asked: tuple[tuple[Iterable[str], TokenAccess, str], ...] = (
+        (read, "read", "read the key"),
+        (write, "readwrite", "write the key"),
+        (read_prefixes, "read", "read the keys under"),
+        (write_prefixes, "readwrite", "write the keys under"),
+    )
+    for names, access, what in asked:
+        for name in names:
+            if not grant.allows(name, access):
+                return f"This token may not {what} {_shown(name)}."
     return None
 
 
