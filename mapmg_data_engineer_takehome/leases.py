@@ -7,8 +7,7 @@ expired is 404 lease_not_found (store.base.LeaseNotFound, which errors.py render
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+from typing import Any, NoReturn, Optional
 
 import orjson
 from aiohttp import web
@@ -18,7 +17,7 @@ from .errors import JSON_HEADERS
 from .models import KeepaliveRequest, LeaseRequest
 from .rules import names_no_lease, rfc3339
 from .state import METRICS_KEY, STORE_KEY
-from .store.base import Lease, LeaseNotFound
+from .store.base import KeysRefused, Lease, LeaseNotFound, MayWrite
 from .validation import parse_body
 
 
@@ -51,18 +50,33 @@ async def grant(request: web.Request) -> web.Response:
     return _json(_shown(lease))
 
 
-async def _require_keys(request: web.Request, lease: str) -> None:
+def _may_write(request: web.Request) -> Optional[MayWrite]:
     """Keeping a lease alive or revoking it writes its keys (their expiry, or their end): the
-    token must be able to write every one. Granting one needs no more than a valid token."""
-    found = await request.app[STORE_KEY].lease_keys(lease)
-    require(request, write=found.keys)
+    token must be able to write every one. The store asks this inside the write's
+    transaction, of the keys the lease has then, so that a key attached to the lease by
+    another token a moment before is judged too. None when there is nothing to judge: an
+    open server, or a token that may write every key. Granting a lease needs no more than a
+    valid token."""
+    grant = grant_of(request)
+    if grant is None or grant.allows_prefix("", "readwrite"):
+        return None
+    return lambda keys: all(grant.allows(key, "readwrite") for key in keys)
+
+
+def _refused(request: web.Request, refused: KeysRefused) -> NoReturn:
+    """The 403 that ``require`` words for the lease's keys the store found refused."""
+    require(request, write=refused.keys)
+    raise AssertionError("the grant refused these keys in the store, and allows them here")
 
 
 async def keepalive(request: web.Request) -> web.Response:
     """POST /leases/{id}/keepalive: renew the lease and its keys to ttl seconds from now."""
     lease = _lease_id(request)
-    await _require_keys(request, lease)
-    return _json(_shown(await request.app[STORE_KEY].keepalive_lease(lease)))
+    try:
+        renewed = await request.app[STORE_KEY].keepalive_lease(lease, _may_write(request))
+    except KeysRefused as refused:
+        _refused(request, refused)
+    return _json(_shown(renewed))
 
 
 async def keepalive_many(request: web.Request) -> web.Response:
@@ -72,14 +86,12 @@ async def keepalive_many(request: web.Request) -> web.Response:
     asked = list(dict.fromkeys(body.ids))
     # An id no store could have made names no lease: the store is not asked about it.
     leases = [lease for lease in asked if not names_no_lease(lease)]
-    grant = grant_of(request)
-    if grant is not None and not grant.allows_prefix("", "readwrite"):
-        # As each lease's own keepalive would be judged (a token that may write every key
-        # has nothing to be checked).
-        for lease in leases:
-            with contextlib.suppress(LeaseNotFound):  # not live: named in not_found
-                await _require_keys(request, lease)
-    renewed = await request.app[STORE_KEY].keepalive_leases(leases)
+    try:
+        # Judged as each lease's own keepalive would be: one lease the token may not renew
+        # refuses the request, and nothing is renewed.
+        renewed = await request.app[STORE_KEY].keepalive_leases(leases, _may_write(request))
+    except KeysRefused as refused:
+        _refused(request, refused)
     kept = {lease.id for lease in renewed}
     return _json(
         {
@@ -99,8 +111,10 @@ async def read(request: web.Request) -> web.Response:
 async def revoke(request: web.Request) -> web.Response:
     """DELETE /leases/{id}: the lease and its keys go, in one revision."""
     lease = _lease_id(request)
-    await _require_keys(request, lease)
-    deleted = await request.app[STORE_KEY].revoke_lease(lease)
+    try:
+        deleted = await request.app[STORE_KEY].revoke_lease(lease, _may_write(request))
+    except KeysRefused as refused:
+        _refused(request, refused)
     metrics = request.app[METRICS_KEY]
     if metrics is not None:
         metrics.observe_lease("revoked")

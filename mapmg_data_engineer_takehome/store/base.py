@@ -271,6 +271,21 @@ def lease_expiry(ttl: float, now: float) -> int:
     return round((now + ttl) * 1000)
 
 
+# Whether the caller may write every one of a lease's keys (access.py's grant judges): asked
+# by a keepalive or a revoke inside its transaction, with the keys the lease has at that
+# moment, so that no key attached between a check and the write escapes the check.
+MayWrite = Callable[[Sequence[str]], bool]
+
+
+class KeysRefused(Exception):
+    """A keepalive or revoke was declined: ``may_write`` refused the lease's keys, ``keys``
+    (all of them, in order). Nothing was written. An answer, not a failure of the store."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        super().__init__("the caller may not write every key of the lease")
+        self.keys = keys
+
+
 def the_one_renewed(lease: str, renewed: Sequence[Lease]) -> Lease:
     """keepalive_lease's answer from keepalive_leases': the lease, or LeaseNotFound."""
     if not renewed:
@@ -700,20 +715,25 @@ class Store(Protocol):
     async def grant_lease(self, ttl: float) -> Lease:
         """A new lease that expires ``ttl`` seconds from now; takes no revision."""
 
-    async def keepalive_lease(self, lease: str) -> Lease:
+    async def keepalive_lease(self, lease: str, may_write: Optional[MayWrite] = None) -> Lease:
         """Renew the lease, and its keys' expiry, to ``ttl`` seconds from now: no revision,
-        no change. LeaseNotFound when it is not live."""
+        no change. LeaseNotFound when it is not live; KeysRefused, with nothing written,
+        when ``may_write`` refuses its keys."""
 
-    async def keepalive_leases(self, leases: Sequence[str]) -> list[Lease]:
+    async def keepalive_leases(
+        self, leases: Sequence[str], may_write: Optional[MayWrite] = None
+    ) -> list[Lease]:
         """Renew each live lease of ``leases`` (distinct ids) as keepalive_lease does, all in
-        one transaction; the renewed ones, in the order asked. Those not live are left out."""
+        one transaction; the renewed ones, in the order asked. Those not live are left out.
+        KeysRefused, with nothing written, when ``may_write`` refuses the keys of any."""
 
     async def lease_keys(self, lease: str) -> LeaseKeys:
         """The live lease and its keys; LeaseNotFound when it is not live."""
 
-    async def revoke_lease(self, lease: str) -> int:
+    async def revoke_lease(self, lease: str, may_write: Optional[MayWrite] = None) -> int:
         """Remove the live lease and its keys, in one revision of ``delete`` changes (none
-        when it had no keys); how many keys. LeaseNotFound when it is not live."""
+        when it had no keys); how many keys. LeaseNotFound when it is not live; KeysRefused,
+        with nothing written, when ``may_write`` refuses its keys."""
 
     async def expire_leases(self, limit: int) -> int:
         """Remove up to ``limit`` expired leases, in order of expiry then id, each with its

@@ -11,7 +11,7 @@ import bisect
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Callable, Optional
 
 from .base import (
@@ -30,11 +30,13 @@ from .base import (
     Gap,
     GotKey,
     HistoryStats,
+    KeysRefused,
     Lease,
     LeaseKeys,
     LeaseNotFound,
     ListedKey,
     Loaded,
+    MayWrite,
     Page,
     PreconditionFailed,
     SetItem,
@@ -325,17 +327,24 @@ class MemoryStore:
         self._lease_keys[lease.id] = set()
         return lease
 
-    async def keepalive_lease(self, lease: str) -> Lease:
-        return the_one_renewed(lease, await self.keepalive_leases([lease]))
+    async def keepalive_lease(self, lease: str, may_write: Optional[MayWrite] = None) -> Lease:
+        return the_one_renewed(lease, await self.keepalive_leases([lease], may_write))
 
-    async def keepalive_leases(self, leases: Sequence[str]) -> list[Lease]:
+    async def keepalive_leases(
+        self, leases: Sequence[str], may_write: Optional[MayWrite] = None
+    ) -> list[Lease]:
         now = self._clock()
-        renewed = []
+        live = []
         for lease in leases:
             try:
-                found = self._live_lease(lease)
+                live.append(self._live_lease(lease))
             except LeaseNotFound:
                 continue
+        if may_write is not None:
+            self._judge([key for found in live for key in self._lease_keys[found.id]], may_write)
+        renewed = []
+        for found in live:
+            lease = found.id
             kept = Lease(found.id, found.ttl, lease_expiry(found.ttl, now))
             self._leases[lease] = kept
             for key in self._lease_keys[lease]:
@@ -346,9 +355,17 @@ class MemoryStore:
     async def lease_keys(self, lease: str) -> LeaseKeys:
         return LeaseKeys(self._live_lease(lease), sorted(self._lease_keys[lease]))
 
-    async def revoke_lease(self, lease: str) -> int:
+    async def revoke_lease(self, lease: str, may_write: Optional[MayWrite] = None) -> int:
         self._live_lease(lease)
+        if may_write is not None:
+            self._judge(self._lease_keys[lease], may_write)
         return self._end_lease(lease, "delete")
+
+    @staticmethod
+    def _judge(keys: Iterable[str], may_write: MayWrite) -> None:
+        ordered = sorted(keys)
+        if not may_write(ordered):
+            raise KeysRefused(ordered)
 
     def _end_lease(self, lease: str, kind: ChangeType) -> int:
         """Drop the lease and its keys, in one revision of ``kind`` changes if it had any."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +32,7 @@ from mapmg_data_engineer_takehome.store.base import (
     IfAbsent,
     IfExists,
     IfVersion,
+    KeysRefused,
     Lease,
     LeaseNotFound,
     Loaded,
@@ -1072,6 +1073,51 @@ async def test_a_revoked_lease_deletes_its_keys_in_one_revision(
             await store.keepalive_lease(gone)
         with pytest.raises(LeaseNotFound):
             await store.lease_keys(gone)
+
+
+async def test_a_keepalive_or_revoke_judges_the_keys_its_lease_has_when_it_writes(
+    store: Store, clock: FakeClock
+) -> None:
+    """What access control rests on (leases.py): a token that may write ``a/`` checked the
+    lease when it had only ``a/1``; then ``b/1`` was set under it. The write itself must judge
+    ``b/1`` too, and write nothing when refused."""
+    judged: list[list[str]] = []
+
+    def may_write_a(keys: Sequence[str]) -> bool:
+        judged.append(list(keys))
+        return all(key.startswith("a/") for key in keys)
+
+    lease = await store.grant_lease(10)
+    other = await store.grant_lease(10)
+    await store.set("a/1", "v", lease=lease.id)
+    await store.set("a/2", "v", lease=other.id)
+    renewed = await store.keepalive_lease(lease.id, may_write_a)
+    assert judged == [["a/1"]]
+    await store.set("b/1", "v", lease=lease.id)
+    revision = await store.revision()
+    clock.advance(2)
+
+    with pytest.raises(KeysRefused) as refused:
+        await store.keepalive_lease(lease.id, may_write_a)
+    assert list(refused.value.keys) == ["a/1", "b/1"]
+    with pytest.raises(KeysRefused):  # one refused lease refuses the batch
+        await store.keepalive_leases([other.id, lease.id], may_write_a)
+    with pytest.raises(KeysRefused):
+        await store.revoke_lease(lease.id, may_write_a)
+    assert judged[1:] == [["a/1", "b/1"], ["a/1", "a/2", "b/1"], ["a/1", "b/1"]]
+    # Nothing was renewed or removed.
+    assert (await store.lease_keys(lease.id)).lease == renewed
+    assert (await store.lease_keys(other.id)).lease == other
+    assert (await store.get("b/1")) == Entry("v", revision, renewed.expires_at)
+    assert await store.revision() == revision
+
+    assert [found.id for found in await store.keepalive_leases([other.id], may_write_a)] == [
+        other.id
+    ]
+    assert await store.revoke_lease(lease.id, lambda keys: True) == 2
+    with pytest.raises(LeaseNotFound):  # a lease that is not live is not judged
+        await store.revoke_lease(lease.id, may_write_a)
+    assert judged[4:] == [["a/2"]]
 
 
 async def test_an_expired_lease_takes_its_keys_in_one_revision_of_expiries(

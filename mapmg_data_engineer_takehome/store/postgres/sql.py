@@ -335,6 +335,7 @@ LEASE_KEYS = f"""
 SELECT l.ttl, l.expires_at, ARRAY(SELECT k.key FROM kv k WHERE k.lease = l.id ORDER BY k.key)
   FROM kv_leases l WHERE l.id = $1 AND l.expires_at > {NOW.format("$2")}
 """
+KEYS_OF_LEASES = 'SELECT key FROM kv WHERE lease = ANY($1::text[]) ORDER BY key COLLATE "C"'
 # A revoke takes the lease only while it is live; an expiry only once it has expired (and
 # skips one that another server is expiring).
 REVOKE_LEASE = (

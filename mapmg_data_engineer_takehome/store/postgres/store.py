@@ -32,12 +32,14 @@ from ..base import (
     IfAbsent,
     IfExists,
     IfVersion,
+    KeysRefused,
     Lease,
     LeaseKeys,
     LeaseNotFound,
     ListedKey,
     Loaded,
     LoadRow,
+    MayWrite,
     Page,
     PreconditionFailed,
     SetItem,
@@ -105,6 +107,7 @@ from .sql import (
     EXPORT_VALUE,
     GET_MANY,
     GRANT_LEASE,
+    KEYS_OF_LEASES,
     LEASE_KEYS,
     LIVE,
     LIVE_LEASES,
@@ -730,12 +733,18 @@ class PostgresStore:
         rows = await self._fetch(GRANT_LEASE, lease, ttl, self._now())
         return Lease(lease, ttl, int(rows[0][0]))
 
-    async def keepalive_lease(self, lease: str) -> Lease:
-        return the_one_renewed(lease, await self.keepalive_leases([lease]))
+    async def keepalive_lease(self, lease: str, may_write: Optional[MayWrite] = None) -> Lease:
+        return the_one_renewed(lease, await self.keepalive_leases([lease], may_write))
 
-    async def keepalive_leases(self, leases: Sequence[str]) -> list[Lease]:
+    async def keepalive_leases(
+        self, leases: Sequence[str], may_write: Optional[MayWrite] = None
+    ) -> list[Lease]:
         async def renew(conn: Any) -> list[Lease]:
+            # The update holds the leases' rows, which a set under a lease reads FOR SHARE:
+            # their keys cannot change before the commit, nor before the judgement.
             rows = await conn.fetch(RENEW_LEASES, list(leases), self._now())
+            if rows and may_write is not None:
+                await _judge(conn, [row[0] for row in rows], may_write)  # raising: rolled back
             if rows:
                 ids, expiries = zip(*((row[0], row[2]) for row in rows))
                 await conn.execute(RENEW_LEASES_KEYS, list(ids), list(expiries))
@@ -751,14 +760,17 @@ class PostgresStore:
         ttl, expires_at, keys = rows[0]
         return LeaseKeys(Lease(lease, float(ttl), int(expires_at)), list(keys))
 
-    async def revoke_lease(self, lease: str) -> int:
+    async def revoke_lease(self, lease: str, may_write: Optional[MayWrite] = None) -> int:
         revision = 0
 
         async def revoke(conn: Any) -> int:
             nonlocal revision
             revision = int(await conn.fetchval(LOCK_REVISION)) + 1
+            # The delete holds the lease's row, as a keepalive's update does.
             if await conn.fetchval(REVOKE_LEASE, lease, self._now()) is None:
                 raise LeaseNotFound(lease)
+            if may_write is not None:
+                await _judge(conn, [lease], may_write)  # raising: rolled back
             return await _remove_lease(conn, lease, revision, "delete")
 
         removed = await self._in_transaction(revoke)
@@ -1186,6 +1198,13 @@ async def _live_lease(conn: Any, lease: str, now_ms: int) -> int:
     if expires_at is None:
         raise LeaseNotFound(lease)
     return int(expires_at)
+
+
+async def _judge(conn: Any, leases: list[str], may_write: MayWrite) -> None:
+    """KeysRefused unless ``may_write`` allows every key of ``leases``, as they are now."""
+    keys = [row[0] for row in await conn.fetch(KEYS_OF_LEASES, leases)]
+    if not may_write(keys):
+        raise KeysRefused(keys)
 
 
 async def _remove_lease(conn: Any, lease: str, revision: int, kind: str) -> int:

@@ -21,8 +21,10 @@ from ..base import (
     DeletedPrefix,
     Entry,
     GotKey,
+    KeysRefused,
     Lease,
     LeaseNotFound,
+    MayWrite,
     PreconditionFailed,
     SetKey,
     Token,
@@ -318,18 +320,23 @@ class KeepaliveLeases:
     """Renew each live lease of ``leases`` and its keys' expiry: updates of expires_at alone,
     which the triggers do not record, and no revision. Leases not live are skipped."""
 
-    __slots__ = ("leases",)
+    __slots__ = ("leases", "may_write")
 
-    def __init__(self, leases: Sequence[str]) -> None:
+    def __init__(self, leases: Sequence[str], may_write: Optional[MayWrite]) -> None:
         self.leases = leases
+        self.may_write = may_write
 
     def apply(self, tx: _Transaction) -> list[Lease]:
-        renewed = []
+        live = []
         for lease in self.leases:
             row = tx.conn.execute(_LIVE_LEASE, (lease, tx.now_ms)).fetchone()
-            if row is None:
-                continue
-            kept = Lease(lease, row[0], lease_expiry(row[0], tx.now_ms / 1000))
+            if row is not None:
+                live.append((lease, row[0]))
+        if self.may_write is not None:  # before the first write: a refusal writes nothing
+            _judge(tx, [lease for lease, _ in live], self.may_write)
+        renewed = []
+        for lease, ttl in live:
+            kept = Lease(lease, ttl, lease_expiry(ttl, tx.now_ms / 1000))
             renewal = (kept.expires_at, lease)
             tx.conn.execute("UPDATE leases SET expires_at = ? WHERE id = ?", renewal)
             tx.conn.execute("UPDATE kv SET expires_at = ? WHERE lease = ?", renewal)
@@ -344,14 +351,24 @@ def _end_lease(tx: _Transaction, lease: str, kind: ChangeType) -> int:
     return _remove(tx, keys, kind)
 
 
-class RevokeLease:
-    __slots__ = ("lease",)
+def _judge(tx: _Transaction, leases: Sequence[str], may_write: MayWrite) -> None:
+    """KeysRefused unless ``may_write`` allows every key of ``leases``, as they are now."""
+    keys = sorted(key for lease in leases for (key,) in tx.conn.execute(_LEASE_KEYS, (lease,)))
+    if not may_write(keys):
+        raise KeysRefused(keys)
 
-    def __init__(self, lease: str) -> None:
+
+class RevokeLease:
+    __slots__ = ("lease", "may_write")
+
+    def __init__(self, lease: str, may_write: Optional[MayWrite]) -> None:
         self.lease = lease
+        self.may_write = may_write
 
     def apply(self, tx: _Transaction) -> int:
         tx.live_lease(self.lease)
+        if self.may_write is not None:
+            _judge(tx, [self.lease], self.may_write)
         return _end_lease(tx, self.lease, "delete")
 
 
@@ -502,7 +519,7 @@ _UNMARK = "DELETE FROM history_marks WHERE at < (SELECT max(at) FROM history_mar
 _UPKEEP = (Purge, TrimHistory, ExpireLeases, TouchTokens)
 # What an operation raises to decline, writing nothing: its future gets it, and the others of
 # its group commit.
-_DECLINED = (PreconditionFailed, LeaseNotFound, TokenExists, TokenNotFound)
+_DECLINED = (PreconditionFailed, LeaseNotFound, KeysRefused, TokenExists, TokenNotFound)
 Result = TypeVar("Result", covariant=True)
 
 

@@ -280,11 +280,15 @@ class SqliteStore:
     async def grant_lease(self, ttl: float) -> base.Lease:
         return await self._committer.submit(GrantLease(ttl))
 
-    async def keepalive_lease(self, lease: str) -> base.Lease:
-        return base.the_one_renewed(lease, await self.keepalive_leases([lease]))
+    async def keepalive_lease(
+        self, lease: str, may_write: Optional[base.MayWrite] = None
+    ) -> base.Lease:
+        return base.the_one_renewed(lease, await self.keepalive_leases([lease], may_write))
 
-    async def keepalive_leases(self, leases: Sequence[str]) -> list[base.Lease]:
-        return await self._committer.submit(KeepaliveLeases(leases))
+    async def keepalive_leases(
+        self, leases: Sequence[str], may_write: Optional[base.MayWrite] = None
+    ) -> list[base.Lease]:
+        return await self._committer.submit(KeepaliveLeases(leases, may_write))
 
     async def lease_keys(self, lease: str) -> base.LeaseKeys:
         now_ms = self._clock() * 1000
@@ -296,8 +300,8 @@ class SqliteStore:
         keys = self._read("SELECT key FROM kv WHERE lease = ? ORDER BY key", (lease,))
         return base.LeaseKeys(base.Lease(lease, *found[0]), [key for (key,) in keys])
 
-    async def revoke_lease(self, lease: str) -> int:
-        return await self._committer.submit(RevokeLease(lease))
+    async def revoke_lease(self, lease: str, may_write: Optional[base.MayWrite] = None) -> int:
+        return await self._committer.submit(RevokeLease(lease, may_write))
 
     async def expire_leases(self, limit: int) -> int:
         return await self._committer.submit(ExpireLeases(limit))
