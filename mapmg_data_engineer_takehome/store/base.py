@@ -765,7 +765,8 @@ class Store(Protocol):
 
     async def touch_tokens(self, used: Mapping[str, int]) -> None:
         """Record when each named token was last used (a batch, now and then: not a write
-        per request). Names no longer there are skipped. Does not bump the generation."""
+        per request), unless a later use is recorded already (another worker's or replica's
+        batch). Names no longer there are skipped. Does not bump the generation."""
 
     async def tokens_generation(self) -> int:
         """A number that every create, rotation and delete of a token changes, so that a

@@ -440,7 +440,7 @@ class MemoryStore:
     async def touch_tokens(self, used: Mapping[str, int]) -> None:
         for name, used_at in used.items():
             token = self._tokens.get(name)
-            if token is not None:
+            if token is not None and (token.last_used_at or 0) < used_at:
                 self._tokens[name] = dataclasses.replace(token, last_used_at=used_at)
 
     async def tokens_generation(self) -> int:

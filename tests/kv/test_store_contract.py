@@ -1324,7 +1324,7 @@ async def test_a_deleted_token_takes_both_its_secrets_and_frees_its_name(store: 
     assert (await store.token_by_hash(hashed("three"))) == a_token("svc", "three")
 
 
-async def test_a_touch_records_the_last_use_and_skips_names_no_longer_there(
+async def test_a_touch_records_the_last_use_never_backwards_and_skips_names_no_longer_there(
     store: Store,
 ) -> None:
     await store.create_token(a_token("a"))
@@ -1343,6 +1343,13 @@ async def test_a_touch_records_the_last_use_and_skips_names_no_longer_there(
     assert (await store.token_by_hash(hashed("b"))) == dataclasses.replace(
         a_token("b"), last_used_at=CREATED + 8
     )
+    # Workers and replicas touch on their own schedules: one whose batch is older than what
+    # another wrote does not move the last use back.
+    await store.touch_tokens({"a": CREATED + 6, "b": CREATED + 9})
+    assert [(t.name, t.last_used_at) for t in await store.tokens()] == [
+        ("a", CREATED + 7),
+        ("b", CREATED + 9),
+    ]
 
 
 async def test_the_generation_moves_on_every_create_rotation_and_delete_only(

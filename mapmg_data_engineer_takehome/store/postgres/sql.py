@@ -376,9 +376,9 @@ UPDATE kv_tokens SET previous_hash = CASE WHEN $3::bigint IS NULL THEN NULL ELSE
  WHERE name = $1 RETURNING {TOKEN_COLUMNS}
 """
 DELETE_TOKEN = "DELETE FROM kv_tokens WHERE name = $1 RETURNING name"
-# Names no longer there match no row.
+# Names no longer there match no row. GREATEST skips a NULL: a first use is recorded.
 TOUCH_TOKENS = """
-UPDATE kv_tokens t SET last_used_at = used.at
+UPDATE kv_tokens t SET last_used_at = GREATEST(t.last_used_at, used.at)
   FROM unnest($1::text[], $2::bigint[]) AS used(name, at) WHERE t.name = used.name
 """
 NEXT_TOKENS_GENERATION = (

@@ -457,7 +457,7 @@ class TouchTokens:
 
     def apply(self, tx: _Transaction) -> None:
         tx.conn.executemany(
-            "UPDATE tokens SET last_used_at = ? WHERE name = ?",
+            "UPDATE tokens SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE name = ?",
             ((used_at, name) for name, used_at in self.used.items()),
         )
 
