@@ -46,6 +46,7 @@ def _release_claims() -> None:
         claim.close()
     _claimed.clear()
 
+
 SHARES = Path(tempfile.gettempdir()) / "kv-tests-machine.lock"
 TURNSTILE = Path(tempfile.gettempdir()) / "kv-tests-machine.turnstile"
 
