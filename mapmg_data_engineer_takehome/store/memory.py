@@ -344,10 +344,9 @@ class MemoryStore:
             self._judge([key for found in live for key in self._lease_keys[found.id]], may_write)
         renewed = []
         for found in live:
-            lease = found.id
             kept = Lease(found.id, found.ttl, lease_expiry(found.ttl, now))
-            self._leases[lease] = kept
-            for key in self._lease_keys[lease]:
+            self._leases[found.id] = kept
+            for key in self._lease_keys[found.id]:
                 self._data[key] = self._data[key]._replace(expires_at=kept.expires_at)
             renewed.append(kept)
         return renewed
