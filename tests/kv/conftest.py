@@ -234,6 +234,13 @@ def write_input_db(path: Path, rows: Iterable[Sequence[Any]], wal: bool = False)
     return path
 
 
+# KV_POSTGRES_TIMEOUT for the tests of a server in this process, which expect answers, not
+# the 503 of a slow database: a CI run with a Docker build beside them once kept PostgreSQL
+# from answering a model test within the default 2 s. The timeout itself is tested in
+# test_postgres_faults.py, with processes of their own.
+TEST_POSTGRES_TIMEOUT = 30.0
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> MakeSettings:
     """Settings with the data file in this test's directory; keyword arguments override.
@@ -245,8 +252,10 @@ def make_settings(tmp_path: Path, request: pytest.FixtureRequest) -> MakeSetting
             "log_format": "json",
         }
         values.update(overrides)
-        if values.get("store") == "postgres" and "postgres_url" not in values:
-            values["postgres_url"] = request.getfixturevalue("postgres_url")
+        if values.get("store") == "postgres":
+            values.setdefault("postgres_timeout", TEST_POSTGRES_TIMEOUT)
+            if "postgres_url" not in values:
+                values["postgres_url"] = request.getfixturevalue("postgres_url")
         return Settings(**values)
 
     return make

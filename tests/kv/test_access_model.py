@@ -35,7 +35,7 @@ from mapmg_data_engineer_takehome.settings import Settings, StoreKind
 from mapmg_data_engineer_takehome.state import STORE_KEY
 from mapmg_data_engineer_takehome.store.base import Token, TokenRule
 
-from .conftest import STORE_KINDS, FakeClock, fresh_postgres_urls
+from .conftest import STORE_KINDS, TEST_POSTGRES_TIMEOUT, FakeClock, fresh_postgres_urls
 
 BOOTSTRAP = "b00tstrap-t0ken"
 # Keys and prefixes from one small alphabet, so that rules, keys and prefixes overlap.
@@ -115,6 +115,7 @@ class AccessMachine(RuleBasedStateMachine):
         self.settings = Settings(
             store=store,
             postgres_url=None if url is None else SecretStr(url),
+            postgres_timeout=TEST_POSTGRES_TIMEOUT,
             data_path=Path(self.directory.name) / "kv.sqlite3",
             input_db=None,
             log_level="warning",

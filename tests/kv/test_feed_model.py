@@ -36,7 +36,7 @@ from mapmg_data_engineer_takehome.rules import rfc3339
 from mapmg_data_engineer_takehome.settings import Settings, StoreKind
 from mapmg_data_engineer_takehome.state import FEED_KEY, STORE_KEY
 
-from .conftest import STORE_KINDS, FakeClock, fresh_postgres_urls
+from .conftest import STORE_KINDS, TEST_POSTGRES_TIMEOUT, FakeClock, fresh_postgres_urls
 from .test_feed import caught_up
 
 KEYS = st.sampled_from(["a", "a/1", "a/2", "b", "b/1"])
@@ -130,6 +130,7 @@ class FeedMachine(RuleBasedStateMachine):
         return Settings(
             store=self.kind,
             postgres_url=None if url is None else SecretStr(url),
+            postgres_timeout=TEST_POSTGRES_TIMEOUT,
             data_path=self.directory / f"store-{self.stores}" / "kv.sqlite3",
             input_db=None,
             log_level="warning",

@@ -43,7 +43,7 @@ from mapmg_data_engineer_takehome.rules import rfc3339
 from mapmg_data_engineer_takehome.settings import Settings, StoreKind
 from mapmg_data_engineer_takehome.state import STORE_KEY
 
-from .conftest import STORE_KINDS, FakeClock, fresh_postgres_urls
+from .conftest import STORE_KINDS, TEST_POSTGRES_TIMEOUT, FakeClock, fresh_postgres_urls
 
 # A small key space, so that rules collide on keys; dots and slashes test the path handling.
 KEYS = st.sampled_from(["a", "b", "a/b", "ab", "..", "ключ", "with space", "%41", "\n"])
@@ -117,6 +117,7 @@ class KeyValueMachine(RuleBasedStateMachine):
         self.settings = Settings(
             store=store,
             postgres_url=None if url is None else SecretStr(url),
+            postgres_timeout=TEST_POSTGRES_TIMEOUT,
             data_path=Path(self.directory.name) / "kv.sqlite3",
             input_db=None,
             log_level="warning",
