@@ -54,7 +54,9 @@ def test_stalled_clients_delay_nobody_and_are_closed(servers: ServerPool) -> Non
         answer = server.request("POST", "/set", b'{"key": "k", "val": "v"}')
         assert answer.status == 200
         assert server.request("GET", "/get/k").json() == {"key": "k", "val": "v"}
-        assert time.monotonic() - started < 1.0
+        # Milliseconds here; the bound leaves a loaded machine room, and is half the
+        # deadline the stallers would hold a request up to if they could.
+        assert time.monotonic() - started < CLIENT_TIMEOUT / 2
         assert not any(closed_by_server(connection) for connection in stallers[-20:])
 
         time.sleep(CLIENT_TIMEOUT * 1.25 + 0.5)  # the deadline, the sweep interval, slack

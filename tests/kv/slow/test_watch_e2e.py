@@ -302,7 +302,7 @@ def watchers_connected(server: Server) -> dict[str, float]:
     return {transport: float(value) for transport, value in found}
 
 
-def test_a_shutdown_with_streams_and_polls_open_takes_well_under_a_second(
+def test_a_shutdown_with_streams_and_polls_open_takes_well_under_its_timeout(
     servers: ServerPool,
 ) -> None:
     server = servers.start()  # the default heartbeat (15 s) and shutdown timeout (5 s)
@@ -322,7 +322,9 @@ def test_a_shutdown_with_streams_and_polls_open_takes_well_under_a_second(
         time.sleep(0.05)
     began = time.monotonic()
     assert server.stop() == 0
-    assert time.monotonic() - began < 1.0
+    # Under a second here; the bound leaves a loaded machine room, and is half of what the
+    # streams would take if they held the shutdown up to its timeout.
+    assert time.monotonic() - began < 2.5
     for thread in polls:
         thread.join(5)
     assert answers == [200] * 10  # each long-poll answered, without events
