@@ -26,6 +26,7 @@ REPLACEMENTS = {
     "AsyncClient": "Client",
     "AsyncLock": "Lock",
     "AsyncKeeper": "Keeper",
+    "AsyncOwner": "Owner",
     "aconnect_sse": "connect_sse",
     "aiter_sse": "iter_sse",
     "aiter_raw": "iter_raw",

@@ -9,6 +9,7 @@ httpcore does.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import IO, Any, Callable, Optional
@@ -18,9 +19,9 @@ from httpx_sse import aconnect_sse
 
 from ._core import (
     DEFAULT_URL,
-    KEEPALIVES_PER_TTL,
     RECONNECT_FOR,
     AsyncKeeper,
+    AsyncOwner,
     Call,
     Entry,
     Event,
@@ -32,6 +33,7 @@ from ._core import (
     LeaseNotFound,
     LockLost,
     PreconditionFailed,
+    Renewals,
     Resume,
     Token,
     TxnResult,
@@ -97,6 +99,11 @@ class AsyncClient:
         self.timeout = timeout
         self.retries = retries
         self._http = httpx.AsyncClient(**http_options(url, token, timeout))
+        # The leases of this client's locks, and the loop that keeps them alive, started with
+        # the first lock (under the guard: a blocking client's locks come from many threads).
+        self._renewals = Renewals()
+        self._keeper: Optional[AsyncKeeper] = None
+        self._keeper_guard = threading.Lock()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -105,7 +112,11 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._http.aclose()
+        try:
+            if self._keeper is not None:
+                await self._keeper.stop()
+        finally:
+            await self._http.aclose()
 
     async def _send(self, call: Call) -> httpx.Response:
         """Send ``call``, again after a retryable failure if it may be; raise the typed
@@ -241,6 +252,44 @@ class AsyncClient:
     async def revoke_lease(self, lease: str) -> int:
         """End the lease now: its keys are deleted, in one revision. Returns how many."""
         return int((await self._send(revoke_lease_call(lease))).json()["deleted"])
+
+    def _keep_alive(self, lease: str, ttl: float, sent: float, lose: Callable[[], None]) -> None:
+        """Keep a lock's lease alive, with every other this client holds, until ``_let_go``;
+        ``lose`` is called if it is lost. ``sent`` is when its grant was sent."""
+        self._renewals.add(lease, ttl, sent, lose)
+        with self._keeper_guard:
+            if self._keeper is not None and self._keeper.running:
+                self._keeper.wake()  # it may be waiting for no lease at all
+                return
+            keeper = self._keeper = AsyncKeeper()
+            keeper.start(lambda: self._renew_leases(keeper))
+
+    def _let_go(self, lease: str) -> None:
+        self._renewals.discard(lease)
+
+    async def _renew_leases(self, keeper: AsyncKeeper) -> None:
+        """The loop that keeps the leases of this client's locks alive (Renewals says when),
+        until the client closes: one request for every lease due."""
+        renewals = self._renewals
+        while await keeper.pause(renewals.wait):
+            for lose in renewals.expired():
+                lose()
+            leases, timeout = renewals.due()
+            if not leases:
+                continue
+            sent = time.monotonic()
+            try:
+                answer = await self._send_once(keepalive_many_call(leases), timeout=timeout)
+                kept = kept_alive(answer, leases)
+            except Exception:
+                # Not renewed, whatever the reason: the server unreachable or refusing, an
+                # answer that is none, httpx's RuntimeError for a client closed under a held
+                # lock. Tried again soon; once the leases may have run out, their locks are
+                # lost. The loop goes on: it is every lock's.
+                renewals.failed(leases)
+                continue
+            for lose in renewals.renewed(kept, sent):
+                lose()
 
     def lock(
         self,
@@ -435,10 +484,11 @@ class AsyncLock:
     that must not happen once the lock is lost compares it in a transaction:
     ``kv.txn(compare=[lock.fence], success=[...])`` does nothing once the lease has run out.
 
-    The keeper renews the lease every ``ttl``/3 s. Once a renewal fails past the ttl (counted
-    from the last renewal sent, so never after the server's own expiry), or the lease is
-    found gone, the lock is lost: ``lost`` is set, ``on_lost`` is called (from the keeper),
-    and in asyncio the block is cancelled at once; its end then raises LockLost.
+    The client renews the lease every ``ttl``/3 s, with the leases of its other locks in one
+    request (Renewals). Once a renewal fails past the ttl (counted from the last renewal
+    sent, so never after the server's own expiry), or the lease is found gone, the lock is
+    lost: ``lost`` is set, ``on_lost`` is called (from the client's keep-alive loop), and in
+    asyncio the block is cancelled at once; its end then raises LockLost.
     """
 
     def __init__(
@@ -460,9 +510,9 @@ class AsyncLock:
         self.lease: Optional[Lease] = None
         self._client = client
         self._prefix = lock_prefix(name)
-        self._keeper: Optional[AsyncKeeper] = None
+        self._owner: Optional[AsyncOwner] = None  # while the lock is held or wanted
         self._held = False
-        self._renew_by = 0.0  # time.monotonic(): past it, the lease may have run out
+        self._on_lost_error: Optional[Exception] = None
 
     @property
     def fence(self) -> dict[str, Any]:
@@ -474,22 +524,22 @@ class AsyncLock:
         return self
 
     async def __aexit__(self, kind: object, error: Optional[BaseException], trace: object) -> None:
-        assert self._keeper is not None
-        interrupted = self._keeper.interrupted(error)
+        assert self._owner is not None
+        interrupted = self._owner.interrupted(error)
         await self.release()
         if self.lost and (error is None or interrupted):
             raise LockLost(f"the lock {self.name!r} was lost while it was held") from error
 
     async def acquire(self) -> int:
         """Wait for the lock, in turn; returns the fencing token."""
-        if self._keeper is not None:
+        if self._owner is not None:
             raise RuntimeError(f"the lock {self.name!r} is held or wanted already: release it")
         self.lost = False
+        self._on_lost_error = None
         sent = time.monotonic()
         self.lease = await self._client.grant_lease(self.ttl)
-        self._renew_by = sent + self.ttl
-        self._keeper = AsyncKeeper()
-        self._keeper.start(self._keep_alive)
+        self._owner = AsyncOwner()
+        self._client._keep_alive(self.lease.id, self.ttl, sent, self._lose)
         try:
             self.key = self._prefix + self.lease.id
             self.token = await self._own()
@@ -504,14 +554,14 @@ class AsyncLock:
         return self.token
 
     async def release(self) -> None:
-        """Give the lock up: the keeper stops and the lease is revoked, which deletes the
-        key, so the next owner in line is woken."""
+        """Give the lock up: its lease is no longer kept alive, and is revoked, which
+        deletes the key, so the next owner in line is woken. What ``on_lost`` raised, if it
+        was called, is raised here."""
         self._held = False
-        if self._keeper is not None:
-            await self._keeper.stop()
-            self._keeper = None
+        self._owner = None
         if self.lease is None:
             return
+        self._client._let_go(self.lease.id)
         try:
             await self._client.revoke_lease(self.lease.id)
         except LeaseNotFound:
@@ -520,6 +570,9 @@ class AsyncLock:
             if not self.lost:
                 raise
             # Lost already, which is what the owner must hear of; the lease runs out alone.
+        if self._on_lost_error is not None:
+            error, self._on_lost_error = self._on_lost_error, None
+            raise error
 
     async def _own(self) -> int:
         assert self.lease is not None
@@ -551,31 +604,13 @@ class AsyncLock:
             finally:
                 await events.aclose()
 
-    async def _keep_alive(self) -> None:
-        assert self.lease is not None and self._keeper is not None
-        period = self.ttl / KEEPALIVES_PER_TTL
-        wait, attempt = period, 0
-        while await self._keeper.pause(min(wait, self._renew_by - time.monotonic())):
-            if time.monotonic() >= self._renew_by:
-                break
-            sent = time.monotonic()
-            try:
-                # No longer than the lease may still live: a server that hangs must not
-                # keep the owner from learning that the lock is lost.
-                call = keepalive_call(self.lease.id)
-                await self._client._send_once(call, timeout=self._renew_by - sent)
-            except LeaseNotFound:
-                break
-            except (httpx.TransportError, KVError, RuntimeError):
-                # RuntimeError: httpx's for a client closed under a held lock, which can no
-                # more renew it than an unreachable server can.
-                wait, attempt = backoff(attempt), attempt + 1  # again soon, until renew_by
-                continue
-            self._renew_by, wait, attempt = sent + self.ttl, period, 0
-        else:
-            return  # stopped by release()
+    def _lose(self) -> None:
+        """The lease is gone, or may have run out: the client's keep-alive loop says so."""
         self.lost = True
         if self.on_lost is not None:
-            self.on_lost()
-        if self._held:
-            self._keeper.interrupt_owner()
+            try:
+                self.on_lost()
+            except Exception as error:  # the owner's to hear, at release; not the loop's
+                self._on_lost_error = error
+        if self._held and self._owner is not None:
+            self._owner.interrupt()

@@ -8,6 +8,7 @@ It imports nothing of the server, so that a script (and the kv command) starts f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -603,6 +604,9 @@ class Resume:
 # How often a lock's keep-alive renews its lease: three times a TTL, so that two lost
 # keep-alives in a row still leave time for a third.
 KEEPALIVES_PER_TTL = 3
+# The most leases a client renews in one request (the server takes 10,000): more that are
+# due go in the next, at once.
+KEEPALIVE_BATCH = 1000
 _LEASE_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -660,6 +664,106 @@ def gone(event: Event, key: str) -> bool:
     return event.key == key and event.type != "set"
 
 
+@dataclass
+class _Renewal:
+    ttl: float
+    renew_by: float  # time.monotonic(): past it, the lease may have run out
+    due: float  # when it is renewed next
+    lose: Callable[[], None]  # the lock's, called once it is lost
+
+
+class Renewals:
+    """The leases a client keeps alive for its locks, and when each falls due: bookkeeping
+    only; the client's keep-alive loop sends (``POST /leases/keepalive``, every lease due in
+    one request).
+
+    A lease is renewed every ttl/3, and with it every other that would fall due within half
+    of its own period: the leases of a client drift into one request a period, as etcd's
+    clients keep all their leases alive over one stream. A lease counts its ttl from the
+    moment its last successful renewal was sent, so its owner knows it lost the lock no later
+    than the server. Guarded: a blocking client's locks are held from many threads, and its
+    loop runs on another.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, _Renewal] = {}
+        self._guard = threading.Lock()
+        self._attempt = 0  # failed renewals in a row
+
+    def add(self, lease: str, ttl: float, sent: float, lose: Callable[[], None]) -> None:
+        """Keep ``lease`` alive from now on; ``sent`` is when its grant was sent."""
+        with self._guard:
+            self._held[lease] = _Renewal(ttl, sent + ttl, sent + ttl / KEEPALIVES_PER_TTL, lose)
+
+    def discard(self, lease: str) -> None:
+        """No longer keep ``lease`` alive (it is released): what a renewal in flight learns
+        of it is ignored."""
+        with self._guard:
+            self._held.pop(lease, None)
+
+    def wait(self) -> Optional[float]:
+        """Seconds until a lease falls due or may run out; None while none is held."""
+        with self._guard:
+            soonest = min(
+                (min(held.due, held.renew_by) for held in self._held.values()), default=None
+            )
+        return None if soonest is None else soonest - time.monotonic()
+
+    def expired(self) -> list[Callable[[], None]]:
+        """Let go of the leases that may have run out: the ``lose`` of each, to call."""
+        now = time.monotonic()
+        with self._guard:
+            gone = [lease for lease, held in self._held.items() if now >= held.renew_by]
+            return [self._held.pop(lease).lose for lease in gone]
+
+    def due(self) -> tuple[list[str], float]:
+        """The leases to renew now (none until one is due; then each that falls due within
+        half its period, the soonest KEEPALIVE_BATCH), and how long their request may take:
+        no longer than the soonest of them may still live, so that a server that hangs
+        cannot keep an owner from learning that its lock is lost."""
+        now = time.monotonic()
+        with self._guard:
+            if not any(held.due <= now for held in self._held.values()):
+                return [], 0.0
+            due = sorted(
+                (
+                    lease
+                    for lease, held in self._held.items()
+                    if held.due - now <= held.ttl / KEEPALIVES_PER_TTL / 2
+                ),
+                key=lambda lease: self._held[lease].due,
+            )[:KEEPALIVE_BATCH]
+            return due, min(self._held[lease].renew_by for lease in due) - now
+
+    def renewed(self, kept: Mapping[str, Optional[Lease]], sent: float) -> list[Callable[[], None]]:
+        """Record the answer to a renewal sent at ``sent``: the ``lose`` of each lease it
+        found gone, to call."""
+        lost = []
+        with self._guard:
+            self._attempt = 0
+            for lease, renewal in kept.items():
+                held = self._held.get(lease)
+                if held is None:
+                    continue  # released meanwhile
+                if renewal is None:
+                    lost.append(self._held.pop(lease).lose)
+                else:
+                    held.renew_by = sent + held.ttl
+                    held.due = sent + held.ttl / KEEPALIVES_PER_TTL
+        return lost
+
+    def failed(self, leases: Iterable[str]) -> None:
+        """A renewal of ``leases`` went unanswered: again soon, backing off, until one
+        succeeds or they may have run out."""
+        with self._guard:
+            due = time.monotonic() + backoff(self._attempt)
+            self._attempt += 1
+            for lease in leases:
+                held = self._held.get(lease)
+                if held is not None:
+                    held.due = due
+
+
 # Where the two flavours differ for real, a pair: the client's source (_async.py) calls the
 # asynchronous one, and setup.py names its blocking twin in _sync.py.
 
@@ -709,75 +813,127 @@ def http_options(url: str, token: Optional[str], timeout: float) -> dict[str, An
 
 
 class AsyncKeeper:
-    """Runs a lock's keep-alive beside its owner, in asyncio: a task of its own, which
-    ``interrupt_owner`` answers by cancelling the owner's task (the one that made the
-    keeper), so that the owner's block stops where it is."""
+    """Runs a client's keep-alive loop (the leases of its locks) in asyncio: a task of its
+    own, which ``pause`` puts to sleep until its next renewal is due or it is woken."""
 
     def __init__(self) -> None:
         import asyncio
 
         self._asyncio = asyncio
-        self._stopping = asyncio.Event()
-        self._owner = asyncio.current_task()
+        self._woken = asyncio.Event()
+        self._stopping = False
         self._task: Optional[asyncio.Task[None]] = None
-        self._interrupted = False
 
     def start(self, loop: Callable[[], Awaitable[None]]) -> None:
         self._task = self._asyncio.ensure_future(loop())
 
-    async def pause(self, seconds: float) -> bool:
-        """Wait ``seconds``; False, at once, when the keeper is being stopped."""
-        try:
-            await self._asyncio.wait_for(self._stopping.wait(), max(seconds, 0.0))
-        except self._asyncio.TimeoutError:
-            return True
-        return False
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._stopping
 
-    def interrupt_owner(self) -> None:
-        if self._owner is not None:
-            self._interrupted = True
-            self._owner.cancel()
+    async def pause(self, seconds: Callable[[], Optional[float]]) -> bool:
+        """Wait ``seconds()`` (None: until woken), or until woken; False, at once, when the
+        keeper is being stopped. A wake between the two is not missed: ``seconds`` is asked
+        after the last wake is cleared."""
+        self._woken.clear()
+        if not self._stopping:
+            wait = seconds()
+            with contextlib.suppress(self._asyncio.TimeoutError):
+                await self._asyncio.wait_for(
+                    self._woken.wait(), None if wait is None else max(wait, 0.0)
+                )
+        return not self._stopping
 
-    def interrupted(self, error: Optional[BaseException]) -> bool:
-        """Whether ``error`` is the cancellation ``interrupt_owner`` caused. It is then
-        taken back (Python 3.11's ``uncancel``), unless the task was cancelled by someone
-        else as well, which must go on."""
-        if not (self._interrupted and isinstance(error, self._asyncio.CancelledError)):
-            return False
-        uncancel = getattr(self._owner, "uncancel", None)
-        return uncancel is None or uncancel() == 0
+    def wake(self) -> None:
+        self._woken.set()
 
     async def stop(self) -> None:
-        """Stop the keep-alive and wait for it (what it raised is raised here)."""
-        self._stopping.set()
+        """Stop the loop and wait for it (what it raised is raised here)."""
+        self._stopping = True
+        self._woken.set()
         if self._task is not None and self._task is not self._asyncio.current_task():
             await self._task
 
 
 class Keeper:
-    """Runs a lock's keep-alive beside its owner, for blocking code: a daemon thread. A
-    blocking owner cannot be interrupted from another thread; it reads ``Lock.lost``, or is
-    called back (``on_lost``)."""
+    """Runs a client's keep-alive loop (the leases of its locks) for blocking code: a daemon
+    thread, which ``pause`` puts to sleep until its next renewal is due or it is woken."""
 
     def __init__(self) -> None:
-        self._stopping = threading.Event()
+        self._woken = threading.Event()
+        self._stopping = False
         self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
 
     def start(self, loop: Callable[[], None]) -> None:
-        self._thread = threading.Thread(target=loop, name="kv-lock-keepalive", daemon=True)
+        def run() -> None:
+            try:
+                loop()
+            except BaseException as error:  # raised by stop(), as the task's would be
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name="kv-lock-keepalive", daemon=True)
         self._thread.start()
 
-    def pause(self, seconds: float) -> bool:
-        """Wait ``seconds``; False, at once, when the keeper is being stopped."""
-        return not self._stopping.wait(max(seconds, 0.0))
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def interrupt_owner(self) -> None:
+    def pause(self, seconds: Callable[[], Optional[float]]) -> bool:
+        """Wait ``seconds()`` (None: until woken), or until woken; False, at once, when the
+        keeper is being stopped. A wake between the two is not missed: ``seconds`` is asked
+        after the last wake is cleared."""
+        self._woken.clear()
+        if not self._stopping:
+            wait = seconds()
+            self._woken.wait(None if wait is None else max(wait, 0.0))
+        return not self._stopping
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def stop(self) -> None:
+        """Stop the loop and wait for it (what it raised is raised here)."""
+        self._stopping = True
+        self._woken.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class AsyncOwner:
+    """The task that holds a lock, which the lock's loss interrupts: it is cancelled, so that
+    the owner's block stops where it is."""
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._asyncio = asyncio
+        self._task = asyncio.current_task()
+        self._interrupted = False
+
+    def interrupt(self) -> None:
+        if self._task is not None:
+            self._interrupted = True
+            self._task.cancel()
+
+    def interrupted(self, error: Optional[BaseException]) -> bool:
+        """Whether ``error`` is the cancellation ``interrupt`` caused. It is then taken back
+        (Python 3.11's ``uncancel``), unless the task was cancelled by someone else as well,
+        which must go on."""
+        if not (self._interrupted and isinstance(error, self._asyncio.CancelledError)):
+            return False
+        uncancel = getattr(self._task, "uncancel", None)
+        return uncancel is None or uncancel() == 0
+
+
+class Owner:
+    """A blocking owner cannot be interrupted from another thread: it reads ``Lock.lost``, or
+    is called back (``on_lost``)."""
+
+    def interrupt(self) -> None:
         pass
 
     def interrupted(self, error: Optional[BaseException]) -> bool:
         return False
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()

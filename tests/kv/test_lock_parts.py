@@ -1,15 +1,24 @@
 """The parts of a lock that are no I/O (client/_core.py): which owner a waiter waits for,
-who leads, a listing kept by the change feed; and how `kv lock` reads its command line."""
+who leads, a listing kept by the change feed, which leases a client renews when; and how
+`kv lock` reads its command line."""
 
 from __future__ import annotations
 
+import time
+from datetime import datetime, timezone
 from typing import Optional
 
 import pytest
 
 from mapmg_data_engineer_takehome.cli import parse
-from mapmg_data_engineer_takehome.client import Entry, Event, LockLost
-from mapmg_data_engineer_takehome.client._core import applied, leader_of, predecessor
+from mapmg_data_engineer_takehome.client import Entry, Event, Lease, LockLost
+from mapmg_data_engineer_takehome.client._core import (
+    KEEPALIVE_BATCH,
+    Renewals,
+    applied,
+    leader_of,
+    predecessor,
+)
 
 PREFIX = "jobs/nightly/"
 A, B, C = ("a" * 32, "b" * 32, "c" * 32)
@@ -80,3 +89,30 @@ def test_kv_lock_takes_every_word_after_its_first_double_dash_as_the_command(
 def test_a_double_dash_of_another_command_is_still_its_own() -> None:
     args = parse(["get", "--", "-starts-with-a-dash"])
     assert args.key == "-starts-with-a-dash"
+
+
+def test_a_client_renews_the_soonest_due_leases_a_batch_at_a_time() -> None:
+    """1,500 leases of 30 s, all past due (granted over 10 s ago, the soonest longest ago):
+    the first request takes the 1,000 soonest, the next the other 500; a lease the server
+    did not renew is lost, and one renewed is not due again for a period."""
+    renewals = Renewals()
+    lost: list[str] = []
+    leases = [f"{number:032x}" for number in range(1500)]
+    now = time.monotonic()
+    for number, lease in enumerate(leases):
+        renewals.add(lease, 30.0, now - 10 - number / 1000, lambda lease=lease: lost.append(lease))
+    first, timeout = renewals.due()
+    assert first == leases[::-1][:KEEPALIVE_BATCH]
+    assert 0 < timeout <= 30 - 10 - 1.499  # what the soonest of them has left to live
+    renewal = Lease("", 30.0, datetime.now(timezone.utc))
+    answer: dict[str, Optional[Lease]] = dict.fromkeys(first, renewal)
+    answer[first[0]] = None  # gone on the server
+    for lose in renewals.renewed(answer, time.monotonic()):
+        lose()
+    assert lost == [first[0]]
+    second, _ = renewals.due()
+    assert sorted(second) == leases[:500]
+    assert renewals.renewed(dict.fromkeys(second, renewal), time.monotonic()) == []
+    assert renewals.due() == ([], 0.0)
+    wait = renewals.wait()
+    assert wait is not None and 9 < wait <= 10  # a period (ttl/3) from now

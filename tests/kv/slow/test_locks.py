@@ -6,6 +6,8 @@ cancellation of the block); a write fenced by a lost lock's token is refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import threading
@@ -329,3 +331,97 @@ def test_a_lock_whose_server_hangs_is_lost_within_its_ttl(servers: ServerPool) -
         assert lock.lost
         assert noticed <= 3 + 0.8  # the ttl, and slack: nowhere near the client's 30 s
         lock.release()
+
+
+# Eight locks of one client, taken 0.2 s apart, so that their leases fall due at eight
+# different moments at first; a keep-alive period is ttl/3 = 1 s.
+MANY_LOCKS, TAKEN_APART, LOCK_TTL = 8, 0.2, 3.0
+
+
+def check_renewals(renewals: list[tuple[float, list[str]]], taken: dict[str, float]) -> None:
+    """The keep-alive requests a client sent, applied as a log: every lease is renewed within
+    a period (and slack) of its grant and of its last renewal, and the leases drift into one
+    request a period instead of one each."""
+    period = LOCK_TTL / 3
+    last = dict(taken)
+    for sent, leases in renewals:
+        for lease in leases:
+            assert sent - last[lease] <= period + 0.5, (lease, sent - last[lease])
+            last[lease] = sent
+    assert set(last) == set(taken)
+    # At first each lease may go alone; within three periods, all go in every request.
+    assert all(set(leases) == set(taken) for _, leases in renewals[3:]), renewals
+    assert len(renewals) >= 5  # the hold lasted five periods and more
+
+
+def test_a_clients_locks_are_kept_alive_in_one_request_a_period(server: Server) -> None:
+    renewals: list[tuple[float, list[str]]] = []
+
+    def record(request: Any) -> None:
+        if request.url.path == "/leases/keepalive":
+            renewals.append((time.monotonic(), json.loads(request.content)["ids"]))
+
+    with Client(url(server)) as kv:
+        kv._http.event_hooks["request"].append(record)
+        taken: dict[str, float] = {}
+        locks = []
+        for number in range(MANY_LOCKS):
+            lock = kv.lock(f"jobs/{number}", ttl=LOCK_TTL)
+            lock.acquire()
+            assert lock.lease is not None
+            taken[lock.lease.id] = time.monotonic()
+            locks.append(lock)
+            time.sleep(TAKEN_APART)
+        time.sleep(5 * LOCK_TTL / 3)
+        assert not any(lock.lost for lock in locks)
+        for lock in locks:
+            lock.release()
+    check_renewals(renewals, taken)
+
+
+def test_an_async_clients_locks_are_kept_alive_in_one_request_a_period(server: Server) -> None:
+    renewals: list[tuple[float, list[str]]] = []
+
+    async def record(request: Any) -> None:
+        if request.url.path == "/leases/keepalive":
+            renewals.append((time.monotonic(), json.loads(request.content)["ids"]))
+
+    async def scenario() -> dict[str, float]:
+        async with AsyncClient(url(server)) as kv:
+            kv._http.event_hooks["request"].append(record)
+            taken: dict[str, float] = {}
+            async with contextlib.AsyncExitStack() as held:
+                for number in range(MANY_LOCKS):
+                    lock = await held.enter_async_context(kv.lock(f"jobs/{number}", ttl=3))
+                    assert lock.lease is not None
+                    taken[lock.lease.id] = time.monotonic()
+                    await asyncio.sleep(TAKEN_APART)
+                await asyncio.sleep(5 * LOCK_TTL / 3)
+            return taken
+
+    check_renewals(renewals, asyncio.run(scenario()))
+
+
+def test_an_on_lost_that_raises_is_its_owners_to_hear_and_stops_no_other_lock(kv: Client) -> None:
+    """The keep-alive loop is the client's, shared by its locks: an ``on_lost`` that raises
+    does not end it. The error is raised by that lock's release."""
+
+    def complain() -> None:
+        raise ValueError("on_lost failed")
+
+    other = kv.lock("jobs/other", ttl=LOCK_TTL)
+    other.acquire()
+    lost = kv.lock("jobs/lost", ttl=LOCK_TTL, on_lost=complain)
+    lost.acquire()
+    assert lost.lease is not None
+    kv.revoke_lease(lost.lease.id)
+    deadline = time.monotonic() + LOCK_TTL
+    while not lost.lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert lost.lost
+    with pytest.raises(ValueError, match="on_lost failed"):
+        lost.release()
+    time.sleep(2 * LOCK_TTL)  # the other lock outlives its ttl twice over, renewed
+    assert not other.lost
+    assert other.lease is not None and kv.get_lease(other.lease.id).id == other.lease.id
+    other.release()
