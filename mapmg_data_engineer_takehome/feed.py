@@ -273,6 +273,11 @@ class ChangeFeed:
         self._next_refresh: Optional[asyncio.TimerHandle] = None
         self._last_refresh = float("-inf")  # when the last one started (the loop's clock)
         self._stale = False
+        # Wakes (news from the store) so far, and how many of them the tail has read: a read
+        # that must be current waits until it has read those before it (caught_up).
+        self._wakes = 0
+        self._read_through = 0
+        self._refreshed: Optional[asyncio.Future[bool]] = None  # the running refresh's end
         self.closed = False
 
     # --- reading ----------------------------------------------------------------------------
@@ -287,10 +292,15 @@ class ChangeFeed:
         changes = await self._store.changes(prefix, since, count)
         return _from(position, encode_all(changes), limit)
 
-    async def changes(self, prefix: str, position: Position, limit: int) -> Batch:
+    async def changes(
+        self, prefix: str, position: Position, limit: int, current: bool = False
+    ) -> Batch:
         """What Store.changes answers after ``position``, from the tail when it holds it;
         raises what Store.changes raises (HistoryGone, StoreError): the tail decides by the
-        same check_since, on what the store last told it."""
+        same check_since, on what the store last told it. ``current``: first bring the tail
+        up to what the store has told of (caught_up), as a watcher's first read does."""
+        if current:
+            await self.caught_up()
         since = position.since
         if not self._ready or not self.floor <= since <= self.revision:
             return await self.poll(prefix, position, limit)
@@ -304,9 +314,9 @@ class ChangeFeed:
         events, more = take_changes(matching, _to_read(position, limit), value_chars)
         return _from(position, _batch(events, self.revision, more), limit)
 
-    async def read(self, stream: Stream, limit: int) -> Batch:
+    async def read(self, stream: Stream, limit: int, current: bool = False) -> Batch:
         """The events after ``stream``'s position (see ``changes``), which moves past them."""
-        batch = await self.changes(stream.prefix, stream.position, limit)
+        batch = await self.changes(stream.prefix, stream.position, limit, current)
         stream.position = Position(batch.next)
         return batch
 
@@ -483,9 +493,32 @@ class ChangeFeed:
 
     # --- keeping the tail -------------------------------------------------------------------
 
+    async def caught_up(self) -> None:
+        """Return once the tail has read every change the store had told of when this was
+        called: each write this process acknowledged before, and each other replica's it had
+        heard of. So a watcher's first answer holds the writes that were answered before it
+        asked, however quickly it asked, and never less than a read of the store just before
+        it. The refresh starts at once rather than when the throttle allows, and one serves
+        every reader waiting. If it fails, the tail is not ready, and the reader asks the
+        store."""
+        target = self._wakes
+        while self._read_through < target and self._ready and not self.closed:
+            if self._refreshing is None:
+                if self._next_refresh is not None:
+                    self._next_refresh.cancel()
+                self._start_refresh()
+            if self._refreshed is None:
+                self._refreshed = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._refreshed)
+
     def _wake(self) -> None:
-        """The store may have moved: refresh, once at a time and at most every
-        REFRESH_INTERVAL (a wake meanwhile makes the next one read)."""
+        """The store may have moved (its listener's call): see _schedule_refresh."""
+        self._wakes += 1
+        self._schedule_refresh()
+
+    def _schedule_refresh(self) -> None:
+        """Refresh, once at a time and at most every REFRESH_INTERVAL (a wake meanwhile
+        makes the next one read)."""
         self._stale = True
         if self._refreshing is not None or self._next_refresh is not None or self.closed:
             return
@@ -504,6 +537,7 @@ class ChangeFeed:
     async def _refresh(self) -> None:
         """Read what changed after the tail's revision, once (more next time, if there is)."""
         self._stale = False
+        wakes = self._wakes
         try:
             try:
                 changes = await self._store.changes("", self.revision, REFRESH_LIMIT)
@@ -512,17 +546,28 @@ class ChangeFeed:
                 # replaced: begin again at its revision. Watchers behind it learn that they
                 # must list again (410) when they next read.
                 self._restart(await self._store.revision())
+                self._read_through = wakes
             else:
                 self._append(changes)
+                if not changes.more:
+                    self._read_through = wakes
+            self._refresh_ended()
         except Exception as error:  # StoreError, or a bug: the next wake tries again
             self._ready = False
+            self._refresh_ended()
             _log_failure("watch_refresh_failed", error)
             await asyncio.sleep(REFRESH_RETRY)
             self._stale = True
         finally:
             self._refreshing = None
         if self._stale and not self.closed:
-            self._wake()
+            self._schedule_refresh()
+
+    def _refresh_ended(self) -> None:
+        """Tell the readers waiting on this refresh (caught_up) that it is over."""
+        if self._refreshed is not None:
+            _resolve(self._refreshed, True)
+            self._refreshed = None
 
     def _append(self, changes: Changes) -> None:
         self._ready = True
@@ -599,6 +644,7 @@ class ChangeFeed:
                 transport.abort()
         if self._next_refresh is not None:
             self._next_refresh.cancel()
+        self._refresh_ended()  # its readers read the store, or find the feed closed
         for task in (self._listening, self._refreshing, self._sweeping):
             if task is not None:
                 task.cancel()

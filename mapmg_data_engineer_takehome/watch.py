@@ -67,10 +67,11 @@ async def changes(request: web.Request) -> web.StreamResponse:
         if streaming:
             await feed.start()
             stream = feed.stream(query.prefix, position)
-            return await _stream(request, feed, query, stream, await feed.read(stream, query.limit))
+            first = await feed.read(stream, query.limit, current=True)
+            return await _stream(request, feed, query, stream, first)
         if query.timeout > 0:
             await feed.start()
-            first = await feed.changes(query.prefix, position, query.limit)
+            first = await feed.changes(query.prefix, position, query.limit, current=True)
         else:  # a poll that does not wait reads the store itself: exact to the moment
             first = await feed.poll(query.prefix, position, query.limit)
         return await _long_poll(request, feed, query, first)

@@ -86,6 +86,23 @@ async def test_a_poll_answers_as_soon_as_a_change_commits(client: Client) -> Non
     assert answer == {"events": [event(written, "k", "new")], "next": written, "more": False}
 
 
+async def test_a_watchers_first_answer_holds_every_write_answered_before_it(
+    client: Client,
+) -> None:
+    """The feed's tail reads the store at most every REFRESH_INTERVAL under a run of writes;
+    a watcher that asks right after a write was answered must still get it: a long-poll that
+    may wait answers never less than a poll of the store would. (A stream reads first as a
+    long-poll does.)"""
+    start = await write(client, "before")
+    await poll(client, since=start, timeout=0.01)  # the feed runs: its tail answers from now
+    history: list[Any] = []
+    for number in range(20):
+        written = await write(client, f"k{number}", str(number))
+        history.append(event(written, f"k{number}", str(number)))
+        answer = await poll(client, since=start, timeout=5)
+        assert answer == {"events": history, "next": written, "more": False}, number
+
+
 async def test_a_timeout_is_an_answer_without_events_and_next_moves_on(client: Client) -> None:
     start = await write(client, "cfg/a")
     began = time.monotonic()
