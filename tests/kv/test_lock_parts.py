@@ -4,6 +4,7 @@ who leads, a listing kept by the change feed, which leases a client renews when;
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import datetime, timezone
 from typing import Optional
@@ -100,7 +101,7 @@ def test_a_client_renews_the_soonest_due_leases_a_batch_at_a_time() -> None:
     leases = [f"{number:032x}" for number in range(1500)]
     now = time.monotonic()
     for number, lease in enumerate(leases):
-        renewals.add(lease, 30.0, now - 10 - number / 1000, lambda lease=lease: lost.append(lease))
+        renewals.add(lease, 30.0, now - 10 - number / 1000, functools.partial(lost.append, lease))
     first, timeout = renewals.due()
     assert first == leases[::-1][:KEEPALIVE_BATCH]
     assert 0 < timeout <= 30 - 10 - 1.499  # what the soonest of them has left to live
