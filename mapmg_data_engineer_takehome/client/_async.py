@@ -513,6 +513,9 @@ class AsyncLock:
         self._owner: Optional[AsyncOwner] = None  # while the lock is held or wanted
         self._held = False
         self._on_lost_error: Optional[Exception] = None
+        # Between release() and the keep-alive loop's _lose, which a blocking client runs on
+        # a thread of its own.
+        self._state_guard = threading.Lock()
 
     @property
     def fence(self) -> dict[str, Any]:
@@ -539,7 +542,8 @@ class AsyncLock:
         sent = time.monotonic()
         self.lease = await self._client.grant_lease(self.ttl)
         self._owner = AsyncOwner()
-        self._client._keep_alive(self.lease.id, self.ttl, sent, self._lose)
+        lease = self.lease.id
+        self._client._keep_alive(lease, self.ttl, sent, lambda: self._lose(lease))
         try:
             self.key = self._prefix + self.lease.id
             self.token = await self._own()
@@ -557,8 +561,9 @@ class AsyncLock:
         """Give the lock up: its lease is no longer kept alive, and is revoked, which
         deletes the key, so the next owner in line is woken. What ``on_lost`` raised, if it
         was called, is raised here."""
-        self._held = False
-        self._owner = None
+        with self._state_guard:
+            self._held = False
+            self._owner = None
         if self.lease is None:
             return
         self._client._let_go(self.lease.id)
@@ -604,13 +609,18 @@ class AsyncLock:
             finally:
                 await events.aclose()
 
-    def _lose(self) -> None:
-        """The lease is gone, or may have run out: the client's keep-alive loop says so."""
-        self.lost = True
+    def _lose(self, lease: str) -> None:
+        """The ``lease`` is gone, or may have run out: the client's keep-alive loop says so.
+        Nothing, if the lock was released meanwhile (or holds another lease since)."""
+        with self._state_guard:
+            if self._owner is None or self.lease is None or self.lease.id != lease:
+                return
+            self.lost = True
+            interrupt = self._owner.interrupt if self._held else None
         if self.on_lost is not None:
             try:
                 self.on_lost()
             except Exception as error:  # the owner's to hear, at release; not the loop's
                 self._on_lost_error = error
-        if self._held and self._owner is not None:
-            self._owner.interrupt()
+        if interrupt is not None:
+            interrupt()
