@@ -8,6 +8,7 @@ server behind.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import http.client
@@ -19,10 +20,10 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from . import machine_support
 
@@ -35,6 +36,20 @@ READY_TIMEOUT = 60.0
 EXIT_TIMEOUT = 15.0
 LOOPBACK_V4 = "127.0.0.1"
 LOOPBACK_V6 = "::1"
+Result = TypeVar("Result")
+
+
+def run_in_own_loop(coroutine: Coroutine[Any, Any, Result]) -> Result:
+    """Run ``coroutine`` on a loop of its own, closed after. Not asyncio.run(): that replaces,
+    and so drops unclosed, the loop pytest-asyncio keeps as this thread's current one, whose
+    sockets then surface as ResourceWarnings in whichever later test the collector runs in
+    (Python 3.9)."""
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 def can_bind_ipv6_loopback() -> bool:

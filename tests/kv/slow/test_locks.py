@@ -25,7 +25,7 @@ from mapmg_data_engineer_takehome.client import (
     Unavailable,
 )
 
-from ..e2e_support import Server, ServerPool, free_port
+from ..e2e_support import Server, ServerPool, free_port, run_in_own_loop
 
 
 def url(server: Server) -> str:
@@ -197,7 +197,7 @@ def test_a_lost_lock_cancels_an_asyncio_owners_block(server: Server) -> None:
                     reached_the_end = True
             return time.monotonic() - start, reached_the_end
 
-    took, reached_the_end = asyncio.run(scenario())
+    took, reached_the_end = run_in_own_loop(scenario())
     assert not reached_the_end
     assert took <= 1 + 0.8  # the keep-alive period (ttl/3), and slack: well before the ttl
 
@@ -222,7 +222,7 @@ def test_an_asyncio_owner_cancelled_from_outside_stays_cancelled(server: Server)
                 await task
             assert [entry async for entry in kv.keys("deploy/")] == []
 
-    asyncio.run(scenario())
+    run_in_own_loop(scenario())
 
 
 def test_a_waiter_whose_lease_runs_out_is_told(kv: Client, server: Server) -> None:
@@ -268,7 +268,7 @@ def test_the_blocking_and_asyncio_locks_share_one_line(server: Server) -> None:
     with Client(url(server)) as kv:
         with kv.lock("shared", ttl=5) as lock:
             order.append(("sync in", lock.token))
-            thread = threading.Thread(target=lambda: asyncio.run(async_owner()))
+            thread = threading.Thread(target=lambda: run_in_own_loop(async_owner()))
             thread.start()
             time.sleep(0.5)
             order.append(("sync out", lock.token))
@@ -399,7 +399,7 @@ def test_an_async_clients_locks_are_kept_alive_in_one_request_a_period(server: S
                 await asyncio.sleep(5 * LOCK_TTL / 3)
             return taken
 
-    check_renewals(renewals, asyncio.run(scenario()))
+    check_renewals(renewals, run_in_own_loop(scenario()))
 
 
 def test_an_on_lost_that_raises_is_its_owners_to_hear_and_stops_no_other_lock(kv: Client) -> None:

@@ -5,7 +5,6 @@ that fails."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
@@ -18,7 +17,7 @@ from mapmg_data_engineer_takehome.access import hash_secret, new_secret
 from mapmg_data_engineer_takehome.store import SqliteStore
 from mapmg_data_engineer_takehome.store.base import Token, TokenRule
 
-from ..e2e_support import LOOPBACK_V4, REPO, Server, ServerPool
+from ..e2e_support import LOOPBACK_V4, REPO, Server, ServerPool, run_in_own_loop
 
 TOKEN = "SuperSecretTok3n"
 KEY = "patient:42-distinctive"
@@ -44,7 +43,7 @@ def create_tokens(path: Path, *tokens: tuple[str, str, str]) -> None:
         finally:
             await store.close()
 
-    asyncio.run(create())
+    run_in_own_loop(create())
 
 
 def send_raw(server: Server, data: bytes) -> bytes:

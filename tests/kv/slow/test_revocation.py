@@ -5,7 +5,6 @@ file or database, as another process (the /tokens endpoints of any worker) would
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from mapmg_data_engineer_takehome.store import SqliteStore, Store
 from mapmg_data_engineer_takehome.store.base import Token, TokenRule
 from mapmg_data_engineer_takehome.store.postgres import PostgresStore
 
-from ..e2e_support import Server, ServerPool
+from ..e2e_support import Server, ServerPool, run_in_own_loop
 from ..postgres_support import PostgresCluster
 
 BOOTSTRAP = "b00tstrap-t0ken"
@@ -70,7 +69,7 @@ def run_on(open_store: Callable[[], Awaitable[Store]]) -> Callable[..., Any]:
             finally:
                 await store.close()
 
-        return asyncio.run(go())
+        return run_in_own_loop(go())
 
     return call
 
