@@ -672,6 +672,13 @@ def test_a_replica_asleep_through_a_lossy_failover_answers_410_for_the_lost_revi
         assert new[0] > fork + TIMELINE_GAP and new[1] == new[0] + 1
         gone = lost[-1]
         after_fork = [(v, f"new{n}") for n, v in enumerate(new)]
+        # B learns of A's writes from PostgreSQL's notifications (or its listener's reconnect,
+        # or its poll), which may come after A's answer: a feed answers every change of
+        # another replica it has heard of (docs/api.md). Long-polls of each replica from the
+        # fork, applied as a log, reach the second write with nothing else; from then on
+        # each answer below is exact.
+        for name in replicas:
+            assert read(name, fork, new[1]) == after_fork, name
 
         def unknown(answer: Answer) -> bool:
             """A 410 unknown_revision in JSON: no stream began."""
