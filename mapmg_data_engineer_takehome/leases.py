@@ -7,7 +7,9 @@ expired is 404 lease_not_found (store.base.LeaseNotFound, which errors.py render
 
 from __future__ import annotations
 
-from typing import Any, NoReturn, Optional
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import orjson
 from aiohttp import web
@@ -50,32 +52,33 @@ async def grant(request: web.Request) -> web.Response:
     return _json(_shown(lease))
 
 
-def _may_write(request: web.Request) -> Optional[MayWrite]:
+@contextlib.contextmanager
+def _writing_keys(request: web.Request) -> Iterator[Optional[MayWrite]]:
     """Keeping a lease alive or revoking it writes its keys (their expiry, or their end): the
-    token must be able to write every one. The store asks this inside the write's
-    transaction, of the keys the lease has then, so that a key attached to the lease by
-    another token a moment before is judged too. None when there is nothing to judge: an
-    open server, or a token that may write every key. Granting a lease needs no more than a
-    valid token."""
+    token must be able to write every one. The block is given the judge to hand the store,
+    which asks it inside the write's transaction, of the keys the lease has then, so that a
+    key attached to the lease by another token a moment before is judged too: None when
+    there is nothing to judge (an open server, or a token that may write every key). A
+    refusal the store raises (KeysRefused) leaves the block as the 403 that ``require``
+    words. Granting a lease needs no more than a valid token."""
     grant = grant_of(request)
     if grant is None or grant.allows_prefix("", "readwrite"):
-        return None
-    return lambda keys: all(grant.allows(key, "readwrite") for key in keys)
-
-
-def _refused(request: web.Request, refused: KeysRefused) -> NoReturn:
-    """The 403 that ``require`` words for the lease's keys the store found refused."""
-    require(request, write=refused.keys)
-    raise AssertionError("the grant refused these keys in the store, and allows them here")
+        yield None
+        return
+    try:
+        yield lambda keys: all(grant.allows(key, "readwrite") for key in keys)
+    except KeysRefused as refused:
+        require(request, write=refused.keys)
+        raise AssertionError(
+            "the grant refused these keys in the store, and allows them here"
+        ) from refused
 
 
 async def keepalive(request: web.Request) -> web.Response:
     """POST /leases/{id}/keepalive: renew the lease and its keys to ttl seconds from now."""
     lease = _lease_id(request)
-    try:
-        renewed = await request.app[STORE_KEY].keepalive_lease(lease, _may_write(request))
-    except KeysRefused as refused:
-        _refused(request, refused)
+    with _writing_keys(request) as may_write:
+        renewed = await request.app[STORE_KEY].keepalive_lease(lease, may_write)
     return _json(_shown(renewed))
 
 
@@ -86,12 +89,10 @@ async def keepalive_many(request: web.Request) -> web.Response:
     asked = list(dict.fromkeys(body.ids))
     # An id no store could have made names no lease: the store is not asked about it.
     leases = [lease for lease in asked if not names_no_lease(lease)]
-    try:
-        # Judged as each lease's own keepalive would be: one lease the token may not renew
-        # refuses the request, and nothing is renewed.
-        renewed = await request.app[STORE_KEY].keepalive_leases(leases, _may_write(request))
-    except KeysRefused as refused:
-        _refused(request, refused)
+    # Judged as each lease's own keepalive would be: one lease the token may not renew
+    # refuses the request, and nothing is renewed.
+    with _writing_keys(request) as may_write:
+        renewed = await request.app[STORE_KEY].keepalive_leases(leases, may_write)
     kept = {lease.id for lease in renewed}
     return _json(
         {
@@ -111,10 +112,8 @@ async def read(request: web.Request) -> web.Response:
 async def revoke(request: web.Request) -> web.Response:
     """DELETE /leases/{id}: the lease and its keys go, in one revision."""
     lease = _lease_id(request)
-    try:
-        deleted = await request.app[STORE_KEY].revoke_lease(lease, _may_write(request))
-    except KeysRefused as refused:
-        _refused(request, refused)
+    with _writing_keys(request) as may_write:
+        deleted = await request.app[STORE_KEY].revoke_lease(lease, may_write)
     metrics = request.app[METRICS_KEY]
     if metrics is not None:
         metrics.observe_lease("revoked")
