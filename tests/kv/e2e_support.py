@@ -39,16 +39,39 @@ LOOPBACK_V6 = "::1"
 Result = TypeVar("Result")
 
 
+# Turns of a loop that the finalizer's closes of dropped async generators may take: one
+# generator's close drops the one it was reading, whose close is then scheduled in its turn
+# (httpx's half dozen under httpx-sse's). Turns, not a time, which a loaded machine may spend
+# before the last layer is closed.
+FINALIZER_TURNS = 100
+
+
 def run_in_own_loop(coroutine: Coroutine[Any, Any, Result]) -> Result:
-    """Run ``coroutine`` on a loop of its own, closed after. Not asyncio.run(): that replaces,
-    and so drops unclosed, the loop pytest-asyncio keeps as this thread's current one, whose
-    sockets then surface as ResourceWarnings in whichever later test the collector runs in
-    (Python 3.9)."""
+    """Run ``coroutine`` on a loop of its own, closed after (close_loop). Not asyncio.run():
+    that replaces, and so drops unclosed, the loop pytest-asyncio keeps as this thread's
+    current one, whose sockets then surface as ResourceWarnings in whichever later test the
+    collector runs in (Python 3.9)."""
     loop = asyncio.new_event_loop()
     try:
         return loop.run_until_complete(coroutine)
     finally:
+        close_loop(loop)
+
+
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Close ``loop`` once the async generators it ran are closed: those still alive, as
+    asyncio.run does, and those already dropped, whose closes the loop's finalizer hook has
+    scheduled on it. A close left pending is a 'never awaited' warning, which fails the test
+    that happens to be running when it surfaces."""
+
+    async def turns() -> None:
+        for _ in range(FINALIZER_TURNS):
+            await asyncio.sleep(0)
+
+    try:
         loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(turns())
+    finally:
         loop.close()
 
 

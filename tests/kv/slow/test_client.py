@@ -41,7 +41,7 @@ from mapmg_data_engineer_takehome.client import (
     Unavailable,
 )
 
-from ..e2e_support import Server, ServerPool, free_port
+from ..e2e_support import Server, ServerPool, close_loop, free_port
 
 ODD_KEYS = [".", "..", "a/b", "%2F", "?x=1", "#top", "two\nlines", "🔑 key", "sp ace", "\u2028"]
 # The lines that make a Server-Sent Event a change of the feed.
@@ -75,14 +75,7 @@ class Blocking:
                 except StopAsyncIteration:
                     return
         finally:  # closed on the loop, which an abandoned async generator's finalizer is not
-            self.loop.run_until_complete(self._close(results))
-
-    @staticmethod
-    async def _close(results: AsyncGenerator[Any, None]) -> None:
-        await results.aclose()
-        # httpx's own generators under httpx-sse's are closed by the loop's finalizer, in
-        # tasks of their own: a turn of the loop for them to end.
-        await asyncio.sleep(0.01)
+            self.loop.run_until_complete(results.aclose())
 
 
 AnyClient = Union[Client, Blocking]
@@ -112,7 +105,7 @@ def make_client(request: pytest.FixtureRequest) -> Iterator[MakeClient]:
                 client.close()
             else:
                 loop.run_until_complete(client.close())
-        loop.close()
+        close_loop(loop)  # httpx's generators under httpx-sse's are closed on it first
 
 
 def url(server: Server) -> str:

@@ -6,7 +6,6 @@ killed on teardown whatever the outcome of the test.
 
 from __future__ import annotations
 
-import asyncio
 import http.client
 import json
 import os
@@ -37,6 +36,7 @@ from ..e2e_support import (
     accepts_connections,
     can_bind_ipv6_loopback,
     free_port,
+    run_in_own_loop,
     sha256_of,
     write_input_db,
 )
@@ -567,14 +567,7 @@ def _truncated_store(path: Path) -> None:
         )
         await store.close()
 
-    # A private loop rather than asyncio.run, which leaves the thread without a current
-    # loop; pytest-asyncio on Python 3.9 then makes one for the next async test that
-    # nobody closes, and its sockets surface as ResourceWarnings in a later test.
-    loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(fill())
-    finally:
-        loop.close()
+    run_in_own_loop(fill())
     path.write_bytes(path.read_bytes()[:4096] + b"\x13" * 8192)
 
 

@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
-from ..e2e_support import Server, ServerPool
+from ..e2e_support import Server, ServerPool, run_in_own_loop
 from ..postgres_support import PostgresCluster
 from ..watch_support import Follower, client, poll, post, set_key
 
@@ -280,15 +280,11 @@ def test_no_watcher_sees_past_a_write_still_committing_postgres(
         finally:
             await conn.close()
 
-    # A loop of its own, not asyncio.run(): that would replace, and so drop unclosed, the
-    # loop pytest-asyncio keeps as this thread's current one.
-    loop = asyncio.new_event_loop()
     try:
-        loop.run_until_complete(hold())
+        run_in_own_loop(hold())
         follower.wait_for(later[0])
         assert follower.revisions() == [start + 1, start + 2] == [start + 1, later[0]]
     finally:
-        loop.close()
         follower.stop()
 
 
