@@ -37,8 +37,8 @@ BACKOFF = 0.05
 JSON_HEADERS = {"Content-Type": "application/json"}
 # Transactions that must succeed on each side of the kill, and fail in all.
 MINIMUM = 100
-# The load runs until MINIMUM transactions succeeded, then on for up to this many seconds more
-# (a random moment) before the kill; after the kill (the restart included, on sqlite), until
+# The load runs until MINIMUM transactions succeeded, then on for a random time of up to
+# KILL_WITHIN seconds before the kill; after the kill (the restart included, on sqlite), until
 # MINIMUM more succeeded and at least LOAD_AFTER_THE_KILL seconds passed. Counts rather than
 # fixed times, so that a slow machine tests as much as a fast one.
 KILL_WITHIN = 1.0
@@ -255,7 +255,8 @@ def test_txn_compare_and_set_is_linearizable_through_kill_9_of_the_server(
     history = History()
     began = time.monotonic()
     stop, clients = run_clients([[server.port]], history)
-    load_until(history, began, time.monotonic() + random.uniform(0.0, KILL_WITHIN))
+    load_until(history, began, began)
+    time.sleep(random.uniform(0.0, KILL_WITHIN))  # a random moment after
     killed = time.monotonic()
     server.kill()
     restarted = servers.start(port=server.port, env=env)
@@ -281,7 +282,8 @@ def test_txn_compare_and_set_is_linearizable_through_kill_9_of_a_postgres_replic
     history = History()
     began = time.monotonic()
     stop, clients = run_clients([ports, ports[::-1]], history)
-    load_until(history, began, time.monotonic() + random.uniform(0.0, KILL_WITHIN))
+    load_until(history, began, began)
+    time.sleep(random.uniform(0.0, KILL_WITHIN))  # a random moment after
     killed = time.monotonic()
     replicas[0].kill()
     load_until(history, killed, killed + LOAD_AFTER_THE_KILL)
