@@ -122,9 +122,11 @@ def test_every_export_under_writes_is_one_snapshot(
 
     writer = threading.Thread(target=write)
     writer.start()
+    revisions = set()
     try:
         for _ in range(10):
             body, revision = export(server)
+            revisions.add(revision)
             pair = {
                 item["key"]: item["val"] for item in lines(body) if item["key"].startswith("pair/")
             }
@@ -133,7 +135,9 @@ def test_every_export_under_writes_is_one_snapshot(
     finally:
         stop.set()
         writer.join()
-    assert len(written) > 20  # the writes went on meanwhile
+    # The writes went on meanwhile: the exports are snapshots of several revisions. Not a
+    # count of writes, which a loaded machine lowers (19 in one CI run).
+    assert len(revisions) >= 3, revisions
 
 
 def import_body(count: int, value: str) -> bytes:
